@@ -1,0 +1,5 @@
+import sys
+
+from medtee.cli import main
+
+sys.exit(main())

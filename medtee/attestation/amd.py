@@ -1,0 +1,293 @@
+"""AMD certificates for SEV-SNP: pinned ARK/ASK/ASVK, VCEK/VLEK extensions, the chain, the certificate table, the cache
+and (optionally) AMD's key distribution service (KDS)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.asn1 import IA5String, decode_der
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from medtee.attestation.snp import PRODUCTS, SnpReport, Tcb
+from medtee.attestation.verdict import Check, check
+
+ROOTS = Path(__file__).resolve().parent / "roots" / "amd"
+AMD_OID = "1.3.6.1.4.1.3704.1."
+SPL_OIDS = {"bootloader": "3.1", "tee": "3.2", "snp": "3.3", "microcode": "3.8", "fmc": "3.9"}
+CERT_TABLE_GUIDS = {
+    uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd"): "vcek",
+    uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1"): "vlek",
+    uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782"): "ask",
+    uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae"): "ark",
+}
+KDS_URL = "https://kdsintf.amd.com/vcek/v1/{product}/{hwid}?{query}"
+KDS_MIN_INTERVAL_S = 10.0
+
+
+def load_certificates(data: bytes) -> list[x509.Certificate]:
+    """Certificates from PEM (one or more) or DER bytes. AMD's VCEK/VLEK have serial 0; that warning is expected."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+@cache
+def pinned(product: str, name: str) -> x509.Certificate:
+    """The bundled certificate `ark`, `ask` (VCEK issuer) or `asvk` (VLEK issuer) of a product."""
+    if product not in PRODUCTS:
+        raise ValueError(f"unknown AMD product '{product}' (known: {', '.join(PRODUCTS)})")
+    file = {"ark": f"ARK-{product}", "ask": f"SEV-{product}", "asvk": f"SEV-VLEK-{product}"}[name]
+    return load_certificates((ROOTS / f"{file}.pem").read_bytes())[0]
+
+
+@cache
+def _pinned_chain_ok(product: str, intermediate: str) -> str | None:
+    """None when the bundled ARK is self-signed and signs the bundled ASK/ASVK; else the problem (computed once)."""
+    ark, inter = pinned(product, "ark"), pinned(product, intermediate)
+    try:
+        ark.verify_directly_issued_by(ark)
+        inter.verify_directly_issued_by(ark)
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        return f"bundled {product} roots do not verify: {type(exc).__name__}"
+    return None
+
+
+@dataclass(frozen=True)
+class KeyCertInfo:
+    """The AMD extensions of a VCEK or VLEK certificate."""
+
+    struct_version: int | None
+    product_name: str | None
+    spls: dict[str, int]
+    hwid: bytes | None
+    csp_id: str | None
+
+    @property
+    def product(self) -> str | None:
+        """'Milan' from 'Milan-B0'."""
+        return self.product_name.split("-")[0] if self.product_name else None
+
+
+def _ext_values(cert: x509.Certificate) -> dict[str, bytes]:
+    out = {}
+    for ext in cert.extensions:
+        dotted = ext.oid.dotted_string
+        if dotted.startswith(AMD_OID) and isinstance(ext.value, x509.UnrecognizedExtension):
+            out[dotted[len(AMD_OID):]] = ext.value.value
+    return out
+
+
+def parse_hwid(value: bytes) -> bytes:
+    """hwID as raw 64 (Milan/Genoa) or 8 (Turin) bytes, or a DER OCTET STRING holding either."""
+    if len(value) in (8, 64):
+        return value
+    inner = decode_der(bytes, value)
+    if len(inner) not in (8, 64):
+        raise ValueError(f"hwID extension holds {len(inner)} bytes; expected 8 or 64")
+    return inner
+
+
+def key_cert_info(cert: x509.Certificate) -> KeyCertInfo:
+    """Parse the AMD extensions; raises ValueError naming a malformed one."""
+    ext = _ext_values(cert)
+    try:
+        spls = {name: decode_der(int, ext[oid]) for name, oid in SPL_OIDS.items() if oid in ext}
+        return KeyCertInfo(
+            struct_version=decode_der(int, ext["1"]) if "1" in ext else None,
+            product_name=decode_der(IA5String, ext["2"]).as_str() if "2" in ext else None,
+            spls=spls,
+            hwid=parse_hwid(ext["4"]) if "4" in ext else None,
+            csp_id=decode_der(IA5String, ext["5"]).as_str() if "5" in ext else None,
+        )
+    except ValueError as exc:
+        raise ValueError(f"malformed AMD extension in certificate '{common_name(cert)}': {exc}") from exc
+
+
+def _validity(name: str, cert: x509.Certificate, now: datetime) -> Check:
+    ok = cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+    window = f"{cert.not_valid_before_utc.isoformat()}..{cert.not_valid_after_utc.isoformat()}"
+    return check(f"amd.{name}.validity", ok, f"time inside {window}", now.isoformat())
+
+
+def select_key_cert(certs: list[x509.Certificate], key: str) -> x509.Certificate | None:
+    """The VCEK ('SEV-VCEK') or VLEK ('SEV-VLEK') among certificates."""
+    wanted = "SEV-VCEK" if key == "vcek" else "SEV-VLEK"
+    return next((c for c in certs if common_name(c) == wanted), None)
+
+
+def chain_checks(
+    report: SnpReport, leaf: x509.Certificate, others: list[x509.Certificate], now: datetime
+) -> tuple[list[Check], str | None]:
+    """Check ARK -> ASK/ASVK -> VCEK/VLEK, validity, pinning of supplied intermediates, and TCB/hwID/product
+    consistency. Returns the checks and the product used."""
+    out: list[Check] = []
+    key = report.signing_key
+    try:
+        info = key_cert_info(leaf)
+    except ValueError as exc:
+        return [check("amd.key_cert.extensions", False, "well-formed AMD extensions", exc)], None
+    product = report.product or info.product
+    if product is None:
+        issuer = leaf.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        product = next((p for p in PRODUCTS if issuer and str(issuer[0].value).endswith(p)), None)
+    out.append(check("amd.product", product in PRODUCTS, f"one of {PRODUCTS}", product))
+    if product not in PRODUCTS:
+        return out, None
+    if report.product and info.product:
+        out.append(check("amd.key_cert.product_name", info.product == report.product,
+                         f"productName for {report.product}", info.product_name))
+    intermediate = "asvk" if key == "vlek" else "ask"
+    problem = _pinned_chain_ok(product, intermediate)
+    out.append(check("amd.roots", problem is None, "bundled ARK self-signed and signing the ASK/ASVK", problem or "ok"))
+    ark, inter = pinned(product, "ark"), pinned(product, intermediate)
+    pinned_ders = {pinned(product, n).public_bytes(Encoding.DER) for n in ("ark", "ask", "asvk")}
+    for other in others:
+        if common_name(other).startswith(("ARK-", "SEV-")) and common_name(other) not in ("SEV-VCEK", "SEV-VLEK"):
+            der = other.public_bytes(Encoding.DER)
+            out.append(check(f"amd.supplied.{common_name(other)}", der in pinned_ders,
+                             f"byte-equal to the bundled {product} certificate", "differs from the bundled one"))
+    expected_cn = "SEV-VLEK" if key == "vlek" else "SEV-VCEK"
+    out.append(check("amd.key_cert.kind", common_name(leaf) == expected_cn, expected_cn, common_name(leaf)))
+    try:
+        leaf.verify_directly_issued_by(inter)
+        signed = "valid"
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        signed = f"not issued by {common_name(inter)} ({type(exc).__name__})"
+    out.append(check("amd.chain", signed == "valid", f"{expected_cn} signed by pinned {common_name(inter)}", signed))
+    out += [_validity("ark", ark, now), _validity(intermediate, inter, now), _validity(key, leaf, now)]
+    out += tcb_checks(report, info, product)
+    return out, product
+
+
+def tcb_checks(report: SnpReport, info: KeyCertInfo, product: str) -> list[Check]:
+    """Each SPL extension equals REPORTED_TCB; hwID equals CHIP_ID unless masked (VCEK only)."""
+    out = []
+    tcb: Tcb = report.reported_tcb(product)
+    for name, value in tcb.components().items():
+        cert_value = info.spls.get(name)
+        out.append(check(f"amd.key_cert.{name}_spl", cert_value == value, f"REPORTED_TCB {name}={value}", cert_value))
+    if report.signing_key == "vcek":
+        chip = report.chip_id_significant(product)
+        if any(report.chip_id):
+            actual = info.hwid.hex() if info.hwid is not None else "absent"
+            out.append(check("amd.key_cert.hwid", info.hwid == chip, f"CHIP_ID {chip.hex()[:16]}...", actual[:16] + "..."))
+    return out
+
+
+def parse_cert_table(blob: bytes) -> dict[str, bytes]:
+    """The extended-report certificate table: {GUID, offset u32, length u32}... ended by an all-zero entry."""
+    out: dict[str, bytes] = {}
+    pos = 0
+    while True:
+        entry = blob[pos : pos + 24]
+        if len(entry) < 24:
+            raise ValueError("certificate table: missing the terminating all-zero entry")
+        if not any(entry):
+            return out
+        guid = uuid.UUID(bytes_le=entry[:16])
+        offset, length = int.from_bytes(entry[16:20], "little"), int.from_bytes(entry[20:24], "little")
+        if offset + length > len(blob):
+            raise ValueError(f"certificate table: entry {guid} points past the end ({offset}+{length} > {len(blob)})")
+        out[CERT_TABLE_GUIDS.get(guid, str(guid))] = blob[offset : offset + length]
+        pos += 24
+
+
+def build_cert_table(entries: dict[str, bytes]) -> bytes:
+    """Inverse of parse_cert_table for the known names (tests and the file provider)."""
+    by_name = {v: k for k, v in CERT_TABLE_GUIDS.items()}
+    header_len = 24 * (len(entries) + 1)
+    header, body = b"", b""
+    for name, data in entries.items():
+        header += by_name[name].bytes_le + (header_len + len(body)).to_bytes(4, "little") + len(data).to_bytes(4, "little")
+        body += data
+    return header + bytes(24) + body
+
+
+class CertCache:
+    """A local directory of VCEKs/VLEKs: `<dir>/<Product>/vcek/<hwid hex>/<reported tcb hex>.der` and
+    `<dir>/<Product>/vlek/*.der` (tried in turn). Optionally filled from AMD's KDS (VCEK only, rate-limited)."""
+
+    _lock = threading.Lock()
+    _last_fetch = 0.0
+
+    def __init__(self, directory: str | Path | None, *, allow_network: bool = False, timeout_s: float = 10.0):
+        self.directory = Path(directory).expanduser() if directory else None
+        self.allow_network = allow_network
+        self.timeout_s = timeout_s
+
+    def _vcek_path(self, product: str, report: SnpReport) -> Path | None:
+        if self.directory is None:
+            return None
+        hwid = report.chip_id_significant(product).hex()
+        return self.directory / product / "vcek" / hwid / f"{report.reported_tcb_raw.hex()}.der"
+
+    def candidates(self, report: SnpReport, product: str | None) -> list[bytes]:
+        """Certificates from the cache (and KDS when allowed) that may have signed the report."""
+        products = [product] if product else list(PRODUCTS)
+        found: list[bytes] = []
+        for prod in products:
+            if report.signing_key == "vcek":
+                path = self._vcek_path(prod, report)
+                if path is not None and path.is_file():
+                    found.append(path.read_bytes())
+            elif self.directory is not None and (self.directory / prod / "vlek").is_dir():
+                found += [p.read_bytes() for p in sorted((self.directory / prod / "vlek").iterdir()) if p.is_file()]
+        if not found and self.allow_network and report.signing_key == "vcek" and product and any(report.chip_id):
+            fetched = self.fetch_vcek(product, report)
+            if fetched:
+                found.append(fetched)
+        return found
+
+    def put_vcek(self, product: str, report: SnpReport, der: bytes) -> Path | None:
+        """Store a VCEK (temp sibling then rename)."""
+        path = self._vcek_path(product, report)
+        if path is None:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(der)
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def kds_url(product: str, report: SnpReport) -> str:
+        """The KDS VCEK URL for this chip and REPORTED_TCB."""
+        tcb = report.reported_tcb(product)
+        params = {"blSPL": tcb.bootloader, "teeSPL": tcb.tee, "snpSPL": tcb.snp, "ucodeSPL": tcb.microcode}
+        if tcb.fmc is not None:
+            params["fmcSPL"] = tcb.fmc
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return KDS_URL.format(product=product, hwid=report.chip_id_significant(product).hex(), query=query)
+
+    def fetch_vcek(self, product: str, report: SnpReport) -> bytes | None:
+        """Fetch a VCEK from KDS (at most one request per 10 s in this process) and cache it; None on failure."""
+        import urllib.request
+
+        with CertCache._lock:
+            wait = CertCache._last_fetch + KDS_MIN_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            CertCache._last_fetch = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.kds_url(product, report), timeout=self.timeout_s) as resp:  # noqa: S310
+                    der = resp.read()
+            except OSError:
+                return None
+        self.put_vcek(product, report, der)
+        return der

@@ -1,0 +1,146 @@
+"""Appraisal: is this evidence genuine, bound to this key release, and acceptable under this policy?"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from cryptography import x509
+
+from medtee.attestation.amd import CertCache, chain_checks, common_name, load_certificates, select_key_cert
+from medtee.attestation.evidence import Evidence
+from medtee.attestation.policy import AttestationPolicy
+from medtee.attestation.snp import ReportFormatError, SnpReport, signature_check, structure_checks
+from medtee.attestation.verdict import Check, Verdict, check
+
+
+def _find_key_cert(report: SnpReport, supplied: list[x509.Certificate], policy: AttestationPolicy):
+    """The VCEK/VLEK from the evidence, else from the cache (or KDS): the one whose key verifies the report."""
+    leaf = select_key_cert(supplied, report.signing_key)
+    if leaf is not None:
+        return leaf
+    cache = CertCache(policy.cert_cache_dir, allow_network=policy.fetch_certificates)
+    for der in cache.candidates(report, report.product):
+        for cert in load_certificates(der):
+            if signature_check(report, cert.public_key(), "candidate").ok:
+                return cert
+    return None
+
+
+def snp_authenticity(report: SnpReport, certificates: tuple[bytes, ...], policy: AttestationPolicy,
+                     now: datetime) -> list[Check]:
+    """Structure, AMD chain, TCB/hwID consistency and the report signature."""
+    try:
+        supplied = [c for der in certificates for c in load_certificates(der)]
+    except ValueError:
+        return [check("amd.certificates", False, "PEM or DER certificates", "unparseable certificate data")]
+    leaf = _find_key_cert(report, supplied, policy)
+    if leaf is None:
+        where = f"the evidence, the cache ({policy.cert_cache_dir or 'none configured'})"
+        where += " or AMD KDS" if policy.fetch_certificates else " (KDS fetching off)"
+        return structure_checks(report, report.product) + [
+            check("amd.key_cert", False, f"a {report.signing_key.upper()} from {where}", "none found")]
+    chain, product = chain_checks(report, leaf, [c for c in supplied if c is not leaf], now)
+    return structure_checks(report, product) + chain + [signature_check(report, leaf.public_key(), common_name(leaf))]
+
+
+def binding_checks(report: SnpReport, expected: bytes | None, policy: AttestationPolicy) -> list[Check]:
+    """REPORT_DATA equals what the relying party computed from its nonce, the key and the digests."""
+    if expected is not None:
+        return [check("binding.report_data", report.report_data == expected, expected.hex(), report.report_data.hex())]
+    if policy.require_binding and not policy.authenticity_only:
+        return [check("binding.report_data", False, "REPORT_DATA computed by the relying party", "none given")]
+    return []
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def snp_policy_checks(report: SnpReport, product: str | None, policy: AttestationPolicy) -> list[Check]:
+    """The policy's requirements on the CPU report."""
+    versions = set(policy.report_versions) | ({4} if 3 in policy.report_versions else set())
+    out = [
+        check("policy.report_version", report.version in versions, f"one of {sorted(versions)}", report.version),
+        check("policy.signing_key", report.signing_key in policy.signing_keys, policy.signing_keys, report.signing_key),
+        check("policy.debug", policy.allow_debug or not report.debug, "DEBUG=0", f"DEBUG={int(report.debug)}"),
+        check("policy.migrate_ma", policy.allow_migrate_ma or not report.migrate_ma, "MIGRATE_MA=0",
+              f"MIGRATE_MA={int(report.migrate_ma)}"),
+        check("policy.smt", policy.allow_smt or not report.smt_allowed, "SMT=0", f"SMT={int(report.smt_allowed)}"),
+        check("policy.guest_svn", report.guest_svn >= policy.min_guest_svn, f">= {policy.min_guest_svn}", report.guest_svn),
+        check("policy.firmware", report.current_firmware >= _version_tuple(policy.min_firmware),
+              f">= {policy.min_firmware}", ".".join(map(str, report.current_firmware))),
+    ]
+    if policy.require_single_socket:
+        out.append(check("policy.single_socket", report.single_socket, "SINGLE_SOCKET=1",
+                         f"SINGLE_SOCKET={int(report.single_socket)}"))
+    if policy.products:
+        out.append(check("policy.product", product in policy.products, policy.products, product))
+    if policy.measurements:
+        allowed = {m.lower() for m in policy.measurements}
+        out.append(check("policy.measurement", report.measurement.hex() in allowed, f"one of {len(allowed)} allowed",
+                         report.measurement.hex()))
+    if policy.host_data is not None:
+        out.append(check("policy.host_data", report.host_data.hex() == policy.host_data.lower(), policy.host_data.lower(),
+                         report.host_data.hex()))
+    if policy.vmpl is not None:
+        out.append(check("policy.vmpl", report.vmpl == policy.vmpl, policy.vmpl, report.vmpl))
+    if product is None:
+        out.append(check("policy.min_tcb", False, "a known product to decode REPORTED_TCB", "unknown product"))
+        return out
+    tcb = report.reported_tcb(product)
+    for name, value in tcb.components().items():
+        minimum = getattr(policy.min_tcb, name)
+        out.append(check(f"policy.min_tcb.{name}", value >= minimum, f">= {minimum}", value))
+    return out
+
+
+def _product_from(checks: list[Check], report: SnpReport) -> str | None:
+    for c in checks:
+        if c.name == "amd.product" and c.ok:
+            return c.actual
+    return report.product
+
+
+def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_data: bytes | None,
+             now: datetime | None = None, expected_gpu_nonce: bytes | None = None) -> Verdict:
+    """Appraise evidence under a policy; every failed check is listed in the verdict.
+
+    `expected_report_data` is what the relying party computed with binding.report_data(...) (covering
+    evidence.gpu_evidence_digests()); `expected_gpu_nonce` is binding.gpu_nonce(...) when GPU evidence is expected.
+    """
+    now = now or datetime.now(timezone.utc)
+    checks: list[Check] = []
+    simulated_ok = policy.allow_simulated and evidence.simulated
+    checks.append(check("evidence.simulated", policy.allow_simulated or not evidence.simulated,
+                        "hardware evidence" if not policy.allow_simulated else "hardware or SIMULATED evidence",
+                        "SIMULATED" if evidence.simulated else "hardware"))
+    try:
+        report = SnpReport.parse(evidence.snp_report)
+    except ReportFormatError as exc:
+        checks.append(check("snp.report.format", False, "a 1184-byte SEV-SNP report", exc))
+        return Verdict.of(checks, simulated=evidence.simulated, policy=policy.name)
+    if simulated_ok:
+        from medtee.attestation.simulated import simulated_signature_checks
+
+        checks += structure_checks(report, report.product) + simulated_signature_checks(report, evidence.certificates)
+    else:
+        checks += snp_authenticity(report, evidence.certificates, policy, now)
+    checks += binding_checks(report, expected_report_data, policy)
+    if not policy.authenticity_only:
+        checks += snp_policy_checks(report, _product_from(checks, report), policy)
+    checks += gpu_checks(evidence, policy, expected_gpu_nonce, now)
+    return Verdict.of(checks, simulated=evidence.simulated, policy=policy.name)
+
+
+def gpu_checks(evidence: Evidence, policy: AttestationPolicy, expected_nonce: bytes | None,
+               now: datetime) -> list[Check]:
+    """Each GPU's evidence; a policy naming a GPU provider (or gpu.required) needs at least one."""
+    out: list[Check] = []
+    if (policy.gpu_provider or policy.gpu.required) and not policy.authenticity_only:
+        out.append(check("gpu.present", bool(evidence.gpus), "evidence from at least one GPU", len(evidence.gpus)))
+    if evidence.gpus:
+        from medtee.attestation.nvidia import gpu_evidence_checks
+
+        for i, gpu in enumerate(evidence.gpus):
+            out += gpu_evidence_checks(gpu, policy, expected_nonce=expected_nonce, now=now, label=f"gpu[{i}]")
+    return out

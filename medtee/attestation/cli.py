@@ -1,0 +1,110 @@
+"""`medtee attest verify`: appraise evidence files under a named policy (exit 0 pass, 1 rejected, 2 unusable input)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    """Register `attest verify` on an argparse subparsers object."""
+    attest = subparsers.add_parser("attest", help="verify attestation evidence")
+    sub = attest.add_subparsers(dest="attest_command", required=True)
+    verify = sub.add_parser("verify", help="verify SEV-SNP and NVIDIA GPU evidence files under a policy",
+                            description="Exit 0 when every check passes, 1 when the evidence is rejected "
+                                        "(each failed check listed), 2 on unusable input.")
+    verify.add_argument("--snp-report", metavar="FILE", help="raw 1184-byte SEV-SNP report")
+    verify.add_argument("--snp-cert", metavar="FILE", action="append", default=[],
+                        help="VCEK/VLEK (and optional ASK/ARK), PEM or DER; repeatable. Missing AMD roots come from "
+                             "the bundle; a missing VCEK from the policy's cache directory")
+    verify.add_argument("--gpu-report", metavar="FILE", action="append", default=[],
+                        help="GPU SPDM report as hex text (as NVML returns it); repeatable, one per GPU")
+    verify.add_argument("--gpu-certs", metavar="FILE", action="append", default=[],
+                        help="the GPU's PEM certificate chain, leaf first; one per --gpu-report")
+    verify.add_argument("--nonce", metavar="HEX", help="expected REPORT_DATA (64 bytes hex; shorter is zero-padded)")
+    verify.add_argument("--gpu-nonce", metavar="HEX", help="expected 32-byte GPU nonce (hex)")
+    verify.add_argument("--at", metavar="ISO-TIME", help="verify as of this time (default: now; naive = UTC)")
+    verify.add_argument("--policy", required=True, help="policy name in conf/attestation/ (e.g. authenticity)")
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    verify.set_defaults(handler=run_verify)
+
+
+def _hex(value: str, what: str, size: int | None, pad: int | None = None) -> bytes:
+    try:
+        data = bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{what} is not hex") from None
+    if pad is not None and len(data) <= pad:
+        data = data.ljust(pad, b"\0")
+    if size is not None and len(data) != size:
+        raise ValueError(f"{what} must be {size} bytes; got {len(data)}")
+    return data
+
+
+def _load(args: argparse.Namespace):
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from medtee.attestation.amd import load_certificates
+    from medtee.attestation.evidence import Evidence, GpuEvidence
+    from medtee.attestation.nvidia import parse_hex_report
+    from medtee.attestation.policy import load_policy
+
+    policy = load_policy(args.policy)
+    if not args.snp_report:
+        raise ValueError("--snp-report is required (the raw 1184-byte SEV-SNP report)")
+    if len(args.gpu_report) != len(args.gpu_certs):
+        raise ValueError("give one --gpu-certs per --gpu-report")
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+    def ders(path: str) -> tuple[bytes, ...]:
+        try:
+            return tuple(c.public_bytes(Encoding.DER) for c in load_certificates(read(path)))
+        except ValueError:
+            raise ValueError(f"{path} holds no PEM or DER certificate") from None
+
+    gpus = []
+    for rep, certs in zip(args.gpu_report, args.gpu_certs):
+        try:
+            text = read(rep).decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{rep}: a GPU report must be hex text") from None
+        gpus.append(GpuEvidence(report=parse_hex_report(text), certificates=ders(certs)))
+    evidence = Evidence(provider="file", snp_report=read(args.snp_report),
+                        certificates=tuple(d for p in args.snp_cert for d in ders(p)), gpus=tuple(gpus))
+    now = None
+    if args.at:
+        try:
+            now = datetime.fromisoformat(args.at)
+        except ValueError:
+            raise ValueError(f"--at '{args.at}' is not an ISO 8601 time") from None
+        now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    rd = _hex(args.nonce, "--nonce", 64, pad=64) if args.nonce else None
+    gn = _hex(args.gpu_nonce, "--gpu-nonce", 32) if args.gpu_nonce else None
+    return evidence, policy, rd, gn, now
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Handler of `medtee attest verify`."""
+    import json
+    import sys
+
+    from medtee.attestation.appraise import appraise
+
+    try:
+        evidence, policy, rd, gn, now = _load(args)
+    except ValueError as exc:
+        print(f"medtee attest verify: {exc}", file=sys.stderr)
+        return 2
+    verdict = appraise(evidence, policy, expected_report_data=rd, expected_gpu_nonce=gn, now=now)
+    if args.json:
+        print(json.dumps(verdict.to_json(), indent=2))
+    else:
+        print(("ACCEPTED: " if verdict.ok else "REJECTED:\n") + verdict.explain())
+    return 0 if verdict.ok else 1

@@ -1,0 +1,413 @@
+"""Typed recipe schemas, Hydra composition, cross-group rules and the recipe digest.
+
+Every config group is backed by a dataclass registered in Hydra's ConfigStore, so a typo'd key, a wrong type or an
+unknown option fails at compose time. Nothing here imports torch or any other heavy library.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from medtee.attestation.policy import AttestationPolicy, policy_from_mapping
+from medtee.data.config import DataConfig
+from medtee.paths import conf_dir, recipes_dir
+from medtee.sealing.config import EncryptionConfig
+from medtee.sealing.keywrap import Scheme
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key and what is valid."""
+
+
+# ---------------------------------------------------------------------------------------------------------- schemas
+
+
+class Accelerator(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu_dev"  # profile name, recorded in the run's tags
+    production: bool = False  # a production profile: real attestation only, sealed data only, remote key broker
+    accelerator: Accelerator = Accelerator.cpu  # what the training runs on
+    devices: int = 1  # accelerators per node
+    num_nodes: int = 1  # nodes (multi-node runs go through Lightning's launchers)
+    gpu_model: Optional[str] = None  # required GPU product name substring, e.g. "H200"; checked before key release
+    require_sev_snp: bool = False  # the machine must be an SEV-SNP guest (configfs-tsm or /dev/sev-guest)
+    require_gpu_cc: bool = False  # every GPU must be in confidential-computing mode
+    supports_4bit: bool = True  # bitsandbytes 4-bit kernels run on this profile
+    cpu_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
+
+
+class Quantization(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+    none = "none"
+
+
+class DType(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+@dataclass
+class QLoRAConfig:
+    quantization: Quantization = Quantization.nf4  # base weights: 4-bit NF4/FP4 (QLoRA) or unquantized (plain LoRA)
+    double_quant: bool = True  # quantize the quantization constants too (QLoRA's double quantization)
+    compute_dtype: DType = DType.bfloat16  # dtype of the 4-bit matmuls
+    rank: int = 16  # LoRA rank r
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # peft target modules
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+
+
+class ModelSource(str, Enum):
+    tiny = "tiny"  # a small Gemma 3 built from `tiny` with random weights (tests, the demo)
+    pretrained = "pretrained"  # weights loaded by Hugging Face id or local path
+
+
+@dataclass
+class TinyGemma3:
+    hidden_size: int = 64  # model width
+    num_hidden_layers: int = 2  # decoder layers
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 2  # key/value heads (GQA)
+    head_dim: int = 16  # per-head width
+    intermediate_size: int = 128  # MLP width
+    sliding_window: int = 64  # local-attention window (every 6th layer global, as in Gemma 3)
+    seed: int = 0  # random-weight seed
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_gemma3"  # a label for tags and the summary
+    source: ModelSource = ModelSource.tiny  # where the weights come from
+    id: Optional[str] = None  # Hugging Face model id or local directory (source=pretrained)
+    revision: Optional[str] = None  # pinned revision (commit) of `id`; required in production profiles
+    dtype: DType = DType.bfloat16  # dtype of the non-quantized weights
+    attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
+    offline: bool = True  # never contact the model hub (weights must be local or cached)
+    tiny: TinyGemma3 = field(default_factory=TinyGemma3)  # architecture when source=tiny
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"  # torch AdamW (fused on CUDA)
+    adamw_8bit = "adamw_8bit"  # bitsandbytes 8-bit AdamW
+
+
+class Precision(str, Enum):  # member names in YAML, Lightning's precision strings as values
+    fp32 = "32-true"
+    bf16_mixed = "bf16-mixed"
+    bf16_true = "bf16-true"
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 30  # optimizer steps
+    lr: float = 2e-4  # peak learning rate
+    warmup_steps: int = 0  # linear warm-up steps, then cosine decay to 10% of lr
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA parameters
+    optimizer: Optimizer = Optimizer.adamw  # optimizer of the LoRA parameters
+    precision: Precision = Precision.fp32  # Lightning precision plugin
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    gradient_clip_val: float = 1.0  # gradient-norm clipping; 0 disables
+    val_check_interval: int = 10  # validate every N training batches
+    limit_val_batches: int = 8  # validation batches per validation pass
+    num_sanity_val_steps: int = 1  # validation batches before training (catches a broken val loop early)
+    log_every_n_steps: int = 5  # metric logging cadence
+    seed: int = 0  # global seed (weights of tiny models come from model.tiny.seed)
+    deterministic: bool = True  # torch deterministic algorithms where available
+    enable_progress_bar: bool = True  # progress bar on stderr (shows allow-listed metrics only)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow store; relative sqlite paths resolve against the current directory
+    experiment: str = "medtee"  # MLflow experiment name
+    run_name: Optional[str] = None  # MLflow run name; None uses the recipe name
+    metrics: Optional[List[str]] = None  # narrows medtee's metric allow-list (None keeps all of it); cannot widen it
+    min_aggregate: int = 20  # evaluation metrics over fewer examples than this are suppressed
+
+
+@dataclass
+class OutputConfig:
+    recipient: str = "dev"  # public key file the adapter is encrypted to, or "dev": a development key in .medtee/keys
+    merge_weights: bool = False  # merged full weights are never written in this version; must stay false
+
+
+@dataclass
+class MedteeConfig:
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    attestation: AttestationPolicy = field(default_factory=AttestationPolicy)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    qlora: QLoRAConfig = field(default_factory=QLoRAConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+GROUP_SCHEMAS = {
+    "hardware": HardwareConfig,
+    "attestation": AttestationPolicy,
+    "encryption": EncryptionConfig,
+    "qlora": QLoRAConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "tracking": TrackingConfig,
+}
+
+#: Metrics medtee may ever send to MLflow. Recipes can only narrow this list (tracking.metrics).
+METRIC_ALLOW_LIST = (
+    "train/loss",
+    "train/lr",
+    "train/tokens_per_s",
+    "train/grad_norm",
+    "train/epoch",
+    "val/loss",
+    "val/perplexity",
+)
+
+#: Fields excluded from the recipe digest because they name places on one machine, not what runs.
+NOT_IN_DIGEST = ("data.path", "tracking.tracking_uri", "tracking.run_name", "encryption.broker_dir")
+
+# -------------------------------------------------------------------------------------------------------- composing
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def register() -> None:
+    """Register the schemas and the shipped recipes in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    cs.store(name="medtee_schema", node=MedteeConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=f"schema/{group}", name=group, node=schema)
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        try:
+            node = OmegaConf.load(path)
+        except Exception as exc:  # a YAML syntax error in a recipe
+            raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
+        cs.store(group="recipe", name=path.stem, node=node, package="_global_")
+
+
+_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
+                           "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def split_overrides(argv: list[str]) -> list[str]:
+    """The recipe overrides in a Hydra command line, without Hydra's own flags and `hydra.*` settings."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _HYDRA_FLAGS_WITH_VALUE:
+            skip = True
+            continue
+        if arg.startswith("-") or arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
+            continue
+        out.append(arg)
+    return out
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """One override list per value of every sweep (each sweep value checked once, the others at their first value)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if not any(o.is_sweep_override() for o in parsed):
+        return [overrides]
+    first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
+             else o.input_line for o in parsed]
+    variants = [first]
+    for i, o in enumerate(parsed):
+        if o.is_sweep_override():
+            for value in list(o.sweep_string_iterator())[1:]:
+                variant = list(first)
+                variant[i] = f"{o.get_key_element()}={value}"
+                variants.append(variant)
+    return variants
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose and validate a recipe (no Hydra run directory, nothing written). Raises ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register()
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(explain_compose_error(exc)) from None
+    check(cfg)
+    return cfg
+
+
+def _schema_keys(dotted_parent: str) -> list[str] | None:
+    node: Any = MedteeConfig
+    for part in [p for p in dotted_parent.split(".") if p]:
+        if not is_dataclass(node):
+            return None
+        match = {f.name: f for f in fields(node)}.get(part)
+        if match is None:
+            return None
+        node = match.type if is_dataclass(match.type) else _resolve_field_type(node, part)
+    return [f.name for f in fields(node)] if is_dataclass(node) else None
+
+
+def _resolve_field_type(owner: type, name: str):
+    import typing
+
+    return typing.get_type_hints(owner).get(name)
+
+
+def explain_compose_error(exc: BaseException) -> str:
+    """Turn Hydra/OmegaConf composition errors into one message naming the key and the valid keys or options."""
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ConfigKeyError) or (cause is not None and "not in" in str(cause).split("\n")[0]):
+        full_key = getattr(cause, "full_key", None) or ""
+        parent, _, leaf = full_key.rpartition(".")
+        valid = _schema_keys(parent)
+        if valid is not None:
+            where = f"'{parent}'" if parent else "the top level"
+            hint = difflib.get_close_matches(leaf, valid, n=1)
+            did_you_mean = f" Did you mean '{parent + '.' if parent else ''}{hint[0]}'?" if hint else ""
+            return (f"unknown key '{full_key}'. Valid keys under {where}: {', '.join(valid)}.{did_you_mean}")
+    if isinstance(cause, ValidationError):
+        first = str(cause).split("\n")[0]
+        full_key = getattr(cause, "full_key", "")
+        return f"invalid value for '{full_key}': {first}"
+    text = str(exc).strip()
+    if "Could not find" in text:  # unknown group option: Hydra lists the available ones
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("provider=")]
+        lines = [ln for ln in lines if ln != "Config search path:"]
+        head = lines[0].replace("In 'config': ", "")
+        options = [ln for ln in lines[2:]]
+        return f"{head}. Valid options: {', '.join(options)}" if options else head
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------------ cross-group rules
+
+
+def check(cfg) -> None:
+    """Rules that span groups, checked before anything runs. Raises ConfigError listing every violated rule."""
+    problems = []
+    hw, att, q = cfg.hardware, cfg.attestation, cfg.qlora
+    if hw.production:
+        if att.allow_simulated or att.provider == "simulated" or not att.production:
+            problems.append(f"hardware profile '{hw.name}' is a production profile but attestation policy "
+                            f"'{att.name}' is not (it allows simulated evidence); choose a production policy, "
+                            f"e.g. attestation=snp_h200")
+        if cfg.data.source != "sealed":
+            problems.append(f"production profile '{hw.name}' trains on sealed data only: set data=sealed "
+                            f"data.path=DIR")
+        if not str(cfg.encryption.broker).startswith(("http://", "https://")):
+            problems.append(f"production profile '{hw.name}' needs the data owner's key broker: set "
+                            f"encryption.broker=https://... (an embedded broker would hold the owner's key here)")
+        if not cfg.model.offline:
+            problems.append("production profiles allow no model-hub access: set model.offline=true")
+    if q.quantization != "none" and not hw.supports_4bit:
+        problems.append(f"qlora.quantization={q.quantization} needs bitsandbytes 4-bit kernels, which hardware "
+                        f"profile '{hw.name}' cannot run; use qlora=lora or another hardware profile")
+    try:
+        policy_from_mapping(cfg.attestation, "attestation")
+    except ValueError as exc:
+        problems.append(str(exc))
+    try:
+        Scheme.parse(cfg.encryption.scheme)
+    except ValueError as exc:
+        problems.append(f"encryption.scheme: {exc}")
+    if cfg.encryption.broker != "embedded" and not str(cfg.encryption.broker).startswith(("http://", "https://")):
+        problems.append(f"encryption.broker={cfg.encryption.broker!r}: use 'embedded' or an http(s):// URL")
+    if cfg.output.merge_weights:
+        problems.append("output.merge_weights=true is not supported: only the encrypted adapter is written")
+    if cfg.tracking.metrics is not None:
+        extra = sorted(set(cfg.tracking.metrics) - set(METRIC_ALLOW_LIST))
+        if extra:
+            problems.append(f"tracking.metrics may only narrow medtee's allow-list; not allowed: {', '.join(extra)}. "
+                            f"Allowed: {', '.join(METRIC_ALLOW_LIST)}")
+    for key, minimum in (("trainer.max_steps", 1), ("qlora.rank", 1), ("data.batch_size", 1),
+                         ("data.max_length", 8), ("tracking.min_aggregate", 1)):
+        value = _get(cfg, key)
+        if value is not None and value < minimum:
+            problems.append(f"{key}={value} must be at least {minimum}")
+    if not 0.0 <= q.dropout < 1.0:
+        problems.append(f"qlora.dropout={q.dropout} must be in [0, 1)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def check_runnable(cfg) -> None:
+    """Values a recipe may leave for the command line but a run needs. Raises ConfigError."""
+    problems = []
+    if cfg.data.source == "sealed" and not cfg.data.path:
+        problems.append("data=sealed needs the sealed dataset: pass data.path=DIR (a directory made by `medtee seal`)")
+    if cfg.hardware.production and cfg.model.source == "pretrained" and not cfg.model.revision:
+        problems.append("production profiles load pinned weights: pass model.revision=COMMIT")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _get(cfg, dotted: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, dotted)
+
+
+# ------------------------------------------------------------------------------------------------------ the digest
+
+
+def resolved(cfg) -> dict:
+    """The recipe as plain data, interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def recipe_digest(cfg) -> str:
+    """sha256 of the canonical JSON of the resolved recipe, without the machine-local fields in NOT_IN_DIGEST."""
+    data = resolved(cfg)
+    for dotted in NOT_IN_DIGEST:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def recipe_file(name: str) -> Path:
+    path = recipes_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no recipe named '{name}'. Valid recipes: {', '.join(recipe_names())}")
+    return path

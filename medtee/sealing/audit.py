@@ -1,0 +1,106 @@
+"""Append-only, hash-chained audit log of key-broker decisions (JSON Lines).
+
+Each entry carries `seq`, `prev` (the previous entry's hash; 64 zeros for the first) and `hash` = SHA-256 of the
+entry's canonical JSON without `hash`. Editing, deleting, inserting or reordering entries breaks the chain.
+Cutting entries off the end cannot be seen from the file alone: anchor the head printed by `medtee broker audit
+verify` somewhere else (a ticket, a transparency log) to detect that too. Entries hold ids and digests, never data.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+GENESIS = "0" * 64
+
+
+def _entry_hash(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _last_line(f) -> bytes | None:
+    f.seek(0, os.SEEK_END)
+    end = f.tell()
+    if end == 0:
+        return None
+    size = 4096
+    while True:
+        start = max(0, end - size)
+        f.seek(start)
+        chunk = f.read(end - start).rstrip(b"\n")
+        if b"\n" in chunk or start == 0:
+            return chunk.rsplit(b"\n", 1)[-1]
+        size *= 2
+
+
+class AuditLog:
+    """Appends chained entries; safe across threads and processes (an exclusive file lock per append)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def append(self, event: str, **fields: object) -> dict:
+        """Append one entry (`event` plus JSON-ready `fields`) and return it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                last = _last_line(f)
+                prev = json.loads(last) if last else None
+                entry = {
+                    "seq": prev["seq"] + 1 if prev else 0,
+                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                    "event": event,
+                    **fields,
+                    "prev": prev["hash"] if prev else GENESIS,
+                }
+                entry["hash"] = _entry_hash(entry)
+                f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return entry
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Outcome of :func:`verify`: `ok`, number of entries, head hash, and the first problem found."""
+
+    ok: bool
+    entries: int
+    head: str
+    problem: str = ""
+
+
+def verify(path: Path | str) -> AuditReport:
+    """Check the whole chain of the log at `path`."""
+    path = Path(path)
+    if not path.exists():
+        return AuditReport(False, 0, GENESIS, f"{path} does not exist; is --store the broker's store directory?")
+    prev, n = GENESIS, 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                entry = json.loads(line)
+                ok_shape = isinstance(entry, dict) and {"seq", "prev", "hash"} <= entry.keys()
+            except ValueError:
+                ok_shape = False
+            if not ok_shape:
+                return AuditReport(False, n, prev, f"{path}:{lineno}: not an audit entry (damaged or inserted line)")
+            if entry["seq"] != n:
+                return AuditReport(False, n, prev, f"{path}:{lineno}: seq {entry['seq']}, expected {n} (entry removed or reordered)")
+            if entry["prev"] != prev:
+                return AuditReport(False, n, prev, f"{path}:{lineno}: chain broken (previous entry altered or removed)")
+            if _entry_hash(entry) != entry["hash"]:
+                return AuditReport(False, n, prev, f"{path}:{lineno}: entry altered after it was written")
+            prev, n = entry["hash"], n + 1
+    return AuditReport(True, n, prev)

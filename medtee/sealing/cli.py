@@ -1,0 +1,227 @@
+"""Subcommands of the data owner and the key broker: seal, data inspect, keys new|rotate, broker serve|audit|policy.
+
+Handlers return 0 (ok), 1 (refused) or 2 (bad input, with a message naming the file or field and the fix).
+Nothing here prints record content: summaries are counts, digests and ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_BROKER_DIR = ".medtee/broker"
+SCHEMES = ("hpke-mlkem768-x25519", "hpke-x25519")
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"medtee: {message}", file=sys.stderr)
+    return code
+
+
+def _summary(manifest, path: Path) -> str:
+    m = manifest
+    lines = [
+        f"dataset        {m.dataset_id}",
+        f"path           {path}",
+        f"records        {m.record_count}   messages {m.message_count}   characters {m.char_count}",
+        f"cipher         Parquet Modular Encryption {m.cipher}, encrypted footer",
+        f"data key       wrapped with {m.scheme} to broker key {m.key_id}",
+        f"release policy {m.release_policy}",
+        f"classification {m.classification}   data-use agreement {m.dua_id or '-'}",
+        f"created        {m.created}",
+        f"owner key      {m.owner_key_id()}",
+        f"manifest       sha256 {m.digest()}",
+        f"shards         {len(m.shards)}",
+    ]
+    lines += [f"  {s.name}  {s.rows:>8} rows  {s.bytes:>12} bytes  sha256 {s.sha256}" for s in m.shards]
+    return "\n".join(lines)
+
+
+def _seal(args: argparse.Namespace) -> int:
+    from medtee.sealing.broker import connect
+    from medtee.sealing.keywrap import KeyWrapError
+    from medtee.sealing.seal import InputError, seal_file
+
+    if args.rows_per_shard < 1:
+        return _fail(f"--rows-per-shard must be at least 1 (got {args.rows_per_shard})")
+    try:
+        from medtee.attestation import load_policy
+
+        load_policy(args.policy)
+        if args.scheme and args.broker != "embedded":
+            return _fail("--scheme applies to a new embedded broker store; a remote broker has its own key")
+        if args.broker == "embedded" and args.scheme:
+            from medtee.sealing.broker import EmbeddedBroker
+
+            broker = EmbeddedBroker(args.broker_dir, scheme=args.scheme)
+            if broker.public_key()[0].value != args.scheme:
+                return _fail(f"the broker store {args.broker_dir} already uses {broker.public_key()[0].value}; "
+                             f"change it with `medtee keys rotate --broker-dir {args.broker_dir} --scheme {args.scheme}`")
+        else:
+            broker = connect(args.broker, store_dir=args.broker_dir)
+        manifest = seal_file(args.input, args.out, fmt=args.format, broker=broker, policy=args.policy,
+                             dataset_id=args.dataset_id, rows_per_shard=args.rows_per_shard,
+                             classification=args.classification, dua_id=args.dua_id)
+    except (InputError, KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    except PermissionError as e:
+        return _fail(str(e), EXIT_REFUSED)
+    except RuntimeError as e:  # an unreachable or failing remote broker
+        return _fail(str(e), EXIT_REFUSED)
+    if manifest.release_policy == "simulated":
+        print("WARNING: release policy 'simulated' releases the key to SIMULATED attestation; it protects nothing. "
+              "Use a production policy (e.g. --policy snp_h100) for real data.", file=sys.stderr)
+    print(f"sealed {manifest.record_count} records into {args.out}")
+    print(_summary(manifest, Path(args.out)))
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from medtee.sealing.manifest import SealedDataError
+    from medtee.sealing.reader import open_dataset
+
+    trusted = None
+    try:
+        if args.owner_key:
+            from medtee.sealing.owner import load_public
+
+            trusted = load_public(args.owner_key)
+        ds = open_dataset(args.dir, trusted_owner=trusted)
+    except (SealedDataError, ValueError, FileNotFoundError) as e:
+        return _fail(f"{e}")
+    print(_summary(ds.manifest, ds.path))
+    who = "the trusted owner key" if trusted else "the owner key it names (pass --owner-key to pin it)"
+    print(f"signature      OK, by {who}")
+    print(f"integrity      OK: all {len(ds.manifest.shards)} shards present and match their digests")
+    return EXIT_OK
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from medtee.sealing import keywrap
+
+    try:
+        public = keywrap.write_keypair(Path(args.out), args.name, args.scheme)
+    except (FileExistsError, ValueError) as e:
+        return _fail(str(e))
+    scheme, pub = keywrap.load_public_key(public)
+    print(f"public key   {public}   (give this to whoever encrypts to you)")
+    print(f"private key  {public.with_suffix('.key')}   (mode 0600; keep it secret, back it up)")
+    print(f"scheme {scheme.value}   key id {keywrap.key_id(scheme, pub)}")
+    return EXIT_OK
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from medtee.sealing.broker import UnknownDatasetError, rotate
+    from medtee.sealing.manifest import SealedDataError
+
+    if not (Path(args.broker_dir) / "broker.key").exists():
+        return _fail(f"{args.broker_dir} holds no broker key; pass the --broker-dir the datasets were sealed with")
+    try:
+        manifests = rotate(args.broker_dir, [Path(d) for d in args.datasets], scheme=args.scheme)
+    except (UnknownDatasetError, SealedDataError, FileExistsError, ValueError) as e:
+        return _fail(str(e))
+    print(f"rotated the broker key in {args.broker_dir}; {len(manifests)} data key(s) re-wrapped, no data re-encrypted")
+    for m in manifests:
+        print(f"  {m.dataset_id}: key {m.key_id} ({m.scheme}), manifest sha256 {m.digest()}")
+    listed = {Path(d) for d in args.datasets}
+    if len(listed) < len(manifests):
+        print("copy the new manifest.json of datasets not listed on the command line from "
+              f"{Path(args.broker_dir) / 'datasets'} (field 'manifest') or rerun with their directories")
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from medtee.sealing.http_broker import serve
+
+    try:
+        serve(args.store, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+              nonce_ttl_s=args.nonce_ttl,
+              announce=lambda url: print(f"medtee key broker listening on {url}", flush=True))
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot serve on {args.host}:{args.port}: {e}")
+    return EXIT_OK
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from medtee.sealing.audit import verify
+
+    report = verify(Path(args.store) / "audit.log")
+    if not report.ok:
+        return _fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}", EXIT_REFUSED)
+    print(f"audit log OK: {report.entries} entries, head {report.head}")
+    print("anchor the head elsewhere to detect later truncation")
+    return EXIT_OK
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from medtee.sealing.broker import EmbeddedBroker, UnknownDatasetError
+
+    try:
+        EmbeddedBroker(args.store).set_policy(args.dataset_id, args.policy)
+    except (UnknownDatasetError, ValueError) as e:
+        return _fail(str(e))
+    print(f"dataset {args.dataset_id}: release policy is now '{args.policy}' (effective at the next release)")
+    return EXIT_OK
+
+
+def add_parsers(subparsers) -> None:
+    """Register seal, data, keys and broker on the `medtee` subparsers."""
+    seal = subparsers.add_parser("seal", help="encrypt chat dialogues into a sealed dataset (data owner)")
+    seal.add_argument("input", help="chat JSONL, CSV transcript (id + Doctor:/Patient: lines) or plain Parquet")
+    seal.add_argument("--out", required=True, help="new (or empty) directory for the sealed dataset")
+    seal.add_argument("--policy", default="simulated",
+                      help="attestation policy the broker requires before releasing the key (default: simulated, "
+                           "development only)")
+    seal.add_argument("--broker", default="embedded", help="'embedded' (default) or the URL of `medtee broker serve`")
+    seal.add_argument("--broker-dir", default=DEFAULT_BROKER_DIR,
+                      help=f"broker store / owner signing key directory (default {DEFAULT_BROKER_DIR})")
+    seal.add_argument("--scheme", choices=SCHEMES, default=None,
+                      help="key scheme of a NEW embedded broker store (default hybrid post-quantum)")
+    seal.add_argument("--dataset-id", default=None, help="dataset id (default: random ds-XXXXXXXXXXXX)")
+    seal.add_argument("--format", choices=("jsonl", "csv", "parquet"), default=None, help="input format (default: from suffix)")
+    seal.add_argument("--rows-per-shard", type=int, default=20_000, help="records per encrypted shard (default 20000)")
+    seal.add_argument("--classification", default="phi", help="data classification label recorded in the manifest")
+    seal.add_argument("--dua-id", default="", help="data-use agreement id recorded in the manifest")
+    seal.set_defaults(handler=_seal)
+
+    data = subparsers.add_parser("data", help="inspect sealed datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    insp = data_sub.add_parser("inspect", help="show a sealed dataset's manifest and verify signature and shards (no key)")
+    insp.add_argument("dir", help="sealed dataset directory")
+    insp.add_argument("--owner-key", default=None, help="pin the data owner's public key (owner-signing.pub)")
+    insp.set_defaults(handler=_inspect)
+
+    keys = subparsers.add_parser("keys", help="create key pairs; rotate the broker key")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    new = keys_sub.add_parser("new", help="create a recipient key pair (e.g. the key the adapter is encrypted to)")
+    new.add_argument("--out", required=True, help="directory for NAME.key (0600) and NAME.pub")
+    new.add_argument("--name", default="recipient", help="file name stem (default recipient)")
+    new.add_argument("--scheme", choices=SCHEMES, default=SCHEMES[0], help="HPKE scheme (default hybrid post-quantum)")
+    new.set_defaults(handler=_keys_new)
+    rot = keys_sub.add_parser("rotate", help="new broker key; re-wrap every registered data key (no re-encryption)")
+    rot.add_argument("datasets", nargs="*", help="sealed dataset directories whose manifest.json to update")
+    rot.add_argument("--broker-dir", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
+    rot.add_argument("--scheme", choices=SCHEMES, default=None, help="scheme of the new key (default: unchanged)")
+    rot.set_defaults(handler=_keys_rotate)
+
+    broker = subparsers.add_parser("broker", help="run the key broker service; audit; release policies")
+    broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+    srv = broker_sub.add_parser("serve", help="serve challenge/attest/release over HTTP (loopback by default)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    srv.add_argument("--store", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
+    srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve https")
+    srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    srv.add_argument("--nonce-ttl", type=float, default=120.0, help="seconds a challenge nonce stays valid (default 120)")
+    srv.set_defaults(handler=_serve)
+    aud = broker_sub.add_parser("audit", help="check the broker's hash-chained audit log")
+    aud.add_argument("action", choices=["verify"])
+    aud.add_argument("--store", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
+    aud.set_defaults(handler=_audit_verify)
+    pol = broker_sub.add_parser("policy", help="set a dataset's release policy (takes effect without restart)")
+    pol.add_argument("dataset_id")
+    pol.add_argument("policy", help="attestation policy name (conf/attestation/NAME.yaml)")
+    pol.add_argument("--store", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
+    pol.set_defaults(handler=_policy)

@@ -1,0 +1,171 @@
+"""The manifest of a sealed dataset: what it holds, how its key is wrapped, and the data owner's signature over it.
+
+The manifest holds counts and digests only, never record content. Its canonical form is JSON with sorted keys and no
+whitespace (bytes as base64); :meth:`Manifest.digest` and the Ed25519 signature both cover that form minus the
+signature itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CIPHER = "AES_GCM_V1"  # fixed: the only Parquet Modular Encryption algorithm that authenticates page data
+
+
+class SealedDataError(ValueError):
+    """A sealed dataset is malformed, altered or incomplete. The message names the file and the fix, never content."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One encrypted Parquet shard."""
+
+    name: str  # file name inside the dataset directory
+    sha256: str  # hex digest of the ciphertext file
+    rows: int  # records in the shard
+    bytes: int  # file size
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to check and open a sealed dataset, except the data key itself."""
+
+    format_version: int  # manifest format (currently 1)
+    dataset_id: str  # the data owner's name for the dataset; the broker's registration key
+    record_count: int  # dialogues in all shards
+    message_count: int  # chat turns in all shards
+    char_count: int  # characters of turn content (token counts depend on the tokenizer the TEE uses)
+    shards: tuple[ShardInfo, ...]  # in reading order
+    key_id: str  # id of the broker public key the data key is wrapped to
+    scheme: str  # HPKE scheme of wrapped_data_key (a keywrap.Scheme value)
+    wrapped_data_key: bytes  # the 256-bit data key, HPKE-wrapped to the broker key (info: data_key_info(dataset_id))
+    key_check: str  # HMAC-SHA256(data key, dataset id) prefix: tells a wrong key apart from altered data
+    release_policy: str  # attestation policy name the broker applies before releasing the key
+    classification: str  # data classification label, e.g. "phi"
+    dua_id: str  # data-use agreement identifier ("" when none)
+    created: str  # ISO-8601 UTC time of sealing
+    cipher: str  # Parquet Modular Encryption algorithm (always AES_GCM_V1)
+    owner_public_key: bytes  # data owner's Ed25519 public key (raw 32 bytes) that signed this manifest
+    signature: bytes = b""  # Ed25519 signature over canonical_body(); empty until signed
+
+    def body(self) -> dict:
+        """The signed fields as JSON-ready values (bytes as base64)."""
+        doc = asdict(self)
+        doc.pop("signature")
+        doc["shards"] = [asdict(s) if not isinstance(s, dict) else s for s in self.shards]
+        for k in ("wrapped_data_key", "owner_public_key"):
+            doc[k] = base64.b64encode(doc[k]).decode("ascii")
+        return doc
+
+    def canonical_body(self) -> bytes:
+        """Canonical bytes covered by the digest and the signature."""
+        return json.dumps(self.body(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+    def digest(self) -> str:
+        """SHA-256 hex of the canonical manifest (what the broker registers and the release request names)."""
+        return hashlib.sha256(self.canonical_body()).hexdigest()
+
+    def owner_key_id(self) -> str:
+        """Short fingerprint of the signing key (first 16 hex digits of its SHA-256)."""
+        return hashlib.sha256(self.owner_public_key).hexdigest()[:16]
+
+    def signed(self, key: Ed25519PrivateKey) -> Manifest:
+        """A copy carrying the owner's public key and signature."""
+        pub = key.public_key().public_bytes_raw()
+        unsigned = replace(self, owner_public_key=pub, signature=b"")
+        return replace(unsigned, signature=key.sign(unsigned.canonical_body()))
+
+    def verify_signature(self, *, source: str = "manifest", trusted: Ed25519PublicKey | None = None) -> None:
+        """Check the signature (and, if given, that the signer is `trusted`); raise SealedDataError otherwise."""
+        if not self.signature:
+            raise SealedDataError(f"{source} is not signed; reseal the dataset with `medtee seal`")
+        if trusted is not None and trusted.public_bytes_raw() != self.owner_public_key:
+            raise SealedDataError(
+                f"{source} is signed by key {self.owner_key_id()}, not by the trusted data-owner key; "
+                "check that you received the dataset from its owner"
+            )
+        try:
+            Ed25519PublicKey.from_public_bytes(self.owner_public_key).verify(self.signature, self.canonical_body())
+        except (InvalidSignature, ValueError):
+            raise SealedDataError(f"{source}: signature does not verify; the manifest was altered after sealing") from None
+
+    def to_json(self) -> str:
+        """The manifest file's text."""
+        doc = self.body()
+        doc["signature"] = base64.b64encode(self.signature).decode("ascii")
+        return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "manifest") -> Manifest:
+        """Parse a manifest file's text; errors name `source` and the offending field."""
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise SealedDataError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); restore it from the sealer's output") from None
+        if not isinstance(doc, dict):
+            raise SealedDataError(f"{source} must hold a JSON object")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise SealedDataError(
+                f"{source}: format_version {doc.get('format_version')!r} is not supported (expected {FORMAT_VERSION}); "
+                "upgrade medtee or reseal"
+            )
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - doc.keys())
+        if missing:
+            raise SealedDataError(f"{source}: missing field(s) {', '.join(missing)}; reseal the dataset")
+        unknown = sorted(doc.keys() - names)
+        if unknown:
+            raise SealedDataError(f"{source}: unknown field(s) {', '.join(unknown)}; the manifest was altered or is from a newer medtee")
+        try:
+            for k in ("wrapped_data_key", "owner_public_key", "signature"):
+                doc[k] = base64.b64decode(doc[k], validate=True)
+            shards = tuple(ShardInfo(**s) for s in doc["shards"])
+        except (TypeError, ValueError) as e:
+            raise SealedDataError(f"{source}: malformed field ({type(e).__name__}); the manifest was altered") from None
+        doc["shards"] = shards
+        m = cls(**doc)
+        _check_types(m, source)
+        return m
+
+    @classmethod
+    def load(cls, directory: Path | str) -> Manifest:
+        """Read `<directory>/manifest.json`."""
+        path = Path(directory) / MANIFEST_NAME
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SealedDataError(f"{path} is missing: {directory} is not a sealed dataset (create one with `medtee seal`)") from None
+        return cls.from_json(text, source=str(path))
+
+
+def _check_types(m: Manifest, source: str) -> None:
+    for f in fields(Manifest):
+        value = getattr(m, f.name)
+        expected = {"int": int, "str": str, "bytes": bytes}.get(str(f.type))
+        if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+            raise SealedDataError(f"{source}: field {f.name} must be {expected.__name__}")
+    for s in m.shards:
+        if not (isinstance(s.name, str) and isinstance(s.sha256, str) and isinstance(s.rows, int) and isinstance(s.bytes, int)):
+            raise SealedDataError(f"{source}: shard entry {s.name!r} is malformed")
+        if "/" in s.name or s.name.startswith(".") or s.name == MANIFEST_NAME:
+            raise SealedDataError(f"{source}: shard name {s.name!r} is not a plain file name")
+
+
+def data_key_info(dataset_id: str) -> bytes:
+    """HPKE info binding a wrapped data key to its dataset."""
+    return b"medtee/data-key/v1\0" + dataset_id.encode("utf-8")
+
+
+def key_check(data_key: bytes, dataset_id: str) -> str:
+    """Key check value stored in the manifest (reveals nothing about the key)."""
+    return hmac.new(data_key, b"medtee/key-check/v1\0" + dataset_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]

@@ -1,0 +1,57 @@
+"""The data owner's Ed25519 manifest-signing key: created on first use (PEM, mode 0600) beside its public half."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+OWNER_KEY_NAME = "owner-signing"
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def load_or_create_signing_key(directory: Path | str) -> Ed25519PrivateKey:
+    """The owner key in `directory/owner-signing.key`, generated (with `.pub`) if absent."""
+    directory = Path(directory)
+    private_path = directory / f"{OWNER_KEY_NAME}.key"
+    if not private_path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        try:
+            _write_new(private_path, pem, 0o600)
+            _write_new(directory / f"{OWNER_KEY_NAME}.pub", public_pem(key.public_key()), 0o644)
+        except FileExistsError:  # another process created it first: use theirs
+            pass
+    if os.stat(private_path).st_mode & 0o077:
+        raise PermissionError(f"owner signing key {private_path} is accessible by group/others; run `chmod 600 {private_path}`")
+    key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{private_path} is not an Ed25519 private key; move it away and let medtee create a new one")
+    return key
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    """PEM SubjectPublicKeyInfo of an Ed25519 public key."""
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_public(path: Path | str) -> Ed25519PublicKey:
+    """An owner public key from a PEM file (e.g. `owner-signing.pub`)."""
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"owner public key {path} does not exist") from None
+    except ValueError:
+        key = None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not a PEM Ed25519 public key (expected the data owner's owner-signing.pub)")
+    return key

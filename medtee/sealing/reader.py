@@ -1,0 +1,151 @@
+"""The TEE's side: check a sealed dataset's integrity up front, then decrypt its shards into memory only.
+
+Each shard is read into memory, its SHA-256 checked against the signed manifest again (the file may have changed
+since :func:`open_dataset`), and decrypted from that buffer; nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medtee.sealing.kms import decryption_properties
+from medtee.sealing.manifest import MANIFEST_NAME, Manifest, SealedDataError, ShardInfo, key_check
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fix(path: Path) -> str:
+    return f"the dataset at {path} was altered or copied incompletely; copy it again from the data owner"
+
+
+def open_dataset(path: Path | str, *, trusted_owner: Ed25519PublicKey | None = None) -> SealedDataset:
+    """Load the manifest, verify its signature, and check every shard (presence, size, digest) before any use.
+
+    A missing, extra, renamed, reordered, truncated or altered shard raises SealedDataError naming the shard.
+    `trusted_owner` pins the data owner's signing key; without it the embedded key is only checked for consistency
+    (the key broker's manifest-digest check authenticates the manifest at key release).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise SealedDataError(f"{path} is not a directory; point at the directory `medtee seal --out` created")
+    manifest = Manifest.load(path)
+    manifest.verify_signature(source=str(path / MANIFEST_NAME), trusted=trusted_owner)
+    expected = [s.name for s in manifest.shards]
+    present = sorted(p.name for p in path.iterdir() if p.name != MANIFEST_NAME)
+    missing = [n for n in expected if n not in present]
+    extra = [n for n in present if n not in expected]
+    if missing:
+        raise SealedDataError(f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing); {_fix(path)}")
+    if extra:
+        raise SealedDataError(f"file {extra[0]} is not listed in the manifest ({len(extra)} unexpected); {_fix(path)}")
+    for shard in manifest.shards:
+        _check_shard_file(path, shard)
+    return SealedDataset(manifest=manifest, path=path)
+
+
+def _check_shard_file(root: Path, shard: ShardInfo) -> None:
+    p = root / shard.name
+    if not p.is_file():
+        raise SealedDataError(f"shard {shard.name} is not a regular file; {_fix(root)}")
+    size = p.stat().st_size
+    if size != shard.bytes:
+        kind = "truncated" if size < shard.bytes else "extended"
+        raise SealedDataError(
+            f"shard {shard.name} has {size} bytes, the manifest says {shard.bytes} ({kind} or swapped); {_fix(root)}"
+        )
+    if _sha256_file(p) != shard.sha256:
+        raise SealedDataError(f"shard {shard.name} does not match its manifest digest (altered or swapped); {_fix(root)}")
+
+
+@dataclass(frozen=True)
+class SealedDataset:
+    """A sealed dataset whose manifest and shards passed the integrity checks."""
+
+    manifest: Manifest
+    path: Path
+
+    def check_key(self, data_key: bytes) -> None:
+        """Raise SealedDataError unless `data_key` is this dataset's key."""
+        if not isinstance(data_key, (bytes, bytearray)) or not hmac.compare_digest(
+            key_check(bytes(data_key), self.manifest.dataset_id), self.manifest.key_check
+        ):
+            raise SealedDataError(
+                f"the data key does not belong to dataset {self.manifest.dataset_id} ({self.path}); "
+                "request it from the broker that registered this dataset"
+            )
+
+    def _open_shard(self, shard: ShardInfo, data_key: bytes):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p = self.path / shard.name
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise SealedDataError(f"shard {shard.name} cannot be read ({e.strerror}); {_fix(self.path)}") from None
+        if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
+            raise SealedDataError(f"shard {shard.name} changed after the dataset was opened; {_fix(self.path)}")
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data), decryption_properties=decryption_properties(data_key))
+        except Exception as e:  # pyarrow raises OSError/ArrowException types; their text names no record content
+            raise SealedDataError(f"shard {shard.name} cannot be decrypted ({type(e).__name__}); {_fix(self.path)}") from None
+        if pf.metadata.num_rows != shard.rows:
+            raise SealedDataError(f"shard {shard.name} holds {pf.metadata.num_rows} rows, manifest says {shard.rows}")
+        return pf
+
+    def iter_batches(self, data_key: bytes, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+        """Decrypted record batches (columns id, messages) in manifest order; batches do not span shards."""
+        self.check_key(data_key)
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be positive")
+        for shard in self.manifest.shards:
+            pf = self._open_shard(shard, data_key)
+            try:
+                yield from pf.iter_batches(batch_size=batch_rows, columns=["id", "messages"])
+            except Exception as e:
+                raise SealedDataError(
+                    f"shard {shard.name} failed authenticated decryption ({type(e).__name__}); {_fix(self.path)}"
+                ) from None
+
+    def read_records(self, data_key: bytes) -> list[dict]:
+        """All records as `{"id", "messages": [{"role", "content"}]}` dicts, in memory."""
+        return [rec for batch in self.iter_batches(data_key, batch_rows=8192) for rec in batch.to_pylist()]
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"SealedDataset(dataset_id={m.dataset_id!r}, records={m.record_count}, shards={len(m.shards)}, path={str(self.path)!r})"
+
+
+def read_pme_table(path: Path | str, *, kms_client_factory, kms_connection_config=None, columns=None) -> pa.Table:
+    """Read a Parquet file encrypted by another Parquet Modular Encryption writer (Spark, parquet-mr, pyarrow).
+
+    `kms_client_factory(kms_connection_config) -> pyarrow.parquet.encryption.KmsClient` must reach the master keys
+    the writer used. Internal and external key material are both handled (external: the `_KEY_MATERIAL_FOR_*.json`
+    file beside the Parquet file, as parquet-mr writes it).
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    props = decryption_properties(
+        kms_client_factory=kms_client_factory, kms_connection_config=kms_connection_config, parquet_file_path=str(path)
+    )
+    try:
+        return pq.read_table(path, decryption_properties=props, columns=columns)
+    except Exception as e:
+        raise SealedDataError(f"{path} cannot be decrypted with the configured KMS ({type(e).__name__}: check the "
+                              "KMS client reaches the writer's master keys and any external key-material file)") from None

@@ -1,0 +1,1 @@
+"""Build the model, train it with Lightning, write the encrypted adapter."""

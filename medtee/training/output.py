@@ -1,0 +1,75 @@
+"""What a run leaves behind: the LoRA adapter encrypted to the recipient's key, the resolved recipe, a summary.
+
+Nothing plaintext derived from the data is written: the adapter bytes exist unencrypted only in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from medtee.sealing.keywrap import load_public_key, seal_blob, write_keypair
+
+ADAPTER_FILE = "adapter.safetensors.enc"
+ADAPTER_INFO = b"medtee/adapter/v1"
+DEV_RECIPIENT_DIR = Path(".medtee") / "keys"
+DEV_RECIPIENT_NAME = "dev-recipient"
+
+
+def recipient_public_key(spec: str, *, scheme) -> tuple[object, bytes, str]:
+    """(scheme, public bytes, description) of the key the adapter is encrypted to."""
+    if spec == "dev":
+        public = DEV_RECIPIENT_DIR / f"{DEV_RECIPIENT_NAME}.pub"
+        if not public.exists():
+            write_keypair(DEV_RECIPIENT_DIR, DEV_RECIPIENT_NAME, scheme)
+        found_scheme, key = load_public_key(public)
+        return found_scheme, key, f"development recipient {public} (private key beside it: NOT for production)"
+    found_scheme, key = load_public_key(spec)
+    return found_scheme, key, spec
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_outputs(peft_model, cfg, *, summary: dict, resolved_recipe: dict, out_dir: Path) -> dict:
+    """Encrypt and write the adapter; write the adapter config, the resolved recipe and the summary."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    scheme, public, described = recipient_public_key(cfg.output.recipient, scheme=cfg.encryption.scheme)
+    blob = seal_blob(save(state), public, scheme=scheme, info=ADAPTER_INFO)
+    del state
+    _atomic_write(out_dir / ADAPTER_FILE, blob)
+    adapter_cfg = peft_model.peft_config["default"].to_dict()
+    adapter_cfg["base_model_name_or_path"] = cfg.model.id or cfg.model.name
+    adapter_cfg = json.loads(json.dumps(adapter_cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    _atomic_write(out_dir / "adapter_config.json", json.dumps(adapter_cfg, indent=2, sort_keys=True).encode())
+    written = {"adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_recipient": described}
+    _atomic_write(out_dir / "recipe.json", json.dumps(resolved_recipe, indent=2, sort_keys=True).encode())
+    _atomic_write(out_dir / "summary.json",
+                  json.dumps({**summary, "outputs": {ADAPTER_FILE: written}}, indent=2, sort_keys=True).encode())
+    return written
+
+
+def open_adapter(encrypted: Path, private_key_file: Path, out_dir: Path) -> Path:
+    """The recipient's step, outside the TEE: decrypt an adapter into a peft-loadable directory."""
+    from medtee.sealing.keywrap import load_private_key, open_blob
+
+    _, key = load_private_key(private_key_file)
+    weights = open_blob(Path(encrypted).read_bytes(), key, info=ADAPTER_INFO)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "adapter_model.safetensors", weights)
+    config_file = Path(encrypted).with_name("adapter_config.json")
+    if config_file.exists():
+        _atomic_write(out_dir / "adapter_config.json", config_file.read_bytes())
+    return out_dir

@@ -1,0 +1,61 @@
+import pytest
+
+from medtee.attestation import AttestationPolicy, load_policy, policy_from_mapping
+from medtee.paths import conf_dir
+
+NAMES = sorted(p.stem for p in (conf_dir() / "attestation").glob("*.yaml"))
+
+
+def test_shipped_policies_exist():
+    assert {"simulated", "snp_h200", "snp_h100", "authenticity"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_shipped_policy_loads(name):
+    policy = load_policy(name)
+    assert policy.name == name and not policy.problems()
+
+
+@pytest.mark.parametrize("name", ["snp_h200", "snp_h100"])
+def test_production_policies_are_strict(name):
+    p = load_policy(name)
+    assert p.production and not p.allow_simulated and p.provider == "sev-snp" and p.gpu_provider == "nvidia"
+    assert not p.allow_debug and not p.allow_migrate_ma and p.require_binding and p.vmpl == 0
+    assert p.gpu.required and p.gpu.require_cc_mode and p.gpu.forbid_devtools
+    assert p.min_tcb.snp > 0 and p.min_tcb.microcode > 0
+
+
+def test_simulated_policy_says_it_protects_nothing():
+    text = (conf_dir() / "attestation" / "simulated.yaml").read_text()
+    assert "PROTECTS NOTHING" in text
+    p = load_policy("simulated")
+    assert not p.production and p.allow_simulated and p.provider == "simulated"
+
+
+def test_unknown_policy_lists_known_ones():
+    with pytest.raises(ValueError, match="known: .*snp_h200"):
+        load_policy("nope")
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "", "a/b"])
+def test_policy_name_cannot_escape(name):
+    with pytest.raises(ValueError, match="file stem"):
+        load_policy(name)
+
+
+@pytest.mark.parametrize("data, word", [
+    ({"production": True, "allow_simulated": True, "provider": "sev-snp"}, "allow_simulated"),
+    ({"provider": "tdx"}, "provider"),
+    ({"measurements": ["abcd"]}, "measurements"),
+    ({"min_firmware": "1.2"}, "min_firmware"),
+    ({"vmpl": "zero"}, "vmpl"),
+    ({"gpu": {"revocation": "maybe"}}, "revocation"),
+    ({"typo_field": 1}, "typo_field"),
+])
+def test_bad_policies_are_named(data, word):
+    with pytest.raises(ValueError, match=word):
+        policy_from_mapping(data, "test")
+
+
+def test_schema_defaults_are_usable():
+    assert not AttestationPolicy().problems()

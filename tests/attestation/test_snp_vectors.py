@@ -1,0 +1,143 @@
+"""SEV-SNP verification against the real vectors in ../shared/vectors/snp (README table)."""
+
+import dataclasses
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medtee.attestation import Evidence, appraise, load_policy
+from medtee.attestation.amd import CertCache
+from medtee.attestation.snp import REPORT_SIZE, SIGNED_END, SnpReport
+
+README_ROWS = [
+    ("snp/automata/report.bin", "snp/automata/vek_cert.der"),
+    ("snp/go-sev-guest/attestation.bin", "snp/go-sev-guest/vcek.testcer"),
+    ("snp/ms-confidential-sidecar/snp_report.bin", "snp/ms-confidential-sidecar/uvm_host_amd_certificate.pem"),
+    ("snp/trustee/az-snp-vtpm/evidence-genoa.snp_report.bin", "snp/trustee/az-snp-vtpm/evidence-genoa.vcek.pem"),
+    ("snp/trustee/az-snp-vtpm/evidence-v0.snp_report.bin", "snp/trustee/az-snp-vtpm/evidence-v0.vcek.pem"),
+    ("snp/trustee/az-snp-vtpm/evidence-v1.snp_report.bin", "snp/trustee/az-snp-vtpm/evidence-v0.vcek.pem"),
+    ("snp/trustee/az-snp-vtpm/evidence-v2.snp_report.bin", "snp/trustee/az-snp-vtpm/evidence-v2.vcek.der"),
+    ("snp/trustee/az-snp-vtpm/hcl-report.snp_report.bin", "snp/trustee/az-snp-vtpm/vcek.pem"),
+    ("snp/trustee/snp/test-report.bin", "snp/trustee/snp/test-vcek.der"),
+    ("snp/trustee/snp/test-vlek-report.bin", "snp/trustee/snp/test-vlek.der"),
+    ("snp/virtee-sev/report_milan.bin", "snp/virtee-sev/vcek_milan.der"),
+]
+VLEK_TIME = datetime(2025, 6, 1, tzinfo=timezone.utc)
+AUTH = load_policy("authenticity")
+
+
+def evidence(vectors: Path, report: str, cert: str) -> Evidence:
+    return Evidence(provider="file", snp_report=(vectors / report).read_bytes(),
+                    certificates=((vectors / cert).read_bytes(),))
+
+
+def when(report: str):
+    return VLEK_TIME if "vlek" in report else None
+
+
+@pytest.mark.parametrize("report, cert", README_ROWS, ids=[r for r, _ in README_ROWS])
+def test_genuine_pairs_verify_under_authenticity(vectors, report, cert):
+    verdict = appraise(evidence(vectors, report, cert), AUTH, expected_report_data=None, now=when(report))
+    assert verdict.ok, verdict.explain()
+    names = {c.name for c in verdict.checks}
+    assert {"amd.chain", "snp.signature", "amd.key_cert.snp_spl", "snp.reserved[0x330:0x4a0]"} <= names
+
+
+def test_vlek_outside_validity_is_rejected(vectors):
+    verdict = appraise(evidence(vectors, *README_ROWS[9]), AUTH, expected_report_data=None,
+                       now=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert [c.name for c in verdict.failures()] == ["amd.vlek.validity"]
+
+
+def test_debug_report_fails_strict_policy_naming_debug(vectors):
+    strict = dataclasses.replace(load_policy("snp_h200"), gpu_provider=None,
+                                 gpu=dataclasses.replace(load_policy("snp_h200").gpu, required=False))
+    ev = evidence(vectors, *README_ROWS[1])
+    verdict = appraise(ev, strict, expected_report_data=SnpReport.parse(ev.snp_report).report_data)
+    assert "policy.debug: expected DEBUG=0, got DEBUG=1" in verdict.explain()
+    assert not any(c.name.startswith(("amd.", "snp.")) for c in verdict.failures())
+
+
+def test_binding_mismatch_rejected(vectors):
+    verdict = appraise(evidence(vectors, *README_ROWS[0]), AUTH, expected_report_data=bytes(64))
+    assert [c.name for c in verdict.failures()] == ["binding.report_data"]
+
+
+def test_lit_report_without_certificate_fails_cleanly(vectors):
+    ev = Evidence(provider="file", snp_report=(vectors / "snp/lit-protocol/guest_report.bin").read_bytes())
+    verdict = appraise(ev, AUTH, expected_report_data=None)
+    assert [c.name for c in verdict.failures()] == ["amd.key_cert"]
+
+
+@pytest.mark.parametrize("name", ["guest_report_bad_sig.bin", "guest_report_corrupt.bin"])
+def test_lit_malformed_reports_fail_cleanly(vectors, name):
+    ev = Evidence(provider="file", snp_report=(vectors / "snp/lit-protocol" / name).read_bytes(),
+                  certificates=((vectors / "snp/automata/vek_cert.der").read_bytes(),))
+    verdict = appraise(ev, AUTH, expected_report_data=None)
+    assert [c.name for c in verdict.failures()] == ["snp.report.format"]
+
+
+def test_lit_bad_signature_byte_is_caught_in_1184_bytes(vectors):
+    # the negative vector alters byte 347 (and has one extra byte); cut to size it must still be rejected
+    raw = (vectors / "snp/lit-protocol/guest_report_bad_sig.bin").read_bytes()[:REPORT_SIZE]
+    good = (vectors / "snp/lit-protocol/guest_report.bin").read_bytes()
+    assert raw != good
+    ev = Evidence(provider="file", snp_report=raw)
+    assert not appraise(ev, AUTH, expected_report_data=None).ok
+
+
+def test_certificate_of_another_chip_rejected(vectors):
+    # same product (Milan), another chip: signature and hwID fail
+    ev = Evidence(provider="file", snp_report=(vectors / README_ROWS[0][0]).read_bytes(),
+                  certificates=((vectors / "snp/virtee-sev/vcek_milan.der").read_bytes(),))
+    failed = {c.name for c in appraise(ev, AUTH, expected_report_data=None).failures()}
+    assert {"snp.signature", "amd.key_cert.hwid"} <= failed
+
+
+def test_certificate_of_another_product_rejected(vectors):
+    # a Milan v3 report with the Genoa VCEK
+    ev = Evidence(provider="file", snp_report=(vectors / README_ROWS[4][0]).read_bytes(),
+                  certificates=((vectors / README_ROWS[3][1]).read_bytes(),))
+    failed = {c.name for c in appraise(ev, AUTH, expected_report_data=None).failures()}
+    assert {"snp.signature", "amd.key_cert.product_name", "amd.chain"} <= failed
+
+
+def test_supplied_intermediate_must_equal_pinned(vectors):
+    genoa_ask = (vectors / "snp/amd_roots/canonical/SEV-Genoa.pem").read_bytes()
+    report, cert = README_ROWS[0]
+    ev = Evidence(provider="file", snp_report=(vectors / report).read_bytes(),
+                  certificates=((vectors / cert).read_bytes(), genoa_ask))
+    assert "amd.supplied.SEV-Genoa" in {c.name for c in appraise(ev, AUTH, expected_report_data=None).failures()}
+
+
+def test_vcek_from_cache_directory(vectors, tmp_path):
+    report, cert = README_ROWS[0]
+    raw = (vectors / report).read_bytes()
+    CertCache(tmp_path).put_vcek("Milan", SnpReport.parse(raw), (vectors / cert).read_bytes())
+    policy = dataclasses.replace(AUTH, cert_cache_dir=str(tmp_path))
+    verdict = appraise(Evidence(provider="file", snp_report=raw), policy, expected_report_data=None)
+    assert verdict.ok, verdict.explain()
+
+
+def test_kds_url_for_milan(vectors):
+    report = SnpReport.parse((vectors / README_ROWS[0][0]).read_bytes())
+    url = CertCache.kds_url("Milan", report)
+    assert url.startswith("https://kdsintf.amd.com/vcek/v1/Milan/" + report.chip_id.hex() + "?blSPL=3&teeSPL=0")
+
+
+@pytest.fixture(scope="module")
+def genuine(vectors):
+    return evidence(vectors, *README_ROWS[0])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.one_of(st.integers(0, SIGNED_END - 1), st.integers(0x2A0, 0x32F), st.integers(0x330, REPORT_SIZE - 1)),
+       mask=st.integers(1, 255))
+def test_any_flipped_byte_is_rejected(genuine, position, mask):
+    raw = bytearray(genuine.snp_report)
+    raw[position] ^= mask
+    verdict = appraise(dataclasses.replace(genuine, snp_report=bytes(raw)), AUTH, expected_report_data=None)
+    assert not verdict.ok

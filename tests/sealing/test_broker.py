@@ -1,0 +1,182 @@
+"""Embedded key broker: release through the real medtee.attestation (simulated evidence), refusals, audit, rotation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medtee.attestation import collect_evidence
+from medtee.sealing import audit
+from medtee.sealing.broker import (
+    EmbeddedBroker,
+    KeyReleaseDenied,
+    UnknownDatasetError,
+    obtain_data_key,
+    release_info,
+    rotate,
+)
+from medtee.sealing.keywrap import EphemeralKey, Scheme
+from medtee.sealing.reader import open_dataset
+from medtee.sealing.seal import seal_records
+
+from .conftest import make_records
+
+RECIPE = "sha256:" + "ab" * 32
+
+
+def simulated_evidence(recipe=RECIPE):
+    """Evidence from the real simulated provider, bound as the TEE binds it."""
+    return lambda nonce, eph: collect_evidence("simulated", None, nonce=nonce, ephemeral_public_key=eph, recipe_digest=recipe)
+
+
+def release_request(broker, manifest, *, nonce=None, eph=None, recipe=RECIPE, evidence_recipe=RECIPE, digest=None):
+    nonce = nonce if nonce is not None else broker.challenge(manifest.dataset_id)
+    eph = eph or EphemeralKey.generate()
+    evidence = simulated_evidence(evidence_recipe)(nonce, eph.public_bytes)
+    blob = broker.release(dataset_id=manifest.dataset_id, nonce=nonce, evidence=evidence,
+                          ephemeral_public_key=eph.public_bytes, recipe_digest=recipe,
+                          manifest_digest=digest or manifest.digest())
+    return eph.unwrap(blob, info=release_info(manifest.dataset_id, nonce))
+
+
+@pytest.mark.parametrize("eph_scheme", list(Scheme))
+def test_release_round_trip(sealed, broker, eph_scheme):
+    out, manifest, records, key = sealed
+    got = obtain_data_key(broker, dataset_id="test-ds", manifest_digest=manifest.digest(), recipe_digest=RECIPE,
+                          evidence_for=simulated_evidence(), scheme=eph_scheme)
+    assert got == key
+    assert open_dataset(out).read_records(got) == records
+
+
+def test_replayed_nonce_is_refused(sealed, broker):
+    _, manifest, _, key = sealed
+    nonce = broker.challenge("test-ds")
+    assert release_request(broker, manifest, nonce=nonce) == key
+    with pytest.raises(KeyReleaseDenied, match="broker.nonce.*already used") as err:
+        release_request(broker, manifest, nonce=nonce)
+    assert [c.name for c in err.value.verdict.failures()] == ["broker.nonce"]
+    with pytest.raises(KeyReleaseDenied, match="unknown"):
+        release_request(broker, manifest, nonce=b"\x01" * 32)
+
+
+def test_expired_nonce_is_refused(sealed, tmp_path):
+    _, manifest, _, _ = sealed
+    now = [1000.0]
+    broker = EmbeddedBroker(tmp_path / "broker", nonce_ttl_s=5, clock=lambda: now[0])
+    nonce = broker.challenge("test-ds")
+    now[0] += 6
+    with pytest.raises(KeyReleaseDenied, match="expired"):
+        release_request(broker, manifest, nonce=nonce)
+    nonce = broker.challenge("test-ds")
+    now[0] += 4
+    assert release_request(broker, manifest, nonce=nonce)
+
+
+def test_nonce_of_another_dataset_is_refused(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    seal_records(make_records(2), tmp_path / "o", broker=broker, policy="simulated", dataset_id="other")
+    with pytest.raises(KeyReleaseDenied, match="another dataset"):
+        release_request(broker, manifest, nonce=broker.challenge("other"))
+
+
+def test_binding_manifest_and_unknown_dataset(sealed, broker):
+    _, manifest, _, _ = sealed
+    with pytest.raises(KeyReleaseDenied, match="binding.report_data"):
+        release_request(broker, manifest, evidence_recipe="sha256:" + "cd" * 32)
+    with pytest.raises(KeyReleaseDenied, match="broker.manifest_digest"):
+        release_request(broker, manifest, digest="0" * 64)
+    with pytest.raises(UnknownDatasetError, match="not registered"):
+        broker.challenge("nope")
+
+
+def test_evidence_bound_to_another_key_is_refused(sealed, broker):
+    """Evidence made for one ephemeral key cannot fetch the data key for another."""
+    _, manifest, _, _ = sealed
+    nonce = broker.challenge("test-ds")
+    mine, theirs = EphemeralKey.generate(), EphemeralKey.generate()
+    evidence = simulated_evidence()(nonce, mine.public_bytes)
+    with pytest.raises(KeyReleaseDenied, match="binding.report_data"):
+        broker.release(dataset_id="test-ds", nonce=nonce, evidence=evidence, ephemeral_public_key=theirs.public_bytes,
+                       recipe_digest=RECIPE, manifest_digest=manifest.digest())
+
+
+def test_policy_change_takes_effect_without_restart(sealed, broker):
+    _, manifest, _, _ = sealed
+    assert release_request(broker, manifest)
+    broker.set_policy("test-ds", "snp_h100")  # a production policy: refuses simulated evidence
+    with pytest.raises(KeyReleaseDenied) as err:
+        release_request(broker, manifest)
+    assert err.value.verdict.policy != "simulated" and err.value.verdict.failures()
+    with pytest.raises(ValueError, match="no attestation policy"):
+        broker.set_policy("test-ds", "does-not-exist")
+
+
+def test_untrusted_owner_and_wrong_broker_key_are_refused(sealed, tmp_path):
+    _, manifest, _, _ = sealed
+    stranger = EmbeddedBroker(tmp_path / "stranger")
+    with pytest.raises(PermissionError, match="trusted-owners"):
+        stranger.register(manifest)
+    (stranger.store_dir / "trusted-owners").mkdir()
+    (stranger.store_dir / "trusted-owners" / "hospital.pub").write_bytes(
+        (tmp_path / "broker" / "owner-signing.pub").read_bytes())
+    with pytest.raises(ValueError, match="seal against this broker"):
+        stranger.register(manifest)
+
+
+def test_audit_log_chain(sealed, broker):
+    _, manifest, _, _ = sealed
+    release_request(broker, manifest)
+    with pytest.raises(KeyReleaseDenied):
+        release_request(broker, manifest, digest="0" * 64)
+    log = broker.store_dir / "audit.log"
+    report = audit.verify(log)
+    assert report.ok and report.entries == 3
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events == ["register", "release", "deny"]
+    assert "PHI-marker" not in log.read_text()
+    lines = log.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["event"] = "deny"
+    log.write_text("\n".join([lines[0], json.dumps(entry, sort_keys=True), lines[2]]) + "\n")
+    assert not audit.verify(log).ok and "altered" in audit.verify(log).problem
+    log.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    bad = audit.verify(log)
+    assert not bad.ok and "removed or reordered" in bad.problem
+
+
+def test_rotation_rewraps_without_reencrypting(sealed, broker):
+    out, manifest, records, key = sealed
+    shard_bytes = {s.name: (out / s.name).read_bytes() for s in manifest.shards}
+    old_key_id = manifest.key_id
+    [new_manifest] = rotate(broker.store_dir, [out], scheme="hpke-x25519")
+    assert new_manifest.key_id != old_key_id and new_manifest.scheme == "hpke-x25519"
+    assert {s.name: (out / s.name).read_bytes() for s in manifest.shards} == shard_bytes
+    ds = open_dataset(out)
+    assert ds.manifest == new_manifest
+    fresh = EmbeddedBroker(broker.store_dir)
+    assert fresh.public_key()[0] is Scheme.X25519 and fresh.unwrap_data_key(new_manifest) == key
+    with pytest.raises(KeyReleaseDenied, match="manifest_digest"):
+        release_request(fresh, manifest)  # the old manifest is no longer the registered one
+    assert release_request(fresh, new_manifest) == key
+    assert list((broker.store_dir / "retired").glob("broker-*.key"))
+    assert audit.verify(broker.store_dir / "audit.log").ok
+
+
+def test_edited_policy_file_takes_effect_without_restart(sealed, broker, tmp_path, monkeypatch):
+    import medtee.attestation.policy as policy_module
+    import medtee.paths
+    from medtee.paths import conf_dir
+
+    conf = tmp_path / "conf"
+    (conf / "attestation").mkdir(parents=True)
+    original = (conf_dir() / "attestation" / "simulated.yaml").read_text()
+    (conf / "attestation" / "simulated.yaml").write_text(original)
+    monkeypatch.setattr(medtee.paths, "conf_dir", lambda: conf)
+    monkeypatch.setattr(policy_module, "conf_dir", lambda: conf)
+    _, manifest, _, key = sealed
+    assert release_request(broker, manifest) == key
+    assert "allow_simulated: true" in original
+    (conf / "attestation" / "simulated.yaml").write_text(original.replace("allow_simulated: true", "allow_simulated: false"))
+    with pytest.raises(KeyReleaseDenied):
+        release_request(broker, manifest)

@@ -1,0 +1,171 @@
+"""The HTTP key broker on 127.0.0.1: the same contract as the embedded one, under 64 concurrent releases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from medtee.sealing.broker import (
+    EmbeddedBroker,
+    KeyReleaseDenied,
+    UnknownDatasetError,
+    connect,
+    obtain_data_key,
+    release_info,
+)
+from medtee.sealing.http_broker import BrokerServer, HttpBroker
+from medtee.sealing.keywrap import EphemeralKey
+from medtee.sealing.reader import open_dataset
+from medtee.sealing.seal import seal_records
+
+from .conftest import make_records
+from .test_broker import RECIPE, simulated_evidence
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def test_seal_against_remote_broker_and_release(server, tmp_path):
+    client = connect(server.url, store_dir=tmp_path / "broker")  # the data owner shares the server's store here
+    assert isinstance(client, HttpBroker) and client.public_key() == server.broker.public_key()
+    records = make_records(12)
+    manifest = seal_records(records, tmp_path / "ds", broker=client, policy="simulated", dataset_id="remote-ds")
+    assert server.broker.datasets() == ["remote-ds"]
+    key = obtain_data_key(client, dataset_id="remote-ds", manifest_digest=manifest.digest(), recipe_digest=RECIPE,
+                          evidence_for=simulated_evidence())
+    assert open_dataset(tmp_path / "ds").read_records(key) == records
+
+
+def test_remote_refusals(server, tmp_path):
+    client = HttpBroker(server.url, store_dir=tmp_path / "owner-elsewhere")
+    with pytest.raises(PermissionError, match="does not trust"):
+        seal_records(make_records(2), tmp_path / "x", broker=client, policy="simulated")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UnknownDatasetError, match="not registered"):
+        client.challenge("nope")
+    seal_records(make_records(2), tmp_path / "ds", broker=connect(server.url, store_dir=tmp_path / "broker"),
+                 policy="simulated", dataset_id="d")
+    manifest = open_dataset(tmp_path / "ds").manifest
+    nonce = client.challenge("d")
+    eph = EphemeralKey.generate()
+    evidence = simulated_evidence("sha256:" + "00" * 32)(nonce, eph.public_bytes)
+    with pytest.raises(KeyReleaseDenied, match="binding.report_data") as err:
+        client.release(dataset_id="d", nonce=nonce, evidence=evidence, ephemeral_public_key=eph.public_bytes,
+                       recipe_digest=RECIPE, manifest_digest=manifest.digest())
+    assert not err.value.verdict.ok and err.value.verdict.failures()[0].name == "binding.report_data"
+
+
+def test_plain_http_only_on_loopback(tmp_path):
+    with pytest.raises(ValueError, match="only on loopback"):
+        HttpBroker("http://broker.hospital.example:8765", store_dir=tmp_path)
+    HttpBroker("https://broker.hospital.example:8765", store_dir=tmp_path)
+    HttpBroker("http://[::1]:8765", store_dir=tmp_path)
+
+
+def test_64_concurrent_releases_all_succeed_and_every_replay_is_refused(server, tmp_path):
+    client = connect(server.url, store_dir=tmp_path / "broker")
+    manifest = seal_records(make_records(3), tmp_path / "ds", broker=client, policy="simulated", dataset_id="busy")
+    expected = server.broker.unwrap_data_key(manifest)
+
+    def one(_):
+        nonce = client.challenge("busy")
+        eph = EphemeralKey.generate()
+        evidence = simulated_evidence()(nonce, eph.public_bytes)
+        request = dict(dataset_id="busy", nonce=nonce, evidence=evidence, ephemeral_public_key=eph.public_bytes,
+                       recipe_digest=RECIPE, manifest_digest=manifest.digest())
+        key = eph.unwrap(client.release(**request), info=release_info("busy", nonce))
+        return key, request
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        results = list(pool.map(one, range(64)))
+    assert all(key == expected for key, _ in results)
+
+    def replay(request):
+        try:
+            client.release(**request)
+        except KeyReleaseDenied as e:
+            return [c.name for c in e.verdict.failures()]
+        return "released"
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        assert list(pool.map(replay, [r for _, r in results])) == [["broker.nonce"]] * 64
+    from medtee.sealing.audit import verify
+
+    report = verify(server.broker.store_dir / "audit.log")
+    assert report.ok and report.entries == 1 + 64 + 64
+
+
+def test_cli_serve_prints_url_then_accepts(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--store",
+                             str(tmp_path / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("medtee key broker listening on http://127.0.0.1:"), line
+        url = line.split()[-1]
+        scheme, public = HttpBroker(url, store_dir=tmp_path / "store").public_key()
+        assert public == EmbeddedBroker(tmp_path / "store").public_key()[1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "medtee test broker")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls(tmp_path):
+    from medtee.sealing.http_broker import BrokerError
+
+    cert, key = _self_signed(tmp_path)
+    srv = BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, tls_cert=cert, tls_key=key, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert srv.url.startswith("https://127.0.0.1:")
+        client = connect(srv.url, store_dir=tmp_path / "broker", ca=cert)
+        assert client.public_key() == srv.broker.public_key()
+        with pytest.raises(BrokerError, match="unreachable"):  # not trusted without the CA bundle
+            connect(srv.url, store_dir=tmp_path / "broker", timeout_s=5).public_key()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)

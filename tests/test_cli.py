@@ -1,0 +1,62 @@
+"""The command line: help and config errors answer without importing the heavy stack; exit codes are the contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO, run_medtee
+
+HEAVY = ("torch", "lightning", "transformers", "peft", "mlflow", "pyarrow", "bitsandbytes")
+
+
+def _modules_after(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return set(filter(None, out.stdout.strip().splitlines()[-1].split(","))) if out.stdout.strip() else set()
+
+
+def test_help_imports_nothing_heavy():
+    loaded = _modules_after("from medtee.cli import build_parser\nbuild_parser().format_help()")
+    assert not loaded, f"`medtee --help` imports {sorted(loaded)}"
+
+
+def test_config_error_imports_nothing_heavy_and_exits_2():
+    code = ("from medtee.cli import main\nimport contextlib, io\n"
+            "with contextlib.redirect_stderr(io.StringIO()):\n    rc = main(['train', 'qlora.rnak=8'])\n"
+            "assert rc == 2, rc")
+    loaded = _modules_after(code)
+    assert not loaded, f"a config error imports {sorted(loaded)}"
+
+
+def test_typo_exit_code_and_message(tmp_path):
+    res = run_medtee("train", "recipe=demo", "qlora.rnak=8", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "rnak" in res.stderr and "rank" in res.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_help_lists_the_commands(tmp_path):
+    res = run_medtee("--help", cwd=tmp_path)
+    assert res.returncode == 0
+    for command in ("train", "seal", "recipes", "attest", "data", "keys", "broker", "adapter"):
+        assert command in res.stdout
+
+
+def test_recipes_list_show_validate(tmp_path):
+    listed = run_medtee("recipes", "list", cwd=tmp_path)
+    assert listed.returncode == 0 and "demo" in listed.stdout.split()
+    shown = run_medtee("recipes", "show", "demo", cwd=tmp_path)
+    assert shown.returncode == 0 and "@package _global_" in shown.stdout
+    valid = run_medtee("recipes", "validate", cwd=tmp_path)
+    assert valid.returncode == 0, valid.stdout + valid.stderr
+    assert "ok      medgemma27b_h200_sev_snp" in valid.stdout
+    missing = run_medtee("recipes", "show", "nope", cwd=tmp_path)
+    assert missing.returncode == 2 and "demo" in missing.stderr
+
+
+def test_cfg_job_prints_the_resolved_recipe_without_running(tmp_path):
+    res = run_medtee("train", "--cfg", "job", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "qlora:" in res.stdout and "quantization: nf4" in res.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

@@ -1,0 +1,125 @@
+"""Recipes compose against the typed schemas; typos, wrong types, unknown options and cross-group conflicts fail
+at compose time, naming the key and what is valid."""
+
+from __future__ import annotations
+
+import pytest
+
+from medtee import config
+from medtee.config import ConfigError
+
+
+@pytest.mark.parametrize("name", config.recipe_names())
+def test_every_shipped_recipe_composes_and_passes_the_rules(name):
+    cfg = config.compose([f"recipe={name}"])
+    assert len(config.recipe_digest(cfg)) == 64
+
+
+def test_demo_and_production_recipes_are_shipped():
+    assert {"demo", "medgemma27b_h200_sev_snp"} <= set(config.recipe_names())
+
+
+def test_production_recipe_selects_the_real_target():
+    cfg = config.compose(["recipe=medgemma27b_h200_sev_snp"])
+    assert cfg.model.id == "google/medgemma-27b-text-it"
+    assert cfg.qlora.quantization == "nf4" and cfg.qlora.double_quant
+    assert cfg.hardware.name == "h200_sev_snp" and cfg.hardware.production
+    assert cfg.attestation.production and not cfg.attestation.allow_simulated
+
+
+def test_typo_in_key_names_the_key_and_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=demo", "qlora.rnak=8"])
+    message = str(err.value)
+    assert "qlora.rnak" in message and "rank" in message and "alpha" in message
+    assert "Did you mean 'qlora.rank'" in message
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["qlora=nf5"])
+    assert "qlora/nf5" in str(err.value) and "nf4" in str(err.value) and "lora" in str(err.value)
+
+
+def test_unknown_recipe_lists_recipes():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=demoo"])
+    assert "demoo" in str(err.value) and "demo" in str(err.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["trainer.max_steps=many"])
+    assert "trainer.max_steps" in str(err.value)
+
+
+def test_enum_value_outside_its_choices_fails():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["qlora.quantization=int3"])
+    assert "qlora.quantization" in str(err.value) and "nf4" in str(err.value)
+
+
+def test_production_hardware_with_simulated_attestation_is_refused():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=demo", "hardware=h200_sev_snp"])
+    assert "production" in str(err.value) and "simulated" in str(err.value)
+
+
+def test_4bit_on_a_profile_without_4bit_kernels_is_refused_with_the_fix():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=demo", "hardware.supports_4bit=false"])
+    assert "qlora=lora" in str(err.value)
+    config.compose(["recipe=demo", "hardware.supports_4bit=false", "qlora=lora"])
+
+
+def test_tracking_metrics_can_only_narrow_the_allow_list():
+    config.compose(["tracking.metrics=[train/loss]"])
+    with pytest.raises(ConfigError) as err:
+        config.compose(["tracking.metrics=[train/loss,train/sample_text]"])
+    assert "train/sample_text" in str(err.value)
+
+
+def test_sealed_data_needs_a_path_at_run_time():
+    cfg = config.compose(["data=sealed"])
+    with pytest.raises(ConfigError) as err:
+        config.check_runnable(cfg)
+    assert "data.path" in str(err.value)
+
+
+def test_digest_is_stable_and_ignores_machine_local_fields_only():
+    a = config.recipe_digest(config.compose(["recipe=demo"]))
+    assert a == config.recipe_digest(config.compose(["recipe=demo", "tracking.tracking_uri=sqlite:///x.db"]))
+    assert a != config.recipe_digest(config.compose(["recipe=demo", "qlora.rank=8"]))
+
+
+def test_sweep_expansion_checks_every_value():
+    variants = config.expand_sweeps(["qlora.rank=4,8", "trainer.lr=0.1"])
+    assert ["qlora.rank=4", "trainer.lr=0.1"] in variants and ["qlora.rank=8", "trainer.lr=0.1"] in variants
+
+
+def test_every_schema_field_is_documented_next_to_its_definition():
+    import inspect
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    seen, undocumented = set(), []
+
+    def visit(cls):
+        if cls in seen:
+            return
+        seen.add(cls)
+        source = inspect.getsource(cls)
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            lines = source.splitlines()
+            at = next((i for i, ln in enumerate(lines) if ln.strip().startswith(f"{f.name}:")), None)
+            documented = at is not None and ("#" in lines[at] or lines[at - 1].strip().startswith("#"))
+            if not documented:
+                undocumented.append(f"{cls.__name__}.{f.name}")
+            if is_dataclass(hints[f.name]):
+                visit(hints[f.name])
+
+    for schema in config.GROUP_SCHEMAS.values():
+        visit(schema)
+    visit(config.OutputConfig)
+    assert not undocumented

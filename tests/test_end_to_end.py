@@ -1,0 +1,123 @@
+"""The whole chain as a user runs it: `medtee synth` / `seal` / `train` / `adapter open` in fresh directories."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import run_medtee
+
+pytestmark = pytest.mark.slow
+
+FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
+
+
+def _mlflow_runs(db: Path) -> list[dict]:
+    """Runs with their metrics and tags, read straight from the sqlite store."""
+    con = sqlite3.connect(db)
+    try:
+        runs = []
+        for run_uuid, status in con.execute("select run_uuid, status from runs"):
+            metrics = {k for (k,) in con.execute("select key from metrics where run_uuid=?", (run_uuid,))}
+            tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_uuid,)))
+            params = dict(con.execute("select key, value from params where run_uuid=?", (run_uuid,)))
+            runs.append({"id": run_uuid, "status": status, "metrics": metrics, "tags": tags, "params": params})
+        return runs
+    finally:
+        con.close()
+
+
+def _output_dirs(cwd: Path) -> list[Path]:
+    return sorted(p.parent for p in cwd.glob("outputs/*/*/summary.json"))
+
+
+def _seal(src: Path, out: Path, cwd: Path, *extra: str):
+    res = run_medtee("seal", str(src), "--out", str(out), "--policy", "simulated", *extra, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_demo_runs_with_no_arguments_and_lands_in_mlflow(tmp_path):
+    res = run_medtee("train", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SIMULATED" in res.stderr
+    [run] = _mlflow_runs(tmp_path / "mlflow.db")
+    assert run["status"] == "FINISHED"
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "val/loss"} <= run["metrics"]
+    assert all(m.count("/") == 1 for m in run["metrics"])
+    tags = run["tags"]
+    assert tags["medtee.recipe"] == "demo"
+    assert tags["medtee.attestation.mode"] == "SIMULATED" and tags["medtee.attestation.verdict"] == "pass"
+    assert len(tags["medtee.recipe_digest"]) == 64 and len(tags["medtee.dataset_manifest_digest"]) == 64
+    assert run["params"]["qlora.quantization"] == "nf4"
+    assert not any("path" in k for k in run["params"])
+    [out] = _output_dirs(tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["recipe_digest"] == tags["medtee.recipe_digest"]
+    assert (out / "adapter.safetensors.enc").stat().st_size > 1000
+    assert not list(out.glob("*.safetensors"))  # never a plaintext adapter
+
+
+def test_seal_train_and_open_the_adapter(tmp_path):
+    owner, tee = tmp_path / "owner", tmp_path / "tee"
+    owner.mkdir(), tee.mkdir()
+    assert run_medtee("synth", "--n", "60", "--seed", "3", "--out", "d.jsonl", cwd=owner).returncode == 0
+    _seal(owner / "d.jsonl", owner / "sealed", owner)
+    assert run_medtee("keys", "new", "--out", "keys", "--name", "model-owner", cwd=owner).returncode == 0
+    res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}",
+                     f"encryption.broker_dir={owner / '.medtee/broker'}",
+                     f"output.recipient={owner / 'keys/model-owner.pub'}", *FAST, cwd=tee)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [out] = _output_dirs(tee)
+    opened = run_medtee("adapter", "open", str(out / "adapter.safetensors.enc"), "--key",
+                        str(owner / "keys/model-owner.key"), "--out", str(owner / "adapter"), cwd=owner)
+    assert opened.returncode == 0, opened.stderr
+    from safetensors.torch import load_file
+
+    weights = load_file(owner / "adapter/adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and any("lora_B" in k for k in weights)
+    assert json.loads((owner / "adapter/adapter_config.json").read_text())["r"] == 16
+    wrong = run_medtee("adapter", "open", str(out / "adapter.safetensors.enc"), "--key",
+                       str(owner / ".medtee/broker/broker.key"), "--out", str(owner / "x"), cwd=owner)
+    assert wrong.returncode == 2 and not (owner / "x").exists()
+
+
+def test_round_trip_on_the_public_dialogues(tmp_path, shared):
+    _seal(shared / "data/demo.jsonl", tmp_path / "sealed", tmp_path)
+    res = run_medtee("train", "data=sealed", f"data.path={tmp_path / 'sealed'}", *FAST, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "200 records in memory" in res.stderr
+
+
+def test_tampered_shard_is_refused_before_anything_is_written(tmp_path):
+    owner, tee = tmp_path / "owner", tmp_path / "tee"
+    owner.mkdir(), tee.mkdir()
+    run_medtee("synth", "--n", "30", "--out", "d.jsonl", cwd=owner)
+    _seal(owner / "d.jsonl", owner / "sealed", owner)
+    shard = sorted((owner / "sealed").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}",
+                     f"encryption.broker_dir={owner / '.medtee/broker'}", cwd=tee)
+    assert res.returncode == 2
+    assert shard.name in res.stderr
+    assert list(tee.iterdir()) == []
+
+
+def test_production_recipe_refuses_on_a_machine_without_a_tee(tmp_path):
+    res = run_medtee("train", "recipe=medgemma27b_h200_sev_snp", f"data.path={tmp_path}", "model.revision=abc",
+                     cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert "SEV-SNP" in res.stderr and "refused" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_logs_one_run_per_value(tmp_path):
+    res = run_medtee("train", "-m", "qlora.rank=4,8", "data.n_synthetic=40", *FAST, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = _mlflow_runs(tmp_path / "mlflow.db")
+    assert sorted(r["params"]["qlora.rank"] for r in runs) == ["4", "8"]
