@@ -1,6 +1,6 @@
 """The `medtee` command. Heavy libraries are imported only inside the subcommand that needs them.
 
-Exit codes: 0 success; 1 refusal (e.g. attestation rejected); 2 bad configuration or input.
+Exit codes: 0 success; 1 refusal (e.g. attestation rejected); 2 bad configuration or input; 3 a run failed.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def _train(argv: list[str]) -> int:
         return EXIT_OK
     from medtee import config
 
-    overrides = config.split_overrides(argv)
     try:
+        argv = config.use_recipe_files(argv)
+        overrides = config.split_overrides(argv)
         for variant in config.expand_sweeps(overrides):
             cfg = config.compose(variant)
             if "--cfg" not in argv and "-c" not in argv:

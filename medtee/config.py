@@ -192,8 +192,28 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
+_USER_RECIPES: dict[str, Path] = {}
+
+
+def use_recipe_files(overrides: list[str]) -> list[str]:
+    """Let `recipe=path/to/file.yaml` name a recipe outside the shipped ones: registered under its file stem."""
+    out = []
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if sep and key == "recipe" and value.endswith((".yaml", ".yml")):
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"recipe file {value} does not exist")
+            if path.stem in recipe_names():
+                raise ConfigError(f"recipe file {value} has the name of a shipped recipe ('{path.stem}'); rename it")
+            _USER_RECIPES[path.stem] = path.resolve()
+            arg = f"recipe={path.stem}"
+        out.append(arg)
+    return out
+
+
 def register() -> None:
-    """Register the schemas and the shipped recipes in Hydra's ConfigStore (idempotent)."""
+    """Register the schemas, the shipped recipes and any recipe files in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -201,7 +221,7 @@ def register() -> None:
     cs.store(name="medtee_schema", node=MedteeConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=f"schema/{group}", name=group, node=schema)
-    for path in sorted(recipes_dir().glob("*.yaml")):
+    for path in [*sorted(recipes_dir().glob("*.yaml")), *_USER_RECIPES.values()]:
         try:
             node = OmegaConf.load(path)
         except Exception as exc:  # a YAML syntax error in a recipe

@@ -123,3 +123,13 @@ def test_every_schema_field_is_documented_next_to_its_definition():
         visit(schema)
     visit(config.OutputConfig)
     assert not undocumented
+
+
+def test_a_recipe_file_outside_the_package_can_be_named_by_path(tmp_path):
+    path = tmp_path / "my_small.yaml"
+    path.write_text("# @package _global_\ndefaults:\n  - override /qlora: lora\nqlora:\n  rank: 4\n")
+    [override] = config.use_recipe_files([f"recipe={path}"])
+    cfg = config.compose([override])
+    assert override == "recipe=my_small" and cfg.qlora.rank == 4 and cfg.qlora.quantization == "none"
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.use_recipe_files([f"recipe={tmp_path / 'nope.yaml'}"])
