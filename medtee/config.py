@@ -98,6 +98,9 @@ class ModelConfig:
     dtype: DType = DType.bfloat16  # dtype of the non-quantized weights
     attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
+    checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: every n-th decoder layer recomputes all
+    selective_checkpointing: bool = False  # other layers: keep matmul/attention outputs, recompute the rest (SAC)
+    compile_layers: bool = False  # torch.compile each decoder layer (fuses element-wise ops; slow first steps)
     offline: bool = True  # never contact the model hub (weights must be local or cached)
     tiny: TinyGemma3 = field(default_factory=TinyGemma3)  # architecture when source=tiny
 
@@ -111,6 +114,12 @@ class Precision(str, Enum):  # member names in YAML, Lightning's precision strin
     fp32 = "32-true"
     bf16_mixed = "bf16-mixed"
     bf16_true = "bf16-true"
+
+
+class Strategy(str, Enum):
+    auto = "auto"  # Lightning's choice: one device, or DDP across several
+    ddp = "ddp"  # data parallel: a full (4-bit) model replica per device, gradients all-reduced
+    fsdp = "fsdp"  # fully sharded: decoder layers sharded across devices (QLoRA: 4-bit weights stored in compute dtype)
 
 
 @dataclass
@@ -130,6 +139,12 @@ class TrainerConfig:
     seed: int = 0  # global seed (weights of tiny models come from model.tiny.seed)
     deterministic: bool = True  # torch deterministic algorithms where available
     enable_progress_bar: bool = True  # progress bar on stderr (shows allow-listed metrics only)
+    strategy: Strategy = Strategy.auto  # multi-device engine; launch multi-process runs with torchrun or SLURM
+    loss_chunk_tokens: int = 0  # >0: chunked loss over supervised tokens, no full logits; 0: the model's own loss
+    checkpoint_every_n_steps: int = 0  # write an encrypted checkpoint every N optimizer steps; 0: none
+    checkpoint_keep: int = 2  # most recent encrypted checkpoints kept; -1 keeps all
+    resume_from: Optional[str] = None  # encrypted checkpoint to resume (validate_only: to evaluate); not in digest
+    validate_only: bool = False  # evaluate the held-out split instead of training (val/* only, no adapter)
 
 
 @dataclass
@@ -183,7 +198,8 @@ METRIC_ALLOW_LIST = (
 )
 
 #: Fields excluded from the recipe digest because they name places on one machine, not what runs.
-NOT_IN_DIGEST = ("data.path", "tracking.tracking_uri", "tracking.run_name", "encryption.broker_dir")
+NOT_IN_DIGEST = ("data.path", "tracking.tracking_uri", "tracking.run_name", "encryption.broker_dir",
+                 "trainer.resume_from")
 
 # -------------------------------------------------------------------------------------------------------- composing
 
@@ -375,10 +391,14 @@ def check(cfg) -> None:
             problems.append(f"tracking.metrics may only narrow medtee's allow-list; not allowed: {', '.join(extra)}. "
                             f"Allowed: {', '.join(METRIC_ALLOW_LIST)}")
     for key, minimum in (("trainer.max_steps", 1), ("qlora.rank", 1), ("data.batch_size", 1),
-                         ("data.max_length", 8), ("tracking.min_aggregate", 1)):
+                         ("data.max_length", 8), ("tracking.min_aggregate", 1), ("model.checkpoint_every_n_layers", 1),
+                         ("trainer.loss_chunk_tokens", 0), ("trainer.checkpoint_every_n_steps", 0),
+                         ("trainer.checkpoint_keep", -1)):
         value = _get(cfg, key)
         if value is not None and value < minimum:
             problems.append(f"{key}={value} must be at least {minimum}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        problems.append(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     if not 0.0 <= q.dropout < 1.0:
         problems.append(f"qlora.dropout={q.dropout} must be in [0, 1)")
     if problems:
@@ -412,9 +432,9 @@ def resolved(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def recipe_digest(cfg) -> str:
-    """sha256 of the canonical JSON of the resolved recipe, without the machine-local fields in NOT_IN_DIGEST."""
-    data = resolved(cfg)
+def digest_input(resolved_recipe: dict) -> dict:
+    """The resolved recipe as the digest covers it: a copy without the machine-local fields in NOT_IN_DIGEST."""
+    data = json.loads(json.dumps(resolved_recipe))
     for dotted in NOT_IN_DIGEST:
         *parents, leaf = dotted.split(".")
         node = data
@@ -422,7 +442,12 @@ def recipe_digest(cfg) -> str:
             node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return data
+
+
+def recipe_digest(cfg) -> str:
+    """sha256 of the canonical JSON of `digest_input(resolved(cfg))`."""
+    canonical = json.dumps(digest_input(resolved(cfg)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -1,18 +1,18 @@
 """The one place that knows the order: recipe -> environment -> evidence -> key release -> loader -> training ->
 guarded tracking -> encrypted outputs -> summary.
 
-`main(cfg)` returns an exit code: 0 done, 1 refused (environment or attestation), 2 bad configuration or input.
+`main(cfg)` returns an exit code: 0 done, 1 refused (environment or attestation), 2 bad configuration or input,
+3 the run failed (reported without the exception message).
 A run refused before training leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-import os
-import resource
 import sys
 import time
-import traceback
 import uuid
 from pathlib import Path
 
@@ -21,11 +21,6 @@ from medtee import config, hardware
 log = logging.getLogger("medtee")
 
 EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_FAILED = 0, 1, 2, 3
-
-#: Set before any heavy import: no hub access, no telemetry from the libraries medtee runs.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
-               "TOKENIZERS_PARALLELISM": "false"}
 
 
 class Refused(Exception):
@@ -39,25 +34,46 @@ def say(message: str) -> None:
 def main(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
 
+    from medtee import privacy
+
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     recipe = hc.runtime.choices.get("recipe") or "custom"
-    _contain()
     try:
-        return train(cfg, recipe=recipe, out_dir=out_dir)
+        with _contain(cfg):
+            return train(cfg, recipe=recipe, out_dir=out_dir)
+    except config.ConfigError as exc:
+        say(f"configuration error: {exc}")
+        return EXIT_BAD_INPUT
+    except Refused as exc:
+        say(f"refused: {exc}")
+        return EXIT_REFUSED
+    except privacy.SafeError as exc:
+        say(f"run failed: {exc}")
+        return EXIT_FAILED
     except Exception as exc:  # report where, never what: a message or repr may quote a batch
-        say(f"run failed: {type(exc).__name__} (message withheld: it may quote patient data)")
-        for frame in traceback.extract_tb(exc.__traceback__)[-6:]:
-            say(f"  at {frame.filename}:{frame.lineno} in {frame.name}")
+        for i, line in enumerate(privacy.failure_report(exc)):
+            say(f"run failed: {line}" if i == 0 else line)
         return EXIT_FAILED
     finally:
         _remove_if_empty(out_dir)
 
 
-def _contain() -> None:
-    """No core dumps (they would hold decrypted data) and no network egress from the ML libraries."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    os.environ.update(OFFLINE_ENV)
+@contextlib.contextmanager
+def _contain(cfg):
+    """The run's containment (medtee.privacy): no core dumps, offline libraries, scrubbed logs, warnings and
+    exceptions, temporary files in memory. A production profile that would reach any host but the tracking server
+    and the key broker is refused first."""
+    from medtee import privacy
+
+    if not cfg.tracking.tracking_uri:
+        raise config.ConfigError("tracking.tracking_uri is empty: tracking=mlflow_server reads the server's URL from "
+                                 "MLFLOW_TRACKING_URI; set it, e.g. MLFLOW_TRACKING_URI=https://mlflow.example.org")
+    problems = privacy.egress_problems(cfg)
+    if problems:
+        raise Refused("; ".join(problems))
+    with privacy.contained():
+        yield
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -152,30 +168,42 @@ def _dataset_path(cfg, out_dir: Path, broker) -> Path:
 def _train(cfg, *, recipe: str, digest: str, out_dir: Path) -> int:
     from medtee.sealing.broker import connect
     from medtee.sealing.reader import open_dataset
+    from medtee.training.checkpoint import derive_key
 
     enc = cfg.encryption
     broker = connect(enc.broker, store_dir=Path(enc.broker_dir), ca=enc.broker_ca, timeout_s=enc.broker_timeout_s)
     dataset = open_dataset(_dataset_path(cfg, out_dir, broker))  # every shard checked against the manifest
     data_key, verdict = release_data_key(cfg, dataset, broker=broker, recipe_digest=digest)
-    records = dataset.read_records(data_key)  # decrypted into this process's memory only
+    dataset.check_key(data_key)
+    checkpoint_key = derive_key(data_key, dataset.manifest.digest())  # checkpoints need this release again
+    # decrypted one record batch at a time, straight into the data module's token arrays (memory only)
+    records = functools.partial(_decrypted_records, dataset, data_key)
     del data_key
     say(f"attestation {verdict.policy}: {'PASS' if verdict.ok else 'FAIL'}"
-        f"{' (SIMULATED)' if verdict.simulated else ''}; data key released; {len(records)} records in memory")
+        f"{' (SIMULATED)' if verdict.simulated else ''}; data key released; decrypting "
+        f"{dataset.manifest.record_count} records into memory")
     return _fit(cfg, recipe=recipe, digest=digest, records=records, dataset=dataset, verdict=verdict,
-                out_dir=out_dir)
+                out_dir=out_dir, checkpoint_key=checkpoint_key)
 
 
-def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path) -> int:
+def _decrypted_records(dataset, data_key: bytes):
+    return (record for batch in dataset.iter_batches(data_key) for record in batch.to_pylist())
+
+
+def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, checkpoint_key: bytes) -> int:
     import lightning as L
     import torch
+    from lightning.pytorch.utilities import rank_zero_only
 
     from medtee.data.module import DialogueDataModule
-    from medtee.tracking import Guard, GuardedMLflowLogger
-    from medtee.training.model import build_model, build_tokenizer
+    from medtee.tracking import open_run
+    from medtee.training.engine import build_trainer
+    from medtee.training.model import build_model, build_tokenizer, weight_digests
     from medtee.training.module import CausalLMModule
     from medtee.training.output import write_outputs
 
     t, hw = cfg.trainer, cfg.hardware
+    rank_zero = rank_zero_only.rank == 0  # torchrun / SLURM: every process runs this flow; rank 0 reports
     if hw.cpu_threads:
         torch.set_num_threads(hw.cpu_threads)
     L.seed_everything(t.seed, verbose=False)
@@ -187,59 +215,73 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path) -> in
     del records
     datamodule.setup("fit")
     stats = datamodule.stats()
-    model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device)
-
-    guard = Guard(cfg.tracking.metrics, cfg.tracking.min_aggregate)
-    guard.eval_examples = stats.get("n_val", 0)
-    resolved = config.resolved(cfg)
-    tags = {
-        "medtee.recipe": recipe,
-        "medtee.recipe_digest": digest,
-        "medtee.dataset_manifest_digest": dataset.manifest.digest(),
-        "medtee.hardware": hw.name,
-        "medtee.attestation.policy": verdict.policy,
-        "medtee.attestation.mode": "SIMULATED" if verdict.simulated else "hardware",
-        "medtee.attestation.verdict": "pass" if verdict.ok else "fail",
-        "medtee.model": cfg.model.name,
-    }
-    if verdict.simulated:
-        tags["medtee.SIMULATED"] = "true: development attestation, no TEE, protects nothing"
-        tags["mlflow.note.content"] = "SIMULATED attestation: development run, no TEE, protects nothing."
-    logger = GuardedMLflowLogger(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
-                                 run_name=cfg.tracking.run_name or recipe, guard=guard, tags=tags,
-                                 params=Guard.params(resolved))
-    say(f"MLflow run {logger.run_id} in {cfg.tracking.tracking_uri} (experiment '{cfg.tracking.experiment}')")
-
-    trainer = L.Trainer(
-        accelerator=hw.accelerator.value, devices=hw.devices, num_nodes=hw.num_nodes, max_steps=t.max_steps,
-        precision=t.precision.value, accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val or None, val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-        num_sanity_val_steps=t.num_sanity_val_steps, log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar, enable_checkpointing=False,
-        enable_model_summary=False, logger=logger, default_root_dir=str(out_dir),
-    )
+    model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device,
+                        sharded=t.strategy == "fsdp")
     module = CausalLMModule(model, t)
+    resumed = _checkpoint_run_info(t.resume_from, checkpoint_key, module) if t.resume_from else {}  # or exit 2
+
+    resolved = config.resolved(cfg)
+    digests = weight_digests(cfg.model) if rank_zero else {}
+    logger = False
+    if rank_zero:
+        # a resumed training run continues its MLflow run; an evaluation run is a run of its own
+        run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
+        logger = open_run(cfg, recipe=recipe, recipe_digest=digest, dataset_digest=dataset.manifest.digest(),
+                          verdict=verdict, eval_examples=stats.get("n_val", 0), weight_digests=digests, run_id=run_id)
+        logger.set_tags({"medtee.mode": "validate" if t.validate_only else "train",
+                         **{f"medtee.model.weights.{name}": sha for name, sha in digests.items()}})
+        say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
+
+    trainer = build_trainer(cfg, model=model, logger=logger, out_dir=out_dir, checkpoint_key=checkpoint_key)
+    module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
     started = time.time()
     try:
-        trainer.fit(module, datamodule=datamodule)
+        if t.validate_only:  # an evaluation run: the held-out split only, no adapter
+            trainer.validate(module, datamodule=datamodule, ckpt_path=t.resume_from, verbose=False)
+        else:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=t.resume_from)
     except BaseException:
-        logger.close("FAILED")
+        if logger:
+            logger.close("FAILED")
         raise
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+    if not rank_zero:
+        return EXIT_OK
+    metrics = logger.guard.metrics({k: float(v) for k, v in trainer.callback_metrics.items()
+                                    if k in ("train/loss", "val/loss", "val/perplexity")})
     summary = {
         "recipe": recipe,
         "recipe_digest": digest,
         "dataset_manifest_digest": dataset.manifest.digest(),
         "attestation": {"policy": verdict.policy, "ok": verdict.ok, "simulated": verdict.simulated},
         "mlflow_run_id": logger.run_id,
+        "mode": "validate" if t.validate_only else "train",
+        "resumed": bool(t.resume_from),
+        "world_size": trainer.world_size,
         "steps": trainer.global_step,
         "seconds": round(time.time() - started, 1),
-        "final_metrics": guard.metrics(metrics),
+        "final_metrics": metrics,
         "examples": {"train": stats.get("n_train"), "val": stats.get("n_val")},
     }
-    written = write_outputs(module.model, cfg, summary=summary, resolved_recipe=resolved, out_dir=out_dir)
-    logger.set_tags({"medtee.adapter_sha256": written["adapter_sha256"]})
-    logger.close("FINISHED")
-    say(f"done: {trainer.global_step} steps; encrypted adapter and summary in {out_dir}")
+    written = write_outputs(None if t.validate_only else module.model, cfg, summary=summary,
+                            resolved_recipe=resolved, out_dir=out_dir)
+    logger.finish(summary, resolved=resolved, verdict=verdict, weight_digests=digests,
+                  evaluation={k: v for k, v in metrics.items() if k.startswith("val/")},
+                  tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
+    say(f"done: {'validation' if t.validate_only else f'{trainer.global_step} steps'}; "
+        f"{'summary' if t.validate_only else 'encrypted adapter and summary'} in {out_dir}")
     return EXIT_OK
+
+
+def _checkpoint_run_info(path: str, key: bytes, module) -> dict:
+    """What the run that wrote a checkpoint recorded (its MLflow run id). A checkpoint that does not open, or whose
+    adapter does not fit this recipe, is bad input."""
+    from medtee.training.checkpoint import CheckpointError, EncryptedCheckpointIO
+
+    try:
+        checkpoint = EncryptedCheckpointIO(key).load_checkpoint(path)
+    except CheckpointError as exc:
+        raise config.ConfigError(str(exc)) from None
+    mismatch = module.adapter_mismatch(checkpoint)
+    if mismatch:
+        raise config.ConfigError(f"trainer.resume_from={path}: {mismatch}")
+    return checkpoint.get("medtee", {}).get("run_info", {})

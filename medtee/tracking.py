@@ -1,19 +1,24 @@
-"""The one door to MLflow: allow-listed metrics, parameters and tags, aggregates only.
+"""The one door to MLflow: allow-listed metrics, parameters, tags and artifacts; aggregates only.
 
-Nothing else in medtee talks to MLflow. Keys outside the allow-lists are dropped with a warning that names the key,
-never the value.
+Nothing else in medtee talks to MLflow. A key outside the allow-lists is dropped with a warning that names the key,
+never the value. The runs of a Hydra sweep are nested under one parent run per sweep.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from medtee import config, privacy
 from medtee.config import METRIC_ALLOW_LIST
 
 log = logging.getLogger("medtee.tracking")
@@ -26,10 +31,12 @@ PARAM_ALLOW_LIST = (
     "qlora.quantization", "qlora.double_quant", "qlora.compute_dtype", "qlora.rank", "qlora.alpha", "qlora.dropout",
     "qlora.target_modules", "qlora.use_dora", "qlora.use_rslora",
     "model.name", "model.id", "model.revision", "model.dtype", "model.attn_implementation",
-    "model.gradient_checkpointing",
+    "model.gradient_checkpointing", "model.checkpoint_every_n_layers", "model.selective_checkpointing",
+    "model.compile_layers",
     "data.source", "data.max_length", "data.batch_size", "data.val_fraction", "data.packing", "data.seed",
     "trainer.max_steps", "trainer.lr", "trainer.warmup_steps", "trainer.weight_decay", "trainer.optimizer",
     "trainer.precision", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.seed",
+    "trainer.strategy", "trainer.loss_chunk_tokens", "trainer.validate_only",
 )
 
 #: Evaluation metrics: logged only when they aggregate at least `tracking.min_aggregate` examples.
@@ -37,6 +44,20 @@ EVAL_PREFIXES = ("val/",)
 
 #: Lightning's own bookkeeping keys, renamed to medtee's `stage/metric` scheme.
 RENAMES = {"epoch": "train/epoch"}
+
+#: Tags a run may set: medtee's own (`medtee.*`), the run description and the parent of a sweep's child run.
+TAG_ALLOW_LIST = ("medtee.", "mlflow.note.content", "mlflow.parentRunId")
+
+#: Longest tag value: tags hold names, digests and verdicts, never text.
+MAX_TAG_CHARS = 500
+
+#: The only artifacts a run logs (kind -> file): JSON built by medtee from digests, verdicts, counts and aggregate
+#: metrics; never text, samples, per-example values or paths to data.
+SAFE_ARTIFACTS = {"receipt": "receipt.json", "recipe": "recipe.json", "evaluation": "evaluation.json"}
+
+#: Artifact stores a run may write to: the tracking server's proxied store, or local files next to a sqlite store.
+#: Any other (s3://, gs://, ...) would be a direct connection to a host the recipe does not name.
+ARTIFACT_SCHEMES = ("", "file", "mlflow-artifacts")
 
 
 class Guard:
@@ -49,30 +70,61 @@ class Guard:
         self.eval_examples: int | None = None
         self._warned: set[str] = set()
 
-    def _warn_once(self, key: str, why: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning("tracking guard dropped metric %r: %s", key, why)
+    def dropped(self, what: str, key: str, why: str) -> None:
+        """Warn (once per key) that a key was dropped: names the key and why, never the value."""
+        if (what, key) not in self._warned:
+            self._warned.add((what, key))
+            log.warning("tracking guard dropped %s %r: %s", what, key, why)
 
     def metrics(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         out = {}
         for key, value in metrics.items():
             key = RENAMES.get(key, key)
             if key not in self.allowed:
-                self._warn_once(key, "not in the metric allow-list")
+                self.dropped("metric", key, "not in the metric allow-list")
                 continue
             if key.startswith(EVAL_PREFIXES) and (self.eval_examples or 0) < self.min_aggregate:
-                self._warn_once(key, f"evaluation covers {self.eval_examples or 0} examples, fewer than "
+                self.dropped("metric", key, f"evaluation covers {self.eval_examples or 0} examples, fewer than "
                                      f"tracking.min_aggregate={self.min_aggregate}")
                 continue
             try:
                 number = float(value)
             except (TypeError, ValueError):
-                self._warn_once(key, "value is not a number")
+                self.dropped("metric", key, "value is not a number")
                 continue
             if math.isfinite(number):
                 out[key] = number
         return out
+
+    def evaluation_covers(self, examples: int) -> bool:
+        """Whether an evaluation over this many examples is an aggregate that may be logged."""
+        return examples >= self.min_aggregate
+
+    def tags(self, tags: Mapping[str, Any]) -> dict[str, str]:
+        out = {}
+        for key, value in tags.items():
+            text = str(value)
+            if not key.startswith(TAG_ALLOW_LIST):
+                self.dropped("tag", key, "not in the tag allow-list")
+            elif len(text) > MAX_TAG_CHARS:
+                self.dropped("tag", key, f"value longer than {MAX_TAG_CHARS} characters")
+            else:
+                out[key] = text
+        return out
+
+    def artifact(self, kind: str, payload: Mapping[str, Any]) -> tuple[str, str] | None:
+        """(file name, JSON text) for a safe artifact kind, or None (dropped with a warning)."""
+        if kind not in SAFE_ARTIFACTS:
+            self.dropped("artifact", kind, f"not one of medtee's safe artifacts ({', '.join(SAFE_ARTIFACTS)})")
+            return None
+        if kind == "evaluation":
+            examples = int(payload.get("examples") or 0)
+            if not self.evaluation_covers(examples):
+                self.dropped("artifact", kind, f"evaluation covers {examples} examples, fewer than "
+                                                  f"tracking.min_aggregate={self.min_aggregate}")
+                return None
+            payload = {"examples": examples, "metrics": self.metrics(payload.get("metrics") or {})}
+        return SAFE_ARTIFACTS[kind], json.dumps(payload, indent=2, sort_keys=True, default=str)
 
     @staticmethod
     def params(resolved_recipe: Mapping[str, Any]) -> dict[str, str]:
@@ -87,26 +139,64 @@ class Guard:
 
 
 class GuardedMLflowLogger(Logger):
-    """A Lightning logger whose every write goes through the Guard into one MLflow run."""
+    """A Lightning logger whose every write goes through the Guard into one MLflow run.
+
+    `sweep_id` nests the run under that sweep's parent run (found or created); `resume_run_id` continues an existing
+    run (a resumed training) instead of creating one.
+    """
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str, guard: Guard,
-                 tags: Mapping[str, str], params: Mapping[str, str], parent_run_id: str | None = None):
+                 tags: Mapping[str, str], params: Mapping[str, str], sweep_id: str | None = None,
+                 resume_run_id: str | None = None):
         super().__init__()
         from mlflow.tracking import MlflowClient
 
         self.guard = guard
+        self.where = f"{display_uri(tracking_uri)} (experiment '{experiment}')"
         self._client = MlflowClient(tracking_uri=tracking_uri)
-        exp = self._client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
-        all_tags = dict(tags)
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        self._run = self._client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        self._client.log_batch(self.run_id, params=_params(params))
+        try:
+            exp = self._client.get_experiment_by_name(experiment)
+            self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
+            self._artifact_location = self._client.get_experiment(self._experiment_id).artifact_location
+        except Exception as exc:  # connection refused, TLS, 401/403: the message names no data, but stay uniform
+            raise privacy.SafeError(
+                f"the MLflow tracking store {display_uri(tracking_uri)} refused or did not answer "
+                f"({type(exc).__name__}); check tracking.tracking_uri (tracking=mlflow_server: MLFLOW_TRACKING_URI) "
+                f"and the credentials in MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD") from None
+        safe_tags = guard.tags(tags)
+        self._parent_id = self._sweep_parent(sweep_id, run_name, safe_tags) if sweep_id else None
+        if self._parent_id:
+            safe_tags["mlflow.parentRunId"] = self._parent_id
+        if resume_run_id:
+            self._client.update_run(resume_run_id, status="RUNNING")
+            self._run = self._client.get_run(resume_run_id)
+            self.set_tags(safe_tags)
+        else:
+            self._run = self._client.create_run(self._experiment_id, run_name=run_name, tags=safe_tags)
+            self._client.log_batch(self.run_id, params=_params(guard, params))
+
+    def _sweep_parent(self, sweep_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+        """The parent run of this sweep: the one tagged with its id, or a new one carrying the shared tags."""
+        found = self._client.search_runs([self._experiment_id], f"tags.`medtee.sweep_id` = '{sweep_id}'",
+                                         max_results=1)
+        if found:
+            self._client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        shared = {k: v for k, v in tags.items() if k in SWEEP_TAGS}
+        note = f"Sweep of recipe '{tags.get('medtee.recipe', '?')}': one child run per job."
+        if "medtee.SIMULATED" in tags:
+            note += " SIMULATED attestation: development runs, no TEE, protects nothing."
+        parent = self._client.create_run(self._experiment_id, run_name=f"{run_name} sweep",
+                                         tags={**shared, "medtee.sweep_id": sweep_id, "mlflow.note.content": note})
+        return parent.info.run_id
 
     @property
     def run_id(self) -> str:
         return self._run.info.run_id
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self._parent_id
 
     @property
     def name(self) -> str:
@@ -138,18 +228,151 @@ class GuardedMLflowLogger(Logger):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        safe = self.guard.tags(tags)
+        if safe:
+            self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in safe.items()])
+
+    @rank_zero_only
+    def log_artifact(self, kind: str, payload: Mapping[str, Any]) -> None:
+        """Log one of medtee's safe artifacts (SAFE_ARTIFACTS) as JSON; anything else is dropped by the guard."""
+        item = self.guard.artifact(kind, payload)
+        if item is None:
+            return
+        scheme = urlsplit(self._artifact_location or "").scheme
+        if scheme not in ARTIFACT_SCHEMES:
+            log.warning("artifact %s not logged: the experiment keeps artifacts in a '%s' store, which this run "
+                        "would contact directly; serve them through the tracking server instead", item[0], scheme)
+            return
+        self._client.log_text(self.run_id, item[1], item[0])
+
+    @rank_zero_only
+    def finish(self, summary: Mapping[str, Any], *, resolved: Mapping[str, Any], verdict,
+               weight_digests: Mapping[str, str] | None = None, evaluation: Mapping[str, float] | None = None,
+               tags: Mapping[str, str] | None = None) -> None:
+        """The end of a successful run: final tags, the receipt, the resolved recipe, the evaluation report (when
+        it covers at least `tracking.min_aggregate` examples), then the run (and its sweep parent) closed."""
+        if tags:
+            self.set_tags(tags)
+        self.log_artifact("receipt", {**summary, "attestation": verdict.to_json(),
+                                      "model_weights_sha256": dict(weight_digests or {})})
+        self.log_artifact("recipe", config.digest_input(resolved))
+        if evaluation:
+            self.log_artifact("evaluation", {"examples": self.guard.eval_examples or 0, "metrics": evaluation})
+        self.close("FINISHED")
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.close("FINISHED" if status == "success" else "FAILED")
 
     def close(self, status: str) -> None:
+        """End the run (once) and bring the sweep's parent run to the state of its children."""
         if self._client.get_run(self.run_id).info.status == "RUNNING":
             self._client.set_terminated(self.run_id, status)
+        if self._parent_id:
+            children = self._client.search_runs([self._experiment_id],
+                                                f"tags.`mlflow.parentRunId` = '{self._parent_id}'")
+            states = {c.info.status for c in children}
+            if "RUNNING" not in states:
+                self._client.set_terminated(self._parent_id, "FAILED" if states - {"FINISHED"} else "FINISHED")
 
 
-def _params(params: Mapping[str, str]):
+#: Tags a sweep's parent run shares with its children (what a dashboard reader filters on).
+SWEEP_TAGS = ("medtee.recipe", "medtee.hardware", "medtee.model", "medtee.attestation.policy",
+              "medtee.attestation.mode", "medtee.SIMULATED")
+
+
+def _params(guard: Guard, params: Mapping[str, str]):
     from mlflow.entities import Param
 
-    return [Param(k, v) for k, v in params.items()]
+    out = []
+    for key, value in params.items():
+        if key in PARAM_ALLOW_LIST:
+            out.append(Param(key, str(value)))
+        else:
+            guard.dropped("parameter", key, "not in the parameter allow-list")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- what a run records
+
+
+def display_uri(uri: str) -> str:
+    """A tracking URI fit to print: without user name, password or query."""
+    parts = urlsplit(str(uri))
+    text = str(uri).split("?", 1)[0]
+    return text.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1) if "@" in parts.netloc else text
+
+
+def device_verdicts(verdict) -> dict[str, str]:
+    """The appraisal outcome per device: `cpu` (the SEV-SNP report and binding) and `gpu0`, `gpu1`, ..."""
+    devices: dict[str, list] = {}
+    for c in verdict.checks:
+        head = c.name.split(".", 1)[0]
+        device = head.replace("[", "").replace("]", "") if head.startswith("gpu[") else "cpu"
+        devices.setdefault(device, []).append(c.ok)
+    return {d: "pass" if all(oks) else f"fail ({oks.count(False)} of {len(oks)} checks failed)"
+            for d, oks in devices.items()}
+
+
+def weights_digest(weight_digests: Mapping[str, str]) -> str:
+    """One sha256 over a model's weight files: the sha256 of their `sha256sum` listing (sorted by name)."""
+    listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(weight_digests.items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def run_tags(cfg, *, recipe: str, recipe_digest: str, dataset_digest: str, verdict,
+             weight_digests: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The provenance a dashboard reader needs: recipe and digests, model, hardware, attestation per device."""
+    m = cfg.model
+    tags = {
+        "medtee.recipe": recipe,
+        "medtee.recipe_digest": recipe_digest,
+        "medtee.dataset_manifest_digest": dataset_digest,
+        "medtee.hardware": cfg.hardware.name,
+        "medtee.model": m.name,
+        "medtee.model.id": m.id or f"random tiny Gemma 3 (model.tiny.seed={m.tiny.seed})",
+        "medtee.model.revision": m.revision or "none",
+        "medtee.model.weights_sha256": weights_digest(weight_digests) if weight_digests else "none: random weights",
+        "medtee.attestation.policy": verdict.policy,
+        "medtee.attestation.mode": "SIMULATED" if verdict.simulated else "hardware",
+        "medtee.attestation.verdict": "pass" if verdict.ok else "fail",
+        "medtee.mode": "validate" if cfg.trainer.validate_only else "train",
+    }
+    tags.update({f"medtee.model.weights.{name}": sha for name, sha in (weight_digests or {}).items()})
+    tags.update({f"medtee.attestation.verdict.{d}": v for d, v in device_verdicts(verdict).items()})
+    if verdict.simulated:
+        tags["medtee.SIMULATED"] = "true: development attestation, no TEE, protects nothing"
+        tags["mlflow.note.content"] = "SIMULATED attestation: development run, no TEE, protects nothing."
+    return tags
+
+
+def sweep_id() -> str | None:
+    """An id for the Hydra sweep this job belongs to (from its sweep directory), or None outside a sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except ValueError:  # no Hydra run (a direct call)
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return hashlib.sha256(str(Path(hc.sweep.dir).resolve()).encode()).hexdigest()[:16]
+
+
+def open_run(cfg, *, recipe: str, recipe_digest: str, dataset_digest: str, verdict, eval_examples: int,
+             weight_digests: Mapping[str, str] | None = None, run_id: str | None = None) -> GuardedMLflowLogger:
+    """The run's guarded logger: allow-listed parameters, provenance tags, nested under its sweep's parent run.
+
+    `eval_examples` is the size of the held-out split; an evaluation pass covers at most `limit_val_batches` x
+    `batch_size` of them, and the guard counts no more than that. `run_id` continues that run (a resumed training).
+    """
+    privacy.filter_handlers()  # the heavy libraries are imported by now: cover the handlers they added
+    guard = Guard(cfg.tracking.metrics, cfg.tracking.min_aggregate)
+    guard.eval_examples = min(eval_examples, cfg.trainer.limit_val_batches * cfg.data.batch_size)
+    tags = run_tags(cfg, recipe=recipe, recipe_digest=recipe_digest, dataset_digest=dataset_digest,
+                    verdict=verdict, weight_digests=weight_digests)
+    return GuardedMLflowLogger(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
+                               run_name=cfg.tracking.run_name or recipe, guard=guard, tags=tags,
+                               params=Guard.params(config.resolved(cfg)), sweep_id=sweep_id(),
+                               resume_run_id=run_id)

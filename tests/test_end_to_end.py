@@ -89,7 +89,7 @@ def test_round_trip_on_the_public_dialogues(tmp_path, shared):
     _seal(shared / "data/demo.jsonl", tmp_path / "sealed", tmp_path)
     res = run_medtee("train", "data=sealed", f"data.path={tmp_path / 'sealed'}", *FAST, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "200 records in memory" in res.stderr
+    assert "decrypting 200 records into memory" in res.stderr
 
 
 def test_tampered_shard_is_refused_before_anything_is_written(tmp_path):
@@ -120,4 +120,7 @@ def test_sweep_logs_one_run_per_value(tmp_path):
     res = run_medtee("train", "-m", "qlora.rank=4,8", "data.n_synthetic=40", *FAST, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = _mlflow_runs(tmp_path / "mlflow.db")
-    assert sorted(r["params"]["qlora.rank"] for r in runs) == ["4", "8"]
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
+    assert sorted(r["params"]["qlora.rank"] for r in children) == ["4", "8"]
+    assert {r["tags"]["mlflow.parentRunId"] for r in children} == {parent["id"]}

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch's cross-entropy default ignore_index)
 CONSULTATION_START = "(The consultation begins.)"  # first user turn of a dialogue that opens with the doctor
 TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")  # control tokens refused in text, with the tokenizer's specials
@@ -86,50 +88,75 @@ def to_gemma_turns(messages: Sequence[dict]) -> list[dict]:
     return turns
 
 
-def encode_dialogues(tokenizer, dialogues: Sequence[Sequence[dict]], *, max_length: int,
-                     names: Sequence[str] | None = None) -> list[dict]:
-    """`encode_dialogue` for many dialogues at once (one batched tokenizer call); same results, in order.
+def render(turns: Sequence[dict], bos_token: str) -> tuple[str, list[tuple[int, int]]]:
+    """The text `GEMMA3_TRAINING_TEMPLATE` renders for `to_gemma_turns` output, and the character spans of the
+    {% generation %} blocks (each model turn's content and its <end_of_turn>).
 
-    `names` (e.g. record ids) label the dialogues in error messages; by default their positions do.
+    The same string as the template, built without Jinja (tests compare the two on every dialogue they have).
+    """
+    parts, spans, position = [bos_token], [], len(bos_token)
+    for turn in turns:
+        head = "<start_of_turn>model\n" if turn["role"] == "assistant" else "<start_of_turn>user\n"
+        piece = f"{head}{turn['content']}<end_of_turn>\n"
+        if turn["role"] == "assistant":
+            spans.append((position + len(head), position + len(piece) - 1))
+        parts.append(piece)
+        position += len(piece)
+    return "".join(parts), spans
+
+
+def encode_arrays(tokenizer, dialogues: Sequence[Sequence[dict]], *, max_length: int,
+                  names: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, labels) int32 arrays per dialogue: one batched call of the fast tokenizer, masks in numpy.
+
+    A token is supervised when it overlaps a {% generation %} span (what `apply_chat_template(...,
+    return_assistant_tokens_mask=True)` does). `names` (e.g. record ids) label the dialogues in error messages.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     control = re.compile("|".join(map(re.escape, sorted({*TURN_MARKERS, *tokenizer.all_special_tokens}))))
-    turns = []
+    texts, all_spans = [], []
     for number, messages in enumerate(dialogues):
         name = names[number] if names is not None else f"dialogue {number}"
         try:
-            turns.append(to_gemma_turns(messages))
+            turns = to_gemma_turns(messages)
         except ValueError as error:
             raise ValueError(f"{name}, {error}") from None
-        for index, turn in enumerate(turns[-1]):
+        for index, turn in enumerate(turns):
             if found := control.search(turn["content"]):
                 raise ValueError(f"{name}, turn {index}: the text contains the control token {found.group()}, "
                                  "which would be read as chat structure (e.g. a forged turn boundary); remove it "
                                  "from the data before sealing")
-    present = [dialogue for dialogue in turns if dialogue]
-    encoded = iter(())
-    if present:
-        out = tokenizer.apply_chat_template(
-            present, chat_template=GEMMA3_TRAINING_TEMPLATE, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=True, truncation=True, max_length=max_length,
-        )
-        encoded = zip(out["input_ids"], out["assistant_masks"])
+        text, spans = render(turns, tokenizer.bos_token) if turns else ("", [])
+        texts.append(text)
+        all_spans.append(spans)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
     results = []
-    for dialogue in turns:
-        if not dialogue:
-            results.append({"input_ids": [], "labels": []})
+    for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans):
+        ids = np.asarray(ids[:max_length], np.int32)
+        if not spans:
+            results.append((ids, np.full(len(ids), IGNORE_INDEX, np.int32)))
             continue
-        ids, mask = next(encoded)
-        results.append({"input_ids": list(ids),
-                        "labels": [token if keep else IGNORE_INDEX for token, keep in zip(ids, mask)]})
+        offsets = np.asarray(offsets[:max_length], np.int64).reshape(-1, 2)
+        span_starts, span_ends = np.asarray(spans, np.int64).T
+        # the first span ending after each token's start; the token is inside if it ends after that span starts
+        k = np.searchsorted(span_ends, offsets[:, 0], side="right")
+        inside = (k < len(spans)) & (offsets[:, 1] > span_starts[np.minimum(k, len(spans) - 1)])
+        results.append((ids, np.where(inside, ids, IGNORE_INDEX).astype(np.int32)))
     return results
+
+
+def encode_dialogues(tokenizer, dialogues: Sequence[Sequence[dict]], *, max_length: int,
+                     names: Sequence[str] | None = None) -> list[dict]:
+    """`encode_dialogue` for many dialogues at once (one batched tokenizer call); same results, in order."""
+    return [{"input_ids": ids.tolist(), "labels": labels.tolist()}
+            for ids, labels in encode_arrays(tokenizer, dialogues, max_length=max_length, names=names)]
 
 
 def encode_dialogue(tokenizer, messages: Sequence[dict], *, max_length: int) -> dict:
     """{"input_ids", "labels"} of one dialogue; labels are -100 except on doctor content and its <end_of_turn>.
 
-    Works with the demo tokenizer and with a real Gemma 3 tokenizer (both render `GEMMA3_TRAINING_TEMPLATE`).
-    A dialogue with no doctor turn encodes to empty lists.
+    Works with any fast (`tokenizers`-backed) tokenizer that has Gemma 3's special tokens: the demo tokenizer and a
+    real Gemma 3 tokenizer. A dialogue with no doctor turn encodes to empty lists.
     """
     return encode_dialogues(tokenizer, [messages], max_length=max_length)[0]

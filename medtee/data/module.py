@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
-from medtee.data.chat import IGNORE_INDEX, encode_dialogues
+from medtee.data.chat import IGNORE_INDEX, encode_arrays
 
-_TOKENIZE_CHUNK = 256  # records per batched tokenizer call
+_TOKENIZE_CHUNK = 512  # records per batched tokenizer call
 
 
 @dataclass(repr=False)
@@ -78,13 +78,12 @@ def tokenize_records(records: Iterable[dict], tokenizer, *, max_length: int,
                 raise ValueError(f"{name}: expected a chat record {{'id', 'messages': [{{'role', 'content'}}, ...]}}")
             names.append(name)
         # One token over the limit tells a cut dialogue from one that is exactly max_length long.
-        for encoded in encode_dialogues(tokenizer, [r["messages"] for r in batch], max_length=max_length + 1,
-                                        names=names):
-            ids, labels = encoded["input_ids"][:max_length], encoded["labels"][:max_length]
-            truncated.append(len(encoded["input_ids"]) > max_length)
-            ids_parts.append(np.asarray(ids, np.int32))
-            label_parts.append(np.asarray(labels, np.int32))
-            lengths.append(len(ids))
+        for ids, labels in encode_arrays(tokenizer, [r["messages"] for r in batch], max_length=max_length + 1,
+                                         names=names):
+            truncated.append(len(ids) > max_length)
+            ids_parts.append(ids[:max_length])
+            label_parts.append(labels[:max_length])
+            lengths.append(min(len(ids), max_length))
         position += len(batch)
     empty = np.zeros(0, np.int32)
     return TokenizedRecords(

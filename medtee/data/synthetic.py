@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 # Obviously invented names: nobody real is described.
-_FIRST_NAMES = ("Alex", "Sam", "Robin", "Kim", "Jordan", "Casey", "Morgan", "Riley", "Taylor", "Jamie", "Avery", "Quinn")
+_FIRST_NAMES = ("Alex", "Sam", "Robin", "Kim", "Jordan", "Casey", "Morgan", "Riley", "Taylor", "Jamie", "Avery",
+                "Quinn")
 _LAST_NAMES = ("Exampleton", "Sampleby", "Mockford", "Testwood", "Placeholder", "Fictus", "Dummington", "Synthwright")
 _DOCTORS = ("Dr. Placebo", "Dr. Synthia", "Dr. Sample", "Dr. Mockingbird")
 
@@ -49,7 +50,8 @@ _CONDITIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, tuple[s
         ("flashing lights before the pain", "nausea during the attacks", "needing a dark quiet room"),
         ("How many headache days do you have a month?", "Do any foods or sleep changes trigger them?"),
         "These are typical migraine attacks with aura.",
-        ("take a triptan at the start of an attack", "keep a headache diary", "avoid painkillers more than ten days a month"),
+        ("take a triptan at the start of an attack", "keep a headache diary",
+         "avoid painkillers more than ten days a month"),
     ),
     "lower back pain": (
         "my lower back has been hurting since I lifted some boxes",
@@ -78,7 +80,8 @@ _CONDITIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, tuple[s
         ("lots of sneezing in the morning", "it is worse when I am outside", "no fever"),
         ("Is it worse at certain times of year?", "Do you have pets at home?"),
         "This is allergic rhinitis, probably from pollen.",
-        ("use a steroid nasal spray daily", "take a non-drowsy antihistamine", "keep the windows closed on high-pollen days"),
+        ("use a steroid nasal spray daily", "take a non-drowsy antihistamine",
+         "keep the windows closed on high-pollen days"),
     ),
     "depression": (
         "I have been feeling low and I can't enjoy anything anymore",
@@ -106,14 +109,16 @@ _CONDITIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, tuple[s
         ("heavy periods", "feeling dizzy", "craving ice"),
         ("Have you noticed any dark stools?", "What does a usual day of eating look like?"),
         "You may have iron deficiency anemia.",
-        ("check a full blood count and ferritin", "start iron tablets with orange juice", "look for the cause of blood loss"),
+        ("check a full blood count and ferritin", "start iron tablets with orange juice",
+         "look for the cause of blood loss"),
     ),
     "otitis media": (
         "my ear hurts and I feel like it is blocked",
         ("a mild fever", "muffled hearing", "I had a cold last week"),
         ("Any discharge from the ear?", "Is the pain getting better or worse?"),
         "The eardrum looks red and bulging, so this is a middle ear infection.",
-        ("take pain relief regularly", "start antibiotics if it is not better in two days", "come back if discharge starts"),
+        ("take pain relief regularly", "start antibiotics if it is not better in two days",
+         "come back if discharge starts"),
     ),
     "community-acquired pneumonia": (
         "I've had a fever and a bad cough with green phlegm",
@@ -127,7 +132,8 @@ _CONDITIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, tuple[s
         ("stiffness after sitting", "swelling at the end of the day", "pain on the stairs"),
         ("Did you ever injure that knee?", "How far can you walk before it hurts?"),
         "This is wear-and-tear arthritis of the knee.",
-        ("strengthen the thigh muscles with physiotherapy", "use topical anti-inflammatory gel", "lose a little weight"),
+        ("strengthen the thigh muscles with physiotherapy", "use topical anti-inflammatory gel",
+         "lose a little weight"),
     ),
     "gout": (
         "my big toe suddenly got red, hot and extremely painful",
@@ -218,7 +224,8 @@ _PATIENT_QUESTIONS = (
     ("Is this serious?", "It is common and usually manageable; we will keep a close eye on it."),
     ("Can I keep working?", "Yes, as long as you feel up to it; take breaks when you need them."),
     ("How long until I feel better?", "Most people notice a difference within a couple of weeks."),
-    ("Are there side effects I should know about?", "Some people get mild stomach upset at first; call us if it persists."),
+    ("Are there side effects I should know about?",
+     "Some people get mild stomach upset at first; call us if it persists."),
     ("Should I change my diet?", "Regular balanced meals will help; I'll give you a leaflet."),
 )
 _SYSTEM_PROMPTS = (
@@ -246,7 +253,8 @@ def _dialogue(rng: random.Random, record_id: str) -> dict:
         return {"id": record_id, "messages": messages}
 
     if rng.random() < 0.7:  # most real consultations open with the doctor
-        say("assistant", f"Good {rng.choice(('morning', 'afternoon'))}, {patient}. I'm {doctor}. What brings you in today?")
+        greeting = rng.choice(("morning", "afternoon"))
+        say("assistant", f"Good {greeting}, {patient}. I'm {doctor}. What brings you in today?")
         say("user", f"Well, {complaint}. It's been going on for {duration}.")
     else:
         say("user", f"Hello {doctor}. {complaint[0].upper()}{complaint[1:]}, for {duration} now.")
@@ -254,7 +262,8 @@ def _dialogue(rng: random.Random, record_id: str) -> dict:
     say("assistant", f"I'm sorry to hear that. {first_question}")
     say("user", f"I've also had {rng.choice(symptoms)}.")
 
-    pool = [(q, f"Not really. I have noticed {rng.choice(symptoms)}, though.") for q in questions if q != first_question]
+    pool = [(q, f"Not really. I have noticed {rng.choice(symptoms)}, though.")
+            for q in questions if q != first_question]
     pool += list(zip(_GENERIC_QUESTIONS, _GENERIC_ANSWERS))
     rng.shuffle(pool)
     for question, answer in pool[: rng.randint(0, 9)]:

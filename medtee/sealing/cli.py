@@ -26,6 +26,8 @@ def _summary(manifest, path: Path) -> str:
         f"dataset        {m.dataset_id}",
         f"path           {path}",
         f"records        {m.record_count}   messages {m.message_count}   characters {m.char_count}",
+        f"tokens         {m.token_count}   tokenizer {m.tokenizer}" if m.token_count is not None
+        else "token count: not recorded (seal with --tokenizer)",
         f"cipher         Parquet Modular Encryption {m.cipher}, encrypted footer",
         f"data key       wrapped with {m.scheme} to broker key {m.key_id}",
         f"release policy {m.release_policy}",
@@ -63,7 +65,7 @@ def _seal(args: argparse.Namespace) -> int:
             broker = connect(args.broker, store_dir=args.broker_dir)
         manifest = seal_file(args.input, args.out, fmt=args.format, broker=broker, policy=args.policy,
                              dataset_id=args.dataset_id, rows_per_shard=args.rows_per_shard,
-                             classification=args.classification, dua_id=args.dua_id)
+                             classification=args.classification, dua_id=args.dua_id, tokenizer=args.tokenizer)
     except (InputError, KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     except PermissionError as e:
@@ -184,6 +186,9 @@ def add_parsers(subparsers) -> None:
     seal.add_argument("--rows-per-shard", type=int, default=20_000, help="records per encrypted shard (default 20000)")
     seal.add_argument("--classification", default="phi", help="data classification label recorded in the manifest")
     seal.add_argument("--dua-id", default="", help="data-use agreement id recorded in the manifest")
+    seal.add_argument("--tokenizer", default=None,
+                      help="record the token count of the Gemma 3 chat-formatted text: 'demo' or a local Hugging "
+                           "Face tokenizer directory / cached id (never downloaded); default: not recorded")
     seal.set_defaults(handler=_seal)
 
     data = subparsers.add_parser("data", help="inspect sealed datasets")

@@ -2,7 +2,8 @@
 
 The manifest holds counts and digests only, never record content. Its canonical form is JSON with sorted keys and no
 whitespace (bytes as base64); :meth:`Manifest.digest` and the Ed25519 signature both cover that form minus the
-signature itself.
+signature itself. Format 2 added `token_count` and `tokenizer` (null when not recorded); format-1 manifests (sealed
+before) are still read, with both fields None and left out of their canonical form, so their signatures still verify.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+_V2_FIELDS = ("token_count", "tokenizer")  # absent from format-1 manifests
 MANIFEST_NAME = "manifest.json"
 CIPHER = "AES_GCM_V1"  # fixed: the only Parquet Modular Encryption algorithm that authenticates page data
 
@@ -40,11 +43,11 @@ class ShardInfo:
 class Manifest:
     """Everything needed to check and open a sealed dataset, except the data key itself."""
 
-    format_version: int  # manifest format (currently 1)
+    format_version: int  # manifest format (2 when sealed; 1 still read)
     dataset_id: str  # the data owner's name for the dataset; the broker's registration key
     record_count: int  # dialogues in all shards
     message_count: int  # chat turns in all shards
-    char_count: int  # characters of turn content (token counts depend on the tokenizer the TEE uses)
+    char_count: int  # characters of turn content
     shards: tuple[ShardInfo, ...]  # in reading order
     key_id: str  # id of the broker public key the data key is wrapped to
     scheme: str  # HPKE scheme of wrapped_data_key (a keywrap.Scheme value)
@@ -56,12 +59,19 @@ class Manifest:
     created: str  # ISO-8601 UTC time of sealing
     cipher: str  # Parquet Modular Encryption algorithm (always AES_GCM_V1)
     owner_public_key: bytes  # data owner's Ed25519 public key (raw 32 bytes) that signed this manifest
+    token_count: int | None = None  # tokens of the Gemma 3 chat-formatted text under `tokenizer`; None: not recorded
+    tokenizer: str | None = None  # "<name> sha256:<fingerprint>" of the tokenizer that counted (sealing.tokens)
     signature: bytes = b""  # Ed25519 signature over canonical_body(); empty until signed
 
     def body(self) -> dict:
         """The signed fields as JSON-ready values (bytes as base64)."""
         doc = asdict(self)
         doc.pop("signature")
+        if self.format_version == 1:
+            if any(doc[k] is not None for k in _V2_FIELDS):
+                raise ValueError("a format-1 manifest cannot record token counts; seal with format 2")
+            for k in _V2_FIELDS:
+                del doc[k]
         doc["shards"] = [asdict(s) if not isinstance(s, dict) else s for s in self.shards]
         for k in ("wrapped_data_key", "owner_public_key"):
             doc[k] = base64.b64encode(doc[k]).decode("ascii")
@@ -114,12 +124,13 @@ class Manifest:
             raise SealedDataError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); restore it from the sealer's output") from None
         if not isinstance(doc, dict):
             raise SealedDataError(f"{source} must hold a JSON object")
-        if doc.get("format_version") != FORMAT_VERSION:
+        version = doc.get("format_version")
+        if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
             raise SealedDataError(
-                f"{source}: format_version {doc.get('format_version')!r} is not supported (expected {FORMAT_VERSION}); "
-                "upgrade medtee or reseal"
+                f"{source}: format_version {version!r} is not supported (expected one of "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade medtee or reseal"
             )
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - (set(_V2_FIELDS) if version == 1 else set())
         missing = sorted(names - doc.keys())
         if missing:
             raise SealedDataError(f"{source}: missing field(s) {', '.join(missing)}; reseal the dataset")
@@ -154,6 +165,11 @@ def _check_types(m: Manifest, source: str) -> None:
         expected = {"int": int, "str": str, "bytes": bytes}.get(str(f.type))
         if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
             raise SealedDataError(f"{source}: field {f.name} must be {expected.__name__}")
+    if (m.token_count is None) != (m.tokenizer is None):
+        raise SealedDataError(f"{source}: token_count and tokenizer must both be set or both be null")
+    if m.token_count is not None and (not isinstance(m.token_count, int) or isinstance(m.token_count, bool)
+                                      or m.token_count < 0 or not isinstance(m.tokenizer, str)):
+        raise SealedDataError(f"{source}: field token_count must be a non-negative int and tokenizer a string")
     for s in m.shards:
         if not (isinstance(s.name, str) and isinstance(s.sha256, str) and isinstance(s.rows, int) and isinstance(s.bytes, int)):
             raise SealedDataError(f"{source}: shard entry {s.name!r} is malformed")

@@ -209,11 +209,14 @@ def seal_records(
     signing_key: Ed25519PrivateKey | None = None,
     classification: str = "phi",
     dua_id: str = "",
+    tokenizer: str | None = None,
 ) -> Manifest:
     """Seal `records` into `out_dir` under a fresh data key wrapped to `broker`'s key; register it with the broker.
 
     `policy` names the attestation policy the broker must apply before releasing the key. The manifest is signed
     with `signing_key` (default: the data owner's key the broker object keeps, `broker.owner_signing_key()`).
+    `tokenizer` (`demo` or a local Hugging Face tokenizer; see `medtee.sealing.tokens`) records the token count of
+    the chat-formatted text and the tokenizer's fingerprint; without it both manifest fields are None.
     Refuses a non-empty existing `out_dir`; on any error nothing is left behind.
     """
     out_dir = Path(out_dir)
@@ -225,6 +228,12 @@ def seal_records(
     if signing_key is None:
         signing_key = broker.owner_signing_key()
     _prepare_out_dir(out_dir)
+    counter = described = None
+    if tokenizer is not None:
+        from medtee.sealing import tokens
+
+        loaded = tokens.load_tokenizer(tokenizer)
+        counter, described = tokens.TokenCounter(loaded), tokens.describe(tokenizer, loaded)
     scheme, broker_public = broker.public_key()
     data_key = os.urandom(DATA_KEY_BYTES)
     tmp = out_dir.parent / f".{out_dir.name}.sealing-{uuid.uuid4().hex[:8]}"
@@ -248,6 +257,8 @@ def seal_records(
             counts["messages"] += len(rec["messages"])
             counts["chars"] += sum(len(m["content"]) for m in rec["messages"])
             buf.append(rec)
+            if counter is not None:
+                counter.add(rec)
             if len(buf) >= rows_per_shard:
                 flush()
         if buf:
@@ -260,6 +271,8 @@ def seal_records(
             record_count=counts["records"],
             message_count=counts["messages"],
             char_count=counts["chars"],
+            token_count=counter.total() if counter is not None else None,
+            tokenizer=described,
             shards=tuple(shards),
             key_id=keywrap.key_id(scheme, broker_public),
             scheme=scheme.value,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import tempfile
 import warnings
 
@@ -40,29 +42,31 @@ def _tiny_config(model_cfg, vocab_size: int):
     )
 
 
-def _quantization_config(qlora_cfg):
+def _quantization_config(qlora_cfg, *, sharded: bool):
     if qlora_cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    compute = _DTYPES[qlora_cfg.compute_dtype.value]
+    # FSDP flattens parameters of one dtype: the packed 4-bit weights are then stored as compute-dtype elements.
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qlora_cfg.quantization.value,
-                              bnb_4bit_use_double_quant=qlora_cfg.double_quant,
-                              bnb_4bit_compute_dtype=_DTYPES[qlora_cfg.compute_dtype.value])
+                              bnb_4bit_use_double_quant=qlora_cfg.double_quant, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=compute if sharded else torch.uint8)
 
 
-def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str):
+def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, sharded: bool = False):
     """The frozen base model: a random tiny Gemma 3, or pretrained weights by id/path at a pinned revision."""
     from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     dtype = _DTYPES[model_cfg.dtype.value]
-    quant = _quantization_config(qlora_cfg)
+    quant = _quantization_config(qlora_cfg, sharded=sharded)
     kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if device == "cuda":
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if device == "cuda":  # this process's GPU: torchrun sets LOCAL_RANK, srun SLURM_LOCALID
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))}
     if model_cfg.source == "tiny":
         torch.manual_seed(model_cfg.tiny.seed)
         model = Gemma3ForCausalLM(_tiny_config(model_cfg, vocab_size)).to(dtype)
@@ -95,23 +99,119 @@ def disable_cpu_4bit_inference_path(model) -> int:
     return count
 
 
-def build_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str):
-    """Base model frozen, LoRA adapters trainable, in train mode."""
+def weight_digests(model_cfg) -> dict[str, str]:
+    """sha256 of every weight file of a pretrained model ({file name: hex}); {} for the tiny random model.
+
+    Resolves `id` as a local directory or a Hugging Face snapshot at `revision` (local cache only when offline).
+    """
+    if model_cfg.source != "pretrained":
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    folder = Path(model_cfg.id)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(model_cfg.id, revision=model_cfg.revision,
+                                            local_files_only=model_cfg.offline))
+        except LocalEntryNotFoundError:
+            raise FileNotFoundError(
+                f"model.id={model_cfg.id} (revision {model_cfg.revision or 'default'}) is not in the local Hugging "
+                f"Face cache and model.offline=true: download it beforehand (`hf download {model_cfg.id} "
+                f"--revision REV`) or set model.id to a local directory") from None
+    files = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".pt")))
+    if not files:
+        raise FileNotFoundError(f"model.id={model_cfg.id}: no weight files (*.safetensors) in {folder}")
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:  # hashlib releases the GIL
+        return dict(zip((p.name for p in files), pool.map(_sha256_file, files)))
+
+
+def _sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save_matmul_and_attention_outputs(ctx, op, *args, **kwargs):
+    """Selective-checkpointing policy: keep the outputs of large matmuls and attention, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op in _ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    if op in _MATMUL_OPS:
+        a = args[1] if op is torch.ops.aten.addmm.default else args[0]
+        if a.shape[-1] >= 256:  # base-weight matmuls; LoRA's rank-r products are cheaper to recompute than to keep
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+) if hasattr(torch.ops.aten, name)}
+
+
+def decoder_layers(model) -> list:
+    """The repeated decoder blocks (transformers' GradientCheckpointingLayer), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_activation_checkpointing(model, *, every_n_layers: int, selective: bool) -> dict[str, int]:
+    """Non-reentrant activation checkpointing, per decoder layer.
+
+    Every `every_n_layers`-th layer recomputes its whole forward in the backward pass; the others either keep matmul
+    and attention outputs and recompute only element-wise work (`selective`, torch selective activation
+    checkpointing) or keep all their activations. Returns the count of layers per mode.
+    """
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if every_n_layers < 1:
+        raise ValueError(f"model.checkpoint_every_n_layers must be >= 1, got {every_n_layers}")
+    full = partial(checkpoint, use_reentrant=False)
+    sac = partial(checkpoint, use_reentrant=False,
+                  context_fn=partial(create_selective_checkpoint_contexts, _save_matmul_and_attention_outputs))
+    counts = {"full": 0, "selective": 0, "none": 0}
+    for index, layer in enumerate(decoder_layers(model)):
+        mode = "full" if index % every_n_layers == 0 else "selective" if selective else "none"
+        layer.gradient_checkpointing = mode != "none"
+        layer._gradient_checkpointing_func = full if mode == "full" else sac
+        counts[mode] += 1
+    return counts
+
+
+def build_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, sharded: bool = False):
+    """Base model frozen (embeddings and output layer in model.dtype, never upcast), LoRA trainable, train mode.
+
+    `sharded`: the model will be wrapped by FSDP (4-bit weights stored in the compute dtype).
+    """
     from peft import LoraConfig, get_peft_model
 
-    model = load_base_model(model_cfg, qlora_cfg, vocab_size=vocab_size, device=device)
+    model = load_base_model(model_cfg, qlora_cfg, vocab_size=vocab_size, device=device, sharded=sharded)
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_activation_checkpointing(model, every_n_layers=model_cfg.checkpoint_every_n_layers,
+                                        selective=model_cfg.selective_checkpointing)
     lora = LoraConfig(r=qlora_cfg.rank, lora_alpha=qlora_cfg.alpha, lora_dropout=qlora_cfg.dropout,
                       target_modules=_targets(qlora_cfg.target_modules), use_dora=qlora_cfg.use_dora,
                       use_rslora=qlora_cfg.use_rslora, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     if device == "cpu":
         disable_cpu_4bit_inference_path(model)
+    if model_cfg.compile_layers:
+        for layer in decoder_layers(model):
+            layer.compile()
     model.train()
     return model
 

@@ -8,6 +8,8 @@ import time
 import lightning as L
 import torch
 
+from medtee.training.loss import chunked_causal_lm_loss
+
 
 def lr_lambda(warmup_steps: int, max_steps: int):
     """Linear warm-up, then cosine decay to 10% of the peak."""
@@ -22,18 +24,59 @@ def lr_lambda(warmup_steps: int, max_steps: int):
 
 
 class CausalLMModule(L.LightningModule):
-    """Wraps a peft model. Logs only `train/*` and `val/*` aggregates; never batch contents."""
+    """Wraps a peft model. Logs only `train/*` and `val/*` aggregates; never batch contents.
 
-    def __init__(self, model, trainer_cfg):
+    Checkpoints hold the trainable (LoRA) parameters only, plus the RNG states and `run_info` (e.g. the MLflow run
+    id); the frozen base is rebuilt from the recipe on resume.
+    """
+
+    def __init__(self, model, trainer_cfg, *, run_info: dict | None = None):
         super().__init__()
         self.model = model
         self.cfg = trainer_cfg
+        self.run_info = dict(run_info or {})
+        self.strict_loading = False  # checkpoints carry the adapter, not the frozen base weights
         self._t0: float | None = None
         self._tokens = 0
+        self._rng_to_restore: dict | None = None
 
     def _loss(self, batch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
-        return self.model(**inputs).loss
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        if self.cfg.loss_chunk_tokens <= 0:
+            return self.model(**inputs, labels=batch["labels"]).loss
+        causal = self.model.get_base_model()
+        hidden = causal.model(**inputs).last_hidden_state
+        return chunked_causal_lm_loss(hidden, causal.lm_head, batch["labels"], chunk_tokens=self.cfg.loss_chunk_tokens,
+                                      softcap=getattr(causal.config, "final_logit_softcapping", None))
+
+    def state_dict(self, *args, **kwargs):
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in trainable}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["medtee"] = {"run_info": dict(self.run_info), "rng": _rng_states()}
+
+    def adapter_mismatch(self, checkpoint: dict) -> str | None:
+        """Why the checkpoint's adapter cannot load into this module (loading is not strict), or None."""
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        found = set(checkpoint.get("state_dict", {}))
+        if found == expected:
+            return None
+        return (f"the checkpoint's adapter does not match this recipe's: {len(expected - found)} LoRA tensors "
+                f"missing, {len(found - expected)} unexpected; resume with the qlora settings of the run that wrote it")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        mismatch = self.adapter_mismatch(checkpoint)
+        if mismatch:  # a different adapter must not half-load
+            raise ValueError(mismatch)
+        saved = checkpoint.get("medtee", {})
+        self.run_info = {**saved.get("run_info", {}), **self.run_info}
+        self._rng_to_restore = saved.get("rng")
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:  # after the sanity pass, exactly where the checkpointed run stood
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
@@ -72,3 +115,26 @@ class CausalLMModule(L.LightningModule):
             opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.warmup_steps, self.cfg.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _rng_states() -> dict:
+    import random
+
+    import numpy as np
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

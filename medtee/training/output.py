@@ -40,12 +40,25 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_outputs(peft_model, cfg, *, summary: dict, resolved_recipe: dict, out_dir: Path) -> dict:
-    """Encrypt and write the adapter; write the adapter config, the resolved recipe and the summary."""
+    """Encrypt and write the adapter and its config (unless `peft_model` is None: an evaluation run); write the
+    resolved recipe and the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if peft_model is not None:
+        written = _write_adapter(peft_model, cfg, out_dir)
+    _atomic_write(out_dir / "recipe.json", json.dumps(resolved_recipe, indent=2, sort_keys=True).encode())
+    outputs = {ADAPTER_FILE: written} if written else {}
+    _atomic_write(out_dir / "summary.json",
+                  json.dumps({**summary, "outputs": outputs}, indent=2, sort_keys=True).encode())
+    return written
+
+
+def _write_adapter(peft_model, cfg, out_dir: Path) -> dict:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    state = {k: v.detach().to("cpu").contiguous()
+             for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     scheme, public, described = recipient_public_key(cfg.output.recipient, scheme=cfg.encryption.scheme)
     blob = seal_blob(save(state), public, scheme=scheme, info=ADAPTER_INFO)
     del state
@@ -54,11 +67,7 @@ def write_outputs(peft_model, cfg, *, summary: dict, resolved_recipe: dict, out_
     adapter_cfg["base_model_name_or_path"] = cfg.model.id or cfg.model.name
     adapter_cfg = json.loads(json.dumps(adapter_cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     _atomic_write(out_dir / "adapter_config.json", json.dumps(adapter_cfg, indent=2, sort_keys=True).encode())
-    written = {"adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_recipient": described}
-    _atomic_write(out_dir / "recipe.json", json.dumps(resolved_recipe, indent=2, sort_keys=True).encode())
-    _atomic_write(out_dir / "summary.json",
-                  json.dumps({**summary, "outputs": {ADAPTER_FILE: written}}, indent=2, sort_keys=True).encode())
-    return written
+    return {"adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_recipient": described}
 
 
 def open_adapter(encrypted: Path, private_key_file: Path, out_dir: Path) -> Path:

@@ -8,6 +8,7 @@ import pytest
 
 from medtee.data.chat import (CONSULTATION_START, GEMMA3_TRAINING_TEMPLATE, IGNORE_INDEX, encode_dialogue,
                               encode_dialogues, to_gemma_turns)
+from medtee.data.chat import render as render_text
 from medtee.data.synthetic import generate_dialogues
 from medtee.data.tokenizer import build_demo_tokenizer
 
@@ -120,7 +121,8 @@ def test_only_doctor_tokens_are_supervised():
     assert len(ids) == len(labels) and ids[0] == TOKENIZER.bos_token_id
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
     assert _supervised_text(encoded) == (
-        "Good morning, what brings you in?<end_of_turn>Any fever?<end_of_turn>It is otitis; take pain relief.<end_of_turn>")
+        "Good morning, what brings you in?<end_of_turn>Any fever?<end_of_turn>"
+        "It is otitis; take pain relief.<end_of_turn>")
     assert TOKENIZER.decode(ids) == render(to_gemma_turns(messages))
 
 
@@ -131,6 +133,34 @@ def test_masks_on_many_dialogues_match_the_doctor_text():
         doctor = [t["content"] for t in to_gemma_turns(record["messages"]) if t["role"] == "assistant"]
         assert _supervised_text(encoded) == "".join(d + "<end_of_turn>" for d in doctor)
         assert encoded == encode_dialogue(TOKENIZER, record["messages"], max_length=4096)  # batch == single
+
+
+def _reference(messages, max_length):
+    """The same encoding through transformers' own template rendering and assistant mask."""
+    turns = to_gemma_turns(messages)
+    if not turns:
+        return {"input_ids": [], "labels": []}
+    out = TOKENIZER.apply_chat_template(turns, chat_template=GEMMA3_TRAINING_TEMPLATE, return_dict=True,
+                                        return_assistant_tokens_mask=True, truncation=True, max_length=max_length)
+    return {"input_ids": list(out["input_ids"]),
+            "labels": [t if keep else IGNORE_INDEX for t, keep in zip(out["input_ids"], out["assistant_masks"])]}
+
+
+@pytest.mark.parametrize("max_length", [4096, 37])
+def test_fast_encoding_equals_apply_chat_template(max_length):
+    records = generate_dialogues(150, seed=4)
+    encoded = encode_dialogues(TOKENIZER, [r["messages"] for r in records], max_length=max_length)
+    assert encoded == [_reference(r["messages"], max_length) for r in records]
+
+
+def test_fast_encoding_equals_apply_chat_template_on_public_dialogues(shared):
+    with open(shared / "data" / "demo.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    encoded = encode_dialogues(TOKENIZER, [r["messages"] for r in records], max_length=100_000)
+    assert encoded == [_reference(r["messages"], 100_000) for r in records]
+    for record in records:
+        assert render_text(to_gemma_turns(record["messages"]), "<bos>")[0] == \
+            TOKENIZER.apply_chat_template(to_gemma_turns(record["messages"]), tokenize=False)
 
 
 def test_truncation_keeps_the_start():

@@ -91,11 +91,13 @@ def _tiny_gemma3(attn_implementation):
                               num_key_value_heads=2, head_dim=16, intermediate_size=128, sliding_window=16,
                               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
                               pad_token_id=TOKENIZER.pad_token_id, attn_implementation=attn_implementation)
-    return Gemma3ForCausalLM(config).float().train()  # dropout is 0 in Gemma 3; train() as under Lightning
+    model = Gemma3ForCausalLM(config).float().train()  # dropout is 0 in Gemma 3; train() as under Lightning
+    model.config.use_cache = False  # required for packed batches (a KV cache turns the packed-sequence mask off)
+    return model
 
 
 def _token_losses(model, input_ids, labels, **inputs):
-    logits = model(input_ids=input_ids, use_cache=False, **inputs).logits.float()
+    logits = model(input_ids=input_ids, **inputs).logits.float()
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
                                              ignore_index=IGNORE_INDEX, reduction="none")
 

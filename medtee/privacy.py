@@ -1,0 +1,328 @@
+"""Containment: what a run does so that patient text cannot spill out of the process.
+
+No core dumps, no network egress but the tracking server and the key broker, temporary files in memory, every log
+record scrubbed when it is created and every handler filtered, exceptions and warnings reported without their
+messages, progress bars limited to allow-listed metrics. No heavy import at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import traceback
+import urllib.request
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+log = logging.getLogger("medtee.privacy")
+
+#: Set before any heavy import: no hub access, no telemetry from the libraries medtee runs. MLflow ignores
+#: DO_NOT_TRACK=1 (it only honours "true"), hence MLFLOW_DISABLE_TELEMETRY.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "TOKENIZERS_PARALLELISM": "false"}
+
+#: Filesystems whose files live in (in a TEE: encrypted) memory only.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+#: Frames shown when a failure is reported (innermost last).
+FRAMES = 6
+
+#: Log arguments whose text is longer than this are withheld (decoded samples and data reprs are long).
+MAX_ARG_CHARS = 256
+
+_PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+_PR_SET_DUMPABLE = 4
+
+
+# ---------------------------------------------------------------------------------------------- failure reports
+
+
+class SafeError(RuntimeError):
+    """A failure whose message medtee wrote from names and settings only (never data), so it may be printed."""
+
+
+def failure_report(exc: BaseException, frames: int = FRAMES) -> list[str]:
+    """Where a failure happened, never what it said: exception types (with causes) and the innermost frames."""
+    chain, seen = [], set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    lines = [f"{' <- '.join(chain)} (message withheld: it may quote patient data)"]
+    for frame in traceback.extract_tb(exc.__traceback__)[-frames:]:
+        lines.append(f"  at {frame.filename}:{frame.lineno} in {frame.name}")
+    return lines
+
+
+def _excepthook(exc_type, exc, tb) -> None:
+    print("\n".join(["uncaught " + line if i == 0 else line for i, line in enumerate(failure_report(exc))]),
+          file=sys.stderr, flush=True)
+
+
+def _thread_excepthook(args) -> None:
+    if args.exc_value is not None:
+        _excepthook(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def _unraisablehook(unraisable) -> None:
+    if unraisable.exc_value is not None:
+        _excepthook(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+
+
+# ---------------------------------------------------------------------------------------------------- scrubbing
+
+
+#: Where a message starts quoting a value: a quote, a new line, or a tensor/array repr.
+_VALUE_START = re.compile(r"['\"\n]|\b(?:tensor|array|Tensor|ndarray)\(")
+
+
+def scrub_text(text: str, limit: int = 200) -> str:
+    """A message that may interpolate values (a warning): kept up to where it starts quoting a value or a repr
+    (the way Python code formats values: '...', !r, tensor(...)), at most `limit` characters."""
+    text = str(text).strip()
+    match = _VALUE_START.search(text)
+    head = text[:match.start()] if match else text
+    cut = match is not None or len(head) > limit
+    return head[:limit].rstrip() + (" ... (rest withheld: it may quote data)" if cut else "")
+
+
+def scrub_value(value, depth: int = 0):
+    """A log argument made safe to format: tensors, arrays, tables, bytes, exceptions and long text become a
+    description of their type and size; containers are scrubbed element by element."""
+    if value is None or isinstance(value, (bool, int, float, Path)):
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ARG_CHARS else f"<text of {len(value)} chars withheld>"
+    if isinstance(value, BaseException):
+        return f"<{type(value).__name__}: message withheld>"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{type(value).__name__} of {len(value)} bytes withheld>"
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(shape, (str, bytes)) and not callable(shape):
+        return f"<{type(value).__name__} shape={tuple(shape) if hasattr(shape, '__iter__') else shape} withheld>"
+    if isinstance(value, Mapping):
+        if depth > 2 or len(value) > 32:
+            return f"<{type(value).__name__} of {len(value)} items withheld>"
+        return {scrub_value(k, depth + 1): scrub_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        if depth > 2 or len(value) > 32:
+            return f"<{type(value).__name__} of {len(value)} items withheld>"
+        items = [scrub_value(v, depth + 1) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    try:
+        text = repr(value)
+    except Exception:  # a repr that fails may fail on data
+        return f"<{type(value).__name__}>"
+    return value if len(text) <= MAX_ARG_CHARS else f"<{type(value).__name__} (repr withheld)>"
+
+
+def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Make one log record safe to format and emit (idempotent)."""
+    if getattr(record, "medtee_scrubbed", False):
+        return record
+    if not isinstance(record.msg, str):
+        record.msg = str(scrub_value(record.msg))
+    if record.args:
+        if record.name == "py.warnings":  # logging.captureWarnings: the formatted warning, source line included
+            record.args = tuple(scrub_text(a) if isinstance(a, str) else scrub_value(a) for a in record.args) \
+                if isinstance(record.args, tuple) else scrub_value(record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = scrub_value(record.args)
+        else:
+            record.args = tuple(scrub_value(a) for a in record.args)
+    if record.exc_info and record.exc_info[1] is not None:
+        record.exc_text = "\n".join(failure_report(record.exc_info[1]))
+        record.exc_info = None
+    elif record.exc_text:  # pre-formatted elsewhere: keep only that it happened
+        record.exc_text = "(exception text withheld)"
+    record.medtee_scrubbed = True
+    return record
+
+
+class ScrubFilter(logging.Filter):
+    """A handler filter: records that did not pass medtee's record factory are scrubbed before they are emitted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        scrub_record(record)
+        return True
+
+
+_FILTER = ScrubFilter()
+
+
+def filter_handlers() -> int:
+    """Attach the scrub filter to every handler of the root logger and of every logger created so far (idempotent;
+    call again after importing libraries that add handlers). Returns the number of handlers covered."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    handlers = {id(h): h for lg in loggers for h in lg.handlers}
+    for handler in handlers.values():
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+    return len(handlers)
+
+
+def _install_record_factory() -> None:
+    current = logging.getLogRecordFactory()
+    if getattr(current, "medtee", False):
+        return
+
+    def factory(*args, **kwargs):
+        return scrub_record(current(*args, **kwargs))
+
+    factory.medtee = True
+    logging.setLogRecordFactory(factory)
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings without their source line and with interpolated values withheld."""
+    stream = file or sys.stderr
+    try:
+        stream.write(f"{filename}:{lineno}: {category.__name__}: {scrub_text(str(message))}\n")
+    except (OSError, ValueError):  # a closed stream, as in the standard showwarning
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- the containment
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding `path` (from /proc/self/mountinfo), or None where unknown."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    target, best, fstype = os.path.realpath(path), "", None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, fstype = mount, right.split()[0]
+    return fstype
+
+
+def memory_tmp_base() -> Path | None:
+    """Where in-memory temporary files can go: $TMPDIR (or the default) if it is in memory, else /dev/shm."""
+    for base in (Path(tempfile.gettempdir()), Path("/dev/shm")):
+        if base.is_dir() and os.access(base, os.W_OK) and filesystem_type(base) in MEMORY_FILESYSTEMS:
+            return base
+    return None
+
+
+def _no_core_dumps() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: RLIMIT_CORE alone
+        import ctypes
+
+        # Also covers a core_pattern pipe (systemd-coredump), which ignores RLIMIT_CORE; and bars ptrace attach.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def contained():
+    """The containment of one run: no core dumps, offline libraries, scrubbed logs, warnings and uncaught
+    exceptions, and a private (0700) temporary directory in memory, removed when the run ends."""
+    _no_core_dumps()
+    os.environ.update(OFFLINE_ENV)
+    _install_record_factory()
+    filter_handlers()
+    warnings.showwarning = _showwarning
+    sys.excepthook, threading.excepthook, sys.unraisablehook = _excepthook, _thread_excepthook, _unraisablehook
+    base = memory_tmp_base()
+    if base is None:
+        log.warning("no memory filesystem (tmpfs) found: temporary files go to %s on disk", tempfile.gettempdir())
+    private = Path(tempfile.mkdtemp(prefix="medtee-", dir=base))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(private)
+    try:
+        yield private
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        shutil.rmtree(private, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------- egress
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def egress_problems(cfg) -> list[str]:
+    """Why a production profile may not start with this recipe and environment: any network egress other than the
+    tracking server and the key broker, or a temporary directory that is not in memory. Empty outside production."""
+    if not cfg.hardware.production:
+        return []
+    problems = []
+    uri = str(cfg.tracking.tracking_uri or "")
+    endpoints = []
+    scheme = urlsplit(uri).scheme
+    if scheme == "https":
+        endpoints.append(("tracking.tracking_uri", uri))
+        if _truthy("MLFLOW_TRACKING_INSECURE_TLS"):
+            problems.append("MLFLOW_TRACKING_INSECURE_TLS is set: production profiles verify the tracking server's "
+                            "certificate; unset it (or set MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle)")
+    elif scheme != "sqlite":
+        problems.append(f"tracking.tracking_uri uses '{scheme or uri}': production profiles log to a local sqlite "
+                        f"file or to an MLflow tracking server over https:// only (tracking=mlflow_server)")
+    broker = str(cfg.encryption.broker)
+    if broker.startswith(("http://", "https://")):
+        endpoints.append(("encryption.broker", broker))
+    for key, url in endpoints:
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            problems.append(f"{key} carries credentials in the URL, which would be printed and recorded; put them "
+                            f"in the environment (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD)")
+        proxies = urllib.request.getproxies_environment()
+        if parts.scheme in proxies and not urllib.request.proxy_bypass_environment(parts.hostname or ""):
+            problems.append(f"{key} would go through the proxy in {parts.scheme.upper()}_PROXY/ALL_PROXY, a host "
+                            f"the recipe does not name; unset the proxy or add {parts.hostname} to NO_PROXY")
+    if cfg.model.source == "pretrained" and "://" in str(cfg.model.id or ""):
+        problems.append("model.id is a URL: production profiles load weights from a local directory or the "
+                        "offline Hugging Face cache only")
+    if "://" in str(cfg.data.path or ""):
+        problems.append("data.path is a URL: production profiles read the sealed dataset from a local directory")
+    if memory_tmp_base() is None:
+        problems.append(f"no memory filesystem for temporary files ({tempfile.gettempdir()} and /dev/shm are not "
+                        f"tmpfs): mount one, or point TMPDIR at one")
+    return problems
+
+
+# -------------------------------------------------------------------------------------------------- progress bar
+
+
+def progress_bars(enabled: bool, allowed) -> list:
+    """Lightning callbacks: when enabled, the default progress bar showing only the allowed metric names."""
+    if not enabled:
+        return []
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
+    keep = frozenset(allowed)
+
+    class AllowListedProgressBar(base):
+        """Lightning's progress bar, limited to allow-listed metrics (no version number, no other logged value)."""
+
+        def get_metrics(self, trainer, pl_module):
+            return {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k in keep}
+
+    return [AllowListedProgressBar()]

@@ -1,0 +1,83 @@
+"""Token counts for the manifest: the data owner's tokenizer over the Gemma 3 chat-formatted training text.
+
+Counting uses `medtee.data.chat.encode_arrays`, the encoder training uses, without any `max_length` cut: a
+dialogue counts the tokens of its rendered text, and one the encoder drops (no doctor turn) counts 0. The
+tokenizer is named in the manifest by `describe()`, whose fingerprint a TEE recomputes with `fingerprint()` to tell
+whether the count applies to its own tokenizer. transformers is imported only when a tokenizer is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+DEMO = "demo"  # --tokenizer value for medtee.data.tokenizer.build_demo_tokenizer()
+_CHUNK = 512  # records per batched tokenizer call
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer `spec` names: `demo`, or a local Hugging Face tokenizer directory or cached id (no download)."""
+    if spec == DEMO:
+        from medtee.data.tokenizer import build_demo_tokenizer
+
+        return build_demo_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer {spec}: no tokenizer found locally ({type(e).__name__}); pass a directory "
+                         f"holding tokenizer.json (e.g. from save_pretrained), an id already in the Hugging Face "
+                         f"cache, or '{DEMO}'") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"--tokenizer {spec}: a fast (tokenizer.json) tokenizer is needed; this one is slow")
+    return tokenizer
+
+
+def fingerprint(tokenizer) -> str:
+    """SHA-256 hex of the tokenizer's serialized JSON (runtime padding/truncation settings left out) and BOS token."""
+    doc = json.loads(tokenizer.backend_tokenizer.to_str())
+    doc.pop("padding", None)
+    doc.pop("truncation", None)
+    payload = json.dumps({"bos_token": tokenizer.bos_token, "tokenizer": doc}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def describe(spec: str, tokenizer) -> str:
+    """The manifest's `tokenizer` field: `<name> sha256:<fingerprint>`; a directory is named by its last part only."""
+    name = Path(spec).name if spec != DEMO and Path(spec).is_dir() else spec
+    return f"{name} sha256:{fingerprint(tokenizer)}"
+
+
+class TokenCounter:
+    """Running token count of chat records fed one at a time, tokenized `_CHUNK` records per batched call."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._pending: list[dict] = []
+        self._count = 0
+
+    def __repr__(self) -> str:  # never the pending records
+        return f"TokenCounter(tokens={self._count}, pending={len(self._pending)})"
+
+    def add(self, record: dict) -> None:
+        self._pending.append(record)
+        if len(self._pending) >= _CHUNK:
+            self._flush()
+
+    def total(self) -> int:
+        """Tokens of every record added so far."""
+        self._flush()
+        return self._count
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        from medtee.data.chat import encode_arrays
+
+        batch, self._pending = self._pending, []
+        encoded = encode_arrays(self._tokenizer, [r["messages"] for r in batch], max_length=sys.maxsize,
+                                names=[f"record {r['id']}" for r in batch])
+        self._count += sum(len(ids) for ids, _ in encoded)

@@ -1,0 +1,114 @@
+"""No patient text leaves the loader's memory. Canaries for the 18 HIPAA Safe Harbor categories are sealed into
+patient and doctor turns; after a training run (logged to a real MLflow server), an evaluation run, a sweep, a run
+that fails mid-step while quoting its batch in logs, a warning and its exception, and a run killed with SIGKILL, the
+working directory, the MLflow stores, the temporary directory and the captured stdout/stderr hold none of them in
+any encoding, and the only network connections went to the tracking server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import HARNESS, canary_overrides, connections, run_harness, scan
+
+pytestmark = pytest.mark.slow
+
+
+def _clean(forms, sealed, places: list[Path], texts: dict[str, str]) -> None:
+    hits = scan(forms, [*places, sealed["sealed"], sealed["owner"] / ".medtee"], {**sealed["texts"], **texts})
+    assert not hits, "\n".join(hits)
+
+
+def _no_egress(audit: Path, allowed_port: int | None = None) -> None:
+    outside = [(event, address) for event, address in connections(audit)
+               if not (allowed_port and "'127.0.0.1'" in address and str(allowed_port) in address)]
+    assert not outside, f"network connections other than the tracking server: {outside}"
+
+
+def test_the_canaries_are_in_the_sealed_input_and_only_there(forms, sealed_canaries):
+    plain = scan(forms, [sealed_canaries["plaintext"]])
+    assert len(plain) == len(forms), "every canary must be in the plaintext the data owner seals"
+    _clean(forms, sealed_canaries, [], {})
+
+
+def test_training_logged_to_an_mlflow_server(forms, sealed_canaries, server_run, mlflow_server):
+    proc = server_run["proc"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert server_run["run_id"]
+    _clean(forms, sealed_canaries, [server_run["cwd"], server_run["tmp"], mlflow_server["root"]],
+           {"train stdout": proc.stdout, "train stderr": proc.stderr})
+    _no_egress(server_run["audit"], mlflow_server["port"])
+    assert list(server_run["tmp"].iterdir()) == [], "the run's private temporary directory is removed"
+
+
+def test_evaluation_run(forms, sealed_canaries, tmp_path, memory_tmp):
+    audit = tmp_path / "audit"
+    proc = run_harness(["train", *canary_overrides(sealed_canaries, "trainer.validate_only=true")],
+                       cwd=tmp_path, tmpdir=memory_tmp, audit=audit)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    metrics = {k for (k,) in con.execute("select key from metrics")}
+    con.close()
+    assert "val/loss" in metrics and "train/loss" not in metrics
+    _clean(forms, sealed_canaries, [tmp_path, memory_tmp], {"stdout": proc.stdout, "stderr": proc.stderr})
+    _no_egress(audit)
+
+
+def test_sweep(forms, sealed_canaries, tmp_path, memory_tmp):
+    audit = tmp_path / "audit"
+    proc = run_harness(["train", "-m", "qlora.rank=4,8", *canary_overrides(
+        sealed_canaries, "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0")],
+        cwd=tmp_path, tmpdir=memory_tmp, audit=audit)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _clean(forms, sealed_canaries, [tmp_path, memory_tmp], {"stdout": proc.stdout, "stderr": proc.stderr})
+    _no_egress(audit)
+
+
+def test_run_that_fails_mid_step_quoting_its_batch(forms, sealed_canaries, tmp_path, memory_tmp):
+    audit = tmp_path / "audit"
+    proc = run_harness(["train", *canary_overrides(sealed_canaries, "trainer.max_steps=6")], cwd=tmp_path,
+                       tmpdir=memory_tmp, audit=audit, env={"MEDTEE_TEST_FAIL_AT_STEP": "1"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "run failed: ValueError" in proc.stderr and "message withheld" in proc.stderr
+    assert "training_step" in proc.stderr, "the report says where it failed"
+    assert "bad batch <Tensor shape=" in proc.stderr, "the logged batch is replaced by its shape"
+    assert "UserWarning: suspicious sample ... (rest withheld" in proc.stderr
+    assert "step 1 failed" in proc.stderr and "ValueError (message withheld" in proc.stderr
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    assert [s for (s,) in con.execute("select status from runs")] == ["FAILED"]
+    con.close()
+    _clean(forms, sealed_canaries, [tmp_path, memory_tmp], {"stdout": proc.stdout, "stderr": proc.stderr})
+    _no_egress(audit)
+
+
+def test_run_killed_with_sigkill(forms, sealed_canaries, tmp_path, memory_tmp):
+    audit = tmp_path / "audit"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(memory_tmp)}
+    proc = subprocess.Popen([sys.executable, str(HARNESS), str(audit), "train",
+                             *canary_overrides(sealed_canaries, "trainer.max_steps=500")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("medtee: MLflow run "):
+            break
+    assert seen and seen[-1].startswith("medtee: MLflow run "), "".join(seen)[-3000:]
+    time.sleep(3)  # well into training
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    _clean(forms, sealed_canaries, [tmp_path, memory_tmp], {"stdout": out, "stderr": "".join(seen) + err})
+    _no_egress(audit)
+    assert not list(tmp_path.rglob("core*")), "no core dump"

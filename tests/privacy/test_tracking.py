@@ -1,0 +1,133 @@
+"""The tracking guard against a real sqlite MLflow store: allow-lists, aggregates only, safe artifacts, provenance
+tags, sweeps nested under one parent run, and `tracking=mlflow_server` configuration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pytest
+
+from conftest import run_medtee
+from medtee import config
+from medtee.attestation.verdict import Check, Verdict
+
+tracking = pytest.importorskip("medtee.tracking")
+
+VERDICT = Verdict.of([Check("snp.signature", True, "valid", "valid"), Check("gpu[0].chain", True, "ok", "ok"),
+                      Check("gpu[1].chain", False, "ok", "expired")], simulated=True, policy="simulated")
+
+
+def _logger(tmp_path, name="r", *, sweep_id=None, min_aggregate=20, eval_examples=24):
+    guard = tracking.Guard(None, min_aggregate)
+    guard.eval_examples = eval_examples
+    return tracking.GuardedMLflowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t",
+                                        run_name=name, guard=guard, tags={"medtee.recipe": "demo"},
+                                        params={"qlora.rank": "8", "data.path": "/secret/place"}, sweep_id=sweep_id)
+
+
+def test_guard_drops_unknown_keys_naming_the_key_not_the_value(caplog):
+    guard = tracking.Guard(None, 20)
+    guard.eval_examples = 5
+    with caplog.at_level(logging.WARNING, logger="medtee.tracking"):
+        out = guard.metrics({"train/loss": 1.0, "sample/text_len": 31337.0, "val/loss": 2.0, "epoch": 0,
+                             "train/lr": float("nan")})
+    assert out == {"train/loss": 1.0, "train/epoch": 0.0}
+    assert "'sample/text_len'" in caplog.text and "31337" not in caplog.text
+    assert "'val/loss'" in caplog.text and "fewer than tracking.min_aggregate=20" in caplog.text
+    guard.eval_examples = 20
+    assert guard.metrics({"val/loss": 2.0}) == {"val/loss": 2.0}
+
+
+def test_tags_and_artifacts_are_allow_listed():
+    guard = tracking.Guard(["train/loss"], 20)
+    assert guard.tags({"medtee.recipe": "demo", "mlflow.user": "alice", "notes": "x",
+                       "medtee.long": "y" * 600}) == {"medtee.recipe": "demo"}
+    assert guard.artifact("samples", {"text": "x"}) is None
+    assert guard.artifact("evaluation", {"examples": 19, "metrics": {"val/loss": 1.0}}) is None
+    name, text = guard.artifact("evaluation", {"examples": 20, "metrics": {"val/loss": 1.0, "val/perplexity": 2.7}})
+    assert name == "evaluation.json" and json.loads(text) == {"examples": 20, "metrics": {}}  # narrowed allow-list
+
+
+def test_run_params_tags_artifacts_and_the_recipe_digest(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = config.compose(["data.path=/secret/place"])
+    digest = config.recipe_digest(cfg)
+    logger = _logger(tmp_path)
+    logger.log_metrics({"train/loss": 1.0, "val/loss": 2.0, "text/len": 3.0}, step=1)
+    summary = {"recipe": "demo", "recipe_digest": digest, "steps": 1}
+    logger.finish(summary, resolved=config.resolved(cfg), verdict=VERDICT, weight_digests={"m.safetensors": "ab"},
+                  evaluation={"val/loss": 2.0}, tags={"medtee.adapter_sha256": "cd", "bad.tag": "x"})
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"qlora.rank": "8"}
+    assert set(run.data.metrics) == {"train/loss", "val/loss"}
+    assert run.data.tags["medtee.adapter_sha256"] == "cd" and "bad.tag" not in run.data.tags
+    files = {f.path for f in client.list_artifacts(logger.run_id)}
+    assert files == {"receipt.json", "recipe.json", "evaluation.json"}
+    recipe = json.loads(client.download_artifacts(logger.run_id, "recipe.json", str(tmp_path)) and
+                        (tmp_path / "recipe.json").read_text())
+    assert "path" not in recipe["data"] and "/secret/place" not in json.dumps(recipe)
+    canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert hashlib.sha256(canonical.encode()).hexdigest() == digest
+    client.download_artifacts(logger.run_id, "receipt.json", str(tmp_path))
+    receipt = json.loads((tmp_path / "receipt.json").read_text())
+    assert receipt["attestation"]["policy"] == "simulated" and receipt["model_weights_sha256"] == {"m.safetensors": "ab"}
+
+
+def test_provenance_tags():
+    cfg = config.compose([])
+    tags = tracking.run_tags(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest="e" * 64, verdict=VERDICT,
+                             weight_digests={"b.safetensors": "2" * 64, "a.safetensors": "1" * 64})
+    assert tags["medtee.attestation.verdict.cpu"] == "pass" and tags["medtee.attestation.verdict.gpu0"] == "pass"
+    assert tags["medtee.attestation.verdict.gpu1"] == "fail (1 of 1 checks failed)"
+    assert tags["medtee.attestation.verdict"] == "fail" and tags["medtee.SIMULATED"].startswith("true")
+    listing = f"{'1' * 64}  a.safetensors\n{'2' * 64}  b.safetensors\n"
+    assert tags["medtee.model.weights_sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert tags["medtee.model.revision"] == "none" and tags["medtee.hardware"] == "cpu_dev"
+
+
+def test_a_sweep_is_one_parent_run_with_nested_children(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    first, second = _logger(tmp_path, "a", sweep_id="s1"), _logger(tmp_path, "b", sweep_id="s1")
+    other = _logger(tmp_path, "c", sweep_id="s2")
+    assert first.parent_run_id == second.parent_run_id != other.parent_run_id
+    first.close("FINISHED")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(first.parent_run_id).info.status == "RUNNING"  # a child still runs
+    second.close("FAILED")
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["medtee.recipe"] == "demo"
+    assert client.get_run(second.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_artifacts_never_go_straight_to_a_cloud_store(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("t", artifact_location="s3://bucket/x")
+    logger = _logger(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="medtee.tracking"):
+        logger.log_artifact("receipt", {"steps": 1})  # no S3 client is even tried
+    assert "'s3' store" in caplog.text
+
+
+def test_display_uri_hides_credentials():
+    assert tracking.display_uri("https://u:pw@m.example:5000/x?token=t") == "https://m.example:5000/x"
+    assert tracking.display_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_mlflow_server_without_its_uri_is_a_clear_configuration_error(tmp_path):
+    res = run_medtee("train", "tracking=mlflow_server", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert res.returncode == 2 and "MLFLOW_TRACKING_URI" in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mlflow_server_that_does_not_answer_is_named(tmp_path):
+    res = run_medtee("train", "tracking=mlflow_server", "data.n_synthetic=20", cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "the MLflow tracking store http://127.0.0.1:9 refused or did not answer" in res.stderr

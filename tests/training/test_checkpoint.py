@@ -1,0 +1,137 @@
+"""Encrypted checkpoints: round trip, every kind of tampering detected, key bound to the dataset, atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from medtee.training import checkpoint as ckpt
+
+KEY = ckpt.derive_key(b"\x01" * 32, "a" * 64)
+
+
+@pytest.fixture
+def small_segments(monkeypatch):
+    monkeypatch.setattr(ckpt, "SEGMENT", 1000)
+
+
+def _state():
+    return {"state_dict": {"lora_A": torch.arange(2000, dtype=torch.float32)}, "global_step": 7,
+            "medtee": {"run_info": {"mlflow_run_id": "abc"}, "rng": {"torch": torch.get_rng_state()}}}
+
+
+def test_round_trip_over_several_segments_and_nothing_plaintext_on_disk(tmp_path, small_segments):
+    io = ckpt.EncryptedCheckpointIO(KEY)
+    path = tmp_path / "c" / "step-0000007.ckpt.enc"
+    state = _state()
+    io.save_checkpoint(state, path)
+    raw = path.read_bytes()
+    assert raw.startswith(ckpt.MAGIC) and len(raw) > 3 * 1000
+    assert b"mlflow_run_id" not in raw and b"global_step" not in raw
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
+    back = io.load_checkpoint(path)
+    assert back["global_step"] == 7 and back["medtee"]["run_info"] == {"mlflow_run_id": "abc"}
+    assert torch.equal(back["state_dict"]["lora_A"], state["state_dict"]["lora_A"])
+    io.remove_checkpoint(path)
+    assert not path.exists()
+
+
+def _tampered(blob: bytes, how: str) -> bytes:
+    head = len(ckpt.MAGIC) + 8
+    first = int.from_bytes(blob[head:head + 4], "big") + 4
+    if how == "flip":
+        return blob[:len(blob) // 2] + bytes([blob[len(blob) // 2] ^ 1]) + blob[len(blob) // 2 + 1:]
+    if how == "truncate":  # drop the last segment: the new last one was not sealed as last
+        return blob[:head + first]
+    if how == "swap":  # segments 0 and 1 exchanged
+        second = int.from_bytes(blob[head + first:head + first + 4], "big") + 4
+        return blob[:head] + blob[head + first:head + first + second] + blob[head:head + first] + \
+            blob[head + first + second:]
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "swap"])
+def test_tampering_is_detected(tmp_path, small_segments, how):
+    io = ckpt.EncryptedCheckpointIO(KEY)
+    path = tmp_path / "x.ckpt.enc"
+    io.save_checkpoint(_state(), path)
+    path.write_bytes(_tampered(path.read_bytes(), how))
+    with pytest.raises(ckpt.CheckpointError, match="x.ckpt.enc cannot be decrypted"):
+        io.load_checkpoint(path)
+
+
+def test_another_dataset_key_cannot_open_it_and_the_error_names_the_file_only(tmp_path):
+    path = tmp_path / "y.ckpt.enc"
+    ckpt.EncryptedCheckpointIO(KEY).save_checkpoint(_state(), path)
+    other = ckpt.derive_key(b"\x01" * 32, "b" * 64)  # same data key, another sealed dataset
+    assert other != KEY and len(other) == 32
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.EncryptedCheckpointIO(other).load_checkpoint(path)
+    assert str(path) in str(err.value) and "another sealed dataset" in str(err.value)
+
+
+def test_not_a_checkpoint_and_missing_file(tmp_path):
+    (tmp_path / "plain.ckpt").write_bytes(b"PK\x03\x04 a zip")
+    io = ckpt.EncryptedCheckpointIO(KEY)
+    with pytest.raises(ckpt.CheckpointError, match="not a medtee encrypted checkpoint"):
+        io.load_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint file"):
+        io.load_checkpoint(tmp_path / "missing.ckpt.enc")
+
+
+def _module(run_info=None):
+    from medtee import config
+    from medtee.training.model import build_model
+    from medtee.training.module import CausalLMModule
+
+    cfg = config.compose(["recipe=demo", "qlora=lora"])
+    return CausalLMModule(build_model(cfg.model, cfg.qlora, vocab_size=64, device="cpu"), cfg.trainer,
+                          run_info=run_info)
+
+
+def test_a_checkpoint_that_does_not_open_or_fit_is_a_configuration_error_for_the_run(tmp_path):
+    from medtee import config, run
+
+    module = _module()
+    path = tmp_path / "z.ckpt.enc"
+    ckpt.EncryptedCheckpointIO(KEY).save_checkpoint({**_state(), "state_dict": module.state_dict()}, path)
+    assert run._checkpoint_run_info(str(path), KEY, module) == {"mlflow_run_id": "abc"}
+    with pytest.raises(config.ConfigError, match="z.ckpt.enc cannot be decrypted"):
+        run._checkpoint_run_info(str(path), ckpt.derive_key(b"\x02" * 32, "a" * 64), module)
+    ckpt.EncryptedCheckpointIO(KEY).save_checkpoint(_state(), path)  # an adapter of other modules
+    with pytest.raises(config.ConfigError, match="adapter does not match this recipe's"):
+        run._checkpoint_run_info(str(path), KEY, module)
+
+
+def test_module_checkpoints_hold_the_adapter_only_and_restore_rng_at_train_start():
+    module = _module({"mlflow_run_id": "r1"})
+    keys = list(module.state_dict())
+    assert keys and all("lora_" in k for k in keys)
+    saved: dict = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(saved)
+    assert saved["medtee"]["run_info"] == {"mlflow_run_id": "r1"}
+    expected = torch.rand(3)
+    fresh = type(module)(module.model, module.cfg)
+    fresh.on_load_checkpoint(saved)
+    fresh.on_train_start()
+    assert fresh.run_info == {"mlflow_run_id": "r1"}
+    assert torch.equal(torch.rand(3), expected)  # the RNG is back where it was when the checkpoint was taken
+
+
+def test_strategies():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
+
+    from medtee import config
+    from medtee.training.engine import strategy
+    from medtee.training.model import build_model
+
+    cfg = config.compose(["recipe=demo", "qlora=lora"])
+    model = build_model(cfg.model, cfg.qlora, vocab_size=64, device="cpu")
+    assert strategy(config.compose(["trainer.strategy=auto"]).trainer, model) == "auto"
+    assert isinstance(strategy(config.compose(["trainer.strategy=ddp"]).trainer, model), DDPStrategy)
+    fsdp = strategy(config.compose(["trainer.strategy=fsdp"]).trainer, model)
+    assert isinstance(fsdp, FSDPStrategy) and fsdp.kwargs["use_orig_params"]
+    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {Gemma3DecoderLayer}
