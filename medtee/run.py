@@ -35,6 +35,7 @@ def main(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from medtee import privacy
+    from medtee.sealing.manifest import SealedDataError
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
@@ -44,6 +45,9 @@ def main(cfg) -> int:
             return train(cfg, recipe=recipe, out_dir=out_dir)
     except config.ConfigError as exc:
         say(f"configuration error: {exc}")
+        return EXIT_BAD_INPUT
+    except SealedDataError as exc:
+        say(f"sealed dataset rejected: {exc}")
         return EXIT_BAD_INPUT
     except Refused as exc:
         say(f"refused: {exc}")
@@ -89,23 +93,12 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def train(cfg, *, recipe: str, out_dir: Path) -> int:
-    from medtee.sealing.manifest import SealedDataError
-
-    try:
-        config.check(cfg)
-        config.check_runnable(cfg)
-        digest = config.recipe_digest(cfg)
-        preflight(cfg)
-        return _train(cfg, recipe=recipe, digest=digest, out_dir=out_dir)
-    except config.ConfigError as exc:
-        say(f"configuration error: {exc}")
-        return EXIT_BAD_INPUT
-    except SealedDataError as exc:
-        say(f"sealed dataset rejected: {exc}")
-        return EXIT_BAD_INPUT
-    except Refused as exc:
-        say(f"refused: {exc}")
-        return EXIT_REFUSED
+    """The checks that need no data, then the run. Raises ConfigError, SealedDataError or Refused."""
+    config.check(cfg)
+    config.check_runnable(cfg)
+    digest = config.recipe_digest(cfg)
+    preflight(cfg)
+    return _train(cfg, recipe=recipe, digest=digest, out_dir=out_dir)
 
 
 def preflight(cfg) -> None:

@@ -124,3 +124,30 @@ def test_sweep_logs_one_run_per_value(tmp_path):
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r["tags"]]
     assert sorted(r["params"]["qlora.rank"] for r in children) == ["4", "8"]
     assert {r["tags"]["mlflow.parentRunId"] for r in children} == {parent["id"]}
+
+
+def test_train_against_the_owners_http_broker(tmp_path):
+    import subprocess
+    import sys
+
+    owner, tee = tmp_path / "owner", tmp_path / "tee"
+    owner.mkdir(), tee.mkdir()
+    run_medtee("synth", "--n", "30", "--out", "d.jsonl", cwd=owner)
+    _seal(owner / "d.jsonl", owner / "sealed", owner)
+    server = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--store",
+                               str(owner / ".medtee/broker")], cwd=owner, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = server.stdout.readline()  # printed once the broker accepts requests
+        assert "listening on http://127.0.0.1:" in line, line
+        url = line.split()[-1]
+        res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}", f"encryption.broker={url}",
+                         *FAST, cwd=tee)
+        assert res.returncode == 0, res.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    audit = run_medtee("broker", "audit", "verify", "--store", str(owner / ".medtee/broker"), cwd=owner)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    log = (owner / ".medtee/broker/audit.log").read_text()
+    assert '"event": "release"' in log

@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from medtee.files import write_atomic
 from medtee.sealing import keywrap
 from medtee.sealing.audit import AuditLog
 from medtee.sealing.keywrap import DEFAULT_SCHEME, EphemeralKey, Scheme
@@ -85,15 +86,9 @@ class KeyBroker(Protocol):
         """The data key wrapped to `ephemeral_public_key` (info `release_info`), or KeyReleaseDenied."""
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_registration(path: Path, manifest: Manifest, policy: str) -> None:
     doc = {"manifest": json.loads(manifest.to_json()), "policy": policy}
-    _write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _denial(name: str, expected: str, actual: str, policy: str) -> Verdict:
@@ -302,7 +297,7 @@ def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Sche
     for manifest, policy in rotated:
         _write_registration(new._registration_path(manifest.dataset_id), manifest, policy)
         if manifest.dataset_id in by_id:
-            _write_text_atomic(by_id[manifest.dataset_id] / "manifest.json", manifest.to_json())
+            write_atomic(by_id[manifest.dataset_id] / "manifest.json", manifest.to_json().encode())
     new.audit.append("rotate", old_key=old_id, new_key=new._key.key_id, datasets=[m.dataset_id for m, _ in rotated])
     return [m for m, _ in rotated]
 

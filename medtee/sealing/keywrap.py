@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from medtee.files import write_atomic
+
 _KEY_FILE_FORMAT = "medtee-hpke-key/1"
 _WRAP_MAGIC = b"MTW1"  # wrapped secret: magic, scheme byte, HPKE enc || ciphertext
 _BLOB_MAGIC = b"MTB1"  # sealed blob: magic, scheme byte, u32 wrapped-key length, wrapped key, nonce, AES-GCM ct
@@ -210,21 +212,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_keypair(directory: Path | str, name: str, scheme: Scheme | str = DEFAULT_SCHEME) -> Path:
     """Create `<name>.key` (private, mode 0600) and `<name>.pub` in `directory`; returns the public key's path.
 
@@ -246,8 +233,8 @@ def write_keypair(directory: Path | str, name: str, scheme: Scheme | str = DEFAU
         private["mlkem768_seed"] = _b64(m.private_bytes_raw())
     public = {"format": _KEY_FILE_FORMAT, "kind": "public", "scheme": scheme.value, "key_id": handle.key_id,
               "public": _b64(handle.public_bytes)}
-    _write_atomic(private_path, json.dumps(private).encode() + b"\n", 0o600)
-    _write_atomic(public_path, json.dumps(public, indent=1).encode() + b"\n", 0o644)
+    write_atomic(private_path, json.dumps(private).encode() + b"\n", mode=0o600)
+    write_atomic(public_path, json.dumps(public, indent=1).encode() + b"\n")
     return public_path
 
 

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from medtee.files import write_atomic
+
 MAGIC = b"MEDTEE-CKPT/1\n"
 SEGMENT = 1 << 26  # 64 MiB of plaintext per AES-GCM segment (cryptography's AES-GCM takes < 2 GiB at once)
 SUFFIX = ".ckpt.enc"
@@ -78,15 +80,6 @@ def decrypt(blob: bytes, key: bytes, *, name: str) -> bytes:
     return b"".join(out)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class EncryptedCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO: torch.save into memory, encrypt, write atomically; the reverse on load."""
 
@@ -100,7 +93,7 @@ class EncryptedCheckpointIO(CheckpointIO):
         torch.save(checkpoint, buffer)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, encrypt(buffer.getbuffer().tobytes(), self._key))
+        write_atomic(path, encrypt(buffer.getbuffer().tobytes(), self._key))
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         import torch

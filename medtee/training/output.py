@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from medtee.files import write_atomic
 from medtee.sealing.keywrap import load_public_key, seal_blob, write_keypair
 
 ADAPTER_FILE = "adapter.safetensors.enc"
@@ -30,15 +30,6 @@ def recipient_public_key(spec: str, *, scheme) -> tuple[object, bytes, str]:
     return found_scheme, key, spec
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_outputs(peft_model, cfg, *, summary: dict, resolved_recipe: dict, out_dir: Path) -> dict:
     """Encrypt and write the adapter and its config (unless `peft_model` is None: an evaluation run); write the
     resolved recipe and the summary."""
@@ -46,9 +37,9 @@ def write_outputs(peft_model, cfg, *, summary: dict, resolved_recipe: dict, out_
     written = {}
     if peft_model is not None:
         written = _write_adapter(peft_model, cfg, out_dir)
-    _atomic_write(out_dir / "recipe.json", json.dumps(resolved_recipe, indent=2, sort_keys=True).encode())
+    write_atomic(out_dir / "recipe.json", json.dumps(resolved_recipe, indent=2, sort_keys=True).encode())
     outputs = {ADAPTER_FILE: written} if written else {}
-    _atomic_write(out_dir / "summary.json",
+    write_atomic(out_dir / "summary.json",
                   json.dumps({**summary, "outputs": outputs}, indent=2, sort_keys=True).encode())
     return written
 
@@ -62,11 +53,11 @@ def _write_adapter(peft_model, cfg, out_dir: Path) -> dict:
     scheme, public, described = recipient_public_key(cfg.output.recipient, scheme=cfg.encryption.scheme)
     blob = seal_blob(save(state), public, scheme=scheme, info=ADAPTER_INFO)
     del state
-    _atomic_write(out_dir / ADAPTER_FILE, blob)
+    write_atomic(out_dir / ADAPTER_FILE, blob)
     adapter_cfg = peft_model.peft_config["default"].to_dict()
     adapter_cfg["base_model_name_or_path"] = cfg.model.id or cfg.model.name
     adapter_cfg = json.loads(json.dumps(adapter_cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    _atomic_write(out_dir / "adapter_config.json", json.dumps(adapter_cfg, indent=2, sort_keys=True).encode())
+    write_atomic(out_dir / "adapter_config.json", json.dumps(adapter_cfg, indent=2, sort_keys=True).encode())
     return {"adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_recipient": described}
 
 
@@ -77,8 +68,8 @@ def open_adapter(encrypted: Path, private_key_file: Path, out_dir: Path) -> Path
     _, key = load_private_key(private_key_file)
     weights = open_blob(Path(encrypted).read_bytes(), key, info=ADAPTER_INFO)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "adapter_model.safetensors", weights)
+    write_atomic(out_dir / "adapter_model.safetensors", weights)
     config_file = Path(encrypted).with_name("adapter_config.json")
     if config_file.exists():
-        _atomic_write(out_dir / "adapter_config.json", config_file.read_bytes())
+        write_atomic(out_dir / "adapter_config.json", config_file.read_bytes())
     return out_dir

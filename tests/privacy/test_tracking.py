@@ -15,6 +15,12 @@ from medtee.attestation.verdict import Check, Verdict
 
 tracking = pytest.importorskip("medtee.tracking")
 
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """A sqlite store's default artifact root is ./mlruns: keep it out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
 VERDICT = Verdict.of([Check("snp.signature", True, "valid", "valid"), Check("gpu[0].chain", True, "ok", "ok"),
                       Check("gpu[1].chain", False, "ok", "expired")], simulated=True, policy="simulated")
 
