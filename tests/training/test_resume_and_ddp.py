@@ -1,10 +1,12 @@
-"""Through the CLI, in new processes: exact resume from an encrypted checkpoint (same loss, same adapter, same MLflow
-run), evaluating a checkpoint (trainer.validate_only), and a 2-process DDP run on CPU launched by torchrun."""
+"""Through the CLI, in new processes: exact resume of a killed run from its encrypted checkpoint (same loss, same
+adapter, same MLflow run), evaluating a checkpoint (trainer.validate_only), and a 2-process DDP run on CPU launched by
+torchrun."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -61,35 +63,45 @@ def _mlflow(db: Path) -> dict:
         con.close()
 
 
-def test_resume_in_a_new_process_is_exact_and_continues_the_mlflow_run(owner, tmp_path):
+def test_a_killed_run_resumes_exactly_and_continues_its_mlflow_run(owner, tmp_path):
+    """Train N steps; train again and SIGKILL it after its N/2 checkpoint; resume that in a new process to N:
+    the same final loss and a bit-identical adapter, and the killed run's MLflow run is the one that finishes."""
     run = [*COMMON, *_data(owner), "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3",
            "trainer.checkpoint_keep=-1"]
-    first = run_medtee("train", *run, cwd=tmp_path)
+    whole_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    whole_dir.mkdir(), killed_dir.mkdir()
+    first = run_medtee("train", *run, cwd=whole_dir)
     assert first.returncode == 0, first.stderr[-3000:]
-    [whole] = _summaries(tmp_path)
+    [whole] = _summaries(whole_dir)
     checkpoints = sorted(Path(whole["dir"]).glob("checkpoints/*.ckpt.enc"))
     assert [p.name for p in checkpoints] == ["step-0000003.ckpt.enc", "step-0000006.ckpt.enc"]
 
-    second = run_medtee("train", *run, f"trainer.resume_from={checkpoints[0]}", cwd=tmp_path)
+    killed = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_after_first_checkpoint.py")),
+                             "train", *run], cwd=killed_dir, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not _summaries(killed_dir)  # it never finished
+    [checkpoint] = killed_dir.glob("outputs/*/*/checkpoints/*.ckpt.enc")
+    assert checkpoint.name == "step-0000003.ckpt.enc"
+
+    second = run_medtee("train", *run, f"trainer.resume_from={checkpoint}", cwd=killed_dir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "(continued)" in second.stderr
-    resumed = next(s for s in _summaries(tmp_path) if s["resumed"])
-    assert resumed["steps"] == whole["steps"] == 6
+    [resumed] = _summaries(killed_dir)
+    assert resumed["resumed"] and resumed["steps"] == whole["steps"] == 6
     assert resumed["final_metrics"]["train/loss"] == whole["final_metrics"]["train/loss"]
-    assert resumed["mlflow_run_id"] == whole["mlflow_run_id"]
-    a, b = _adapter(whole["dir"], tmp_path), _adapter(resumed["dir"], tmp_path)
+    a, b = _adapter(whole["dir"], whole_dir), _adapter(resumed["dir"], killed_dir)
     assert a.keys() == b.keys() and len(a) > 4
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(a[k].abs().sum()) > 0 for k in a if "lora_B" in k)  # trained, not the zero init
 
-    tracked = _mlflow(tmp_path / "mlflow.db")
-    assert tracked["status"] == {whole["mlflow_run_id"]: "FINISHED"}
-    assert tracked["loss_steps"][whole["mlflow_run_id"]][-1] >= 5  # the resumed steps landed in the same run
+    tracked = _mlflow(killed_dir / "mlflow.db")
+    assert tracked["status"] == {resumed["mlflow_run_id"]: "FINISHED"}  # the killed run's own MLflow run
+    assert tracked["loss_steps"][resumed["mlflow_run_id"]][-1] >= 5  # the resumed steps landed in it
 
     evaluate = run_medtee("train", *run, "trainer.validate_only=true", f"trainer.resume_from={checkpoints[1]}",
-                          cwd=tmp_path)
+                          cwd=whole_dir)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    [evaluation] = [s for s in _summaries(tmp_path) if s["mode"] == "validate"]
+    [evaluation] = [s for s in _summaries(whole_dir) if s["mode"] == "validate"]
     assert not list(Path(evaluation["dir"]).glob("adapter*"))
     assert evaluation["mlflow_run_id"] != whole["mlflow_run_id"]
     assert set(evaluation["final_metrics"]) == {"val/loss", "val/perplexity"}
