@@ -1,5 +1,5 @@
 """NVIDIA Hopper GPU evidence: the SPDM 1.1 GET_MEASUREMENTS exchange, its signature, the device certificate chain
-to the bundled NVIDIA Device Identity CA, the FWID, the nonce, versions and (optionally) RIM comparison."""
+to the bundled NVIDIA Device Identity CA, the FWID, the nonce, versions, and (per policy) RIMs and OCSP revocation."""
 
 from __future__ import annotations
 
@@ -226,7 +226,32 @@ def gpu_evidence_checks(gpu: GpuEvidence, policy: AttestationPolicy, *, expected
         out.append(check(f"{label}.nonce", False, "a GPU nonce computed by the relying party", "none given"))
     if not policy.authenticity_only:
         out += _policy_checks(gpu, spdm, policy, label)
+        if policy.gpu.require_rim_match:
+            from medtee.attestation.rim import rim_checks
+
+            out += rim_checks(spdm.measurements, policy.gpu.rim_store or "", policy.gpu.allowed_rim_ids, now, label)
+        if policy.gpu.revocation is not Revocation.off:
+            out.append(revocation_check(certs, policy.gpu.revocation, policy.gpu.ocsp_cache, now, label))
     return out
+
+
+def revocation_check(certs: list[x509.Certificate], stance: Revocation, cache_dir: str | None, now: datetime,
+                     label: str) -> Check:
+    """OCSP status of each certificate below the root (from the cache); revoked always fails, unknown per stance."""
+    from medtee.attestation.ocsp import GOOD, REVOKED, revocation_status
+
+    root = device_root()
+    chain = list(certs)
+    if not chain or chain[-1].public_bytes(Encoding.DER) != root.public_bytes(Encoding.DER):
+        chain.append(root)
+    results = [(_cn(c), *revocation_status(c, issuer, cache_dir, now)) for c, issuer in zip(chain, chain[1:])]
+    revoked = any(status == REVOKED for _, status, _ in results)
+    unknown = any(status not in (GOOD, REVOKED) for _, status, _ in results)
+    ok = not revoked and (not unknown or stance is Revocation.fail_open)
+    actual = "; ".join(f"{cn}: {why}" for cn, _, why in results) or "no certificates"
+    if ok and unknown:
+        actual = "WARNING, not established (fail-open): " + actual
+    return check(f"{label}.revocation", ok and bool(results), f"OCSP good for every certificate ({stance.value})", actual)
 
 
 def _signature_check(spdm: SpdmMeasurements, leaf: x509.Certificate, label: str) -> Check:
@@ -255,10 +280,5 @@ def _policy_checks(gpu: GpuEvidence, spdm: SpdmMeasurements, policy: Attestation
                      f">= {gp.min_driver_version}", spdm.driver_version))
     out.append(check(f"{label}.vbios_version", _version_at_least(spdm.vbios_version, gp.min_vbios_version, True),
                      f">= {gp.min_vbios_version}", spdm.vbios_version))
-    if gp.revocation is not Revocation.off:
-        # OCSP against NVIDIA's responder is not implemented yet: the revocation status is never established here.
-        ok = gp.revocation is Revocation.fail_open
-        out.append(check(f"{label}.revocation", ok, f"revocation status established ({gp.revocation.value})",
-                         "unknown: OCSP not available offline" + (" (fail-open)" if ok else "")))
     return out
 

@@ -41,10 +41,11 @@ class GpuPolicy:
     forbid_devtools: bool = True  # NVML must report developer-tools mode off (devtools has no memory protection)
     min_driver_version: str = "0"  # minimum driver version, dotted (e.g. "550.90.07")
     min_vbios_version: str = "0"  # minimum VBIOS version, dotted hex pairs as reported (e.g. "96.00.9F.00.01")
-    rim_store: Optional[str] = None  # directory of reference integrity manifests (*.swidtag) and rim_root.pem
-    require_rim_match: bool = False  # every measurement must equal one alternative of a signed RIM from rim_store
+    rim_store: Optional[str] = None  # directory of signed RIMs (*.swidtag) and the pinned RIM root (rim_root.pem)
+    require_rim_match: bool = False  # every active measurement of the store's RIMs must equal one of its alternatives
     allowed_rim_ids: List[str] = field(default_factory=list)  # RIM SoftwareIdentity tagIds allowed; empty = any signed
     revocation: Revocation = Revocation.off  # OCSP stance for the GPU certificate chain
+    ocsp_cache: Optional[str] = None  # directory of cached DER OCSP responses, <serial hex>.der (never fetched)
 
 
 @dataclass
@@ -103,9 +104,13 @@ class AttestationPolicy:
         bad_products = set(self.products) - {"Milan", "Genoa", "Turin"}
         if bad_products:
             out.append(f"products: unknown {sorted(bad_products)}; use Milan, Genoa, Turin")
-        if self.gpu.require_rim_match or self.gpu.allowed_rim_ids or self.gpu.rim_store:
-            out.append("gpu.require_rim_match / allowed_rim_ids / rim_store: RIM comparison is not implemented yet; "
+        if (self.gpu.require_rim_match or self.gpu.allowed_rim_ids) and not self.gpu.rim_store:
+            out.append("gpu.require_rim_match / allowed_rim_ids need gpu.rim_store: the directory of signed RIMs")
+        if (self.gpu.allowed_rim_ids or self.gpu.rim_store) and not self.gpu.require_rim_match:
+            out.append("gpu.rim_store / allowed_rim_ids are used only with gpu.require_rim_match: true; set it or "
                        "leave them unset")
+        if self.gpu.ocsp_cache and self.gpu.revocation is Revocation.off:
+            out.append("gpu.ocsp_cache is set but gpu.revocation is off: set fail_open or fail_closed, or unset it")
         return out
 
 

@@ -88,7 +88,7 @@ def test_production_gpu_policy_needs_cc_on_and_devtools_off(vectors):
     spdm = parse_spdm(ev.report)
     names = failed(gpu_evidence_checks(ev, policy, expected_nonce=spdm.nonce, now=NOW))
     assert "gpu.devtools" in names and "gpu.cc_mode" not in names
-    assert "gpu.revocation" in names  # fail-closed: OCSP is not available offline
+    assert "gpu.revocation" in names  # fail-closed and no ocsp_cache configured
 
 
 def test_hex_parse_error_is_named():

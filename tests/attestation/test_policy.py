@@ -59,3 +59,24 @@ def test_bad_policies_are_named(data, word):
 
 def test_schema_defaults_are_usable():
     assert not AttestationPolicy().problems()
+
+
+@pytest.mark.parametrize("gpu, problem", [
+    ({"require_rim_match": True}, "need gpu.rim_store"),
+    ({"rim_store": "/x"}, "only with gpu.require_rim_match"),
+    ({"ocsp_cache": "/x"}, "revocation is off"),
+])
+def test_inconsistent_gpu_fields_refused(gpu, problem):
+    with pytest.raises(ValueError, match=problem):
+        policy_from_mapping({"gpu": gpu}, "test")
+
+
+def test_rim_check_without_signxml_names_the_extra(monkeypatch, tmp_path):
+    import sys
+    from datetime import datetime, timezone
+
+    from medtee.attestation.rim import rim_checks
+
+    monkeypatch.setitem(sys.modules, "signxml", None)  # import signxml now raises ImportError
+    checks = rim_checks({}, str(tmp_path), [], datetime(2026, 1, 1, tzinfo=timezone.utc), "gpu")
+    assert [(c.name, c.ok) for c in checks] == [("gpu.rim.verifier", False)]

@@ -1,0 +1,107 @@
+"""Certificate revocation from cached OCSP responses (offline: nothing is fetched).
+
+Cache layout: `<ocsp_cache>/<certificate serial number, lowercase hex>.der`, one DER OCSP response per certificate
+(e.g. as written by `openssl ocsp -respout`). A response counts only when it is signed by the certificate's issuer or by
+a responder certificate that the issuer signed with the OCSP-signing EKU, names this certificate (CertID), and is
+current at the appraisal clock (thisUpdate <= now <= nextUpdate).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
+
+
+def _signed_by(key, signature: bytes, data: bytes, algorithm: hashes.HashAlgorithm | None) -> bool:
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey) and algorithm is not None:
+            key.verify(signature, data, ec.ECDSA(algorithm))
+        elif isinstance(key, rsa.RSAPublicKey) and algorithm is not None:
+            key.verify(signature, data, padding.PKCS1v15(), algorithm)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _responder_matches(resp: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
+    if resp.responder_name is not None:
+        return resp.responder_name == cert.subject
+    digest = hashes.Hash(hashes.SHA1())
+    digest.update(cert.public_key().public_bytes(*_spki_raw(cert)))
+    return resp.responder_key_hash == digest.finalize()
+
+
+def _spki_raw(cert: x509.Certificate):
+    """Encoding of the subjectPublicKey BIT STRING contents (what ResponderID byKey hashes)."""
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return Encoding.X962, PublicFormat.UncompressedPoint
+    return Encoding.DER, PublicFormat.PKCS1
+
+
+def _signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime) -> x509.Certificate | None:
+    """The issuer itself, or a delegated responder certificate from the response that the issuer authorised."""
+    if _responder_matches(resp, issuer):
+        return issuer
+    for cand in resp.certificates:
+        if not _responder_matches(resp, cand):
+            continue
+        try:
+            cand.verify_directly_issued_by(issuer)
+            eku = cand.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except (InvalidSignature, ValueError, TypeError, x509.ExtensionNotFound):
+            continue
+        if ExtendedKeyUsageOID.OCSP_SIGNING in eku and cand.not_valid_before_utc <= now <= cand.not_valid_after_utc:
+            return cand
+    return None
+
+
+def revocation_status(cert: x509.Certificate, issuer: x509.Certificate, cache_dir: str | None,
+                      now: datetime) -> tuple[str, str]:
+    """(good | revoked | unknown, why) for one certificate from the cache."""
+    if not cache_dir:
+        return UNKNOWN, "no ocsp_cache configured"
+    path = Path(cache_dir) / f"{cert.serial_number:x}.der"
+    try:
+        resp = ocsp.load_der_ocsp_response(path.read_bytes())
+    except OSError:
+        return UNKNOWN, f"no cached response {path.name}"
+    except ValueError:
+        return UNKNOWN, f"{path.name} is not a DER OCSP response"
+    if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return UNKNOWN, f"responder status {resp.response_status.name}"
+    signer = _signer(resp, issuer, now)
+    try:
+        algorithm = resp.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        algorithm = None
+    if signer is None or not _signed_by(signer.public_key(), resp.signature, resp.tbs_response_bytes, algorithm):
+        return UNKNOWN, "response not signed by the issuer or an authorised OCSP responder"
+    for single in resp.responses:
+        cert_id = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, single.hash_algorithm).build()
+        if (single.serial_number, single.issuer_name_hash, single.issuer_key_hash) != (
+                cert_id.serial_number, cert_id.issuer_name_hash, cert_id.issuer_key_hash):
+            continue
+        if single.this_update_utc > now:
+            return UNKNOWN, f"response not yet valid (thisUpdate {single.this_update_utc.isoformat()})"
+        if single.next_update_utc is None or now > single.next_update_utc:
+            until = single.next_update_utc.isoformat() if single.next_update_utc else "absent"
+            return UNKNOWN, f"response expired (nextUpdate {until})"
+        if single.certificate_status is ocsp.OCSPCertStatus.GOOD:
+            return GOOD, "good"
+        if single.certificate_status is ocsp.OCSPCertStatus.REVOKED:
+            return REVOKED, f"revoked at {single.revocation_time_utc.isoformat()}"
+        return UNKNOWN, "responder does not know the certificate"
+    return UNKNOWN, "response is for another certificate"

@@ -1,0 +1,167 @@
+"""NVIDIA reference integrity manifests (RIMs): signed SWID XML with the expected GPU measurements.
+
+A RIM is accepted when its enveloped XML signature (ECDSA-SHA384, C14N 1.1, checked by `signxml`) verifies with the
+signer certificate in its KeyInfo and that certificate chains, link by link, to the RIM root pinned in the store
+(`<rim_store>/rim_root.pem`). Measurement index i of a RIM is SPDM measurement block i + 1; only `active="True"`
+entries are reference values, each with one or more alternatives (attributes Hash0, Hash1, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from medtee.attestation.verdict import Check, check
+
+RIM_ROOT_FILE = "rim_root.pem"
+SWID_NS = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
+DSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
+HASH_NS = "http://www.w3.org/2001/04/xmlenc#sha384"
+
+
+class RimError(ValueError):
+    """A RIM that is unreadable, unsigned, tampered with, or not signed under the pinned RIM root."""
+
+
+@dataclass(frozen=True)
+class Rim:
+    """A verified RIM: its tagId, version and active measurements (RIM index -> allowed values)."""
+
+    file: str
+    tag_id: str
+    version: str
+    measurements: dict[int, tuple[bytes, ...]]
+
+
+def _keyinfo_chain(doc) -> list[x509.Certificate]:
+    """The KeyInfo certificates ordered signer first, each followed by its issuer."""
+    try:
+        certs = [x509.load_der_x509_certificate(base64.b64decode("".join(e.text.split())))
+                 for e in doc.iter(f"{{{DSIG_NS}}}X509Certificate") if e.text]
+    except ValueError:
+        raise RimError("unparseable X509Certificate in KeyInfo") from None
+    if not certs:
+        raise RimError("no signer certificate in KeyInfo (unsigned?)")
+    issuers = {c.issuer for c in certs if c.issuer != c.subject}
+    leaves = [c for c in certs if c.subject not in issuers and c.issuer != c.subject] or certs[:1]
+    chain = [leaves[0]]
+    by_subject = {c.subject: c for c in certs}
+    while chain[-1].issuer != chain[-1].subject and chain[-1].issuer in by_subject and len(chain) <= len(certs):
+        chain.append(by_subject[chain[-1].issuer])
+    return chain
+
+
+def _check_chain(chain: list[x509.Certificate], root: x509.Certificate, now: datetime) -> None:
+    root_der = root.public_bytes(Encoding.DER)
+    links = [c for c in chain if c.public_bytes(Encoding.DER) != root_der] + [root]
+    for cert, issuer in zip(links, links[1:]):
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (InvalidSignature, ValueError, TypeError):
+            raise RimError(f"signer chain does not reach the pinned RIM root ({cert.subject.rfc4514_string()} "
+                           f"is not signed by {issuer.subject.rfc4514_string()})") from None
+    for cert in links:
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise RimError(f"certificate {cert.subject.rfc4514_string()} not valid at {now.isoformat()}")
+
+
+def verify_rim(path: Path, root: x509.Certificate, now: datetime) -> Rim:
+    """Verify one RIM file's signature and chain and parse its measurements from the signed content only."""
+    from lxml import etree
+    from signxml import SignatureConfiguration, SignatureMethod, XMLVerifier
+    from signxml.exceptions import InvalidInput, InvalidSignature as XmlInvalidSignature
+
+    try:
+        data = path.read_bytes()
+        doc = etree.fromstring(data, parser=etree.XMLParser(resolve_entities=False, no_network=True))
+    except (OSError, etree.XMLSyntaxError) as exc:
+        raise RimError(f"not readable XML ({type(exc).__name__})") from None
+    chain = _keyinfo_chain(doc)
+    _check_chain(chain, root, now)
+    config = SignatureConfiguration(signature_methods=frozenset({SignatureMethod.ECDSA_SHA384}),
+                                    verification_time=now)
+    try:
+        signed = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config).signed_xml
+    except (XmlInvalidSignature, InvalidInput) as exc:
+        raise RimError(f"XML signature invalid: {exc}") from None
+    if signed is None or signed.tag != f"{{{SWID_NS}}}SoftwareIdentity":
+        raise RimError("the signature does not cover the whole SoftwareIdentity document")
+    meta = signed.find(f"{{{SWID_NS}}}Meta")
+    measurements: dict[int, tuple[bytes, ...]] = {}
+    for res in signed.iter(f"{{{SWID_NS}}}Resource"):
+        if res.get("type") != "Measurement" or res.get("active", "").lower() != "true":
+            continue
+        try:
+            index, count = int(res.get("index", "")), int(res.get("alternatives", "1"))
+            values = tuple(bytes.fromhex(res.get(f"{{{HASH_NS}}}Hash{k}", "")) for k in range(count))
+        except ValueError:
+            raise RimError(f"measurement {res.get('name')}: bad index, alternatives or hash value") from None
+        if not values or any(not v for v in values):
+            raise RimError(f"measurement {res.get('name')}: missing Hash attributes")
+        measurements[index] = values
+    return Rim(file=path.name, tag_id=signed.get("tagId", ""),
+               version=meta.get("colloquialVersion", "?") if meta is not None else "?", measurements=measurements)
+
+
+def rim_root(store: Path) -> x509.Certificate:
+    """The RIM root pinned in the store (NVIDIA's CoRIM signing root, provided by whoever curates the store)."""
+    path = store / RIM_ROOT_FILE
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        raise RimError(f"no readable RIM root certificate at {path}: put NVIDIA's RIM root there as PEM") from None
+
+
+def _short(value: bytes) -> str:
+    return value.hex()[:16] + "..."
+
+
+def rim_checks(measurements: dict[int, bytes], store: str, allowed_ids: list[str], now: datetime,
+               label: str) -> list[Check]:
+    """Every active RIM measurement (index i) equals one alternative for SPDM block i + 1 of the report."""
+    path = Path(store)
+    try:
+        import signxml  # noqa: F401
+    except ImportError:
+        return [check(f"{label}.rim.verifier", False, "signxml installed (the 'nvidia' extra)", "not installed")]
+    try:
+        root = rim_root(path)
+    except RimError as exc:
+        return [check(f"{label}.rim.store", False, f"{RIM_ROOT_FILE} in {path}", exc)]
+    out: list[Check] = []
+    rims: list[Rim] = []
+    for file in sorted(path.glob("*.swidtag")):
+        try:
+            rim = verify_rim(file, root, now)
+        except RimError as exc:
+            out.append(check(f"{label}.rim.signature[{file.name}]", False, "signed under the pinned RIM root", exc))
+            continue
+        if allowed_ids and rim.tag_id not in allowed_ids:
+            continue
+        rims.append(rim)
+    names = ", ".join(f"{r.file} ({r.version})" for r in rims) or "none"
+    out.append(check(f"{label}.rim.available", bool(rims), f"at least one signed, allowed RIM in {path}", names))
+    if not rims:
+        return out
+    expected: dict[int, set[bytes]] = {}
+    for rim in rims:
+        for index, values in rim.measurements.items():
+            expected.setdefault(index, set()).update(values)
+    bad = []
+    for index in sorted(expected):
+        actual = measurements.get(index + 1)
+        if actual not in expected[index]:
+            bad.append(index)
+            alternatives = " | ".join(sorted(_short(v) for v in expected[index]))
+            out.append(check(f"{label}.rim.measurement[{index}]", False, alternatives,
+                             _short(actual) if actual is not None else f"no SPDM block {index + 1}"))
+    out.append(check(f"{label}.rim.measurements", not bad,
+                     f"all {len(expected)} active RIM measurements match ({names})",
+                     f"{len(bad)} of {len(expected)} differ: indices {bad}" if bad else "all match"))
+    return out

@@ -1,0 +1,167 @@
+"""RIM verification and comparison: the nvtrust test RIMs (../shared/vectors) and RIMs signed here by a test CA."""
+
+import dataclasses
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from medtee.attestation import GpuEvidence, load_policy, policy_from_mapping
+from medtee.attestation.nvidia import gpu_evidence_checks, parse_hex_report, parse_spdm
+
+pytest.importorskip("signxml", reason="signxml is not installed: RIM verification needs the 'nvidia' extra")
+
+from medtee.attestation.rim import RimError, rim_root, verify_rim  # noqa: E402
+
+NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)  # inside the nvtrust test RIM signer's validity (ends 2025-06-26)
+SAMPLES = "nvidia/nvtrust/local_gpu_verifier_samples"
+DRIVER, VBIOS = "Driver_RIM_test_no_gpu.swidtag", "1010_0200_882_96005E0001_test_no_gpu.swidtag"
+DRIVER_TAG = "f0d3a263ab9ef4b93c8fc9727493b61a979814cbf31c07614842a9486b84db8c6cb2c94fb3d5d55992fc482ab495df0d"
+SWID = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
+
+
+@pytest.fixture
+def store(vectors, tmp_path):
+    """A RIM store (in tmp_path) with the nvtrust driver and VBIOS test RIMs and NVIDIA's RIM root."""
+    for name in (DRIVER, VBIOS):
+        shutil.copy(vectors / SAMPLES / name, tmp_path / name)
+    shutil.copy(vectors / "nvidia/nvtrust/roots/verifier_RIM_root.pem", tmp_path / "rim_root.pem")
+    return tmp_path
+
+
+@pytest.fixture
+def sample(vectors):
+    certs = x509.load_pem_x509_certificates((vectors / SAMPLES / "hopperCertChain.txt").read_bytes())
+    return GpuEvidence(report=parse_hex_report((vectors / SAMPLES / "hopperAttestationReport.txt").read_text()),
+                       certificates=tuple(c.public_bytes(Encoding.DER) for c in certs), cc_feature=True,
+                       devtools_mode=False)
+
+
+def rim_policy(store, allowed=()):
+    base = dataclasses.asdict(load_policy("snp_h200"))
+    base["gpu"].update(rim_store=str(store), require_rim_match=True, allowed_rim_ids=list(allowed), revocation="off")
+    return policy_from_mapping(base, "test")
+
+
+def rim_failures(gpu, policy, now=NOW):
+    checks = gpu_evidence_checks(gpu, policy, expected_nonce=parse_spdm(gpu.report).nonce, now=now)
+    return {c.name: c for c in checks if not c.ok and ".rim" in c.name}, checks
+
+
+def test_nvtrust_rims_are_signed_under_nvidia_rim_root(store):
+    root = rim_root(store)
+    driver, vbios = verify_rim(store / DRIVER, root, NOW), verify_rim(store / VBIOS, root, NOW)
+    assert driver.tag_id == DRIVER_TAG and driver.version == "545.00" and len(driver.measurements) == 21
+    assert vbios.version == "96.00.5E.00.01" and len(vbios.measurements) == 12
+    assert len(driver.measurements[23]) == 2 and len(vbios.measurements[12]) == 4  # alternatives
+
+
+def test_nvtrust_rims_do_not_match_the_h100_report(store, sample):
+    failures, checks = rim_failures(sample, rim_policy(store))
+    per_index = sorted(int(n.split("[")[1].rstrip("]")) for n in failures if "measurement[" in n)
+    assert per_index == [1, 2, 3, 7, 9, 11, 21, 22, 25, 26, 27, 29, 30, 31, 32, 34, 36, 37, 39, 40]
+    assert "20 of 33 differ" in failures["gpu.rim.measurements"].actual
+    m7 = failures["gpu.rim.measurement[7]"]
+    assert m7.expected == "0e0ee161b59bf124..." and m7.actual == parse_spdm(sample.report).measurements[8].hex()[:16] + "..."
+    assert not [c for c in checks if not c.ok and ".rim" not in c.name]  # only the RIM comparison fails
+
+
+def test_allowed_rim_ids_restrict_the_store(store, sample):
+    failures, _ = rim_failures(sample, rim_policy(store, [DRIVER_TAG]))
+    assert "15 of 21 differ" in failures["gpu.rim.measurements"].actual
+    failures, _ = rim_failures(sample, rim_policy(store, ["not-a-tag"]))
+    assert set(failures) == {"gpu.rim.available"}
+
+
+def test_tampered_rim_fails_its_signature(store, sample):
+    path = store / DRIVER
+    data = path.read_bytes()
+    assert data.count(b"0e0ee161b59bf124") == 1
+    path.write_bytes(data.replace(b"0e0ee161b59bf124", b"0e0ee161b59bf125"))
+    with pytest.raises(RimError, match="signature"):
+        verify_rim(path, rim_root(store), NOW)
+    failures, _ = rim_failures(sample, rim_policy(store))
+    assert f"gpu.rim.signature[{DRIVER}]" in failures
+
+
+def test_unsigned_rim_rejected(store):
+    path = store / DRIVER
+    text = path.read_text()
+    path.write_text(text[: text.index("<ds:Signature")] + text[text.index("</ds:Signature>") + 15 :])
+    with pytest.raises(RimError, match="unsigned"):
+        verify_rim(path, rim_root(store), NOW)
+
+
+def test_wrong_root_rejected(store, vectors):
+    shutil.copy(vectors / "nvidia/nvtrust/roots/verifier_device_root.pem", store / "rim_root.pem")
+    with pytest.raises(RimError, match="pinned RIM root"):
+        verify_rim(store / DRIVER, rim_root(store), NOW)
+
+
+def test_expired_signer_rejected(store):
+    with pytest.raises(RimError, match="not valid at"):
+        verify_rim(store / DRIVER, rim_root(store), datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+
+def test_missing_root_named(tmp_path, sample):
+    failures, _ = rim_failures(sample, rim_policy(tmp_path))
+    assert "rim_root.pem" in failures["gpu.rim.store"].actual
+
+
+# --- RIMs signed here by a test CA: the matching path must pass -------------------------------------------------
+
+
+def _cert(subject, issuer, key, signer, ca):
+    name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
+    return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(signer, hashes.SHA384()))
+
+
+def _signed_rim(measurements: dict[int, list[bytes]], tag="test-tag"):
+    from lxml import etree
+    from signxml import XMLSigner
+
+    root_key, leaf_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    root = _cert("Test RIM root", "Test RIM root", root_key, root_key, True)
+    leaf = _cert("Test RIM signer", "Test RIM root", leaf_key, root_key, False)
+    doc = etree.Element(f"{{{SWID}}}SoftwareIdentity", nsmap={None: SWID}, tagId=tag, name="GH100", version="1.0")
+    etree.SubElement(doc, f"{{{SWID}}}Meta", colloquialVersion="550.90.07")
+    payload = etree.SubElement(doc, f"{{{SWID}}}Payload")
+    for index, values in measurements.items():
+        res = etree.SubElement(payload, f"{{{SWID}}}Resource", type="Measurement", index=str(index), active="True",
+                               alternatives=str(len(values)))
+        for k, v in enumerate(values):
+            res.set(f"{{http://www.w3.org/2001/04/xmlenc#sha384}}Hash{k}", v.hex())
+    signer = XMLSigner(signature_algorithm="ecdsa-sha384", digest_algorithm="sha384",
+                       c14n_algorithm="http://www.w3.org/2006/12/xml-c14n11")
+    pem = lambda c: c.public_bytes(Encoding.PEM)  # noqa: E731
+    key_pem = leaf_key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    signed = signer.sign(doc, key=key_pem, cert=[pem(leaf), pem(root)])
+    return etree.tostring(signed), pem(root)
+
+
+def test_matching_rim_passes_and_alternatives_count(tmp_path, sample):
+    ms = parse_spdm(sample.report).measurements
+    xml, root = _signed_rim({0: [ms[1]], 7: [bytes(48), ms[8]], 40: [ms[41]]})
+    (tmp_path / "good.swidtag").write_bytes(xml)
+    (tmp_path / "rim_root.pem").write_bytes(root)
+    failures, checks = rim_failures(sample, rim_policy(tmp_path))
+    assert not failures
+    assert any(c.name == "gpu.rim.measurements" and c.ok and "all 3" in c.expected for c in checks)
+
+
+def test_self_signed_rim_not_under_the_pinned_root_rejected(store, sample):
+    ms = parse_spdm(sample.report).measurements
+    xml, _ = _signed_rim({0: [ms[1]]})
+    (store / "forged.swidtag").write_bytes(xml)
+    failures, _ = rim_failures(sample, rim_policy(store))
+    assert "pinned RIM root" in failures["gpu.rim.signature[forged.swidtag]"].actual
+
