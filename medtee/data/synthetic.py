@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from medtee.files import write_atomic
 
 # Obviously invented names: nobody real is described.
 _FIRST_NAMES = ("Alex", "Sam", "Robin", "Kim", "Jordan", "Casey", "Morgan", "Riley", "Taylor", "Jamie", "Avery",
@@ -292,16 +293,5 @@ def generate_dialogues(n: int, *, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
-    """Write records as JSON lines, atomically: a temporary sibling file is renamed over `path` when complete."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for record in records:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write records as JSON lines, atomically: `path` keeps its old content unless every record was written."""
+    write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
