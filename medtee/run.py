@@ -221,8 +221,7 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
         run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
         logger = open_run(cfg, recipe=recipe, recipe_digest=digest, dataset_digest=dataset.manifest.digest(),
                           verdict=verdict, eval_examples=stats.get("n_val", 0), weight_digests=digests, run_id=run_id)
-        logger.set_tags({"medtee.mode": "validate" if t.validate_only else "train",
-                         **{f"medtee.model.weights.{name}": sha for name, sha in digests.items()}})
+        logger.set_tags({"medtee.mode": "validate" if t.validate_only else "train"})
         say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
 
     trainer = build_trainer(cfg, model=model, logger=logger, out_dir=out_dir, checkpoint_key=checkpoint_key)
