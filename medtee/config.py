@@ -119,7 +119,7 @@ class Precision(str, Enum):  # member names in YAML, Lightning's precision strin
 class Strategy(str, Enum):
     auto = "auto"  # Lightning's choice: one device, or DDP across several
     ddp = "ddp"  # data parallel: a full (4-bit) model replica per device, gradients all-reduced
-    fsdp = "fsdp"  # fully sharded: decoder layers sharded across devices (QLoRA: 4-bit weights stored in compute dtype)
+    fsdp = "fsdp"  # fully sharded across CUDA devices, a unit per decoder layer (4-bit weights stored in model.dtype)
 
 
 @dataclass
@@ -200,6 +200,9 @@ METRIC_ALLOW_LIST = (
 #: Fields excluded from the recipe digest because they name places on one machine, not what runs.
 NOT_IN_DIGEST = ("data.path", "tracking.tracking_uri", "tracking.run_name", "encryption.broker_dir",
                  "trainer.resume_from")
+
+#: Accelerators Lightning's FSDP strategy shards across (it refuses any other).
+FSDP_ACCELERATORS = ("cuda",)
 
 # -------------------------------------------------------------------------------------------------------- composing
 
@@ -370,6 +373,16 @@ def check(cfg) -> None:
                             f"encryption.broker=https://... (an embedded broker would hold the owner's key here)")
         if not cfg.model.offline:
             problems.append("production profiles allow no model-hub access: set model.offline=true")
+    if cfg.trainer.strategy == "fsdp":
+        if hw.accelerator not in FSDP_ACCELERATORS:
+            problems.append(f"trainer.strategy=fsdp shards across CUDA GPUs only, but hardware profile '{hw.name}' "
+                            f"runs on {hw.accelerator.value}: use trainer.strategy=ddp there, or a GPU hardware profile")
+        param_dtype = "float32" if cfg.trainer.precision == "32-true" else "bfloat16"
+        if q.quantization != "none" and cfg.model.dtype != param_dtype:
+            # FSDP casts each flat parameter to the precision's dtype: packed 4-bit bytes cast as numbers are garbage
+            problems.append(f"trainer.strategy=fsdp stores the 4-bit weights as model.dtype elements, which FSDP casts "
+                            f"to trainer.precision={cfg.trainer.precision.name}'s {param_dtype}: set "
+                            f"model.dtype={param_dtype}")
     if q.quantization != "none" and not hw.supports_4bit:
         problems.append(f"qlora.quantization={q.quantization} needs bitsandbytes 4-bit kernels, which hardware "
                         f"profile '{hw.name}' cannot run; use qlora=lora or another hardware profile")

@@ -236,6 +236,8 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
         if logger:
             logger.close("FAILED")
         raise
+    # every process takes part: under FSDP this gathers the adapter's shards to rank 0 (the others get nothing)
+    adapter = None if t.validate_only else module.adapter_state(trainer.strategy.lightning_module_state_dict())
     if not rank_zero:
         return EXIT_OK
     metrics = logger.guard.metrics({k: float(v) for k, v in trainer.callback_metrics.items()
@@ -254,7 +256,7 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
         "final_metrics": metrics,
         "examples": {"train": stats.get("n_train"), "val": stats.get("n_val")},
     }
-    written = write_outputs(None if t.validate_only else module.model, cfg, summary=summary,
+    written = write_outputs(module.model, cfg, adapter=adapter, summary=summary,
                             resolved_recipe=resolved, out_dir=out_dir)
     logger.finish(summary, resolved=resolved, verdict=verdict, weight_digests=digests,
                   evaluation={k: v for k, v in metrics.items() if k.startswith("val/")},

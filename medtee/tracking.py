@@ -168,8 +168,16 @@ class GuardedMLflowLogger(Logger):
         if self._parent_id:
             safe_tags["mlflow.parentRunId"] = self._parent_id
         if resume_run_id:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self._run = self._client.get_run(resume_run_id)
+            except MlflowException:
+                raise config.ConfigError(
+                    f"trainer.resume_from: the checkpoint continues MLflow run {resume_run_id}, which "
+                    f"{display_uri(tracking_uri)} does not hold; resume with the tracking.tracking_uri of the run "
+                    f"that wrote the checkpoint") from None
             self._client.update_run(resume_run_id, status="RUNNING")
-            self._run = self._client.get_run(resume_run_id)
             self.set_tags(safe_tags)
         else:
             self._run = self._client.create_run(self._experiment_id, run_name=run_name, tags=safe_tags)

@@ -72,6 +72,20 @@ def test_4bit_on_a_profile_without_4bit_kernels_is_refused_with_the_fix():
     config.compose(["recipe=demo", "hardware.supports_4bit=false", "qlora=lora"])
 
 
+def test_fsdp_off_cuda_is_refused_with_the_fix():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=demo", "trainer.strategy=fsdp"])
+    assert "trainer.strategy=fsdp" in str(err.value) and "trainer.strategy=ddp" in str(err.value)
+    config.compose(["recipe=medgemma27b_h200_sev_snp", "trainer.strategy=fsdp"])
+
+
+def test_fsdp_with_4bit_weights_needs_the_model_dtype_fsdp_computes_in():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=medgemma27b_h200_sev_snp", "trainer.strategy=fsdp", "model.dtype=float32"])
+    assert "model.dtype=bfloat16" in str(err.value)
+    config.compose(["recipe=medgemma27b_h200_sev_snp", "trainer.strategy=fsdp", "model.dtype=float32", "qlora=lora"])
+
+
 def test_tracking_metrics_can_only_narrow_the_allow_list():
     config.compose(["tracking.metrics=[train/loss]"])
     with pytest.raises(ConfigError) as err:

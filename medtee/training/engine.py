@@ -8,29 +8,64 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
 
 def strategy(trainer_cfg, model):
-    """Lightning strategy for `trainer.strategy` (auto | ddp | fsdp); FSDP wraps each decoder layer."""
+    """Lightning strategy for `trainer.strategy` (auto | ddp | fsdp)."""
     if trainer_cfg.strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
         return DDPStrategy(find_unused_parameters=False)
     if trainer_cfg.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from medtee.training.model import decoder_layers
-
-        layer_types = {type(layer) for layer in decoder_layers(model)}
-        # use_orig_params: frozen (4-bit) and trainable (LoRA) parameters share each wrapped layer.
-        return FSDPStrategy(auto_wrap_policy=layer_types, use_orig_params=True, sharding_strategy="FULL_SHARD",
-                            state_dict_type="full", limit_all_gathers=True)
+        # use_orig_params: the optimizer sees the LoRA parameters, not FSDP's flat ones
+        return EncryptedFSDPStrategy(auto_wrap_policy=fsdp_wrap_policy(model), use_orig_params=True,
+                                     sharding_strategy="FULL_SHARD", state_dict_type="full", limit_all_gathers=True)
     return "auto"
+
+
+class EncryptedFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP with full (gathered) checkpoints, resumed through the checkpoint IO: Lightning's own
+    `load_checkpoint` opens the file itself, which an encrypted checkpoint is not."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        from lightning.pytorch.trainer.states import TrainerFn
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import StateDictType
+
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = self.checkpoint_io.load_checkpoint(path)  # every process decrypts it in its own memory
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(rank0_only=False), FullOptimStateDictConfig(rank0_only=False)):
+            # the adapter only: loading is not strict, the frozen base was rebuilt from the recipe
+            self.model.load_state_dict(checkpoint["state_dict"], strict=self.lightning_module.strict_loading)
+            if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+                for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=True):
+                    # saved keyed by parameter index (as one device saves it), FSDP loads by parameter name
+                    state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
+        return checkpoint
+
+
+def fsdp_wrap_policy(model):
+    """FSDP units: each decoder layer (frozen weights and norms, one dtype) and, on their own, the LoRA matrices
+    inside it, so trainable parameters (and their dtype) never share a flat parameter with frozen ones."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    from medtee.training.model import decoder_layers
+
+    layer_types = tuple({type(layer) for layer in decoder_layers(model)})
+
+    def wrap(module) -> bool:
+        weight = getattr(module, "weight", None)
+        trainable_leaf = next(module.children(), None) is None and weight is not None and weight.requires_grad
+        return isinstance(module, layer_types) or trainable_leaf
+
+    return CustomPolicy(wrap)
 
 
 def build_trainer(cfg, *, model, logger, out_dir: Path, checkpoint_key: bytes | None):
     """Trainer for the recipe; encrypted checkpoints (and resuming) need `checkpoint_key`."""
-    import lightning as L
-
     from medtee import config, privacy
     from medtee.training.checkpoint import EncryptedCheckpointIO, checkpoint_callback
 

@@ -42,16 +42,15 @@ def _tiny_config(model_cfg, vocab_size: int):
     )
 
 
-def _quantization_config(qlora_cfg, *, sharded: bool):
+def _quantization_config(qlora_cfg, *, storage: torch.dtype):
     if qlora_cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    compute = _DTYPES[qlora_cfg.compute_dtype.value]
-    # FSDP flattens parameters of one dtype: the packed 4-bit weights are then stored as compute-dtype elements.
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qlora_cfg.quantization.value,
-                              bnb_4bit_use_double_quant=qlora_cfg.double_quant, bnb_4bit_compute_dtype=compute,
-                              bnb_4bit_quant_storage=compute if sharded else torch.uint8)
+                              bnb_4bit_use_double_quant=qlora_cfg.double_quant,
+                              bnb_4bit_compute_dtype=_DTYPES[qlora_cfg.compute_dtype.value],
+                              bnb_4bit_quant_storage=storage)
 
 
 def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, sharded: bool = False):
@@ -61,7 +60,9 @@ def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, shard
 
     hf_logging.disable_progress_bar()
     dtype = _DTYPES[model_cfg.dtype.value]
-    quant = _quantization_config(qlora_cfg, sharded=sharded)
+    # FSDP flattens each decoder layer into one tensor of one dtype: the packed 4-bit weights are then stored as
+    # elements of the model's dtype, the dtype of the layer's norms.
+    quant = _quantization_config(qlora_cfg, storage=dtype if sharded else torch.uint8)
     kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -192,7 +193,7 @@ def enable_activation_checkpointing(model, *, every_n_layers: int, selective: bo
 def build_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, sharded: bool = False):
     """Base model frozen (embeddings and output layer in model.dtype, never upcast), LoRA trainable, train mode.
 
-    `sharded`: the model will be wrapped by FSDP (4-bit weights stored in the compute dtype).
+    `sharded`: the model will be wrapped by FSDP (4-bit weights stored in the model's dtype).
     """
     from peft import LoraConfig, get_peft_model
 

@@ -30,11 +30,16 @@ class CausalLMModule(L.LightningModule):
     id); the frozen base is rebuilt from the recipe on resume.
     """
 
+    PREFIX = "model."  # of the peft model's entries in this module's state dict
+
     def __init__(self, model, trainer_cfg, *, run_info: dict | None = None):
         super().__init__()
         self.model = model
         self.cfg = trainer_cfg
         self.run_info = dict(run_info or {})
+        # names before any engine wraps the layers (FSDP's full state dicts use these names too)
+        self.trainable = frozenset(n for n, p in self.named_parameters() if p.requires_grad)
+        self._adapter_names = _adapter_names(model, prefix=self.PREFIX)
         self.strict_loading = False  # checkpoints carry the adapter, not the frozen base weights
         self._t0: float | None = None
         self._tokens = 0
@@ -49,21 +54,21 @@ class CausalLMModule(L.LightningModule):
         return chunked_causal_lm_loss(hidden, causal.lm_head, batch["labels"], chunk_tokens=self.cfg.loss_chunk_tokens,
                                       softcap=getattr(causal.config, "final_logit_softcapping", None))
 
-    def state_dict(self, *args, **kwargs):
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in trainable}
+    def adapter_state(self, state_dict: dict) -> dict:
+        """The adapter, as peft saves it, from this module's (full) state dict."""
+        return {self._adapter_names[k]: v for k, v in state_dict.items() if k in self._adapter_names}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable}
         checkpoint["medtee"] = {"run_info": dict(self.run_info), "rng": _rng_states()}
 
     def adapter_mismatch(self, checkpoint: dict) -> str | None:
         """Why the checkpoint's adapter cannot load into this module (loading is not strict), or None."""
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
         found = set(checkpoint.get("state_dict", {}))
-        if found == expected:
+        if found == self.trainable:
             return None
-        return (f"the checkpoint's adapter does not match this recipe's: {len(expected - found)} LoRA tensors "
-                f"missing, {len(found - expected)} unexpected; resume with the qlora settings of the run that wrote it")
+        return (f"the checkpoint's adapter does not match this recipe's: {len(self.trainable - found)} LoRA tensors "
+                f"missing, {len(found - self.trainable)} unexpected; resume with the qlora settings of the run that wrote it")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         mismatch = self.adapter_mismatch(checkpoint)
@@ -97,12 +102,21 @@ class CausalLMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch["input_ids"].shape[0],
+                 sync_dist=True)  # the mean over every process's held-out batches
 
     def on_validation_epoch_end(self):
         val = self.trainer.callback_metrics.get("val/loss")
         if val is not None:
             self.log("val/perplexity", torch.exp(val.detach().clamp(max=20.0)))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if gradient_clip_val and isinstance(self.trainer.model, FullyShardedDataParallel):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # the norm over every shard, as on one device
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -115,6 +129,17 @@ class CausalLMModule(L.LightningModule):
             opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.warmup_steps, self.cfg.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _adapter_names(peft_model, *, prefix: str) -> dict[str, str]:
+    """{name in the module's state dict: name in the saved adapter}. Asked of peft while the layers are unwrapped
+    (it finds adapter entries by walking the model's modules, whose names FSDP changes)."""
+    from peft import get_peft_model_state_dict
+
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    markers = {n: torch.tensor(i) for i, n in enumerate(names)}
+    saved = get_peft_model_state_dict(peft_model, state_dict=markers, save_embedding_layers=False)
+    return {prefix + names[int(marker)]: key for key, marker in saved.items()}
 
 
 def _rng_states() -> dict:

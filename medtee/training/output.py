@@ -30,13 +30,14 @@ def recipient_public_key(spec: str, *, scheme) -> tuple[object, bytes, str]:
     return found_scheme, key, spec
 
 
-def write_outputs(peft_model, cfg, *, summary: dict, resolved_recipe: dict, out_dir: Path) -> dict:
-    """Encrypt and write the adapter and its config (unless `peft_model` is None: an evaluation run); write the
-    resolved recipe and the summary."""
+def write_outputs(peft_model, cfg, *, adapter: dict | None, summary: dict, resolved_recipe: dict,
+                  out_dir: Path) -> dict:
+    """Encrypt and write the adapter (`adapter`: whole tensors named as peft saves them) and its config, unless
+    `adapter` is None (an evaluation run); write the resolved recipe and the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    if peft_model is not None:
-        written = _write_adapter(peft_model, cfg, out_dir)
+    if adapter is not None:
+        written = _write_adapter(peft_model, adapter, cfg, out_dir)
     write_atomic(out_dir / "recipe.json", json.dumps(resolved_recipe, indent=2, sort_keys=True).encode())
     outputs = {ADAPTER_FILE: written} if written else {}
     write_atomic(out_dir / "summary.json",
@@ -44,12 +45,10 @@ def write_outputs(peft_model, cfg, *, summary: dict, resolved_recipe: dict, out_
     return written
 
 
-def _write_adapter(peft_model, cfg, out_dir: Path) -> dict:
-    from peft import get_peft_model_state_dict
+def _write_adapter(peft_model, adapter: dict, cfg, out_dir: Path) -> dict:
     from safetensors.torch import save
 
-    state = {k: v.detach().to("cpu").contiguous()
-             for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
     scheme, public, described = recipient_public_key(cfg.output.recipient, scheme=cfg.encryption.scheme)
     blob = seal_blob(save(state), public, scheme=scheme, info=ADAPTER_INFO)
     del state

@@ -96,7 +96,9 @@ def test_a_checkpoint_that_does_not_open_or_fit_is_a_configuration_error_for_the
 
     module = _module()
     path = tmp_path / "z.ckpt.enc"
-    ckpt.EncryptedCheckpointIO(KEY).save_checkpoint({**_state(), "state_dict": module.state_dict()}, path)
+    saved = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(saved)
+    ckpt.EncryptedCheckpointIO(KEY).save_checkpoint({**_state(), "state_dict": saved["state_dict"]}, path)
     assert run._checkpoint_run_info(str(path), KEY, module) == {"mlflow_run_id": "abc"}
     with pytest.raises(config.ConfigError, match="z.ckpt.enc cannot be decrypted"):
         run._checkpoint_run_info(str(path), ckpt.derive_key(b"\x02" * 32, "a" * 64), module)
@@ -107,10 +109,16 @@ def test_a_checkpoint_that_does_not_open_or_fit_is_a_configuration_error_for_the
 
 def test_module_checkpoints_hold_the_adapter_only_and_restore_rng_at_train_start():
     module = _module({"mlflow_run_id": "r1"})
-    keys = list(module.state_dict())
-    assert keys and all("lora_" in k for k in keys)
     saved: dict = {"state_dict": module.state_dict()}
+    assert any("lora_" not in k for k in saved["state_dict"])  # the frozen base is in the module's state dict ...
     module.on_save_checkpoint(saved)
+    keys = list(saved["state_dict"])
+    assert keys and all("lora_" in k for k in keys)  # ... but not in its checkpoints
+    from peft import get_peft_model_state_dict
+
+    adapter = module.adapter_state(module.state_dict())
+    expected = get_peft_model_state_dict(module.model)
+    assert adapter.keys() == expected.keys() and all(torch.equal(adapter[k], expected[k]) for k in expected)
     assert saved["medtee"]["run_info"] == {"mlflow_run_id": "r1"}
     expected = torch.rand(3)
     fresh = type(module)(module.model, module.cfg)
@@ -132,6 +140,11 @@ def test_strategies():
     model = build_model(cfg.model, cfg.qlora, vocab_size=64, device="cpu")
     assert strategy(config.compose(["trainer.strategy=auto"]).trainer, model) == "auto"
     assert isinstance(strategy(config.compose(["trainer.strategy=ddp"]).trainer, model), DDPStrategy)
-    fsdp = strategy(config.compose(["trainer.strategy=fsdp"]).trainer, model)
+    fsdp = strategy(config.compose(["recipe=medgemma27b_h200_sev_snp", "trainer.strategy=fsdp"]).trainer, model)
     assert isinstance(fsdp, FSDPStrategy) and fsdp.kwargs["use_orig_params"]
-    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {Gemma3DecoderLayer}
+    units = [m for m in model.modules() if fsdp.kwargs["auto_wrap_policy"]._lambda_fn(m)]
+    layers = [m for m in units if isinstance(m, Gemma3DecoderLayer)]
+    lora = [m for m in units if not isinstance(m, Gemma3DecoderLayer)]
+    assert len(layers) == cfg.model.tiny.num_hidden_layers
+    # LoRA matrices are units of their own: 2 per adapted linear layer (7 per decoder layer)
+    assert len(lora) == 2 * 7 * len(layers) and all(m.weight.requires_grad for m in lora)

@@ -1,6 +1,7 @@
 """Through the CLI, in new processes: exact resume of a killed run from its encrypted checkpoint (same loss, same
-adapter, same MLflow run), evaluating a checkpoint (trainer.validate_only), and a 2-process DDP run on CPU launched by
-torchrun."""
+adapter, same MLflow run), evaluating a checkpoint (trainer.validate_only), and 2-process DDP and FSDP runs on CPU
+launched by torchrun: FSDP trains exactly as DDP does and resumes exactly from its own checkpoint, and two torchrun
+"nodes" (one process each) train exactly as one node with two processes."""
 
 from __future__ import annotations
 
@@ -115,15 +116,75 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_on_cpu_with_torchrun(owner, tmp_path):
+def _torchrun(script: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "medtee", "train", *COMMON, *_data(owner),
-           "trainer.max_steps=3", "trainer.strategy=ddp", "hardware.devices=2", "hardware.cpu_threads=1"]
-    res = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
-                         text=True, timeout=300)
+           "--master_port", str(_free_port()), *script, "train", *COMMON, "hardware.devices=2",
+           "hardware.cpu_threads=1", *args]
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(owner, tmp_path_factory) -> tuple[Path, dict]:
+    cwd = tmp_path_factory.mktemp("ddp")
+    res = _torchrun(["-m", "medtee"], *_data(owner), "trainer.max_steps=3", "trainer.strategy=ddp", cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("data key released") == 2  # each process attested and obtained the key itself
-    [summary] = _summaries(tmp_path)  # rank 0 alone writes outputs
+    [summary] = _summaries(cwd)  # rank 0 alone writes outputs
+    return cwd, summary
+
+
+def test_two_process_ddp_on_cpu_with_torchrun(ddp_run):
+    cwd, summary = ddp_run
     assert summary["world_size"] == 2 and summary["steps"] == 3
     assert (Path(summary["dir"]) / "adapter.safetensors.enc").exists()
-    assert _mlflow(tmp_path / "mlflow.db")["status"] == {summary["mlflow_run_id"]: "FINISHED"}
+    assert _mlflow(cwd / "mlflow.db")["status"] == {summary["mlflow_run_id"]: "FINISHED"}
+
+
+def test_two_nodes_train_as_one_node_with_two_processes(owner, ddp_run, tmp_path):
+    """Multi-node through torchrun's launcher: an agent per node, each with its own working directory (as on two
+    machines). Rank 0's node writes every output; the other node writes nothing."""
+    _, ddp = ddp_run
+    port, nodes = str(_free_port()), [tmp_path / "node0", tmp_path / "node1"]
+    agents = []
+    for rank, cwd in enumerate(nodes):
+        cwd.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, "-m", "medtee", "train",
+               *COMMON, *_data(owner), "trainer.max_steps=3", "trainer.strategy=ddp", "hardware.num_nodes=2",
+               "hardware.cpu_threads=1"]
+        agents.append(subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errors = [agent.communicate(timeout=300)[1] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    [summary] = _summaries(nodes[0])
+    assert summary["world_size"] == 2 and summary["final_metrics"] == ddp["final_metrics"]
+    assert not list(nodes[1].iterdir())
+
+
+FSDP_ON_CPU = [str(Path(__file__).with_name("fsdp_on_cpu.py"))]
+
+
+def test_fsdp_trains_as_ddp_does_and_resumes_exactly(owner, ddp_run, tmp_path):
+    """QLoRA (4-bit base) sharded by FSDP over 2 CPU processes: the same losses and adapter as the DDP run, a whole
+    adapter gathered from the shards, and a resume from its step-2 checkpoint that ends where the run did."""
+    ddp_cwd, ddp = ddp_run
+    run = [*_data(owner), "trainer.max_steps=3", "trainer.strategy=fsdp", "trainer.checkpoint_every_n_steps=2"]
+    res = _torchrun(FSDP_ON_CPU, *run, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [fsdp] = _summaries(tmp_path)
+    assert fsdp["world_size"] == 2 and fsdp["steps"] == 3
+    assert fsdp["final_metrics"] == pytest.approx(ddp["final_metrics"], rel=1e-5)
+    a, b = _adapter(fsdp["dir"], tmp_path), _adapter(ddp["dir"], ddp_cwd)
+    assert a.keys() == b.keys() and len(a) > 4
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)  # whole tensors, not rank 0's shard
+
+    [checkpoint] = Path(fsdp["dir"]).glob("checkpoints/*.ckpt.enc")
+    assert checkpoint.name == "step-0000002.ckpt.enc"
+    res = _torchrun(FSDP_ON_CPU, *run, f"trainer.resume_from={checkpoint}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [resumed] = [s for s in _summaries(tmp_path) if s["resumed"]]
+    assert resumed["steps"] == 3 and resumed["mlflow_run_id"] == fsdp["mlflow_run_id"]
+    assert resumed["final_metrics"]["train/loss"] == fsdp["final_metrics"]["train/loss"]
+    c = _adapter(resumed["dir"], tmp_path)
+    assert all(torch.equal(a[k], c[k]) for k in a)
