@@ -25,12 +25,22 @@ VERDICT = Verdict.of([Check("snp.signature", True, "valid", "valid"), Check("gpu
                       Check("gpu[1].chain", False, "ok", "expired")], simulated=True, policy="simulated")
 
 
-def _logger(tmp_path, name="r", *, sweep_id=None, min_aggregate=20, eval_examples=24):
+def _logger(tmp_path, name="r", *, sweep_id=None, min_aggregate=20, eval_examples=24, resume_run_id=None):
     guard = tracking.Guard(None, min_aggregate)
     guard.eval_examples = eval_examples
     return tracking.GuardedMLflowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t",
                                         run_name=name, guard=guard, tags={"medtee.recipe": "demo"},
-                                        params={"qlora.rank": "8", "data.path": "/secret/place"}, sweep_id=sweep_id)
+                                        params={"qlora.rank": "8", "data.path": "/secret/place"}, sweep_id=sweep_id,
+                                        resume_run_id=resume_run_id)
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_a_missing_one_is_a_configuration_error(tmp_path):
+    first = _logger(tmp_path)
+    first.close("KILLED")
+    again = _logger(tmp_path, resume_run_id=first.run_id)
+    assert again.run_id == first.run_id
+    with pytest.raises(config.ConfigError, match="does not hold; resume with the tracking.tracking_uri"):
+        _logger(tmp_path, resume_run_id="0" * 32)
 
 
 def test_guard_drops_unknown_keys_naming_the_key_not_the_value(caplog):

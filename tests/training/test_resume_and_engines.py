@@ -1,7 +1,8 @@
 """Through the CLI, in new processes: exact resume of a killed run from its encrypted checkpoint (same loss, same
 adapter, same MLflow run), evaluating a checkpoint (trainer.validate_only), and 2-process DDP and FSDP runs on CPU
-launched by torchrun: FSDP trains exactly as DDP does and resumes exactly from its own checkpoint, and two torchrun
-"nodes" (one process each) train exactly as one node with two processes."""
+launched by torchrun: FSDP trains exactly as DDP does and resumes exactly from its own checkpoint; two torchrun
+"nodes" (one process each), and two tasks in the environment srun gives them, train exactly as torchrun's two
+processes on one node."""
 
 from __future__ import annotations
 
@@ -160,6 +161,23 @@ def test_two_nodes_train_as_one_node_with_two_processes(owner, ddp_run, tmp_path
     [summary] = _summaries(nodes[0])
     assert summary["world_size"] == 2 and summary["final_metrics"] == ddp["final_metrics"]
     assert not list(nodes[1].iterdir())
+
+
+def test_two_tasks_started_as_srun_starts_them_train_as_torchrun_does(owner, ddp_run, tmp_path):
+    """SLURM: Lightning reads ranks and the rendezvous from the variables srun sets for each task."""
+    _, ddp = ddp_run
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "medtee",
+             "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost", "MASTER_PORT": str(_free_port())}
+    cmd = [sys.executable, "-m", "medtee", "train", *COMMON, *_data(owner), "trainer.max_steps=3",
+           "trainer.strategy=ddp", "hardware.devices=2", "hardware.cpu_threads=1"]
+    tasks = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                                   "PYTHONUNBUFFERED": "1"}) for rank in (0, 1)]
+    errors = [task.communicate(timeout=300)[1] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert "SLURM" in errors[0]  # Lightning took the ranks from SLURM's variables
+    [summary] = _summaries(tmp_path)
+    assert summary["world_size"] == 2 and summary["final_metrics"] == ddp["final_metrics"]
 
 
 FSDP_ON_CPU = [str(Path(__file__).with_name("fsdp_on_cpu.py"))]
