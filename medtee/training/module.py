@@ -108,7 +108,7 @@ class CausalLMModule(L.LightningModule):
     def on_validation_epoch_end(self):
         val = self.trainer.callback_metrics.get("val/loss")
         if val is not None:
-            self.log("val/perplexity", torch.exp(val.detach().clamp(max=20.0)))
+            self.log("val/perplexity", torch.exp(val.detach().clamp(max=20.0)), sync_dist=True)  # same on every rank
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         from torch.distributed.fsdp import FullyShardedDataParallel
