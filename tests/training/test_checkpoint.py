@@ -148,3 +148,22 @@ def test_strategies():
     assert len(layers) == cfg.model.tiny.num_hidden_layers
     # LoRA matrices are units of their own: 2 per adapted linear layer (7 per decoder layer)
     assert len(lora) == 2 * 7 * len(layers) and all(m.weight.requires_grad for m in lora)
+
+
+def test_the_8bit_adamw_choice_trains_the_lora_parameters_with_bitsandbytes():
+    import bitsandbytes as bnb
+
+    from medtee import config
+    from medtee.training.model import build_model
+    from medtee.training.module import CausalLMModule
+
+    cfg = config.compose(["recipe=demo", "qlora=lora", "trainer.optimizer=adamw_8bit"])
+    module = CausalLMModule(build_model(cfg.model, cfg.qlora, vocab_size=64, device="cpu"), cfg.trainer)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    lora_b = [p for n, p in module.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.abs().sum()) == 0 for p in lora_b)  # LoRA's zero init
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    module._loss({"input_ids": ids, "labels": ids}).backward()
+    optimizer.step()
+    assert all(float(p.abs().sum()) > 0 for p in lora_b)
