@@ -211,7 +211,8 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device,
                         sharded=t.strategy == "fsdp")
     module = CausalLMModule(model, t)
-    resumed = _checkpoint_run_info(t.resume_from, checkpoint_key, module) if t.resume_from else {}  # or exit 2
+    resumed = (_checkpoint_run_info(t.resume_from, checkpoint_key, module, datamodule,
+                                    world_size=hw.devices * hw.num_nodes) if t.resume_from else {})  # or exit 2
 
     resolved = config.resolved(cfg)
     digests = weight_digests(cfg.model) if rank_zero else {}
@@ -266,9 +267,10 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
     return EXIT_OK
 
 
-def _checkpoint_run_info(path: str, key: bytes, module) -> dict:
-    """What the run that wrote a checkpoint recorded (its MLflow run id). A checkpoint that does not open, or whose
-    adapter does not fit this recipe, is bad input."""
+def _checkpoint_run_info(path: str, key: bytes, module, datamodule, *, world_size: int) -> dict:
+    """What the run that wrote a checkpoint recorded (its MLflow run id). A checkpoint that does not open, whose
+    adapter does not fit this recipe, or whose data position does not fit this data and process count, is bad
+    input."""
     from medtee.training.checkpoint import CheckpointError, EncryptedCheckpointIO
 
     try:
@@ -278,4 +280,8 @@ def _checkpoint_run_info(path: str, key: bytes, module) -> dict:
     mismatch = module.adapter_mismatch(checkpoint)
     if mismatch:
         raise config.ConfigError(f"trainer.resume_from={path}: {mismatch}")
+    position = checkpoint.get(type(datamodule).__qualname__)  # where Lightning keeps the data module's state
+    problem = position and datamodule.resume_problem(position, world_size=world_size)
+    if problem:
+        raise config.ConfigError(f"trainer.resume_from={path}: {problem}")
     return checkpoint.get("medtee", {}).get("run_info", {})

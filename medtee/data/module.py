@@ -257,10 +257,10 @@ class DialogueDataModule(LightningDataModule):
             return pack(data.lengths(), self._max_length, seed=self._seed)
         return [np.asarray([i]) for i in range(len(data))]
 
-    def _batches(self, data: TokenizedRecords, *, shuffle: bool) -> Batches:
+    def _batches(self, data: TokenizedRecords, *, shuffle: bool, world_size: int | None = None) -> Batches:
         if data is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        rank, world_size = self._rank_world()
+        rank, world_size = (0, world_size) if world_size else self._rank_world()
         return Batches(data, self._items(data), batch_size=self._batch_size, packed=self._packing,
                        pad_id=self._tokenizer.pad_token_id, seed=self._seed, shuffle=shuffle, rank=rank,
                        world_size=world_size)
@@ -290,6 +290,14 @@ class DialogueDataModule(LightningDataModule):
             self._train_loader.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
+
+    def resume_problem(self, state: dict, *, world_size: int) -> str | None:
+        """Why a saved training position cannot resume with this data on `world_size` processes, or None."""
+        try:
+            self._batches(self._train, shuffle=True, world_size=world_size).load_state_dict(state)
+        except ValueError as exc:  # medtee's own message: names settings, never data
+            return str(exc)
+        return None
 
     def stats(self) -> dict:
         """Aggregate counts only: n_train, n_val, train_tokens, supervised_tokens, and drop/cut counts."""

@@ -94,17 +94,32 @@ def _module(run_info=None):
 def test_a_checkpoint_that_does_not_open_or_fit_is_a_configuration_error_for_the_run(tmp_path):
     from medtee import config, run
 
+    from medtee.data.module import DialogueDataModule
+    from medtee.data.synthetic import generate_dialogues
+    from medtee.data.tokenizer import build_demo_tokenizer
+
     module = _module()
+    data = DialogueDataModule(generate_dialogues(12, seed=1), build_demo_tokenizer(), max_length=64, batch_size=2,
+                              val_fraction=0.0, seed=0, packing=False)
+    data.setup("fit")
     path = tmp_path / "z.ckpt.enc"
     saved = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(saved)
-    ckpt.EncryptedCheckpointIO(KEY).save_checkpoint({**_state(), "state_dict": saved["state_dict"]}, path)
-    assert run._checkpoint_run_info(str(path), KEY, module) == {"mlflow_run_id": "abc"}
+    position = data.train_dataloader().state_dict()
+    written = {**_state(), "state_dict": saved["state_dict"], "DialogueDataModule": position}
+    ckpt.EncryptedCheckpointIO(KEY).save_checkpoint(written, path)
+
+    def info(key=KEY, world_size=1):
+        return run._checkpoint_run_info(str(path), key, module, data, world_size=world_size)
+
+    assert info() == {"mlflow_run_id": "abc"}
     with pytest.raises(config.ConfigError, match="z.ckpt.enc cannot be decrypted"):
-        run._checkpoint_run_info(str(path), ckpt.derive_key(b"\x02" * 32, "a" * 64), module)
+        info(ckpt.derive_key(b"\x02" * 32, "a" * 64))
+    with pytest.raises(config.ConfigError, match="world_size differ from the checkpoint's"):
+        info(world_size=2)  # written by one process, resumed by two
     ckpt.EncryptedCheckpointIO(KEY).save_checkpoint(_state(), path)  # an adapter of other modules
     with pytest.raises(config.ConfigError, match="adapter does not match this recipe's"):
-        run._checkpoint_run_info(str(path), KEY, module)
+        info()
 
 
 def test_module_checkpoints_hold_the_adapter_only_and_restore_rng_at_train_start():
