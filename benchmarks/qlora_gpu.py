@@ -20,7 +20,8 @@ out of memory, prints its error and the others still run), a ratio per further m
     python benchmarks/qlora_gpu.py --direct                     # 62 layers, no extrapolation (~55 GB of weights)
     python benchmarks/qlora_gpu.py --tiny --no-quant --seq 256 --batch 2 --steps 2  # CPU smoke run
 
-Imports torch, transformers, peft, bitsandbytes, lightning, PyYAML and medtee.training's model/module/loss only.
+Imports torch, transformers, peft, bitsandbytes, lightning, PyYAML, and medtee.training's model/module/loss (with
+medtee.data.chat's label constant) only.
 """
 
 from __future__ import annotations

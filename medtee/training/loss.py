@@ -3,7 +3,7 @@
 Only supervised positions (labels != -100 after the causal shift) go through the output layer, in chunks of
 `chunk_tokens`; each chunk's logits are recomputed in the backward pass (non-reentrant checkpoint), so at most one
 chunk of `chunk_tokens x vocabulary` logits exists at a time. The result equals transformers' causal-LM loss (the
-mean over supervised tokens), final logit soft-capping included. Imports torch only.
+mean over supervised tokens), final logit soft-capping included.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from medtee.data.chat import IGNORE_INDEX
 
 
 def _chunk_loss(output_layer, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:

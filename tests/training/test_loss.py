@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtee.training.loss import IGNORE_INDEX, chunked_causal_lm_loss
+from medtee.data.chat import IGNORE_INDEX
+from medtee.training.loss import chunked_causal_lm_loss
 
 
 def _model(softcap):
