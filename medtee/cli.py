@@ -36,11 +36,11 @@ def _train(argv: list[str]) -> int:
     from medtee import config
 
     try:
-        argv = config.use_recipe_files(argv)
-        overrides = config.split_overrides(argv)
+        flags, overrides = config.split_argv(argv)
+        overrides = config.use_recipe_files(overrides)
         for variant in config.expand_sweeps(overrides):
             cfg = config.compose(variant)
-            if "--cfg" not in argv and "-c" not in argv:
+            if "--cfg" not in flags and "-c" not in flags:
                 config.check_runnable(cfg)
     except config.ConfigError as exc:
         return _fail(f"configuration error: {exc}")
@@ -59,7 +59,7 @@ def _train(argv: list[str]) -> int:
 
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(task)
     saved = sys.argv
-    sys.argv = ["medtee train", *argv]
+    sys.argv = ["medtee train", *flags, *overrides]  # only what was checked above reaches Hydra
     try:
         app()
     finally:

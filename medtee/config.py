@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, List, Optional
 
 from medtee.attestation.policy import AttestationPolicy, policy_from_mapping
 from medtee.data.config import DataConfig
+from medtee import recipe_guard
+from medtee.files import sha256_file
 from medtee.paths import conf_dir, recipes_dir
 from medtee.sealing.config import EncryptionConfig
 from medtee.sealing.keywrap import Scheme
@@ -72,6 +75,12 @@ class QLoRAConfig:
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
 
 
+class Attention(str, Enum):  # transformers attention backends (a fixed set: a hub kernel id would load code)
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
 class ModelSource(str, Enum):
     tiny = "tiny"  # a small Gemma 3 built from `tiny` with random weights (tests, the demo)
     pretrained = "pretrained"  # weights loaded by Hugging Face id or local path
@@ -96,7 +105,7 @@ class ModelConfig:
     id: Optional[str] = None  # Hugging Face model id or local directory (source=pretrained)
     revision: Optional[str] = None  # pinned revision (commit) of `id`; required in production profiles
     dtype: DType = DType.bfloat16  # dtype of the non-quantized weights
-    attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2
+    attn_implementation: Attention = Attention.sdpa  # transformers attention backend: sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
     checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: every n-th decoder layer recomputes all
     selective_checkpointing: bool = False  # other layers: keep matmul/attention outputs, recompute the rest (SAC)
@@ -149,7 +158,9 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow store; relative sqlite paths resolve against the current directory
+    # MLflow store: sqlite:///FILE (relative to the current directory) or http(s)://HOST of a tracking server;
+    # None (tracking=mlflow_server) takes the server's URL from MLFLOW_TRACKING_URI when the run starts
+    tracking_uri: Optional[str] = "sqlite:///mlflow.db"
     experiment: str = "medtee"  # MLflow experiment name
     run_name: Optional[str] = None  # MLflow run name; None uses the recipe name
     metrics: Optional[List[str]] = None  # narrows medtee's metric allow-list (None keeps all of it); cannot widen it
@@ -197,9 +208,15 @@ METRIC_ALLOW_LIST = (
     "val/perplexity",
 )
 
-#: Fields excluded from the recipe digest because they name places on one machine, not what runs.
-NOT_IN_DIGEST = ("data.path", "tracking.tracking_uri", "tracking.run_name", "encryption.broker_dir",
-                 "trainer.resume_from")
+#: Fields excluded from the recipe digest, and why they cannot change what runs: `data.path` is where this machine
+#: keeps the sealed dataset, which the key release binds by dataset id and manifest digest; `tracking.run_name` is
+#: a label on the MLflow run; `encryption.broker_dir` is the embedded (development) broker's store, and production
+#: profiles require a remote broker, whose URL is in the digest. `trainer.resume_from` enters the digest by the
+#: checkpoint file's content, not its path (`digest_input`).
+NOT_IN_DIGEST = ("data.path", "tracking.run_name", "encryption.broker_dir")
+
+#: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).
+TRACKING_SCHEMES = ("sqlite", "http", "https")
 
 #: Accelerators Lightning's FSDP strategy shards across (it refuses any other).
 FSDP_ACCELERATORS = ("cuda",)
@@ -211,11 +228,12 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
-_USER_RECIPES: dict[str, Path] = {}
+_USER_RECIPES: dict[str, object] = {}  # recipe files named on this command line: stem -> checked node
 
 
 def use_recipe_files(overrides: list[str]) -> list[str]:
-    """Let `recipe=path/to/file.yaml` name a recipe outside the shipped ones: registered under its file stem."""
+    """Let `recipe=path/to/file.yaml` name a recipe outside the shipped ones: checked now, registered under its
+    file stem."""
     out = []
     for arg in overrides:
         key, sep, value = arg.partition("=")
@@ -223,49 +241,60 @@ def use_recipe_files(overrides: list[str]) -> list[str]:
             path = Path(value).expanduser()
             if not path.is_file():
                 raise ConfigError(f"recipe file {value} does not exist")
+            if not recipe_guard.NAME.fullmatch(path.stem):
+                raise ConfigError(f"recipe file {value}: name it with letters, digits, '_' and '-' only")
             if path.stem in recipe_names():
                 raise ConfigError(f"recipe file {value} has the name of a shipped recipe ('{path.stem}'); rename it")
-            _USER_RECIPES[path.stem] = path.resolve()
+            _USER_RECIPES[path.stem] = _load_recipe(path.resolve())
             arg = f"recipe={path.stem}"
         out.append(arg)
     return out
 
 
+def _load_recipe(path: Path):
+    """A recipe file's node, refused unless it is plain data (`medtee.recipe_guard`)."""
+    from omegaconf import OmegaConf
+
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # a YAML syntax error or a tag that would construct an object
+        raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
+    try:
+        recipe_guard.check_recipe_node(OmegaConf.to_container(node, resolve=False), f"recipe file {path}",
+                                       groups=group_options(), fields=_top_fields())
+    except recipe_guard.RecipeRuleError as exc:
+        raise ConfigError(str(exc)) from None
+    return node
+
+
 def register() -> None:
     """Register the schemas, the shipped recipes and any recipe files in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     cs.store(name="medtee_schema", node=MedteeConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=f"schema/{group}", name=group, node=schema)
-    for path in [*sorted(recipes_dir().glob("*.yaml")), *_USER_RECIPES.values()]:
-        try:
-            node = OmegaConf.load(path)
-        except Exception as exc:  # a YAML syntax error in a recipe
-            raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
-        cs.store(group="recipe", name=path.stem, node=node, package="_global_")
+    recipes = {p.stem: _load_recipe(p) for p in sorted(recipes_dir().glob("*.yaml"))}
+    for name, node in {**recipes, **_USER_RECIPES}.items():
+        cs.store(group="recipe", name=name, node=node, package="_global_")
 
 
-_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
-                           "--config-dir", "-cd", "--experimental-rerun"}
+def group_options() -> dict[str, list[str]]:
+    """Each medtee config group and its shipped options (`conf/GROUP/*.yaml`)."""
+    return {group: sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")) for group in GROUP_SCHEMAS}
 
 
-def split_overrides(argv: list[str]) -> list[str]:
-    """The recipe overrides in a Hydra command line, without Hydra's own flags and `hydra.*` settings."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in _HYDRA_FLAGS_WITH_VALUE:
-            skip = True
-            continue
-        if arg.startswith("-") or arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
-            continue
-        out.append(arg)
-    return out
+def _top_fields() -> list[str]:
+    return [f.name for f in fields(MedteeConfig)]
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags, recipe overrides) of a `medtee train` command line; refuses any flag medtee does not allow."""
+    try:
+        return recipe_guard.split_argv(argv)
+    except recipe_guard.RecipeRuleError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
@@ -292,17 +321,41 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     register()
     overrides = list(overrides or [])
+    groups = {**group_options(), "recipe": sorted({*recipe_names(), *_USER_RECIPES})}
     try:
+        recipe_guard.check_overrides(overrides, groups=groups, fields=_top_fields())
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=overrides)
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+            shipped = _shipped_hydra_settings()
+        recipe_guard.check_hydra_settings(OmegaConf.to_container(cfg.hydra, resolve=False), shipped)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        recipe_guard.check_values(OmegaConf.to_container(cfg, resolve=False), "the composed recipe")
+    except recipe_guard.RecipeRuleError as exc:
+        raise ConfigError(str(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(explain_compose_error(exc)) from None
     check(cfg)
     return cfg
+
+
+_SHIPPED_HYDRA: list[dict] = []
+
+
+def _shipped_hydra_settings() -> dict:
+    """The Hydra section of the shipped root config with no overrides (inside an initialized Hydra context)."""
+    if not _SHIPPED_HYDRA:
+        from hydra import compose as hydra_compose
+        from omegaconf import OmegaConf
+
+        cfg = hydra_compose("config", overrides=[], return_hydra_config=True)
+        _SHIPPED_HYDRA.append(OmegaConf.to_container(cfg.hydra, resolve=False))
+    return _SHIPPED_HYDRA[0]
 
 
 def _schema_keys(dotted_parent: str) -> list[str] | None:
@@ -396,6 +449,10 @@ def check(cfg) -> None:
         problems.append(f"encryption.scheme: {exc}")
     if cfg.encryption.broker != "embedded" and not str(cfg.encryption.broker).startswith(("http://", "https://")):
         problems.append(f"encryption.broker={cfg.encryption.broker!r}: use 'embedded' or an http(s):// URL")
+    uri = cfg.tracking.tracking_uri
+    if uri is not None and uri.partition(":")[0] not in TRACKING_SCHEMES:
+        problems.append(f"tracking.tracking_uri={uri!r}: MLflow stores are named sqlite:///FILE or "
+                        f"http(s)://HOST (tracking=mlflow_server reads MLFLOW_TRACKING_URI)")
     if cfg.output.merge_weights:
         problems.append("output.merge_weights=true is not supported: only the encrypted adapter is written")
     if cfg.tracking.metrics is not None:
@@ -429,6 +486,17 @@ def check_runnable(cfg) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def apply_environment(cfg) -> None:
+    """Fill what a recipe leaves to the environment (tracking=mlflow_server: MLFLOW_TRACKING_URI); then check it."""
+    if cfg.tracking.tracking_uri is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not uri:
+            raise ConfigError("tracking=mlflow_server reads the tracking server's URL from MLFLOW_TRACKING_URI, "
+                              "which is empty; set it, e.g. MLFLOW_TRACKING_URI=https://mlflow.example.org")
+        cfg.tracking.tracking_uri = uri
+        check(cfg)
+
+
 def _get(cfg, dotted: str):
     from omegaconf import OmegaConf
 
@@ -446,7 +514,8 @@ def resolved(cfg) -> dict:
 
 
 def digest_input(resolved_recipe: dict) -> dict:
-    """The resolved recipe as the digest covers it: a copy without the machine-local fields in NOT_IN_DIGEST."""
+    """The resolved recipe as the digest covers it: without the fields in NOT_IN_DIGEST, and with the checkpoint to
+    resume named by its sha256 rather than its path."""
     data = json.loads(json.dumps(resolved_recipe))
     for dotted in NOT_IN_DIGEST:
         *parents, leaf = dotted.split(".")
@@ -455,6 +524,9 @@ def digest_input(resolved_recipe: dict) -> dict:
             node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
+    trainer = data.get("trainer", {})
+    if trainer.get("resume_from") and Path(trainer["resume_from"]).is_file():
+        trainer["resume_from"] = "sha256:" + sha256_file(trainer["resume_from"])
     return data
 
 

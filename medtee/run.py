@@ -70,9 +70,7 @@ def _contain(cfg):
     and the key broker is refused first."""
     from medtee import privacy
 
-    if not cfg.tracking.tracking_uri:
-        raise config.ConfigError("tracking.tracking_uri is empty: tracking=mlflow_server reads the server's URL from "
-                                 "MLFLOW_TRACKING_URI; set it, e.g. MLFLOW_TRACKING_URI=https://mlflow.example.org")
+    config.apply_environment(cfg)
     problems = privacy.egress_problems(cfg)
     if problems:
         raise Refused("; ".join(problems))

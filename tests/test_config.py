@@ -3,6 +3,8 @@ at compose time, naming the key and what is valid."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from medtee import config
@@ -38,7 +40,7 @@ def test_typo_in_key_names_the_key_and_the_valid_keys():
 def test_unknown_option_lists_valid_options():
     with pytest.raises(ConfigError) as err:
         config.compose(["qlora=nf5"])
-    assert "qlora/nf5" in str(err.value) and "nf4" in str(err.value) and "lora" in str(err.value)
+    assert "qlora=nf5" in str(err.value) and "nf4" in str(err.value) and "lora" in str(err.value)
 
 
 def test_unknown_recipe_lists_recipes():
@@ -100,10 +102,77 @@ def test_sealed_data_needs_a_path_at_run_time():
     assert "data.path" in str(err.value)
 
 
-def test_digest_is_stable_and_ignores_machine_local_fields_only():
-    a = config.recipe_digest(config.compose(["recipe=demo"]))
-    assert a == config.recipe_digest(config.compose(["recipe=demo", "tracking.tracking_uri=sqlite:///x.db"]))
-    assert a != config.recipe_digest(config.compose(["recipe=demo", "qlora.rank=8"]))
+def _leaves(node, prefix=""):
+    from omegaconf import DictConfig
+
+    for key in node:
+        path = f"{prefix}{key}"
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            yield from _leaves(child, path + ".")
+        else:
+            yield path
+
+
+def _another_value(cfg, path):
+    """A value of `path`'s type that differs from its current one (the digest must see the difference)."""
+    from enum import Enum
+
+    from omegaconf import OmegaConf, ValidationError
+
+    value = OmegaConf.select(cfg, path)
+    if isinstance(value, Enum):
+        return next(m for m in type(value) if m != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if OmegaConf.is_list(value):
+        return [*value, "x"] if not len(value) or isinstance(value[0], str) else [*value, value[0]]
+    for candidate in ("x", 1, ["x"]):  # None: the first value of the field's type
+        try:
+            OmegaConf.update(cfg.copy(), path, candidate, merge=False)
+            return candidate
+        except ValidationError:
+            continue
+    raise AssertionError(f"no other value for {path}")
+
+
+def test_every_field_medtee_reads_is_in_the_digest_but_the_documented_machine_local_ones():
+    """Two recipes that differ in any field (every top-level section, every leaf) never share a digest."""
+    from omegaconf import OmegaConf
+
+    base = config.compose(["recipe=demo"])
+    digest = config.recipe_digest(base)
+    assert digest == config.recipe_digest(config.compose(["recipe=demo"]))
+    sections = {f.name for f in dataclasses.fields(config.MedteeConfig)}
+    covered, same = set(), []
+    for path in _leaves(base):
+        changed = base.copy()
+        OmegaConf.update(changed, path, _another_value(base, path), merge=False)
+        if config.recipe_digest(changed) == digest:
+            same.append(path)
+        covered.add(path.split(".")[0])
+    assert covered == sections
+    assert sorted(same) == sorted(config.NOT_IN_DIGEST)
+
+
+def test_a_checkpoint_to_resume_enters_the_digest_by_content(tmp_path):
+    from omegaconf import OmegaConf
+
+    ckpt = tmp_path / "step.ckpt.enc"
+    cfg = config.compose(["recipe=demo"])
+    OmegaConf.update(cfg, "trainer.resume_from", str(ckpt))
+    ckpt.write_bytes(b"one")
+    first = config.recipe_digest(cfg)
+    moved = tmp_path / "elsewhere.ckpt.enc"
+    moved.write_bytes(b"one")
+    OmegaConf.update(cfg, "trainer.resume_from", str(moved))
+    assert config.recipe_digest(cfg) == first  # the same checkpoint anywhere
+    moved.write_bytes(b"two")
+    assert config.recipe_digest(cfg) != first  # another checkpoint at the same path
 
 
 def test_sweep_expansion_checks_every_value():

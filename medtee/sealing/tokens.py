@@ -26,7 +26,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"--tokenizer {spec}: no tokenizer found locally ({type(e).__name__}); pass a directory "
                          f"holding tokenizer.json (e.g. from save_pretrained), an id already in the Hugging Face "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -27,7 +26,7 @@ def build_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_cfg.id, revision=model_cfg.revision,
-                                         local_files_only=model_cfg.offline)
+                                         local_files_only=model_cfg.offline, trust_remote_code=False)
 
 
 def _tiny_config(model_cfg, vocab_size: int):
@@ -63,7 +62,7 @@ def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, shard
     # FSDP flattens each decoder layer into one tensor of one dtype: the packed 4-bit weights are then stored as
     # elements of the model's dtype, the dtype of the layer's norms.
     quant = _quantization_config(qlora_cfg, storage=dtype if sharded else torch.uint8)
-    kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+    kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation.value)
     if quant is not None:
         kwargs["quantization_config"] = quant
         if device == "cuda":  # this process's GPU: torchrun sets LOCAL_RANK, srun SLURM_LOCALID
@@ -77,8 +76,10 @@ def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, shard
         with tempfile.TemporaryDirectory(prefix="medtee-tiny-model-") as tmp:
             model.save_pretrained(tmp)
             return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+    # recipes are data: no code from the model's repository, and no pickled weights (unpickling runs code)
     model = AutoModelForCausalLM.from_pretrained(model_cfg.id, revision=model_cfg.revision,
-                                                 local_files_only=model_cfg.offline, **kwargs)
+                                                 local_files_only=model_cfg.offline, trust_remote_code=False,
+                                                 use_safetensors=True, **kwargs)
     return model if quant is not None else model.to(device)
 
 
@@ -108,6 +109,8 @@ def weight_digests(model_cfg) -> dict[str, str]:
     if model_cfg.source != "pretrained":
         return {}
     from concurrent.futures import ThreadPoolExecutor
+
+    from medtee.files import sha256_file
     from pathlib import Path
 
     folder = Path(model_cfg.id)
@@ -127,15 +130,7 @@ def weight_digests(model_cfg) -> dict[str, str]:
     if not files:
         raise FileNotFoundError(f"model.id={model_cfg.id}: no weight files (*.safetensors) in {folder}")
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:  # hashlib releases the GIL
-        return dict(zip((p.name for p in files), pool.map(_sha256_file, files)))
-
-
-def _sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+        return dict(zip((p.name for p in files), pool.map(sha256_file, files)))
 
 
 def _save_matmul_and_attention_outputs(ctx, op, *args, **kwargs):
