@@ -6,17 +6,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.asn1 import IA5String, decode_der
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from medtee.attestation.certs import common_name, issuer_problem, parse_certificates
+from medtee.attestation.evidence import EvidenceFormatError
 from medtee.attestation.snp import PRODUCTS, SnpReport, Tcb
 from medtee.attestation.verdict import Check, check
 
@@ -33,39 +33,21 @@ KDS_URL = "https://kdsintf.amd.com/vcek/v1/{product}/{hwid}?{query}"
 KDS_MIN_INTERVAL_S = 10.0
 
 
-def load_certificates(data: bytes) -> list[x509.Certificate]:
-    """Certificates from PEM (one or more) or DER bytes. AMD's VCEK/VLEK have serial 0; that warning is expected."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-
-
-def common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
-
-
 @cache
 def pinned(product: str, name: str) -> x509.Certificate:
     """The bundled certificate `ark`, `ask` (VCEK issuer) or `asvk` (VLEK issuer) of a product."""
     if product not in PRODUCTS:
         raise ValueError(f"unknown AMD product '{product}' (known: {', '.join(PRODUCTS)})")
     file = {"ark": f"ARK-{product}", "ask": f"SEV-{product}", "asvk": f"SEV-VLEK-{product}"}[name]
-    return load_certificates((ROOTS / f"{file}.pem").read_bytes())[0]
+    return parse_certificates((ROOTS / f"{file}.pem").read_bytes())[0]
 
 
 @cache
 def _pinned_chain_ok(product: str, intermediate: str) -> str | None:
     """None when the bundled ARK is self-signed and signs the bundled ASK/ASVK; else the problem (computed once)."""
     ark, inter = pinned(product, "ark"), pinned(product, intermediate)
-    try:
-        ark.verify_directly_issued_by(ark)
-        inter.verify_directly_issued_by(ark)
-    except (InvalidSignature, ValueError, TypeError) as exc:
-        return f"bundled {product} roots do not verify: {type(exc).__name__}"
-    return None
+    problem = issuer_problem(ark, ark) or issuer_problem(inter, ark)
+    return f"bundled {product} roots do not verify: {problem}" if problem else None
 
 
 @dataclass(frozen=True)
@@ -94,29 +76,40 @@ def _ext_values(cert: x509.Certificate) -> dict[str, bytes]:
 
 
 def parse_hwid(value: bytes) -> bytes:
-    """hwID as raw 64 (Milan/Genoa) or 8 (Turin) bytes, or a DER OCTET STRING holding either."""
+    """hwID as raw 64 (Milan/Genoa) or 8 (Turin) bytes, or a DER OCTET STRING holding either; raises
+    EvidenceFormatError."""
     if len(value) in (8, 64):
         return value
-    inner = decode_der(bytes, value)
+    try:
+        inner = decode_der(bytes, value)
+    except ValueError:
+        raise EvidenceFormatError("hwID extension is not 8 or 64 raw bytes, nor a DER OCTET STRING") from None
     if len(inner) not in (8, 64):
-        raise ValueError(f"hwID extension holds {len(inner)} bytes; expected 8 or 64")
+        raise EvidenceFormatError(f"hwID extension holds {len(inner)} bytes; expected 8 or 64")
     return inner
 
 
+def _small_int(der: bytes, what: str) -> int:
+    value = decode_der(int, der)
+    if not 0 <= value <= 255:
+        raise EvidenceFormatError(f"{what} is not a number from 0 to 255")
+    return value
+
+
 def key_cert_info(cert: x509.Certificate) -> KeyCertInfo:
-    """Parse the AMD extensions; raises ValueError naming a malformed one."""
+    """Parse the AMD extensions; raises EvidenceFormatError naming a malformed one."""
     ext = _ext_values(cert)
     try:
-        spls = {name: decode_der(int, ext[oid]) for name, oid in SPL_OIDS.items() if oid in ext}
+        spls = {name: _small_int(ext[oid], f"{name}SPL") for name, oid in SPL_OIDS.items() if oid in ext}
         return KeyCertInfo(
-            struct_version=decode_der(int, ext["1"]) if "1" in ext else None,
+            struct_version=_small_int(ext["1"], "structVersion") if "1" in ext else None,
             product_name=decode_der(IA5String, ext["2"]).as_str() if "2" in ext else None,
             spls=spls,
             hwid=parse_hwid(ext["4"]) if "4" in ext else None,
             csp_id=decode_der(IA5String, ext["5"]).as_str() if "5" in ext else None,
         )
     except ValueError as exc:
-        raise ValueError(f"malformed AMD extension in certificate '{common_name(cert)}': {exc}") from exc
+        raise EvidenceFormatError(f"malformed AMD extension in certificate '{common_name(cert)}': {exc}") from None
 
 
 def _validity(name: str, cert: x509.Certificate, now: datetime) -> Check:
@@ -140,7 +133,7 @@ def chain_checks(
     key = report.signing_key
     try:
         info = key_cert_info(leaf)
-    except ValueError as exc:
+    except EvidenceFormatError as exc:
         return [check("amd.key_cert.extensions", False, "well-formed AMD extensions", exc)], None
     product = report.product or info.product
     if product is None:
@@ -164,11 +157,8 @@ def chain_checks(
                              f"byte-equal to the bundled {product} certificate", "differs from the bundled one"))
     expected_cn = "SEV-VLEK" if key == "vlek" else "SEV-VCEK"
     out.append(check("amd.key_cert.kind", common_name(leaf) == expected_cn, expected_cn, common_name(leaf)))
-    try:
-        leaf.verify_directly_issued_by(inter)
-        signed = "valid"
-    except (InvalidSignature, ValueError, TypeError) as exc:
-        signed = f"not issued by {common_name(inter)} ({type(exc).__name__})"
+    problem = issuer_problem(leaf, inter)
+    signed = f"not issued by {common_name(inter)} ({problem})" if problem else "valid"
     out.append(check("amd.chain", signed == "valid", f"{expected_cn} signed by pinned {common_name(inter)}", signed))
     out += [_validity("ark", ark, now), _validity(intermediate, inter, now), _validity(key, leaf, now)]
     out += tcb_checks(report, info, product)
@@ -191,19 +181,21 @@ def tcb_checks(report: SnpReport, info: KeyCertInfo, product: str) -> list[Check
 
 
 def parse_cert_table(blob: bytes) -> dict[str, bytes]:
-    """The extended-report certificate table: {GUID, offset u32, length u32}... ended by an all-zero entry."""
+    """The extended-report certificate table: {GUID, offset u32, length u32}... ended by an all-zero entry; raises
+    EvidenceFormatError."""
     out: dict[str, bytes] = {}
     pos = 0
     while True:
         entry = blob[pos : pos + 24]
         if len(entry) < 24:
-            raise ValueError("certificate table: missing the terminating all-zero entry")
+            raise EvidenceFormatError("certificate table: missing the terminating all-zero entry")
         if not any(entry):
             return out
         guid = uuid.UUID(bytes_le=entry[:16])
         offset, length = int.from_bytes(entry[16:20], "little"), int.from_bytes(entry[20:24], "little")
         if offset + length > len(blob):
-            raise ValueError(f"certificate table: entry {guid} points past the end ({offset}+{length} > {len(blob)})")
+            raise EvidenceFormatError(f"certificate table: entry {guid} points past the end "
+                                      f"({offset}+{length} > {len(blob)})")
         out[CERT_TABLE_GUIDS.get(guid, str(guid))] = blob[offset : offset + length]
         pos += 24
 

@@ -6,10 +6,11 @@ from datetime import datetime, timezone
 
 from cryptography import x509
 
-from medtee.attestation.amd import CertCache, chain_checks, common_name, load_certificates, select_key_cert
+from medtee.attestation.amd import CertCache, chain_checks, select_key_cert
+from medtee.attestation.certs import common_name, parse_each
 from medtee.attestation.evidence import Evidence
 from medtee.attestation.policy import AttestationPolicy
-from medtee.attestation.snp import ReportFormatError, SnpReport, signature_check, structure_checks
+from medtee.attestation.snp import REPORT_SIZE, ReportFormatError, SnpReport, signature_check, structure_checks
 from medtee.attestation.verdict import Check, Verdict, check
 
 
@@ -19,28 +20,25 @@ def _find_key_cert(report: SnpReport, supplied: list[x509.Certificate], policy: 
     if leaf is not None:
         return leaf
     cache = CertCache(policy.cert_cache_dir, allow_network=policy.fetch_certificates)
-    for der in cache.candidates(report, report.product):
-        for cert in load_certificates(der):
-            if signature_check(report, cert.public_key(), "candidate").ok:
-                return cert
-    return None
+    candidates, _ = parse_each(cache.candidates(report, report.product))  # an unparsable cached file is no candidate
+    return next((c for c in candidates if signature_check(report, c.public_key(), "candidate").ok), None)
 
 
 def snp_authenticity(report: SnpReport, certificates: tuple[bytes, ...], policy: AttestationPolicy,
                      now: datetime) -> list[Check]:
-    """Structure, AMD chain, TCB/hwID consistency and the report signature."""
-    try:
-        supplied = [c for der in certificates for c in load_certificates(der)]
-    except ValueError:
-        return [check("amd.certificates", False, "PEM or DER certificates", "unparseable certificate data")]
+    """Structure, AMD chain, TCB/hwID consistency and the report signature; a malformed certificate fails
+    `snp.certificates` and the others are still used."""
+    supplied, problems = parse_each(certificates)
+    out = [check("snp.certificates", False, "a parsable X.509 certificate", "; ".join(problems))] if problems else []
     leaf = _find_key_cert(report, supplied, policy)
     if leaf is None:
         where = f"the evidence, the cache ({policy.cert_cache_dir or 'none configured'})"
         where += " or AMD KDS" if policy.fetch_certificates else " (KDS fetching off)"
-        return structure_checks(report, report.product) + [
+        return out + structure_checks(report, report.product) + [
             check("amd.key_cert", False, f"a {report.signing_key.upper()} from {where}", "none found")]
     chain, product = chain_checks(report, leaf, [c for c in supplied if c is not leaf], now)
-    return structure_checks(report, product) + chain + [signature_check(report, leaf.public_key(), common_name(leaf))]
+    return out + structure_checks(report, product) + chain + [
+        signature_check(report, leaf.public_key(), common_name(leaf))]
 
 
 def binding_checks(report: SnpReport, expected: bytes | None, policy: AttestationPolicy) -> list[Check]:
@@ -101,33 +99,46 @@ def _product_from(checks: list[Check], report: SnpReport) -> str | None:
     return report.product
 
 
-def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_data: bytes | None,
-             now: datetime | None = None, expected_gpu_nonce: bytes | None = None) -> Verdict:
-    """Appraise evidence under a policy; every failed check is listed in the verdict.
-
-    `expected_report_data` is what the relying party computed with binding.report_data(...) (covering
-    evidence.gpu_evidence_digests()); `expected_gpu_nonce` is binding.gpu_nonce(...) when GPU evidence is expected.
-    """
-    now = now or datetime.now(timezone.utc)
-    checks: list[Check] = []
-    simulated_ok = policy.allow_simulated and evidence.simulated
-    checks.append(check("evidence.simulated", policy.allow_simulated or not evidence.simulated,
-                        "hardware evidence" if not policy.allow_simulated else "hardware or SIMULATED evidence",
-                        "SIMULATED" if evidence.simulated else "hardware"))
+def snp_checks(evidence: Evidence, policy: AttestationPolicy, expected_report_data: bytes | None,
+               now: datetime) -> list[Check]:
+    """The CPU report: its authenticity (or SIMULATED signature), its binding and, unless authenticity_only, the
+    policy's requirements."""
+    if not evidence.snp_report:
+        return [check("snp.report", False, "an SEV-SNP report", "none in the evidence")]
     try:
         report = SnpReport.parse(evidence.snp_report)
-    except ReportFormatError as exc:
-        checks.append(check("snp.report.format", False, "a 1184-byte SEV-SNP report", exc))
-        return Verdict.of(checks, simulated=evidence.simulated, policy=policy.name)
-    if simulated_ok:
+    except ReportFormatError:
+        return [check("snp.report.format", False, f"a {REPORT_SIZE}-byte SEV-SNP report",
+                      f"{len(evidence.snp_report)} bytes")]
+    if policy.allow_simulated and evidence.simulated:
         from medtee.attestation.simulated import simulated_signature_checks
 
-        checks += structure_checks(report, report.product) + simulated_signature_checks(report, evidence.certificates)
+        checks = structure_checks(report, report.product) + simulated_signature_checks(report, evidence.certificates)
     else:
-        checks += snp_authenticity(report, evidence.certificates, policy, now)
+        checks = snp_authenticity(report, evidence.certificates, policy, now)
     checks += binding_checks(report, expected_report_data, policy)
     if not policy.authenticity_only:
         checks += snp_policy_checks(report, _product_from(checks, report), policy)
+    return checks
+
+
+def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_data: bytes | None,
+             now: datetime | None = None, expected_gpu_nonce: bytes | None = None) -> Verdict:
+    """Appraise evidence under a policy; every failed check is listed in the verdict. It raises for no evidence content:
+    what cannot be parsed fails a check naming the part, its position and the problem.
+
+    `expected_report_data` is what the relying party computed with binding.report_data(...) (covering
+    evidence.gpu_evidence_digests()); `expected_gpu_nonce` is binding.gpu_nonce(...) when GPU evidence is expected.
+    GPU evidence alone (no CPU report) is appraised only under an authenticity_only policy with no expected
+    REPORT_DATA (an auditor's check); otherwise the missing report fails `snp.report`.
+    """
+    now = now or datetime.now(timezone.utc)
+    checks = [check("evidence.simulated", policy.allow_simulated or not evidence.simulated,
+                    "hardware evidence" if not policy.allow_simulated else "hardware or SIMULATED evidence",
+                    "SIMULATED" if evidence.simulated else "hardware")]
+    gpu_alone = evidence.gpus and not evidence.snp_report and policy.authenticity_only and expected_report_data is None
+    if not gpu_alone:
+        checks += snp_checks(evidence, policy, expected_report_data, now)
     checks += gpu_checks(evidence, policy, expected_gpu_nonce, now)
     return Verdict.of(checks, simulated=evidence.simulated, policy=policy.name)
 

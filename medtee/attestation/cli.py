@@ -10,9 +10,12 @@ def add_parser(subparsers) -> None:
     attest = subparsers.add_parser("attest", help="verify attestation evidence")
     sub = attest.add_subparsers(dest="attest_command", required=True)
     verify = sub.add_parser("verify", help="verify SEV-SNP and NVIDIA GPU evidence files under a policy",
-                            description="Exit 0 when every check passes, 1 when the evidence is rejected "
-                                        "(each failed check listed), 2 on unusable input.")
-    verify.add_argument("--snp-report", metavar="FILE", help="raw 1184-byte SEV-SNP report")
+                            description="Give the CPU evidence (--snp-report), the GPU evidence (--gpu-report with "
+                                        "--gpu-certs) or both. Exit 0 when every check passes, 1 when the evidence "
+                                        "is rejected (each failed check listed), 2 on unusable input.")
+    verify.add_argument("--snp-report", metavar="FILE",
+                        help="raw 1184-byte SEV-SNP report (GPU evidence alone is checked only under an "
+                             "authenticity_only policy such as 'authenticity')")
     verify.add_argument("--snp-cert", metavar="FILE", action="append", default=[],
                         help="VCEK/VLEK (and optional ASK/ARK), PEM or DER; repeatable. Missing AMD roots come from "
                              "the bundle; a missing VCEK from the policy's cache directory")
@@ -46,38 +49,42 @@ def _load(args: argparse.Namespace):
 
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from medtee.attestation.amd import load_certificates
-    from medtee.attestation.evidence import Evidence, GpuEvidence
-    from medtee.attestation.nvidia import parse_hex_report
+    from medtee.attestation.certs import parse_certificates
+    from medtee.attestation.evidence import Evidence, EvidenceFormatError, GpuEvidence
+    from medtee.attestation.nvidia import parse_hex_report, parse_spdm
     from medtee.attestation.policy import load_policy
+    from medtee.attestation.snp import SnpReport
 
     policy = load_policy(args.policy)
-    if not args.snp_report:
-        raise ValueError("--snp-report is required (the raw 1184-byte SEV-SNP report)")
+    if not args.snp_report and not args.gpu_report:
+        raise ValueError("give --snp-report (the raw 1184-byte SEV-SNP report), --gpu-report with --gpu-certs, or both")
+    if (args.snp_cert or args.nonce) and not args.snp_report:
+        raise ValueError("--snp-cert and --nonce go with --snp-report")
     if len(args.gpu_report) != len(args.gpu_certs):
         raise ValueError("give one --gpu-certs per --gpu-report")
 
-    def read(path: str) -> bytes:
+    def parsed(path: str, parse):
+        """parse(the file's bytes); unreadable or malformed input is a ValueError naming the file."""
         try:
-            return Path(path).read_bytes()
+            return parse(Path(path).read_bytes())
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        except EvidenceFormatError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def ders(path: str) -> tuple[bytes, ...]:
-        try:
-            return tuple(c.public_bytes(Encoding.DER) for c in load_certificates(read(path)))
-        except ValueError:
-            raise ValueError(f"{path} holds no PEM or DER certificate") from None
+        return tuple(c.public_bytes(Encoding.DER) for c in parsed(path, parse_certificates))
 
-    gpus = []
-    for rep, certs in zip(args.gpu_report, args.gpu_certs):
-        try:
-            text = read(rep).decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError(f"{rep}: a GPU report must be hex text") from None
-        gpus.append(GpuEvidence(report=parse_hex_report(text), certificates=ders(certs)))
-    evidence = Evidence(provider="file", snp_report=read(args.snp_report),
-                        certificates=tuple(d for p in args.snp_cert for d in ders(p)), gpus=tuple(gpus))
+    def gpu_report(data: bytes) -> bytes:
+        report = parse_hex_report(data)
+        parse_spdm(report)
+        return report
+
+    gpus = tuple(GpuEvidence(report=parsed(rep, gpu_report), certificates=ders(certs))
+                 for rep, certs in zip(args.gpu_report, args.gpu_certs))
+    snp_report = parsed(args.snp_report, lambda data: SnpReport.parse(data).raw) if args.snp_report else b""
+    evidence = Evidence(provider="file", snp_report=snp_report,
+                        certificates=tuple(d for p in args.snp_cert for d in ders(p)), gpus=gpus)
     now = None
     if args.at:
         try:

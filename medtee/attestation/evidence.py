@@ -9,17 +9,22 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
+class EvidenceFormatError(ValueError):
+    """Evidence content that cannot be parsed (a report, certificate, SPDM exchange, RIM, certificate table or evidence
+    JSON). The message names the part, its position and the problem (at most an exception type), never its bytes."""
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
 def _unb64(value: object, where: str) -> bytes:
     if not isinstance(value, str):
-        raise ValueError(f"evidence JSON: '{where}' must be a base64 string")
+        raise EvidenceFormatError(f"evidence JSON: '{where}' must be a base64 string")
     try:
         return base64.b64decode(value, validate=True)
-    except ValueError as exc:
-        raise ValueError(f"evidence JSON: '{where}' is not valid base64") from exc
+    except ValueError:
+        raise EvidenceFormatError(f"evidence JSON: '{where}' is not valid base64") from None
 
 
 def _canonical(obj: dict) -> bytes:
@@ -50,17 +55,17 @@ class GpuEvidence:
 
     @classmethod
     def from_json(cls, d: dict, where: str = "gpus[]") -> GpuEvidence:
-        """Inverse of to_json; raises ValueError naming the bad field."""
+        """Inverse of to_json; raises EvidenceFormatError naming the bad field."""
         if not isinstance(d, dict):
-            raise ValueError(f"evidence JSON: '{where}' must be an object")
+            raise EvidenceFormatError(f"evidence JSON: '{where}' must be an object")
         certs = d.get("certificates", [])
         if not isinstance(certs, list):
-            raise ValueError(f"evidence JSON: '{where}.certificates' must be a list")
+            raise EvidenceFormatError(f"evidence JSON: '{where}.certificates' must be a list")
         flags = {}
         for key in ("cc_feature", "devtools_mode"):
             value = d.get(key)
             if value is not None and not isinstance(value, bool):
-                raise ValueError(f"evidence JSON: '{where}.{key}' must be true, false or null")
+                raise EvidenceFormatError(f"evidence JSON: '{where}.{key}' must be true, false or null")
             flags[key] = value
         return cls(
             report=_unb64(d.get("report"), f"{where}.report"),
@@ -103,17 +108,17 @@ class Evidence:
 
     @classmethod
     def from_json(cls, d: dict) -> Evidence:
-        """Inverse of to_json; raises ValueError naming the bad field."""
+        """Inverse of to_json; raises EvidenceFormatError naming the bad field."""
         if not isinstance(d, dict):
-            raise ValueError("evidence JSON: top level must be an object")
+            raise EvidenceFormatError("evidence JSON: top level must be an object")
         provider, simulated = d.get("provider"), d.get("simulated", False)
         if not isinstance(provider, str) or not provider:
-            raise ValueError("evidence JSON: 'provider' must be a non-empty string")
+            raise EvidenceFormatError("evidence JSON: 'provider' must be a non-empty string")
         if not isinstance(simulated, bool):
-            raise ValueError("evidence JSON: 'simulated' must be true or false")
+            raise EvidenceFormatError("evidence JSON: 'simulated' must be true or false")
         certs, gpus = d.get("certificates", []), d.get("gpus", [])
         if not isinstance(certs, list) or not isinstance(gpus, list):
-            raise ValueError("evidence JSON: 'certificates' and 'gpus' must be lists")
+            raise EvidenceFormatError("evidence JSON: 'certificates' and 'gpus' must be lists")
         return cls(
             provider=provider,
             snp_report=_unb64(d.get("snp_report"), "snp_report"),

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from medtee.attestation.evidence import GpuEvidence
+from medtee.attestation.certs import common_name, issuer_problem, parse_each
+from medtee.attestation.evidence import EvidenceFormatError, GpuEvidence
 from medtee.attestation.policy import AttestationPolicy, Revocation
 from medtee.attestation.verdict import Check, check
 
@@ -24,9 +25,10 @@ REQUEST_SIZE = 37
 SIGNATURE_SIZE = 96
 OPAQUE_DRIVER_VERSION, OPAQUE_VBIOS_VERSION, OPAQUE_FWID = 3, 6, 20
 DICE_TCB_INFO_OID = "2.23.133.5.4.1"
+FWID_MAX_DEPTH = 8  # TCG DICE TcbInfo nests the FWID 3 levels deep; deeper DER is not searched
 
 
-class SpdmFormatError(ValueError):
+class SpdmFormatError(EvidenceFormatError):
     """The bytes are not an SPDM 1.1 GET_MEASUREMENTS request and response."""
 
 
@@ -105,13 +107,12 @@ def parse_spdm(data: bytes) -> SpdmMeasurements:
                             nonce=request[4:36], response_nonce=response_nonce, measurements=measurements, opaque=opaque)
 
 
-def parse_hex_report(text: str) -> bytes:
-    """The GPU report as hex text (as NVML's bytes are usually stored); raises ValueError naming the problem."""
-    cleaned = "".join(text.split())
+def parse_hex_report(text: str | bytes) -> bytes:
+    """The GPU report from hex text (as NVML's bytes are usually stored); raises EvidenceFormatError."""
     try:
-        return bytes.fromhex(cleaned)
-    except ValueError:
-        raise ValueError("GPU report: not hex text (expected the SPDM request||response as hex)") from None
+        return bytes.fromhex("".join((text.decode("ascii") if isinstance(text, bytes) else text).split()))
+    except ValueError:  # UnicodeDecodeError included
+        raise EvidenceFormatError("not hex text (expected a GPU's SPDM request||response as hex)") from None
 
 
 @cache
@@ -132,10 +133,10 @@ def _tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
     return tag, data[pos : pos + length], pos + length
 
 
-def _find_fwid(data: bytes) -> bytes | None:
+def _find_fwid(data: bytes, depth: int = 0) -> bytes | None:
     """Depth-first: the digest of the first SEQUENCE { OID, OCTET STRING } (an FWID) inside DER data."""
     pos = 0
-    while pos < len(data):
+    while pos < len(data) and depth <= FWID_MAX_DEPTH:
         tag, value, pos = _tlv(data, pos)
         if tag & 0x20:  # constructed
             children, cpos = [], 0
@@ -144,7 +145,7 @@ def _find_fwid(data: bytes) -> bytes | None:
                 children.append((ctag, cval))
             if tag == 0x30 and len(children) == 2 and children[0][0] == 0x06 and children[1][0] == 0x04:
                 return children[1][1]
-            found = _find_fwid(value)
+            found = _find_fwid(value, depth + 1)
             if found is not None:
                 return found
     return None
@@ -170,23 +171,14 @@ def chain_checks(certs: list[x509.Certificate], now: datetime, label: str) -> li
     chain = list(certs)
     if chain[-1].public_bytes(Encoding.DER) != root_der:
         chain.append(root)  # the root may be omitted; a different "root" fails the last link below
-    broken = []
-    for i, (cert, issuer) in enumerate(zip(chain, chain[1:])):
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (InvalidSignature, ValueError, TypeError):
-            broken.append(f"link {i} ({_cn(cert)} <- {_cn(issuer)})")
+    broken = [f"link {i} ({common_name(cert)} <- {common_name(issuer)})"
+              for i, (cert, issuer) in enumerate(zip(chain, chain[1:])) if issuer_problem(cert, issuer)]
     out.append(check(f"{label}.chain", not broken, "every link signed by the next, up to the pinned NVIDIA root",
                      "; ".join(broken) or "valid"))
-    expired = [_cn(c) for c in chain if not c.not_valid_before_utc <= now <= c.not_valid_after_utc]
+    expired = [common_name(c) for c in chain if not c.not_valid_before_utc <= now <= c.not_valid_after_utc]
     out.append(check(f"{label}.chain.validity", not expired, f"all valid at {now.isoformat()}",
                      ", ".join(expired) or "all valid"))
     return out
-
-
-def _cn(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else "?"
 
 
 def _version_at_least(actual: str | None, minimum: str, hexa: bool) -> bool:
@@ -201,22 +193,26 @@ def _version_at_least(actual: str | None, minimum: str, hexa: bool) -> bool:
 
 def gpu_evidence_checks(gpu: GpuEvidence, policy: AttestationPolicy, *, expected_nonce: bytes | None,
                         now: datetime, label: str = "gpu") -> list[Check]:
-    """Authenticity (structure, chain, FWID, signature, nonce) and, unless authenticity_only, the GPU policy."""
+    """Authenticity (structure, chain, FWID, signature, nonce) and, unless authenticity_only, the GPU policy.
+    A malformed report or certificate fails `<label>.report.format` or `<label>.certificates` alone."""
+    certs, problems = parse_each(gpu.certificates)
+    malformed = ([check(f"{label}.certificates", False, "a parsable X.509 certificate", "; ".join(problems))]
+                 if problems else [])
     try:
         spdm = parse_spdm(gpu.report)
     except SpdmFormatError as exc:
-        return [check(f"{label}.report.format", False, "an SPDM 1.1 GET_MEASUREMENTS request||response", exc)]
-    try:
-        certs = [x509.load_der_x509_certificate(c) for c in gpu.certificates]
-    except ValueError:
-        return [check(f"{label}.certificates", False, "DER certificates", "unparseable certificate data")]
+        expected = "an SPDM 1.1 GET_MEASUREMENTS request||response"
+        return [check(f"{label}.report.format", False, expected, exc)] + malformed
+    if malformed:
+        return malformed
     out = chain_checks(certs, now, label)
     if certs:
         leaf = certs[0]
         fwid = cert_fwid(leaf)
         out.append(check(f"{label}.fwid", fwid is not None and fwid == spdm.fwid,
                          f"leaf FWID equal to the report's ({(spdm.fwid or b'').hex()[:16]}...)",
-                         f"{fwid.hex()[:16]}... in {_cn(leaf)}" if fwid else f"no FWID in {_cn(leaf)}"))
+                         f"{fwid.hex()[:16]}... in {common_name(leaf)}" if fwid
+                         else f"no FWID in {common_name(leaf)}"))
         out.append(_signature_check(spdm, leaf, label))
     out.append(check(f"{label}.response_nonce", len(spdm.response_nonce) == 32, "32-byte responder nonce",
                      len(spdm.response_nonce)))
@@ -244,7 +240,8 @@ def revocation_check(certs: list[x509.Certificate], stance: Revocation, cache_di
     chain = list(certs)
     if not chain or chain[-1].public_bytes(Encoding.DER) != root.public_bytes(Encoding.DER):
         chain.append(root)
-    results = [(_cn(c), *revocation_status(c, issuer, cache_dir, now)) for c, issuer in zip(chain, chain[1:])]
+    results = [(common_name(c), *revocation_status(c, issuer, cache_dir, now))
+               for c, issuer in zip(chain, chain[1:])]
     revoked = any(status == REVOKED for _, status, _ in results)
     unknown = any(status not in (GOOD, REVOKED) for _, status, _ in results)
     ok = not revoked and (not unknown or stance is Revocation.fail_open)
@@ -256,7 +253,7 @@ def revocation_check(certs: list[x509.Certificate], stance: Revocation, cache_di
 
 def _signature_check(spdm: SpdmMeasurements, leaf: x509.Certificate, label: str) -> Check:
     key = leaf.public_key()
-    expected = f"ECDSA P-384 signature by {_cn(leaf)} over request||response"
+    expected = f"ECDSA P-384 signature by {common_name(leaf)} over request||response"
     if not isinstance(key, ec.EllipticCurvePublicKey):
         return check(f"{label}.signature", False, expected, "leaf key is not EC")
     r, s = int.from_bytes(spdm.signature[:48], "big"), int.from_bytes(spdm.signature[48:], "big")

@@ -8,10 +8,11 @@ MIN_DRIVER = (535, 0)  # first driver series with confidential-computing attesta
 
 
 def _pem_certificates(data: bytes) -> tuple[bytes, ...]:
-    from medtee.attestation.amd import load_certificates
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    return tuple(c.public_bytes(Encoding.DER) for c in load_certificates(data))
+    from medtee.attestation.certs import parse_certificates
+
+    return tuple(c.public_bytes(Encoding.DER) for c in parse_certificates(data))
 
 
 class NvmlProvider:

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from medtee.attestation.certs import X509_ERRORS, issuer_problem, serial_number
+
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
 
 
@@ -56,12 +58,11 @@ def _signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime) ->
     if _responder_matches(resp, issuer):
         return issuer
     for cand in resp.certificates:
-        if not _responder_matches(resp, cand):
+        if not _responder_matches(resp, cand) or issuer_problem(cand, issuer):
             continue
         try:
-            cand.verify_directly_issued_by(issuer)
             eku = cand.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except (InvalidSignature, ValueError, TypeError, x509.ExtensionNotFound):
+        except x509.ExtensionNotFound:
             continue
         if ExtendedKeyUsageOID.OCSP_SIGNING in eku and cand.not_valid_before_utc <= now <= cand.not_valid_after_utc:
             return cand
@@ -70,16 +71,25 @@ def _signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime) ->
 
 def revocation_status(cert: x509.Certificate, issuer: x509.Certificate, cache_dir: str | None,
                       now: datetime) -> tuple[str, str]:
-    """(good | revoked | unknown, why) for one certificate from the cache."""
+    """(good | revoked | unknown, why) for one certificate from the cache; a malformed response is unknown."""
     if not cache_dir:
         return UNKNOWN, "no ocsp_cache configured"
-    path = Path(cache_dir) / f"{cert.serial_number:x}.der"
+    path = Path(cache_dir) / f"{serial_number(cert):x}.der"
     try:
         resp = ocsp.load_der_ocsp_response(path.read_bytes())
     except OSError:
         return UNKNOWN, f"no cached response {path.name}"
     except ValueError:
         return UNKNOWN, f"{path.name} is not a DER OCSP response"
+    try:
+        return _status(resp, cert, issuer, now)
+    except X509_ERRORS as exc:  # fields and responder certificates decode lazily
+        return UNKNOWN, f"{path.name}: malformed OCSP response ({type(exc).__name__})"
+
+
+def _status(resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certificate,
+            now: datetime) -> tuple[str, str]:
+    """What a loaded response says about `cert` (counting only as the module docstring describes)."""
     if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
         return UNKNOWN, f"responder status {resp.response_status.name}"
     signer = _signer(resp, issuer, now)

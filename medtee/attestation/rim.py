@@ -14,9 +14,10 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from medtee.attestation.certs import issuer_problem, parse_certificates, parse_der
+from medtee.attestation.evidence import EvidenceFormatError
 from medtee.attestation.verdict import Check, check
 
 RIM_ROOT_FILE = "rim_root.pem"
@@ -25,7 +26,7 @@ DSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
 HASH_NS = "http://www.w3.org/2001/04/xmlenc#sha384"
 
 
-class RimError(ValueError):
+class RimError(EvidenceFormatError):
     """A RIM that is unreadable, unsigned, tampered with, or not signed under the pinned RIM root."""
 
 
@@ -41,11 +42,16 @@ class Rim:
 
 def _keyinfo_chain(doc) -> list[x509.Certificate]:
     """The KeyInfo certificates ordered signer first, each followed by its issuer."""
-    try:
-        certs = [x509.load_der_x509_certificate(base64.b64decode("".join(e.text.split())))
-                 for e in doc.iter(f"{{{DSIG_NS}}}X509Certificate") if e.text]
-    except ValueError:
-        raise RimError("unparseable X509Certificate in KeyInfo") from None
+    certs = []
+    for i, e in enumerate((e for e in doc.iter(f"{{{DSIG_NS}}}X509Certificate") if e.text), 1):
+        try:
+            der = base64.b64decode("".join(e.text.split()))
+        except ValueError:
+            raise RimError(f"KeyInfo certificate {i}: not base64") from None
+        try:
+            certs.append(parse_der(der))
+        except EvidenceFormatError as exc:
+            raise RimError(f"KeyInfo certificate {i}: {exc}") from None
     if not certs:
         raise RimError("no signer certificate in KeyInfo (unsigned?)")
     issuers = {c.issuer for c in certs if c.issuer != c.subject}
@@ -61,11 +67,9 @@ def _check_chain(chain: list[x509.Certificate], root: x509.Certificate, now: dat
     root_der = root.public_bytes(Encoding.DER)
     links = [c for c in chain if c.public_bytes(Encoding.DER) != root_der] + [root]
     for cert, issuer in zip(links, links[1:]):
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (InvalidSignature, ValueError, TypeError):
+        if issuer_problem(cert, issuer):
             raise RimError(f"signer chain does not reach the pinned RIM root ({cert.subject.rfc4514_string()} "
-                           f"is not signed by {issuer.subject.rfc4514_string()})") from None
+                           f"is not signed by {issuer.subject.rfc4514_string()})")
     for cert in links:
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise RimError(f"certificate {cert.subject.rfc4514_string()} not valid at {now.isoformat()}")
@@ -90,6 +94,8 @@ def verify_rim(path: Path, root: x509.Certificate, now: datetime) -> Rim:
         signed = XMLVerifier().verify(data, x509_cert=chain[0], expect_config=config).signed_xml
     except (XmlInvalidSignature, InvalidInput) as exc:
         raise RimError(f"XML signature invalid: {exc}") from None
+    except etree.LxmlError as exc:  # schema or canonicalization failure inside the signature
+        raise RimError(f"XML signature invalid ({type(exc).__name__})") from None
     if signed is None or signed.tag != f"{{{SWID_NS}}}SoftwareIdentity":
         raise RimError("the signature does not cover the whole SoftwareIdentity document")
     meta = signed.find(f"{{{SWID_NS}}}Meta")
@@ -113,8 +119,8 @@ def rim_root(store: Path) -> x509.Certificate:
     """The RIM root pinned in the store (NVIDIA's CoRIM signing root, provided by whoever curates the store)."""
     path = store / RIM_ROOT_FILE
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
+        return parse_certificates(path.read_bytes())[0]
+    except (OSError, EvidenceFormatError):
         raise RimError(f"no readable RIM root certificate at {path}: put NVIDIA's RIM root there as PEM") from None
 
 

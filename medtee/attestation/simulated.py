@@ -14,12 +14,12 @@ import sys
 from functools import cache
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from medtee.attestation.evidence import Evidence
+from medtee.attestation.certs import common_name, issuer_problem, parse_certificates
+from medtee.attestation.evidence import Evidence, EvidenceFormatError
 from medtee.attestation.snp import POLICY_RESERVED_ONE, POLICY_SMT, SnpReport, sign_report, signature_check
 from medtee.attestation.verdict import Check, check
 
@@ -83,17 +83,11 @@ def simulated_signature_checks(report: SnpReport, certificates: tuple[bytes, ...
     if not certificates:
         return [check("simulated.certificate", False, "the SIMULATED development certificate", "none supplied")]
     try:
-        cert = x509.load_der_x509_certificate(certificates[0])
-    except ValueError:
-        return [check("simulated.certificate", False, "a DER certificate", "unparseable")]
-    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    named = bool(cn) and str(cn[0].value) == SIMULATED_CN
-    out = [check("simulated.certificate", named, SIMULATED_CN, str(cn[0].value) if cn else "no common name")]
-    try:
-        cert.verify_directly_issued_by(cert)
-        self_signed = True
-    except (InvalidSignature, ValueError, TypeError):
-        self_signed = False
+        cert = parse_certificates(certificates[0])[0]
+    except EvidenceFormatError as exc:
+        return [check("simulated.certificate", False, "a parsable X.509 certificate", f"certificate 1: {exc}")]
+    out = [check("simulated.certificate", common_name(cert) == SIMULATED_CN, SIMULATED_CN, common_name(cert))]
+    self_signed = issuer_problem(cert, cert) is None
     out.append(check("simulated.certificate.self_signed", self_signed, "self-signed", "yes" if self_signed else "no"))
     out.append(signature_check(report, cert.public_key(), "SIMULATED development key"))
     return out

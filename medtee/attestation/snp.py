@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from medtee.attestation.evidence import EvidenceFormatError
 from medtee.attestation.verdict import Check, check
 
 REPORT_SIZE = 0x4A0
@@ -75,7 +76,7 @@ class Tcb:
         return " ".join(f"{k}={v}" for k, v in self.components().items())
 
 
-class ReportFormatError(ValueError):
+class ReportFormatError(EvidenceFormatError):
     """The bytes are not an SEV-SNP attestation report."""
 
 
@@ -115,7 +116,7 @@ class SnpReport:
     def parse(cls, raw: bytes) -> SnpReport:
         """Parse 1184 bytes; raises ReportFormatError on a wrong size."""
         if len(raw) != REPORT_SIZE:
-            raise ReportFormatError(f"an SEV-SNP report is {REPORT_SIZE} bytes; got {len(raw)}")
+            raise ReportFormatError(f"an SEV-SNP report is {REPORT_SIZE} bytes; this one has {len(raw)}")
         u32 = lambda o: struct.unpack_from("<I", raw, o)[0]  # noqa: E731
         u64 = lambda o: struct.unpack_from("<Q", raw, o)[0]  # noqa: E731
         version = u32(0x000)
