@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,11 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medtee.attestation import collect_evidence  # noqa: E402
-from medtee.sealing.broker import EmbeddedBroker, obtain_data_key  # noqa: E402
-from medtee.sealing.http_broker import BrokerServer, HttpBroker  # noqa: E402
+from medtee.broker.client import HttpBroker  # noqa: E402
+from medtee.broker.protocol import obtain_data_key  # noqa: E402
+from medtee.broker.server import BrokerServer  # noqa: E402
+from medtee.broker.service import EmbeddedBroker  # noqa: E402
 from medtee.sealing.seal import seal_records  # noqa: E402
 
-RECIPE = "sha256:" + "00" * 32
+RECIPE = "00" * 32
 
 
 def _evidence(nonce: bytes, eph: bytes):
@@ -55,10 +56,7 @@ def main() -> None:
         records = [{"id": "r0", "messages": [{"role": "user", "content": "benchmark"}]}]
         manifest = seal_records(records, Path(tmp) / "ds", broker=broker, policy="simulated", dataset_id="bench")
         _timed("embedded round trip", args.n, lambda: _release(broker, manifest))
-        server = BrokerServer(broker, "127.0.0.1", 0, quiet=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with BrokerServer(broker, "127.0.0.1", 0, quiet=True) as server:
             client = HttpBroker(server.url, store_dir=Path(tmp) / "broker")
             sequential = _timed("HTTP round trip (loopback)", args.n, lambda: _release(client, manifest))
             total = max(args.n, args.concurrency) * 2
@@ -71,9 +69,6 @@ def main() -> None:
             print(f"{'HTTP, ' + str(args.concurrency) + ' concurrent clients':<34} {elapsed / total * 1000:8.2f} "
                   f"ms/release  {rate:8.1f} releases/s")
             print(f"ratio concurrent/sequential throughput: {rate * sequential:.2f}")
-        finally:
-            server.shutdown()
-            server.server_close()
 
 
 if __name__ == "__main__":

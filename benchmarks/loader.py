@@ -75,7 +75,7 @@ def main() -> None:
         raise SystemExit(f"{args.source} is missing: this benchmark reads the public dialogues in ../shared/data")
 
     from medtee.data.tokenizer import build_demo_tokenizer
-    from medtee.sealing.broker import EmbeddedBroker
+    from medtee.broker.service import EmbeddedBroker
     from medtee.sealing.reader import open_dataset
     from medtee.sealing.seal import DEFAULT_ROW_GROUP_ROWS, DEFAULT_ROWS_PER_SHARD, seal_records
 

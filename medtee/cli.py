@@ -112,10 +112,17 @@ def _adapter_open(args: argparse.Namespace) -> int:
     for path in (args.encrypted, args.key):
         if not Path(path).is_file():
             return _fail(f"{path}: no such file")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} is a file; name a directory (it is created if missing)")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        return _fail(f"--out {out}: a parent of it is a file; name a directory")
     try:
-        out = open_adapter(Path(args.encrypted), Path(args.key), Path(args.out))
+        out = open_adapter(Path(args.encrypted), Path(args.key), out)
     except KeyWrapError as exc:
         return _fail(f"{args.encrypted}: cannot decrypt with {args.key}: {exc}")
+    except OSError as exc:
+        return _fail(f"--out {out}: cannot write the adapter there ({exc.strerror or type(exc).__name__})")
     print(f"decrypted adapter written to {out}")
     return EXIT_OK
 
@@ -123,6 +130,7 @@ def _adapter_open(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from medtee import __version__
     from medtee.attestation.cli import add_parser as add_attest
+    from medtee.broker.cli import add_parser as add_broker
     from medtee.sealing.cli import add_parsers as add_sealing
 
     parser = argparse.ArgumentParser(
@@ -154,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     opn.set_defaults(handler=_adapter_open)
 
     add_sealing(sub)
+    add_broker(sub)
     add_attest(sub)
     return parser
 

@@ -95,6 +95,9 @@ class TinyGemma3:
     head_dim: int = 16  # per-head width
     intermediate_size: int = 128  # MLP width
     sliding_window: int = 64  # local-attention window (every 6th layer global, as in Gemma 3)
+    # std of the random weights: 0.1 gives the logits a range LoRA can steer (Gemma's 0.02 keeps a random model's
+    # output near uniform, so a demo's loss would barely move)
+    init_std: float = 0.1
     seed: int = 0  # random-weight seed
 
 
@@ -217,6 +220,23 @@ NOT_IN_DIGEST = ("data.path", "tracking.run_name", "encryption.broker_dir")
 
 #: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).
 TRACKING_SCHEMES = ("sqlite", "http", "https")
+
+#: Smallest value of each numeric field that can run (checked at compose time).
+MINIMUMS = {
+    "hardware.devices": 1, "hardware.num_nodes": 1,
+    "qlora.rank": 1, "qlora.alpha": 1,
+    "data.batch_size": 1, "data.max_length": 32, "data.n_synthetic": 2,
+    "trainer.max_steps": 1, "trainer.warmup_steps": 0, "trainer.weight_decay": 0, "trainer.accumulate_grad_batches": 1,
+    "trainer.gradient_clip_val": 0, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 0,
+    "trainer.num_sanity_val_steps": 0, "trainer.log_every_n_steps": 1, "trainer.loss_chunk_tokens": 0,
+    "trainer.checkpoint_every_n_steps": 0, "trainer.checkpoint_keep": -1,
+    "model.checkpoint_every_n_layers": 1,
+    "model.tiny.hidden_size": 1, "model.tiny.num_hidden_layers": 1, "model.tiny.num_attention_heads": 1,
+    "model.tiny.num_key_value_heads": 1, "model.tiny.head_dim": 2, "model.tiny.intermediate_size": 1,
+    "model.tiny.sliding_window": 1,
+    "tracking.min_aggregate": 1,
+    "encryption.broker_timeout_s": 0.1,
+}
 
 #: Accelerators Lightning's FSDP strategy shards across (it refuses any other).
 FSDP_ACCELERATORS = ("cuda",)
@@ -460,19 +480,44 @@ def check(cfg) -> None:
         if extra:
             problems.append(f"tracking.metrics may only narrow medtee's allow-list; not allowed: {', '.join(extra)}. "
                             f"Allowed: {', '.join(METRIC_ALLOW_LIST)}")
-    for key, minimum in (("trainer.max_steps", 1), ("qlora.rank", 1), ("data.batch_size", 1),
-                         ("data.max_length", 8), ("tracking.min_aggregate", 1), ("model.checkpoint_every_n_layers", 1),
-                         ("trainer.loss_chunk_tokens", 0), ("trainer.checkpoint_every_n_steps", 0),
-                         ("trainer.checkpoint_keep", -1)):
+    for key, minimum in MINIMUMS.items():
         value = _get(cfg, key)
         if value is not None and value < minimum:
             problems.append(f"{key}={value} must be at least {minimum}")
+    if cfg.trainer.checkpoint_keep == 0:
+        problems.append("trainer.checkpoint_keep=0 would delete every checkpoint it writes: use -1 (keep all) or "
+                        "the number of most recent checkpoints to keep")
+    if not cfg.trainer.lr > 0 or cfg.trainer.lr == float("inf"):
+        problems.append(f"trainer.lr={cfg.trainer.lr} must be a positive learning rate, e.g. trainer.lr=2e-4")
+    if cfg.data.source != "sealed" and cfg.data.path:
+        problems.append(f"data.path={cfg.data.path} is set but data={cfg.data.source.value} does not read it: add "
+                        f"data=sealed to train on the sealed dataset at that path")
+    problems += _tiny_model_problems(cfg.model)
+    from medtee.broker.protocol import is_loopback_url
+
+    broker = str(cfg.encryption.broker)
+    if broker.startswith("http://") and not is_loopback_url(broker):
+        problems.append(f"encryption.broker={broker}: plain http is allowed only on loopback (127.0.0.1, ::1, "
+                        f"localhost); serve the broker with TLS and use https://")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         problems.append(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     if not 0.0 <= q.dropout < 1.0:
         problems.append(f"qlora.dropout={q.dropout} must be in [0, 1)")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _tiny_model_problems(model) -> list[str]:
+    """Shapes a tiny Gemma 3 cannot be built with (checked whatever the source, so a recipe stays switchable)."""
+    t, problems = model.tiny, []
+    if t.num_key_value_heads >= 1 and t.num_attention_heads % t.num_key_value_heads:
+        problems.append(f"model.tiny.num_attention_heads={t.num_attention_heads} must be a multiple of "
+                        f"model.tiny.num_key_value_heads={t.num_key_value_heads} (grouped-query attention)")
+    if not t.init_std > 0:
+        problems.append(f"model.tiny.init_std={t.init_std} must be positive, e.g. 0.1")
+    if t.head_dim % 2:
+        problems.append(f"model.tiny.head_dim={t.head_dim} must be even (rotary position embeddings rotate pairs)")
+    return problems
 
 
 def check_runnable(cfg) -> None:

@@ -310,19 +310,52 @@ def egress_problems(cfg) -> list[str]:
 
 
 def progress_bars(enabled: bool, allowed) -> list:
-    """Lightning callbacks: when enabled, the default progress bar showing only the allowed metric names."""
+    """Lightning callbacks: when enabled, one progress bar over the run's optimizer steps showing only the allowed
+    metric names."""
     if not enabled:
         return []
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
-    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
     keep = frozenset(allowed)
 
-    class AllowListedProgressBar(base):
-        """Lightning's progress bar, limited to allow-listed metrics (no version number, no other logged value)."""
+    class AllowListed:
+        """Shows only allow-listed metrics (no version number, no other logged value)."""
 
         def get_metrics(self, trainer, pl_module):
             return {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k in keep}
 
-    return [AllowListedProgressBar()]
+    if not _RICH_AVAILABLE:
+        return [type("AllowListedProgressBar", (AllowListed, TQDMProgressBar), {})()]
+
+    class StepProgressBar(AllowListed, RichProgressBar):
+        """Lightning's rich progress bar counting the run's optimizer steps ("step 37/60": a run is sized by
+        trainer.max_steps), not an epoch's batches."""
+
+        @property
+        def total_train_batches(self):
+            return self.trainer.max_steps
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            return "Training steps"
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._update(self.train_progress_bar_id, trainer.global_step)
+            self.refresh()
+
+    return [StepProgressBar()]
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." lines (advertisements for cloud services, not run state)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Install the filter on Lightning's rank-zero logger (idempotent)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisements) for f in logger.filters):
+        logger.addFilter(_NoAdvertisements())

@@ -35,6 +35,9 @@ def main(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from medtee import privacy
+    from medtee.broker.client import BrokerError
+    from medtee.broker.protocol import ChallengeRefused
+    from medtee.data import DataError
     from medtee.sealing.manifest import SealedDataError
 
     hc = HydraConfig.get()
@@ -49,7 +52,10 @@ def main(cfg) -> int:
     except SealedDataError as exc:
         say(f"sealed dataset rejected: {exc}")
         return EXIT_BAD_INPUT
-    except Refused as exc:
+    except DataError as exc:
+        say(f"input rejected: {exc}")
+        return EXIT_BAD_INPUT
+    except (Refused, BrokerError, ChallengeRefused) as exc:  # the key broker is down or refuses to answer
         say(f"refused: {exc}")
         return EXIT_REFUSED
     except privacy.SafeError as exc:
@@ -91,9 +97,14 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def train(cfg, *, recipe: str, out_dir: Path) -> int:
-    """The checks that need no data, then the run. Raises ConfigError, SealedDataError or Refused."""
+    """The checks that need no data, then the run. Raises ConfigError, SealedDataError, DataError or Refused."""
+    from medtee.training.output import recipient_problem
+
     config.check(cfg)
     config.check_runnable(cfg)
+    problem = recipient_problem(cfg.output.recipient)
+    if problem:
+        raise config.ConfigError(problem)
     digest = config.recipe_digest(cfg)
     preflight(cfg)
     return _train(cfg, recipe=recipe, digest=digest, out_dir=out_dir)
@@ -116,7 +127,7 @@ def release_data_key(cfg, dataset, *, broker, recipe_digest: str):
     appraises it independently against the dataset's release policy, which is what decides.
     """
     from medtee import attestation
-    from medtee.sealing.broker import KeyReleaseDenied, obtain_data_key
+    from medtee.broker.protocol import KeyReleaseDenied, obtain_data_key
 
     att, manifest = cfg.attestation, dataset.manifest
     policy = attestation.policy_from_mapping(att, "the recipe's attestation group")
@@ -157,7 +168,7 @@ def _dataset_path(cfg, out_dir: Path, broker) -> Path:
 
 
 def _train(cfg, *, recipe: str, digest: str, out_dir: Path) -> int:
-    from medtee.sealing.broker import connect
+    from medtee.broker.protocol import connect
     from medtee.sealing.reader import open_dataset
     from medtee.training.checkpoint import derive_key
 
@@ -188,10 +199,8 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
 
     from medtee.data.module import DialogueDataModule
     from medtee.tracking import open_run
-    from medtee.training.engine import build_trainer
     from medtee.training.model import build_model, build_tokenizer, weight_digests
     from medtee.training.module import CausalLMModule
-    from medtee.training.output import write_outputs
 
     t, hw = cfg.trainer, cfg.hardware
     rank_zero = rank_zero_only.rank == 0  # torchrun / SLURM: every process runs this flow; rank 0 reports
@@ -212,29 +221,47 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
     resumed = (_checkpoint_run_info(t.resume_from, checkpoint_key, module, datamodule,
                                     world_size=hw.devices * hw.num_nodes) if t.resume_from else {})  # or exit 2
 
-    resolved = config.resolved(cfg)
+    dataset_record = {"id": dataset.manifest.dataset_id, "manifest_digest": dataset.manifest.digest()}
+    # the recipe as its digest covers it: without data.path (a directory name can name a patient or a study)
+    recorded = config.digest_input(config.resolved(cfg))
     digests = weight_digests(cfg.model) if rank_zero else {}
     logger = False
-    if rank_zero:
-        # a resumed training run continues its MLflow run; an evaluation run is a run of its own
-        run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
-        logger = open_run(cfg, recipe=recipe, recipe_digest=digest, dataset_digest=dataset.manifest.digest(),
-                          verdict=verdict, eval_examples=stats.get("n_val", 0), weight_digests=digests, run_id=run_id)
-        logger.set_tags({"medtee.mode": "validate" if t.validate_only else "train"})
-        say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
-
-    trainer = build_trainer(cfg, model=model, logger=logger, out_dir=out_dir, checkpoint_key=checkpoint_key)
-    module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
-    started = time.time()
     try:
-        if t.validate_only:  # an evaluation run: the held-out split only, no adapter
-            trainer.validate(module, datamodule=datamodule, ckpt_path=t.resume_from, verbose=False)
-        else:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=t.resume_from)
+        if rank_zero:
+            # a resumed training run continues its MLflow run; an evaluation run is a run of its own
+            run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
+            logger = open_run(cfg, recipe=recipe, recipe_digest=digest, dataset_digest=dataset.manifest.digest(),
+                              verdict=verdict, eval_examples=stats.get("n_val", 0), weight_digests=digests,
+                              run_id=run_id, manifest=dataset.manifest)
+            logger.set_tags({"medtee.mode": "validate" if t.validate_only else "train"})
+            say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
+        return _run_trainer(cfg, module=module, datamodule=datamodule, logger=logger, out_dir=out_dir,
+                            checkpoint_key=checkpoint_key, rank_zero=rank_zero, recorded=recorded, digests=digests,
+                            summary={"recipe": recipe, "recipe_digest": digest, "dataset": dataset_record,
+                                     "attestation": {"policy": verdict.policy, "ok": verdict.ok,
+                                                     "simulated": verdict.simulated},
+                                     "examples": {"train": stats.get("n_train"), "val": stats.get("n_val")}},
+                            verdict=verdict)
     except BaseException:
         if logger:
-            logger.close("FAILED")
+            logger.close("FAILED")  # a run that fails is never left RUNNING
         raise
+
+
+def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_key: bytes, rank_zero: bool,
+                 recorded: dict, digests: dict, summary: dict, verdict) -> int:
+    """Fit (or validate), then write the encrypted adapter, the recorded recipe and the summary."""
+    from medtee.training.engine import build_trainer
+    from medtee.training.output import write_outputs
+
+    t = cfg.trainer
+    trainer = build_trainer(cfg, model=module.model, logger=logger, out_dir=out_dir, checkpoint_key=checkpoint_key)
+    module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
+    started = time.time()
+    if t.validate_only:  # an evaluation run: the held-out split only, no adapter
+        trainer.validate(module, datamodule=datamodule, ckpt_path=t.resume_from, verbose=False)
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=t.resume_from)
     # every process takes part: under FSDP this gathers the adapter's shards to rank 0 (the others get nothing)
     adapter = None if t.validate_only else module.adapter_state(trainer.strategy.lightning_module_state_dict())
     if not rank_zero:
@@ -242,10 +269,7 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
     metrics = logger.guard.metrics({k: float(v) for k, v in trainer.callback_metrics.items()
                                     if k in ("train/loss", "val/loss", "val/perplexity")})
     summary = {
-        "recipe": recipe,
-        "recipe_digest": digest,
-        "dataset_manifest_digest": dataset.manifest.digest(),
-        "attestation": {"policy": verdict.policy, "ok": verdict.ok, "simulated": verdict.simulated},
+        **summary,
         "mlflow_run_id": logger.run_id,
         "mode": "validate" if t.validate_only else "train",
         "resumed": bool(t.resume_from),
@@ -253,16 +277,38 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
         "steps": trainer.global_step,
         "seconds": round(time.time() - started, 1),
         "final_metrics": metrics,
-        "examples": {"train": stats.get("n_train"), "val": stats.get("n_val")},
     }
-    written = write_outputs(module.model, cfg, adapter=adapter, summary=summary,
-                            resolved_recipe=resolved, out_dir=out_dir)
-    logger.finish(summary, resolved=resolved, verdict=verdict, weight_digests=digests,
+    written = write_outputs(module.model, cfg, adapter=adapter, summary=summary, resolved_recipe=recorded,
+                            out_dir=out_dir)
+    logger.finish(summary, resolved=recorded, verdict=verdict, weight_digests=digests,
                   evaluation={k: v for k, v in metrics.items() if k.startswith("val/")},
                   tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
-    say(f"done: {'validation' if t.validate_only else f'{trainer.global_step} steps'}; "
-        f"{'summary' if t.validate_only else 'encrypted adapter and summary'} in {out_dir}")
+    _report(summary, first_loss=module.first_loss, out_dir=out_dir, written=written, cfg=cfg)
     return EXIT_OK
+
+
+def _report(summary: dict, *, first_loss: float | None, out_dir: Path, written: dict, cfg) -> None:
+    """The run's last lines: what was learned, where the outputs are, how to look at the metrics."""
+    from medtee.tracking import display_uri
+
+    metrics = summary["final_metrics"]
+    shown = [f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/")]
+    if "train/loss" in metrics:
+        shown.insert(0, f"train/loss {first_loss:.3f} -> {metrics['train/loss']:.3f}" if first_loss is not None
+                     else f"train/loss {metrics['train/loss']:.3f}")
+    what = "validation" if summary["mode"] == "validate" else f"{summary['steps']} steps"
+    say(f"done: {what} in {summary['seconds']} s; {', '.join(shown) or 'no metric aggregated enough examples'}")
+    if written:
+        from medtee.training.output import ADAPTER_FILE, DEV_RECIPIENT_DIR, DEV_RECIPIENT_NAME
+
+        key = (DEV_RECIPIENT_DIR / f"{DEV_RECIPIENT_NAME}.key" if cfg.output.recipient == "dev"
+               else "<the recipient's .key>")
+        say(f"encrypted adapter (to {written['adapter_recipient']}): open it with "
+            f"`medtee adapter open {out_dir / ADAPTER_FILE} --key {key} --out adapter/`")
+    uri = cfg.tracking.tracking_uri
+    dashboard = (f"mlflow ui --backend-store-uri {uri}   (then browse http://127.0.0.1:5000)"
+                 if uri.startswith("sqlite:") else display_uri(uri))
+    say(f"summary: {out_dir / 'summary.json'}; dashboard: {dashboard}")
 
 
 def _checkpoint_run_info(path: str, key: bytes, module, datamodule, *, world_size: int) -> dict:

@@ -1,7 +1,9 @@
 """The one door to MLflow: allow-listed metrics, parameters, tags and artifacts; aggregates only.
 
 Nothing else in medtee talks to MLflow. A key outside the allow-lists is dropped with a warning that names the key,
-never the value. The runs of a Hydra sweep are nested under one parent run per sweep.
+never the value. The runs of a Hydra sweep are nested under one parent run per sweep. The experiment is tagged as a
+fine-tuning experiment, and a run's dataset input is the sealed dataset's id, manifest digest, columns and record
+count (`dataset_input`), never anything read from its records.
 """
 
 from __future__ import annotations
@@ -54,6 +56,28 @@ MAX_TAG_CHARS = 500
 #: The only artifacts a run logs (kind -> file): JSON built by medtee from digests, verdicts, counts and aggregate
 #: metrics; never text, samples, per-example values or paths to data.
 SAFE_ARTIFACTS = {"receipt": "receipt.json", "recipe": "recipe.json", "evaluation": "evaluation.json"}
+
+#: The experiment tag naming an experiment's kind, and medtee's: fine-tuning runs (MLflow's "finetuning" kind).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "finetuning"
+
+#: The experiment's runs table in MLflow's model-training view. MLflow 3.17's UI opens an experiment on the view of the
+#: `workflowType` in its URL, else of the reader's last choice (GenAI by default), whatever the kind tag says; this
+#: link names the training view, so it opens on the runs with their metrics and Dataset column.
+RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+#: Where `mlflow ui` serves by default: the dashboard of a local (sqlite) store.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+#: The columns of a sealed dataset's records (the Parquet schema `medtee seal` writes), as an MLflow column spec.
+DATASET_SCHEMA = {"mlflow_colspec": [
+    {"type": "string", "name": "id", "required": True},
+    {"type": "array", "name": "messages", "required": True, "items": {"type": "object", "properties": {
+        "role": {"type": "string", "required": True}, "content": {"type": "string", "required": True}}}},
+]}
+
+#: Hex digits of the manifest digest that name a dataset input, as the runs table shows it (MLflow keeps at most 36
+#: characters; the input's source and the run's `medtee.dataset_manifest_digest` tag have all 64).
+DATASET_DIGEST_CHARS = 12
 
 #: Artifact stores a run may write to: the tracking server's proxied store, or local files next to a sqlite store.
 #: Any other (s3://, gs://, ...) would be a direct connection to a host the recipe does not name.
@@ -152,17 +176,20 @@ class GuardedMLflowLogger(Logger):
         from mlflow.tracking import MlflowClient
 
         self.guard = guard
-        self.where = f"{display_uri(tracking_uri)} (experiment '{experiment}')"
         self._client = MlflowClient(tracking_uri=tracking_uri)
         try:
             exp = self._client.get_experiment_by_name(experiment)
             self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
+            if not exp or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self._client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             self._artifact_location = self._client.get_experiment(self._experiment_id).artifact_location
         except Exception as exc:  # connection refused, TLS, 401/403: the message names no data, but stay uniform
             raise privacy.SafeError(
                 f"the MLflow tracking store {display_uri(tracking_uri)} refused or did not answer "
                 f"({type(exc).__name__}); check tracking.tracking_uri (tracking=mlflow_server: MLFLOW_TRACKING_URI) "
                 f"and the credentials in MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD") from None
+        self.dashboard = dashboard_url(tracking_uri, self._experiment_id)
+        self.where = f"{display_uri(tracking_uri)} (experiment '{experiment}'; runs: {self.dashboard})"
         safe_tags = guard.tags(tags)
         self._parent_id = self._sweep_parent(sweep_id, run_name, safe_tags) if sweep_id else None
         if self._parent_id:
@@ -241,6 +268,11 @@ class GuardedMLflowLogger(Logger):
             self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in safe.items()])
 
     @rank_zero_only
+    def log_dataset(self, manifest, *, context: str) -> None:
+        """Log a sealed dataset as the run's MLflow dataset input (`dataset_input`): the runs table's Dataset column."""
+        self._client.log_inputs(self.run_id, [dataset_input(manifest, context=context)])
+
+    @rank_zero_only
     def log_artifact(self, kind: str, payload: Mapping[str, Any]) -> None:
         """Log one of medtee's safe artifacts (SAFE_ARTIFACTS) as JSON; anything else is dropped by the guard."""
         item = self.guard.artifact(kind, payload)
@@ -311,6 +343,24 @@ def display_uri(uri: str) -> str:
     return text.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1) if "@" in parts.netloc else text
 
 
+def dashboard_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's model-training view: on the tracking server, or under `mlflow ui`."""
+    base = display_uri(tracking_uri) if urlsplit(str(tracking_uri)).scheme in ("http", "https") else LOCAL_UI
+    return f"{base.rstrip('/')}/{RUNS_VIEW.format(experiment_id=experiment_id)}"
+
+
+def dataset_input(manifest, *, context: str):
+    """A sealed dataset (its `Manifest`) as an MLflow dataset input: the dataset id, the manifest digest, the columns
+    and the record count, with its use (`context`: training or evaluation). Nothing read from the records."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = manifest.digest()
+    dataset = Dataset(name=manifest.dataset_id, digest=digest[:DATASET_DIGEST_CHARS], source_type="medtee-sealed",
+                      source=json.dumps({"dataset_id": manifest.dataset_id, "manifest_sha256": digest}),
+                      schema=json.dumps(DATASET_SCHEMA), profile=json.dumps({"num_rows": manifest.record_count}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
 def device_verdicts(verdict) -> dict[str, str]:
     """The appraisal outcome per device: `cpu` (the SEV-SNP report and binding) and `gpu0`, `gpu1`, ..."""
     devices: dict[str, list] = {}
@@ -369,8 +419,10 @@ def sweep_id() -> str | None:
 
 
 def open_run(cfg, *, recipe: str, recipe_digest: str, dataset_digest: str, verdict, eval_examples: int,
-             weight_digests: Mapping[str, str] | None = None, run_id: str | None = None) -> GuardedMLflowLogger:
-    """The run's guarded logger: allow-listed parameters, provenance tags, nested under its sweep's parent run.
+             weight_digests: Mapping[str, str] | None = None, run_id: str | None = None,
+             manifest=None) -> GuardedMLflowLogger:
+    """The run's guarded logger: allow-listed parameters, provenance tags, nested under its sweep's parent run, and
+    the sealed dataset's `manifest` (when given) as its dataset input.
 
     `eval_examples` is the size of the held-out split; an evaluation pass covers at most `limit_val_batches` x
     `batch_size` of them, and the guard counts no more than that. `run_id` continues that run (a resumed training).
@@ -380,7 +432,10 @@ def open_run(cfg, *, recipe: str, recipe_digest: str, dataset_digest: str, verdi
     guard.eval_examples = min(eval_examples, cfg.trainer.limit_val_batches * cfg.data.batch_size)
     tags = run_tags(cfg, recipe=recipe, recipe_digest=recipe_digest, dataset_digest=dataset_digest,
                     verdict=verdict, weight_digests=weight_digests)
-    return GuardedMLflowLogger(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
-                               run_name=cfg.tracking.run_name or recipe, guard=guard, tags=tags,
-                               params=Guard.params(config.resolved(cfg)), sweep_id=sweep_id(),
-                               resume_run_id=run_id)
+    logger = GuardedMLflowLogger(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
+                                 run_name=cfg.tracking.run_name or recipe, guard=guard, tags=tags,
+                                 params=Guard.params(config.resolved(cfg)), sweep_id=sweep_id(),
+                                 resume_run_id=run_id)
+    if manifest is not None:
+        logger.log_dataset(manifest, context="evaluation" if cfg.trainer.validate_only else "training")
+    return logger

@@ -216,3 +216,24 @@ def test_a_recipe_file_outside_the_package_can_be_named_by_path(tmp_path):
     assert override == "recipe=my_small" and cfg.qlora.rank == 4 and cfg.qlora.quantization == "none"
     with pytest.raises(ConfigError, match="does not exist"):
         config.use_recipe_files([f"recipe={tmp_path / 'nope.yaml'}"])
+
+
+@pytest.mark.parametrize("override, named", [
+    ("trainer.lr=-1", "trainer.lr"), ("trainer.lr=0", "trainer.lr"), ("hardware.devices=0", "hardware.devices"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval"),
+    ("model.tiny.num_attention_heads=3", "model.tiny.num_attention_heads"), ("model.tiny.head_dim=7", "head_dim"),
+    ("data.max_length=8", "data.max_length"), ("trainer.checkpoint_keep=0", "trainer.checkpoint_keep"),
+    ("encryption.broker=http://10.1.2.3:8765", "plain http is allowed only on loopback"),
+    ("data.path=/some/dir", "add data=sealed"), ("data.n_synthetic=1", "data.n_synthetic"),
+])
+def test_settings_that_cannot_run_are_refused_at_compose_time(override, named):
+    """Each used to pass composition and fail only after the data key was released (exit 3)."""
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=demo", override])
+    assert named in str(err.value)
+
+
+def test_plain_http_broker_on_loopback_is_allowed():
+    for url in ("http://127.0.0.1:8765", "http://[::1]:8765", "http://localhost:8765", "https://broker.example"):
+        config.compose(["recipe=demo", f"encryption.broker='{url}'"])

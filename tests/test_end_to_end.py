@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -72,6 +73,12 @@ def test_seal_train_and_open_the_adapter(tmp_path):
                      f"output.recipient={owner / 'keys/model-owner.pub'}", *FAST, cwd=tee)
     assert res.returncode == 0, res.stderr[-3000:]
     [out] = _output_dirs(tee)
+    # the recorded recipe names no data path (a directory name can name a patient); it hashes to the digest
+    recorded, summary = (json.loads((out / name).read_text()) for name in ("recipe.json", "summary.json"))
+    assert "path" not in recorded["data"] and str(owner / "sealed") not in (out / "recipe.json").read_text()
+    canonical = json.dumps(recorded, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert hashlib.sha256(canonical.encode()).hexdigest() == summary["recipe_digest"]
+    assert summary["dataset"]["id"] == json.loads((owner / "sealed/manifest.json").read_text())["dataset_id"]
     opened = run_medtee("adapter", "open", str(out / "adapter.safetensors.enc"), "--key",
                         str(owner / "keys/model-owner.key"), "--out", str(owner / "adapter"), cwd=owner)
     assert opened.returncode == 0, opened.stderr

@@ -2,7 +2,10 @@
 
 Imports torch and lightning: only the training code imports this module, never the CLI at start-up.
 
-- Records are tokenized in `setup()` in chunks (one batched tokenizer call per chunk); the module keeps token arrays
+- The tokenizer's own chat template is checked against medtee's training text when the module is built
+  (`chat.check_chat_template`). In `setup()`, before any training work, records are checked (`validate.record_turns`:
+  a `DataError` names the record by position) and tokenized in chunks (one batched tokenizer call per chunk) in one
+  pass, then the dataset (`validate.check_dataset`: some record has a doctor turn); the module keeps token arrays
   only and drops its reference to the records. Nothing is written anywhere; batches are cut from the arrays in the
   training process (no worker processes).
 - Split: a permutation of the record positions by `seed`; the first `round(val_fraction * n)` records (at least one
@@ -28,7 +31,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
-from medtee.data.chat import IGNORE_INDEX, encode_arrays
+from medtee.data import DataError
+from medtee.data.chat import IGNORE_INDEX, check_chat_template, encode_turns
+from medtee.data.validate import check_dataset, record_turns
 
 _TOKENIZE_CHUNK = 512  # records per batched tokenizer call
 
@@ -66,25 +71,17 @@ class TokenizedRecords:
 
 def tokenize_records(records: Iterable[dict], tokenizer, *, max_length: int,
                      chunk: int = _TOKENIZE_CHUNK) -> TokenizedRecords:
-    """Tokenize chat records (streamed, `chunk` at a time) into ragged arrays; every record keeps its position."""
+    """Check (`validate.record_turns`) and tokenize chat records, streamed `chunk` at a time, into ragged arrays;
+    every record keeps its position (one without a doctor turn has no token)."""
     ids_parts, label_parts, lengths, truncated = [], [], [], []
-    iterator = iter(records)
-    position = 0
-    while batch := list(islice(iterator, chunk)):
-        names = []
-        for i, record in enumerate(batch):
-            name = f"record {record['id']}" if isinstance(record, dict) and "id" in record else f"record {position + i}"
-            if not isinstance(record, dict) or not isinstance(record.get("messages"), (list, tuple)):
-                raise ValueError(f"{name}: expected a chat record {{'id', 'messages': [{{'role', 'content'}}, ...]}}")
-            names.append(name)
+    turns = record_turns(records, tokenizer)
+    while batch := list(islice(turns, chunk)):
         # One token over the limit tells a cut dialogue from one that is exactly max_length long.
-        for ids, labels in encode_arrays(tokenizer, [r["messages"] for r in batch], max_length=max_length + 1,
-                                         names=names):
+        for ids, labels in encode_turns(tokenizer, batch, max_length=max_length + 1):
             truncated.append(len(ids) > max_length)
             ids_parts.append(ids[:max_length])
             label_parts.append(labels[:max_length])
             lengths.append(min(len(ids), max_length))
-        position += len(batch)
     empty = np.zeros(0, np.int32)
     return TokenizedRecords(
         np.concatenate(ids_parts) if ids_parts else empty,
@@ -216,6 +213,7 @@ class DialogueDataModule(LightningDataModule):
         if num_workers != 0:
             raise ValueError("num_workers must be 0: batches are cut from in-memory arrays in the training process, "
                              "and worker processes would only copy the decrypted data into more processes")
+        check_chat_template(tokenizer)  # the text trained on is the text the model's own template serves
         self._records = records
         self._tokenizer = tokenizer
         self._max_length, self._batch_size, self._val_fraction = max_length, batch_size, val_fraction
@@ -233,8 +231,7 @@ class DialogueDataModule(LightningDataModule):
         data = tokenize_records(records, self._tokenizer, max_length=self._max_length)
         self._records = records = None  # the token arrays are all this module keeps
         n = len(data)
-        if n == 0:
-            raise ValueError("the dataset has no records")
+        check_dataset(n, int((data.lengths() > 0).sum()))  # a record without a doctor turn has no token
         n_val = round(self._val_fraction * n)
         if self._val_fraction > 0:
             n_val = min(max(n_val, 1), n - 1)
@@ -244,7 +241,8 @@ class DialogueDataModule(LightningDataModule):
         self._val = data.select(val_idx[supervised[val_idx] > 0])
         self._train = data.select(train_idx[supervised[train_idx] > 0])
         if len(self._train) == 0:
-            raise ValueError("no training dialogue has a doctor turn left to learn from (after max_length cuts)")
+            raise DataError("no training dialogue has a doctor turn left to learn from after the validation split and "
+                            "the max_length cut: raise data.max_length or lower data.val_fraction")
         self._counts = {"n_records": n, "n_dropped": int((supervised == 0).sum()),
                         "n_truncated": int(data.truncated.sum())}
 

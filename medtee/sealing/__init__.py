@@ -1,7 +1,6 @@
-"""Sealed data and key release: HPKE key wrapping, sealing to encrypted Parquet, the TEE-side reader, key brokers.
+"""Sealed data: HPKE key wrapping, sealing to encrypted Parquet, the TEE-side reader. The key broker is medtee.broker.
 
-Modules: keywrap (HPKE, sealed blobs), manifest (signed dataset manifest), kms (Parquet Modular Encryption keys),
-seal (data owner's sealing), reader (TEE-side integrity checks and in-memory decryption), broker (embedded broker,
-release protocol, rotation), http_broker (HTTP service and client), audit (hash-chained log), owner (signing key),
-config (the `encryption` config group schema), cli (subcommands).
+Modules: keywrap (HPKE, sealed blobs), manifest (signed dataset manifest, dataset ids), kms (Parquet Modular
+Encryption keys), seal (data owner's sealing), reader (TEE-side integrity checks and in-memory decryption), owner
+(signing key), config (the `encryption` config group schema), cli (seal, data, keys subcommands).
 """

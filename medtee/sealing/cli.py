@@ -1,4 +1,4 @@
-"""Subcommands of the data owner and the key broker: seal, data inspect, keys new|rotate, broker serve|audit|policy.
+"""Subcommands of the data owner: seal, data inspect, keys new|rotate (`broker ...` is in medtee.broker.cli).
 
 Handlers return 0 (ok), 1 (refused) or 2 (bad input, with a message naming the file or field and the fix).
 Nothing here prints record content: summaries are counts, digests and ids.
@@ -42,7 +42,7 @@ def _summary(manifest, path: Path) -> str:
 
 
 def _seal(args: argparse.Namespace) -> int:
-    from medtee.sealing.broker import connect
+    from medtee.broker.protocol import connect
     from medtee.sealing.keywrap import KeyWrapError
     from medtee.sealing.seal import InputError, seal_file
 
@@ -55,7 +55,7 @@ def _seal(args: argparse.Namespace) -> int:
         if args.scheme and args.broker != "embedded":
             return _fail("--scheme applies to a new embedded broker store; a remote broker has its own key")
         if args.broker == "embedded" and args.scheme:
-            from medtee.sealing.broker import EmbeddedBroker
+            from medtee.broker.service import EmbeddedBroker
 
             broker = EmbeddedBroker(args.broker_dir, scheme=args.scheme)
             if broker.public_key()[0].value != args.scheme:
@@ -115,7 +115,8 @@ def _keys_new(args: argparse.Namespace) -> int:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
-    from medtee.sealing.broker import UnknownDatasetError, rotate
+    from medtee.broker.protocol import UnknownDatasetError
+    from medtee.broker.service import rotate
     from medtee.sealing.manifest import SealedDataError
 
     if not (Path(args.broker_dir) / "broker.key").exists():
@@ -134,42 +135,8 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from medtee.sealing.http_broker import serve
-
-    try:
-        serve(args.store, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-              nonce_ttl_s=args.nonce_ttl,
-              announce=lambda url: print(f"medtee key broker listening on {url}", flush=True))
-    except (OSError, ValueError) as e:
-        return _fail(f"cannot serve on {args.host}:{args.port}: {e}")
-    return EXIT_OK
-
-
-def _audit_verify(args: argparse.Namespace) -> int:
-    from medtee.sealing.audit import verify
-
-    report = verify(Path(args.store) / "audit.log")
-    if not report.ok:
-        return _fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}", EXIT_REFUSED)
-    print(f"audit log OK: {report.entries} entries, head {report.head}")
-    print("anchor the head elsewhere to detect later truncation")
-    return EXIT_OK
-
-
-def _policy(args: argparse.Namespace) -> int:
-    from medtee.sealing.broker import EmbeddedBroker, UnknownDatasetError
-
-    try:
-        EmbeddedBroker(args.store).set_policy(args.dataset_id, args.policy)
-    except (UnknownDatasetError, ValueError) as e:
-        return _fail(str(e))
-    print(f"dataset {args.dataset_id}: release policy is now '{args.policy}' (effective at the next release)")
-    return EXIT_OK
-
-
 def add_parsers(subparsers) -> None:
-    """Register seal, data, keys and broker on the `medtee` subparsers."""
+    """Register seal, data and keys on the `medtee` subparsers."""
     seal = subparsers.add_parser("seal", help="encrypt chat dialogues into a sealed dataset (data owner)")
     seal.add_argument("input", help="chat JSONL, CSV transcript (id + Doctor:/Patient: lines) or plain Parquet")
     seal.add_argument("--out", required=True, help="new (or empty) directory for the sealed dataset")
@@ -210,23 +177,3 @@ def add_parsers(subparsers) -> None:
     rot.add_argument("--broker-dir", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
     rot.add_argument("--scheme", choices=SCHEMES, default=None, help="scheme of the new key (default: unchanged)")
     rot.set_defaults(handler=_keys_rotate)
-
-    broker = subparsers.add_parser("broker", help="run the key broker service; audit; release policies")
-    broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
-    srv = broker_sub.add_parser("serve", help="serve challenge/attest/release over HTTP (loopback by default)")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    srv.add_argument("--store", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
-    srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve https")
-    srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    srv.add_argument("--nonce-ttl", type=float, default=120.0, help="seconds a challenge nonce stays valid (default 120)")
-    srv.set_defaults(handler=_serve)
-    aud = broker_sub.add_parser("audit", help="check the broker's hash-chained audit log")
-    aud.add_argument("action", choices=["verify"])
-    aud.add_argument("--store", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
-    aud.set_defaults(handler=_audit_verify)
-    pol = broker_sub.add_parser("policy", help="set a dataset's release policy (takes effect without restart)")
-    pol.add_argument("dataset_id")
-    pol.add_argument("policy", help="attestation policy name (conf/attestation/NAME.yaml)")
-    pol.add_argument("--store", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
-    pol.set_defaults(handler=_policy)

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -23,10 +24,20 @@ SUPPORTED_VERSIONS = (1, 2)
 _V2_FIELDS = ("token_count", "tokenizer")  # absent from format-1 manifests
 MANIFEST_NAME = "manifest.json"
 CIPHER = "AES_GCM_V1"  # fixed: the only Parquet Modular Encryption algorithm that authenticates page data
+_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class SealedDataError(ValueError):
     """A sealed dataset is malformed, altered or incomplete. The message names the file and the fix, never content."""
+
+
+def check_dataset_id(dataset_id: str) -> str:
+    """Validate a dataset id (it names files in the broker's store); the message never repeats the id."""
+    if not isinstance(dataset_id, str) or not _DATASET_ID.fullmatch(dataset_id):
+        raise ValueError(
+            "dataset id must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return dataset_id
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from medtee.sealing.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
+    check_dataset_id,
     data_key_info,
     key_check,
 )
@@ -34,13 +35,12 @@ from medtee.sealing.manifest import (
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from medtee.sealing.broker import KeyBroker
+    from medtee.broker.protocol import KeyBroker
 
 ROLES = ("user", "assistant", "system")
 FORMATS = ("jsonl", "csv", "parquet")
 DEFAULT_ROWS_PER_SHARD = 20_000
 DEFAULT_ROW_GROUP_ROWS = 1024
-_DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CSV_TURN = re.compile(r"^\s*(doctor|patient|system)\s*:\s?(.*)$", re.IGNORECASE)
 _CSV_ROLE = {"doctor": "assistant", "patient": "user", "system": "system"}
 _CSV_TEXT_COLUMNS = ("transcript", "dialogue", "conversation", "text")
@@ -48,15 +48,6 @@ _CSV_TEXT_COLUMNS = ("transcript", "dialogue", "conversation", "text")
 
 class InputError(ValueError):
     """An input record is malformed. The message names file, line and field, never content."""
-
-
-def check_dataset_id(dataset_id: str) -> str:
-    """Validate a dataset id (it names files in the broker's store)."""
-    if not isinstance(dataset_id, str) or not _DATASET_ID.fullmatch(dataset_id):
-        raise ValueError(
-            "dataset id must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return dataset_id
 
 
 def validate_record(obj: object, where: str) -> dict:

@@ -110,13 +110,23 @@ class EncryptedCheckpointIO(CheckpointIO):
 
 
 class EncryptedModelCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint writing `step-NNNNNNN.ckpt.enc` (through the trainer's EncryptedCheckpointIO)."""
+    """Lightning's ModelCheckpoint writing `step-NNNNNNN.ckpt.enc` (through the trainer's EncryptedCheckpointIO) every
+    N optimizer steps, keeping the `keep` most recent (-1: all).
+
+    No monitored metric: with one, Lightning defers the save at an epoch's last batch until a validation that may not
+    run then, and that step's checkpoint is never written. Old checkpoints are pruned here instead of by top-k."""
 
     FILE_EXTENSION = SUFFIX
 
+    def __init__(self, dirpath: Path, *, every_n_steps: int, keep: int) -> None:
+        super().__init__(dirpath=str(dirpath), filename="step-{step:07d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every_n_steps, save_top_k=-1, monitor=None, save_last=False,
+                         save_weights_only=False, enable_version_counter=False)
+        self.keep = keep
+        self._written: list[str] = []
 
-def checkpoint_callback(dirpath: Path, *, every_n_steps: int, keep: int) -> EncryptedModelCheckpoint:
-    """Every `every_n_steps` optimizer steps; keeps the `keep` most recent (-1: all)."""
-    return EncryptedModelCheckpoint(dirpath=str(dirpath), filename="step-{step:07d}", auto_insert_metric_name=False,
-                                    every_n_train_steps=every_n_steps, save_top_k=keep, monitor="step", mode="max",
-                                    save_last=False, save_weights_only=False, enable_version_counter=False)
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._written.append(filepath)
+        while 0 < self.keep < len(self._written):
+            self._remove_checkpoint(trainer, self._written.pop(0))

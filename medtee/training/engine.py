@@ -6,10 +6,14 @@ from their environment variables. Every process then attests and obtains the dat
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+# Lightning 2.6 calls a torch API that torch 2.13 deprecated; the warning is about Lightning, not the run
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def strategy(trainer_cfg, model):
@@ -67,15 +71,17 @@ def fsdp_wrap_policy(model):
 def build_trainer(cfg, *, model, logger, out_dir: Path, checkpoint_key: bytes | None):
     """Trainer for the recipe; encrypted checkpoints (and resuming) need `checkpoint_key`."""
     from medtee import config, privacy
-    from medtee.training.checkpoint import EncryptedCheckpointIO, checkpoint_callback
+    from medtee.training.checkpoint import EncryptedCheckpointIO, EncryptedModelCheckpoint
 
     t, hw = cfg.trainer, cfg.hardware
+    privacy.quiet_lightning()
     checkpoints, plugins = [], []
     if checkpoint_key is not None:
         plugins.append(EncryptedCheckpointIO(checkpoint_key))
         if t.checkpoint_every_n_steps > 0 and not t.validate_only:
-            checkpoints.append(checkpoint_callback(out_dir / "checkpoints", every_n_steps=t.checkpoint_every_n_steps,
-                                                   keep=t.checkpoint_keep))
+            checkpoints.append(EncryptedModelCheckpoint(out_dir / "checkpoints",
+                                                        every_n_steps=t.checkpoint_every_n_steps,
+                                                        keep=t.checkpoint_keep))
     elif t.checkpoint_every_n_steps > 0 or t.resume_from:
         raise ValueError("encrypted checkpoints need the checkpoint key derived from the released data key")
     return L.Trainer(

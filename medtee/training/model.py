@@ -37,7 +37,7 @@ def _tiny_config(model_cfg, vocab_size: int):
         vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
         num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim,
         intermediate_size=t.intermediate_size, sliding_window=t.sliding_window, query_pre_attn_scalar=t.head_dim,
-        max_position_embeddings=8192, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        max_position_embeddings=8192, pad_token_id=0, bos_token_id=2, eos_token_id=1, initializer_range=t.init_std,
     )
 
 

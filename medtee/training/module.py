@@ -38,12 +38,13 @@ class CausalLMModule(L.LightningModule):
         self.cfg = trainer_cfg
         self.run_info = dict(run_info or {})
         # names before any engine wraps the layers (FSDP's full state dicts use these names too)
-        self.trainable = frozenset(n for n, p in self.named_parameters() if p.requires_grad)
+        self.trainable = {n: tuple(p.shape) for n, p in self.named_parameters() if p.requires_grad}
         self._adapter_names = _adapter_names(model, prefix=self.PREFIX)
         self.strict_loading = False  # checkpoints carry the adapter, not the frozen base weights
         self._t0: float | None = None
         self._tokens = 0
         self._rng_to_restore: dict | None = None
+        self.first_loss: float | None = None  # this run's first training loss (the "before" of the run's summary)
 
     def _loss(self, batch) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -63,12 +64,16 @@ class CausalLMModule(L.LightningModule):
         checkpoint["medtee"] = {"run_info": dict(self.run_info), "rng": _rng_states()}
 
     def adapter_mismatch(self, checkpoint: dict) -> str | None:
-        """Why the checkpoint's adapter cannot load into this module (loading is not strict), or None."""
-        found = set(checkpoint.get("state_dict", {}))
+        """Why the checkpoint's adapter cannot load into this module (names and shapes; loading is not strict)."""
+        found = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
         if found == self.trainable:
             return None
-        return (f"the checkpoint's adapter does not match this recipe's: {len(self.trainable - found)} LoRA tensors "
-                f"missing, {len(found - self.trainable)} unexpected; resume with the qlora settings of the run that wrote it")
+        missing, unexpected = self.trainable.keys() - found.keys(), found.keys() - self.trainable.keys()
+        reshaped = sorted(k for k in found.keys() & self.trainable.keys() if found[k] != self.trainable[k])
+        shapes = (f", {len(reshaped)} of another shape (e.g. {found[reshaped[0]]} where this recipe has "
+                  f"{self.trainable[reshaped[0]]}: another qlora.rank?)" if reshaped else "")
+        return (f"the checkpoint's adapter does not match this recipe's: {len(missing)} LoRA tensors missing, "
+                f"{len(unexpected)} unexpected{shapes}; resume with the qlora settings of the run that wrote it")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         mismatch = self.adapter_mismatch(checkpoint)
@@ -87,6 +92,8 @@ class CausalLMModule(L.LightningModule):
         loss = self._loss(batch)
         n = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        if self.first_loss is None:
+            self.first_loss = float(loss.detach())
         self._tokens += int(batch["input_ids"].numel())
         return loss
 

@@ -30,6 +30,21 @@ def recipient_public_key(spec: str, *, scheme) -> tuple[object, bytes, str]:
     return found_scheme, key, spec
 
 
+def recipient_problem(spec: str) -> str | None:
+    """Why `output.recipient` cannot receive the adapter (checked before the data key is released), or None."""
+    from medtee.sealing.keywrap import KeyWrapError
+
+    if spec == "dev":
+        return None
+    try:
+        load_public_key(spec)
+    except (OSError, KeyWrapError, ValueError) as exc:
+        detail = str(exc) if isinstance(exc, KeyWrapError) else f"cannot read it ({type(exc).__name__})"
+        return (f"output.recipient={spec}: {detail}; name the model owner's public key file (`medtee keys new` "
+                f"writes NAME.pub) or use output.recipient=dev for a development key")
+    return None
+
+
 def write_outputs(peft_model, cfg, *, adapter: dict | None, summary: dict, resolved_recipe: dict,
                   out_dir: Path) -> dict:
     """Encrypt and write the adapter (`adapter`: whole tensors named as peft saves them) and its config, unless

@@ -1,31 +1,26 @@
-"""The HTTP key broker on 127.0.0.1: the same contract as the embedded one, under 64 concurrent releases."""
+"""The HTTP key broker (uvicorn) on 127.0.0.1: the same contract as the embedded one, under 64 concurrent releases."""
 
 from __future__ import annotations
 
 import os
+import signal
+import ssl
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from medtee.sealing.broker import (
-    EmbeddedBroker,
-    KeyReleaseDenied,
-    UnknownDatasetError,
-    connect,
-    obtain_data_key,
-    release_info,
-)
-from medtee.sealing.http_broker import BrokerServer, HttpBroker
+from medtee.broker.client import BrokerError, HttpBroker
+from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, connect, obtain_data_key
+from medtee.broker.server import BrokerServer
+from medtee.broker.service import EmbeddedBroker
 from medtee.sealing.keywrap import EphemeralKey
 from medtee.sealing.reader import open_dataset
 from medtee.sealing.seal import seal_records
 
-from .conftest import make_records
-from .test_broker import RECIPE, simulated_evidence
+from .conftest import RECIPE, make_records, release_once, replayed, simulated_evidence
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -33,13 +28,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(tmp_path):
-    srv = BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    with BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, quiet=True) as srv:
+        yield srv
 
 
 def test_seal_against_remote_broker_and_release(server, tmp_path):
@@ -65,7 +55,7 @@ def test_remote_refusals(server, tmp_path):
     manifest = open_dataset(tmp_path / "ds").manifest
     nonce = client.challenge("d")
     eph = EphemeralKey.generate()
-    evidence = simulated_evidence("sha256:" + "00" * 32)(nonce, eph.public_bytes)
+    evidence = simulated_evidence("00" * 32)(nonce, eph.public_bytes)
     with pytest.raises(KeyReleaseDenied, match="binding.report_data") as err:
         client.release(dataset_id="d", nonce=nonce, evidence=evidence, ephemeral_public_key=eph.public_bytes,
                        recipe_digest=RECIPE, manifest_digest=manifest.digest())
@@ -84,35 +74,20 @@ def test_64_concurrent_releases_all_succeed_and_every_replay_is_refused(server, 
     manifest = seal_records(make_records(3), tmp_path / "ds", broker=client, policy="simulated", dataset_id="busy")
     expected = server.broker.unwrap_data_key(manifest)
 
-    def one(_):
-        nonce = client.challenge("busy")
-        eph = EphemeralKey.generate()
-        evidence = simulated_evidence()(nonce, eph.public_bytes)
-        request = dict(dataset_id="busy", nonce=nonce, evidence=evidence, ephemeral_public_key=eph.public_bytes,
-                       recipe_digest=RECIPE, manifest_digest=manifest.digest())
-        key = eph.unwrap(client.release(**request), info=release_info("busy", nonce))
-        return key, request
-
     with ThreadPoolExecutor(max_workers=64) as pool:
-        results = list(pool.map(one, range(64)))
+        results = list(pool.map(lambda _: release_once(client, manifest), range(64)))
     assert all(key == expected for key, _ in results)
 
-    def replay(request):
-        try:
-            client.release(**request)
-        except KeyReleaseDenied as e:
-            return [c.name for c in e.verdict.failures()]
-        return "released"
-
     with ThreadPoolExecutor(max_workers=64) as pool:
-        assert list(pool.map(replay, [r for _, r in results])) == [["broker.nonce"]] * 64
-    from medtee.sealing.audit import verify
+        assert list(pool.map(lambda r: replayed(client, r), [r for _, r in results])) == [["broker.nonce"]] * 64
+    from medtee.broker.audit import verify
 
     report = verify(server.broker.store_dir / "audit.log")
     assert report.ok and report.entries == 1 + 64 + 64
 
 
-def test_cli_serve_prints_url_then_accepts(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serve_prints_url_then_accepts_and_stops_cleanly(tmp_path, stop):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--store",
                              str(tmp_path / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -121,10 +96,13 @@ def test_cli_serve_prints_url_then_accepts(tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("medtee key broker listening on http://127.0.0.1:"), line
         url = line.split()[-1]
+        assert not url.endswith(":0")
         scheme, public = HttpBroker(url, store_dir=tmp_path / "store").public_key()
         assert public == EmbeddedBroker(tmp_path / "store").public_key()[1]
+        proc.send_signal(stop)
+        assert proc.wait(15) == 0, proc.stderr.read()
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(10)
 
 
@@ -153,19 +131,14 @@ def _self_signed(tmp_path):
 
 
 def test_tls(tmp_path):
-    from medtee.sealing.http_broker import BrokerError
-
     cert, key = _self_signed(tmp_path)
-    srv = BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, tls_cert=cert, tls_key=key, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, tls_cert=cert, tls_key=key,
+                      quiet=True) as srv:
         assert srv.url.startswith("https://127.0.0.1:")
+        assert srv._server.config.ssl.minimum_version >= ssl.TLSVersion.TLSv1_2
         client = connect(srv.url, store_dir=tmp_path / "broker", ca=cert)
         assert client.public_key() == srv.broker.public_key()
         with pytest.raises(BrokerError, match="unreachable"):  # not trusted without the CA bundle
             connect(srv.url, store_dir=tmp_path / "broker", timeout_s=5).public_key()
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
+    with pytest.raises(OSError):  # a key that does not fit the certificate: refused before listening
+        BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, tls_cert=cert, tls_key=cert)

@@ -1,4 +1,4 @@
-"""Embedded key broker: release through the real medtee.attestation (simulated evidence), refusals, audit, rotation."""
+"""The broker service: release through the real medtee.attestation (simulated evidence), refusals, audit, rotation."""
 
 from __future__ import annotations
 
@@ -6,28 +6,14 @@ import json
 
 import pytest
 
-from medtee.attestation import collect_evidence
-from medtee.sealing import audit
-from medtee.sealing.broker import (
-    EmbeddedBroker,
-    KeyReleaseDenied,
-    UnknownDatasetError,
-    obtain_data_key,
-    release_info,
-    rotate,
-)
+from medtee.broker import audit
+from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, obtain_data_key, release_info
+from medtee.broker.service import EmbeddedBroker, rotate
 from medtee.sealing.keywrap import EphemeralKey, Scheme
 from medtee.sealing.reader import open_dataset
 from medtee.sealing.seal import seal_records
 
-from .conftest import make_records
-
-RECIPE = "sha256:" + "ab" * 32
-
-
-def simulated_evidence(recipe=RECIPE):
-    """Evidence from the real simulated provider, bound as the TEE binds it."""
-    return lambda nonce, eph: collect_evidence("simulated", None, nonce=nonce, ephemeral_public_key=eph, recipe_digest=recipe)
+from .conftest import RECIPE, make_records, simulated_evidence
 
 
 def release_request(broker, manifest, *, nonce=None, eph=None, recipe=RECIPE, evidence_recipe=RECIPE, digest=None):
@@ -83,7 +69,7 @@ def test_nonce_of_another_dataset_is_refused(sealed, broker, tmp_path):
 def test_binding_manifest_and_unknown_dataset(sealed, broker):
     _, manifest, _, _ = sealed
     with pytest.raises(KeyReleaseDenied, match="binding.report_data"):
-        release_request(broker, manifest, evidence_recipe="sha256:" + "cd" * 32)
+        release_request(broker, manifest, evidence_recipe="cd" * 32)
     with pytest.raises(KeyReleaseDenied, match="broker.manifest_digest"):
         release_request(broker, manifest, digest="0" * 64)
     with pytest.raises(UnknownDatasetError, match="not registered"):
@@ -99,6 +85,16 @@ def test_evidence_bound_to_another_key_is_refused(sealed, broker):
     with pytest.raises(KeyReleaseDenied, match="binding.report_data"):
         broker.release(dataset_id="test-ds", nonce=nonce, evidence=evidence, ephemeral_public_key=theirs.public_bytes,
                        recipe_digest=RECIPE, manifest_digest=manifest.digest())
+
+
+def test_evidence_for_a_key_nothing_can_be_wrapped_to_is_a_denial(sealed, broker):
+    _, manifest, _, _ = sealed
+    nonce, zero_key = broker.challenge("test-ds"), bytes(32)  # a low-order X25519 point
+    with pytest.raises(KeyReleaseDenied, match="broker.request: expected an ephemeral public key"):
+        broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence()(nonce, zero_key),
+                       ephemeral_public_key=zero_key, recipe_digest=RECIPE, manifest_digest=manifest.digest())
+    last = json.loads((broker.store_dir / "audit.log").read_text().splitlines()[-1])
+    assert last["event"] == "deny" and last["failed"] == ["broker.request"]
 
 
 def test_policy_change_takes_effect_without_restart(sealed, broker):

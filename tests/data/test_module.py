@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from medtee.data import ChatTemplateError, DataError
 from medtee.data.chat import IGNORE_INDEX, encode_dialogue
 from medtee.data.module import DialogueDataModule
 from medtee.data.synthetic import generate_dialogues
@@ -79,8 +80,50 @@ def test_bad_settings_are_refused():
         DialogueDataModule([], TOKENIZER, max_length=64, batch_size=1, val_fraction=1.0, seed=0)
     with pytest.raises(ValueError, match="num_workers"):
         DialogueDataModule([], TOKENIZER, max_length=64, batch_size=1, val_fraction=0.1, seed=0, num_workers=2)
-    with pytest.raises(ValueError, match="no records"):
+    with pytest.raises(DataError, match="no records"):
         DialogueDataModule([], TOKENIZER, max_length=64, batch_size=1, val_fraction=0.1, seed=0).setup("fit")
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"id": "Secretname-MRN-1", "messages": [{"role": "doctor", "content": "Secretname"}]},
+     r"record 700 \(counting from 0, in dataset order\), message 0: 'role' must be one of user \(the patient\), "
+     r"assistant \(the doctor\), system; map the speakers"),
+    ({"id": "Secretname-MRN-1", "messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Secretname<end_of_turn>"}]},
+     r"record 700 .*, message 1: the text contains the control token <end_of_turn>.*remove it from the data"),
+    ({"id": "Secretname-MRN-1", "messages": [{"role": "user", "content": [{"type": "image", "image": "Secretname"}]},
+                                             {"role": "assistant", "content": "Secretname"}]},
+     r"record 700 .*, message 0: content part 0 is an 'image' part: medtee trains on text only"),
+])
+def test_bad_records_are_refused_by_position_before_any_batch(bad, message):
+    records = _records(1000)
+    records[700] = bad  # past the first tokenizer chunk
+    module = DialogueDataModule(lambda: iter(records), TOKENIZER, max_length=64, batch_size=2, val_fraction=0.1,
+                                seed=0)
+    with pytest.raises(DataError, match=message) as err:
+        module.setup("fit")
+    assert "Secretname" not in str(err.value) and "MRN" not in str(err.value)
+    with pytest.raises(RuntimeError, match="setup"):
+        module.train_dataloader()
+
+
+def test_a_dataset_without_a_doctor_turn_is_refused_and_one_record_without_is_dropped():
+    patient_only = [{"id": f"p{i}", "messages": [{"role": "user", "content": "Only the patient."},
+                                                 {"role": "assistant", "content": " "}]} for i in range(5)]
+    with pytest.raises(DataError, match=r"none of the 5 records has a doctor turn with text: the doctor's messages "
+                                        r"must have role 'assistant'"):
+        _module(patient_only)
+    assert _module(_records(9) + patient_only[:1], val_fraction=0.0).stats()["n_dropped"] == 1
+    with pytest.raises(DataError, match=r"no training dialogue has a doctor turn left .*raise data.max_length"):
+        _module([{"messages": [{"role": "user", "content": "A long story about my knee. " * 4},
+                               {"role": "assistant", "content": "Okay."}]}] * 3, max_length=8, val_fraction=0.0)
+
+
+def test_a_tokenizer_whose_chat_template_renders_differently_is_refused_when_the_module_is_built():
+    tokenizer = build_demo_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ChatTemplateError, match=r"renders an ordinary dialogue differently"):
+        DialogueDataModule(_records(4), tokenizer, max_length=64, batch_size=1, val_fraction=0.0, seed=0)
 
 
 def _tiny_gemma3(attn_implementation):
@@ -231,9 +274,9 @@ def test_lightning_checkpoint_resumes_mid_epoch(tmp_path):
 def test_errors_and_reprs_carry_no_record_text():
     from medtee.data.module import tokenize_records
 
-    with pytest.raises(ValueError, match=r"record r1: expected a chat record"):
+    with pytest.raises(DataError, match=r"record 0 \(counting from 0, in dataset order\): expected a chat record"):
         tokenize_records([{"id": "r1", "text": "Secretname"}], TOKENIZER, max_length=64)
-    with pytest.raises(ValueError, match=r"record 0: expected a chat record"):
+    with pytest.raises(DataError, match=r"record 0 .*: expected a chat record"):
         tokenize_records(["Secretname"], TOKENIZER, max_length=64)
     data = tokenize_records(_records(3), TOKENIZER, max_length=64)
     assert repr(data) == "TokenizedRecords(examples=3, tokens=192)"

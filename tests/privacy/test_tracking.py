@@ -69,7 +69,7 @@ def test_tags_and_artifacts_are_allow_listed():
 def test_run_params_tags_artifacts_and_the_recipe_digest(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = config.compose(["data.path=/secret/place"])
+    cfg = config.compose(["data=sealed", "data.path=/secret/place"])
     digest = config.recipe_digest(cfg)
     logger = _logger(tmp_path)
     logger.log_metrics({"train/loss": 1.0, "val/loss": 2.0, "text/len": 3.0}, step=1)
@@ -129,6 +129,72 @@ def test_artifacts_never_go_straight_to_a_cloud_store(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="medtee.tracking"):
         logger.log_artifact("receipt", {"steps": 1})  # no S3 client is even tried
     assert "'s3' store" in caplog.text
+
+
+def _manifest():
+    from medtee.sealing.manifest import Manifest
+
+    return Manifest(format_version=2, dataset_id="ward-7.dialogues", record_count=48, message_count=31337,
+                    char_count=271828, shards=(), key_id="k", scheme="s", wrapped_data_key=b"k", key_check="c",
+                    release_policy="simulated", classification="phi", dua_id="", created="2026-12-01T00:00:00Z",
+                    cipher="AES_GCM_V1", owner_public_key=b"o", token_count=4242, tokenizer="demo sha256:ff")
+
+
+def test_the_experiment_is_a_finetuning_experiment_created_or_found(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logger = _logger(tmp_path)
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "finetuning"
+    client.set_experiment_tag(logger._experiment_id, "mlflow.experimentKind", "genai_development")
+    client.create_experiment("old")  # made before medtee tagged its experiments
+    _logger(tmp_path)
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "finetuning"
+    found = tracking.GuardedMLflowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="old",
+                                         run_name="r", guard=tracking.Guard(None, 20), tags={}, params={})
+    assert client.get_experiment_by_name("old").tags["mlflow.experimentKind"] == "finetuning"
+    assert found.dashboard == (f"http://127.0.0.1:5000/#/experiments/{found._experiment_id}/runs"
+                               f"?workflowType=machine_learning")
+    assert f"(experiment 'old'; runs: {found.dashboard})" in found.where
+    assert tracking.dashboard_url("https://u:pw@m.example:5000/", "7") == (
+        "https://m.example:5000/#/experiments/7/runs?workflowType=machine_learning")
+
+
+def test_the_sealed_dataset_is_the_runs_dataset_input_without_anything_from_the_records(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = config.compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=t"])
+    manifest = _manifest()
+    opened = tracking.open_run(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest=manifest.digest(),
+                               verdict=VERDICT, eval_examples=24, manifest=manifest)
+    opened.close("KILLED")
+    resumed = tracking.open_run(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest=manifest.digest(),
+                                verdict=VERDICT, eval_examples=24, manifest=manifest, run_id=opened.run_id)
+    (entry,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(resumed.run_id).inputs.dataset_inputs
+    dataset = entry.dataset  # logged once, though the run was opened twice
+    assert (dataset.name, dataset.digest, dataset.source_type) == (
+        "ward-7.dialogues", manifest.digest()[:12], "medtee-sealed")
+    assert json.loads(dataset.source) == {"dataset_id": "ward-7.dialogues", "manifest_sha256": manifest.digest()}
+    assert json.loads(dataset.profile) == {"num_rows": 48}
+    columns = json.loads(dataset.schema)["mlflow_colspec"]
+    assert [c["name"] for c in columns] == ["id", "messages"]
+    assert set(columns[1]["items"]["properties"]) == {"role", "content"}
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+    text = json.dumps([dataset.name, dataset.digest, dataset.source, dataset.schema, dataset.profile])
+    assert not any(n in text for n in ("31337", "271828", "4242", "phi")), "no statistic of the text"
+    unlogged = tracking.open_run(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest="e" * 64,
+                                 verdict=VERDICT, eval_examples=24)  # the call without a manifest still works
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(unlogged.run_id).inputs.dataset_inputs == []
+
+
+def test_the_dataset_schema_is_the_sealed_records_schema():
+    from medtee.sealing.seal import _schema
+
+    sealed = _schema()
+    columns = tracking.DATASET_SCHEMA["mlflow_colspec"]
+    assert [c["name"] for c in columns] == sealed.names
+    message = sealed.field("messages").type.value_type
+    assert set(columns[1]["items"]["properties"]) == {message.field(i).name for i in range(message.num_fields)}
 
 
 def test_display_uri_hides_credentials():

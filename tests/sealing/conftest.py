@@ -25,14 +25,14 @@ def make_records(n: int, tag: str = "PHI") -> list[dict]:
 
 @pytest.fixture
 def broker(tmp_path):
-    from medtee.sealing.broker import EmbeddedBroker
+    from medtee.broker.service import EmbeddedBroker
 
     return EmbeddedBroker(tmp_path / "broker")
 
 
 @pytest.fixture
 def x25519_broker(tmp_path):
-    from medtee.sealing.broker import EmbeddedBroker
+    from medtee.broker.service import EmbeddedBroker
 
     return EmbeddedBroker(tmp_path / "broker-x", scheme="hpke-x25519")
 

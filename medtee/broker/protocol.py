@@ -1,0 +1,285 @@
+"""The key-release protocol: the KeyBroker contract, request validation, and the TEE's client half.
+
+Challenge-response, as in Confidential Containers' KBS: the TEE asks for a nonce for a dataset, makes an ephemeral
+key pair in encrypted memory, collects evidence whose REPORT_DATA binds nonce, ephemeral public key, recipe digest
+and GPU evidence digests (`medtee.attestation.report_data`), and asks for release. The broker consumes the nonce
+(single use, expiring), checks the manifest digest against the registered one, appraises the evidence with the
+dataset's current policy, and answers with the data key HPKE-wrapped to the ephemeral key (info `release_info`), or
+a denial listing the failed checks. Every decision is appended to the broker's hash-chained audit log.
+
+Other key managers (a cloud KMS, HashiCorp Vault, a Confidential Containers key broker) can stand behind the same
+:class:`KeyBroker` contract: they hold the broker private key (or the data keys), keep registrations, and must
+perform the same release checks before returning `wrap(data_key, ephemeral_public_key, info=release_info(...))`.
+
+Request validation (`parse_json`, `parse_challenge_request`, `parse_release_request`) is what the HTTP service
+applies to every body: bounded JSON nesting and size, exact field sets, digests as 64 lowercase hex characters,
+dataset ids by `check_dataset_id`, base64 with bounded decoded size. Error messages name the field and the rule,
+never the value, so they can be logged and returned as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from medtee.sealing.keywrap import DEFAULT_SCHEME, EphemeralKey, Scheme
+from medtee.sealing.manifest import Manifest, check_dataset_id
+
+if TYPE_CHECKING:
+    from medtee.attestation.evidence import Evidence, GpuEvidence
+    from medtee.attestation.verdict import Verdict
+
+NONCE_BYTES = 32  # what this broker issues
+MIN_NONCE_BYTES, MAX_NONCE_BYTES = 16, 64  # what a release request or a challenge answer may carry
+DEFAULT_NONCE_TTL_S = 120.0
+MAX_JSON_DEPTH = 16  # nesting levels of a request or answer body
+MAX_JSON_SKELETON = 256 << 10  # bytes of a JSON body outside its strings (bounds the number of values)
+MAX_PUBLIC_KEY_BYTES = 4096
+MAX_REPORT_BYTES = 4096  # an SEV-SNP report is 1184 bytes
+MAX_CERTIFICATES, MAX_CERTIFICATE_BYTES = 8, 16 << 10  # per chain, per DER certificate
+MAX_GPUS, MAX_GPU_REPORT_BYTES = 8, 64 << 10  # per evidence, per SPDM request||response
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_PROVIDER = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+class KeyReleaseDenied(Exception):
+    """The broker refused to release a key; `verdict` holds every check, the message lists the failed ones."""
+
+    def __init__(self, verdict: Verdict, dataset_id: str = "") -> None:
+        self.verdict = verdict
+        self.dataset_id = dataset_id
+        super().__init__(f"key release for dataset '{dataset_id}' denied:\n{verdict.explain()}")
+
+
+class UnknownDatasetError(LookupError):
+    """The broker has no registration for this dataset id."""
+
+
+class ChallengeRefused(RuntimeError):
+    """Too many outstanding challenges for the dataset or the client (HTTP 429); retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestError(ValueError):
+    """A malformed request (HTTP 400). `fields` holds the request's fields that did validate, parsed."""
+
+    def __init__(self, message: str, fields: dict | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {}
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether an http(s) URL names this machine (localhost or a loopback address): the only place plain http may
+    reach a broker."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def release_info(dataset_id: str, nonce: bytes) -> bytes:
+    """HPKE info of a released data key: binds it to the dataset and the challenge it answers."""
+    return b"medtee/release/v1\0" + dataset_id.encode("utf-8") + b"\0" + bytes(nonce)
+
+
+@runtime_checkable
+class KeyBroker(Protocol):
+    """What sealing and the TEE's key-release step need from a key broker (embedded, HTTP, or another KMS)."""
+
+    def public_key(self) -> tuple[Scheme, bytes]:
+        """Scheme and raw public key that data keys are wrapped to."""
+
+    def register(self, manifest: Manifest) -> None:
+        """Accept a signed manifest (the dataset id, digest, wrapped key and release policy)."""
+
+    def challenge(self, dataset_id: str) -> bytes:
+        """A fresh single-use nonce for a release of `dataset_id`; it expires."""
+
+    def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
+                recipe_digest: str, manifest_digest: str) -> bytes:
+        """The data key wrapped to `ephemeral_public_key` (info `release_info`), or KeyReleaseDenied."""
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+def parse_json(body: bytes | bytearray, what: str = "body") -> object:
+    """A JSON document nested at most MAX_JSON_DEPTH deep with at most MAX_JSON_SKELETON bytes outside its strings
+    (so parsing it needs bounded memory and no recursion), or RequestError."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{what} is not UTF-8") from None
+    skeleton = _JSON_STRING.sub("", text)
+    if len(skeleton) > MAX_JSON_SKELETON:
+        raise RequestError(f"{what} holds too many JSON values (over {MAX_JSON_SKELETON} bytes outside strings)")
+    depth = 0
+    for bracket in _NOT_BRACKET.sub("", skeleton):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise RequestError(f"{what} is not valid JSON") from None
+
+
+def check_digest(value: object, where: str) -> str:
+    """`value` if it is a SHA-256 digest as exactly 64 lowercase hex characters, else RequestError naming `where`."""
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise RequestError(f"{where} must be 64 lowercase hex characters")
+    return value
+
+
+def decode_b64(value: object, where: str, max_bytes: int, min_bytes: int = 1) -> bytes:
+    """Strict base64 of `min_bytes`..`max_bytes` bytes, decoded; RequestError naming `where` otherwise."""
+    rule = f"{where} must be base64 of {min_bytes} to {max_bytes} bytes"
+    if not isinstance(value, str) or len(value) > 4 * -(-max_bytes // 3):
+        raise RequestError(rule)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise RequestError(rule) from None
+    if not min_bytes <= len(raw) <= max_bytes:
+        raise RequestError(rule)
+    return raw
+
+
+def _object(doc: object, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    if not isinstance(doc, dict):
+        raise RequestError(f"{where} must be a JSON object")
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise RequestError(f"{where}: missing field(s) {', '.join(missing)}")
+    if not doc.keys() <= {*required, *optional}:
+        raise RequestError(f"{where}: unknown field(s); allowed: {', '.join((*required, *optional))}")
+    return doc
+
+
+def _items(value: object, where: str, max_items: int) -> list:
+    if not isinstance(value, list) or len(value) > max_items:
+        raise RequestError(f"{where} must be a list of at most {max_items} items")
+    return value
+
+
+def _dataset_id(value: object) -> str:
+    try:
+        return check_dataset_id(value)
+    except ValueError as e:
+        raise RequestError(f"dataset_id: {e}") from None
+
+
+def _certificates(value: object, where: str) -> tuple[bytes, ...]:
+    return tuple(decode_b64(c, f"{where}[{i}]", MAX_CERTIFICATE_BYTES)
+                 for i, c in enumerate(_items(value, where, MAX_CERTIFICATES)))
+
+
+def _gpu(doc: object, where: str) -> GpuEvidence:
+    from medtee.attestation.evidence import GpuEvidence
+
+    doc = _object(doc, where, ("report",), ("certificates", "cc_feature", "devtools_mode"))
+    flags = {k: doc.get(k) for k in ("cc_feature", "devtools_mode")}
+    if any(v is not None and not isinstance(v, bool) for v in flags.values()):
+        raise RequestError(f"{where}: cc_feature and devtools_mode must be true, false or null")
+    return GpuEvidence(report=decode_b64(doc["report"], f"{where}.report", MAX_GPU_REPORT_BYTES),
+                       certificates=_certificates(doc.get("certificates", []), f"{where}.certificates"), **flags)
+
+
+def _evidence(doc: object) -> Evidence:
+    from medtee.attestation.evidence import Evidence
+
+    doc = _object(doc, "evidence", ("provider", "snp_report"), ("simulated", "certificates", "gpus"))
+    if not isinstance(doc["provider"], str) or not _PROVIDER.fullmatch(doc["provider"]):
+        raise RequestError("evidence.provider must be 1 to 64 letters, digits, '.', '_' or '-'")
+    if not isinstance(doc.get("simulated", False), bool):
+        raise RequestError("evidence.simulated must be true or false")
+    gpus = _items(doc.get("gpus", []), "evidence.gpus", MAX_GPUS)
+    return Evidence(provider=doc["provider"], simulated=doc.get("simulated", False),
+                    snp_report=decode_b64(doc["snp_report"], "evidence.snp_report", MAX_REPORT_BYTES),
+                    certificates=_certificates(doc.get("certificates", []), "evidence.certificates"),
+                    gpus=tuple(_gpu(g, f"evidence.gpus[{i}]") for i, g in enumerate(gpus)))
+
+
+_RELEASE_FIELDS: dict[str, Callable[[object], object]] = {
+    "dataset_id": _dataset_id,
+    "nonce": lambda v: decode_b64(v, "nonce", MAX_NONCE_BYTES, MIN_NONCE_BYTES),
+    "evidence": _evidence,
+    "ephemeral_public_key": lambda v: decode_b64(v, "ephemeral_public_key", MAX_PUBLIC_KEY_BYTES),
+    "recipe_digest": lambda v: check_digest(v, "recipe_digest"),
+    "manifest_digest": lambda v: check_digest(v, "manifest_digest"),
+}
+
+
+def parse_challenge_request(doc: object) -> str:
+    """The dataset id of a challenge request `{"dataset_id"}`, or RequestError."""
+    return _dataset_id(_object(doc, "challenge request", ("dataset_id",))["dataset_id"])
+
+
+def parse_release_request(doc: object) -> dict:
+    """KeyBroker.release's keyword arguments from a release request's JSON.
+
+    RequestError lists every bad field; its `fields` holds the fields that passed (what the broker may audit).
+    """
+    if not isinstance(doc, dict):
+        raise RequestError("release request must be a JSON object")
+    fields, problems = {}, []
+    for name, parse in _RELEASE_FIELDS.items():
+        if name not in doc:
+            problems.append(f"missing field {name}")
+            continue
+        try:
+            fields[name] = parse(doc[name])
+        except RequestError as e:
+            problems.append(str(e))
+    if not doc.keys() <= _RELEASE_FIELDS.keys():
+        problems.append(f"unknown field(s); allowed: {', '.join(_RELEASE_FIELDS)}")
+    if problems:
+        raise RequestError("release request: " + "; ".join(problems), fields)
+    return fields
+
+
+# -- the TEE's side --------------------------------------------------------------------------------------------------
+def obtain_data_key(broker: KeyBroker, *, dataset_id: str, manifest_digest: str, recipe_digest: str,
+                    evidence_for: Callable[[bytes, bytes], Evidence], scheme: Scheme | str = DEFAULT_SCHEME) -> bytes:
+    """The TEE's half of key release: challenge, ephemeral key, evidence, release, unwrap.
+
+    `evidence_for(nonce, ephemeral_public_key) -> Evidence` collects evidence whose REPORT_DATA is
+    `medtee.attestation.report_data(nonce=..., ephemeral_public_key=..., recipe_digest=recipe_digest,
+    gpu_evidence_digests=...)`. The ephemeral private key never leaves this function.
+    """
+    nonce = broker.challenge(dataset_id)
+    key = EphemeralKey.generate(scheme)
+    evidence = evidence_for(nonce, key.public_bytes)
+    blob = broker.release(dataset_id=dataset_id, nonce=nonce, evidence=evidence, ephemeral_public_key=key.public_bytes,
+                          recipe_digest=recipe_digest, manifest_digest=manifest_digest)
+    return key.unwrap(blob, info=release_info(dataset_id, nonce))
+
+
+def connect(spec: str, *, store_dir: Path | str, ca: str = "", timeout_s: float = 30.0) -> KeyBroker:
+    """`"embedded"` -> EmbeddedBroker(store_dir); `"http(s)://host:port"` -> a client of `medtee broker serve`.
+
+    For the HTTP client, `store_dir` holds the data owner's signing key used when sealing against the remote broker,
+    `ca` a PEM bundle to verify an https:// broker ("" = system trust store), `timeout_s` the per-request timeout.
+    """
+    if spec == "embedded":
+        from medtee.broker.service import EmbeddedBroker
+
+        return EmbeddedBroker(store_dir)
+    if spec.startswith(("http://", "https://")):
+        from medtee.broker.client import HttpBroker
+
+        return HttpBroker(spec, store_dir=store_dir, ca=ca, timeout_s=timeout_s)
+    raise ValueError(f"broker {spec!r} is neither 'embedded' nor an http(s):// URL; fix encryption.broker or --broker")

@@ -1,0 +1,375 @@
+"""The data owner's key broker service (EmbeddedBroker) and broker-key rotation.
+
+Store directory of an :class:`EmbeddedBroker` (created on first use, mode 0700):
+`broker.key` (0600) / `broker.pub`: the HPKE key data keys are wrapped to; `owner-signing.key` / `.pub`: the data
+owner's manifest-signing key; `trusted-owners/*.pub`: further owner keys whose manifests may be registered;
+`datasets/<id>.json`: registrations (manifest + current policy; edit the policy with `medtee broker policy`, read
+at every release, no restart); `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain.
+
+Outstanding challenges are capped per dataset and per client (the HTTP service passes the remote address), so a
+flood for one dataset or from one client cannot starve another; expired nonces are pruned at every challenge and
+release. Audit entries hold ids, digests, check names and the client address: a client-supplied string is written
+only once it has passed validation, anything else as the fixed marker `INVALID`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medtee.broker.audit import AuditLog
+from medtee.broker.protocol import (
+    DEFAULT_NONCE_TTL_S,
+    NONCE_BYTES,
+    ChallengeRefused,
+    KeyReleaseDenied,
+    RequestError,
+    UnknownDatasetError,
+    check_digest,
+    release_info,
+)
+from medtee.files import write_atomic
+from medtee.sealing import keywrap
+from medtee.sealing.keywrap import DEFAULT_SCHEME, Scheme
+from medtee.sealing.manifest import Manifest, SealedDataError, check_dataset_id, data_key_info
+from medtee.sealing.owner import load_or_create_signing_key, load_public
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from medtee.attestation.evidence import Evidence
+    from medtee.attestation.verdict import Verdict
+
+BROKER_KEY_NAME = "broker"
+DEFAULT_MAX_CHALLENGES_PER_DATASET = 1024
+DEFAULT_MAX_CHALLENGES_PER_CLIENT = 256
+LOCAL_CLIENT = "local"  # the client of in-process calls
+INVALID = "(invalid)"  # audited in place of a field that failed validation
+
+
+def _write_registration(path: Path, manifest: Manifest, policy: str) -> None:
+    doc = {"manifest": json.loads(manifest.to_json()), "policy": policy}
+    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _denial(name: str, expected: str, actual: str, policy: str) -> Verdict:
+    from medtee.attestation.verdict import Verdict, check
+
+    return Verdict.of([check(name, False, expected, actual)], simulated=False, policy=policy)
+
+
+def _audit_fields(dataset_id: str, policy: str, client: str, fields: dict) -> dict:
+    """What a release decision records: validated values, INVALID for the rest, a 16-hex-digit nonce prefix."""
+    def digest(name: str) -> str:
+        try:
+            return check_digest(fields.get(name), name)
+        except RequestError:
+            return INVALID
+
+    nonce = fields.get("nonce")
+    return {"dataset_id": dataset_id, "policy": policy, "client": client, "recipe_digest": digest("recipe_digest"),
+            "manifest_digest": digest("manifest_digest"),
+            "nonce": bytes(nonce).hex()[:16] if isinstance(nonce, (bytes, bytearray)) else INVALID}
+
+
+class EmbeddedBroker:
+    """The owner's broker: keys, registrations and audit log live in `store_dir` (see the module docstring)."""
+
+    def __init__(self, store_dir: Path | str, *, scheme: Scheme | str = DEFAULT_SCHEME,
+                 nonce_ttl_s: float = DEFAULT_NONCE_TTL_S,
+                 max_challenges_per_dataset: int = DEFAULT_MAX_CHALLENGES_PER_DATASET,
+                 max_challenges_per_client: int = DEFAULT_MAX_CHALLENGES_PER_CLIENT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store_dir = Path(store_dir)
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.store_dir, 0o700)
+        (self.store_dir / "datasets").mkdir(exist_ok=True)
+        if not (self.store_dir / f"{BROKER_KEY_NAME}.key").exists():
+            keywrap.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
+        self._scheme, self._key = keywrap.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
+        self.audit = AuditLog(self.store_dir / "audit.log")
+        self.nonce_ttl_s = nonce_ttl_s
+        self.max_challenges_per_dataset = max_challenges_per_dataset
+        self.max_challenges_per_client = max_challenges_per_client
+        self._clock = clock
+        self._nonces: OrderedDict[bytes, tuple[str, str, float]] = OrderedDict()  # issue order = expiry order
+        self._per_dataset: Counter[str] = Counter()
+        self._per_client: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._policies: dict[str, tuple[tuple, object]] = {}
+
+    # -- data owner's side -------------------------------------------------------------------------------------------
+    def public_key(self) -> tuple[Scheme, bytes]:
+        return self._scheme, self._key.public_bytes
+
+    def owner_signing_key(self) -> Ed25519PrivateKey:
+        """The data owner's manifest-signing key kept in this store (created on first use)."""
+        return load_or_create_signing_key(self.store_dir)
+
+    def trusted_owner_keys(self) -> list[bytes]:
+        """Raw Ed25519 public keys whose manifests this broker registers."""
+        keys = [self.owner_signing_key().public_key().public_bytes_raw()]
+        keys += [load_public(p).public_bytes_raw() for p in sorted((self.store_dir / "trusted-owners").glob("*.pub"))]
+        return keys
+
+    def register(self, manifest: Manifest) -> None:
+        """Register a dataset; the manifest must be signed by a trusted owner and wrapped to this broker's key.
+
+        A refused registration naming an already registered dataset is audited (`refuse-register`)."""
+        path = self._registration_path(manifest.dataset_id)
+        try:
+            self._check_registration(manifest, path)
+        except (PermissionError, ValueError, FileExistsError) as e:
+            self._refused_registration(manifest.dataset_id, e, manifest.owner_key_id())
+            raise
+        _write_registration(path, manifest, manifest.release_policy)
+        self.audit.append("register", dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
+                          policy=manifest.release_policy, owner_key=manifest.owner_key_id())
+
+    def register_json(self, doc: object) -> Manifest:
+        """Register the manifest of a registration request's JSON (as `register`, malformed ones audited too)."""
+        try:
+            manifest = Manifest.from_json(json.dumps(doc), source="registration request")
+        except SealedDataError as e:
+            self._refused_registration(doc.get("dataset_id") if isinstance(doc, dict) else None, e, INVALID)
+            raise
+        self.register(manifest)
+        return manifest
+
+    def _refused_registration(self, dataset_id: object, error: Exception, owner_key: str) -> None:
+        try:
+            known = self._registration_path(dataset_id).exists()
+        except ValueError:  # not a dataset id
+            return
+        if known:
+            self.audit.append("refuse-register", dataset_id=dataset_id, reason=type(error).__name__, owner_key=owner_key)
+
+    def _check_registration(self, manifest: Manifest, path: Path) -> None:
+        manifest.verify_signature(source=f"manifest of dataset {manifest.dataset_id}")
+        if manifest.owner_public_key not in self.trusted_owner_keys():
+            raise PermissionError(
+                f"manifest of dataset {manifest.dataset_id} is signed by owner key {manifest.owner_key_id()}, which this "
+                f"broker does not trust; copy that owner's owner-signing.pub into {self.store_dir / 'trusted-owners'}"
+            )
+        if manifest.key_id != self._key.key_id:
+            raise ValueError(
+                f"dataset {manifest.dataset_id}: data key is wrapped to broker key {manifest.key_id}, this broker's key is "
+                f"{self._key.key_id}; seal against this broker or rotate"
+            )
+        if path.exists() and self._load_registration(manifest.dataset_id)[0].key_check != manifest.key_check:
+            raise FileExistsError(f"dataset id {manifest.dataset_id} is already registered for other data; pick another id")
+
+    def set_policy(self, dataset_id: str, policy: str) -> None:
+        """Change a dataset's release policy; effective at the next release (no restart)."""
+        from medtee.attestation import load_policy
+
+        load_policy(policy)  # refuse a name that does not load
+        manifest, _ = self._load_registration(dataset_id)
+        _write_registration(self._registration_path(dataset_id), manifest, policy)
+        self.audit.append("policy", dataset_id=dataset_id, policy=policy)
+
+    def datasets(self) -> list[str]:
+        """Registered dataset ids."""
+        return sorted(p.stem for p in (self.store_dir / "datasets").glob("*.json"))
+
+    def unwrap_data_key(self, manifest: Manifest) -> bytes:
+        """The plain data key of a manifest wrapped to this broker (data-owner-only: rotation, benchmarks)."""
+        return keywrap.unwrap(manifest.wrapped_data_key, self._key, scheme=Scheme.parse(manifest.scheme),
+                              info=data_key_info(manifest.dataset_id))
+
+    def _registration_path(self, dataset_id: str) -> Path:
+        return self.store_dir / "datasets" / f"{check_dataset_id(dataset_id)}.json"
+
+    def _load_registration(self, dataset_id: str) -> tuple[Manifest, str]:
+        path = self._registration_path(dataset_id)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UnknownDatasetError(
+                f"dataset {dataset_id} is not registered with the broker at {self.store_dir}; seal it against this broker"
+            ) from None
+        except ValueError:
+            raise SealedDataError(f"{path} is not valid JSON; restore it or re-register the dataset") from None
+        return Manifest.from_json(json.dumps(doc["manifest"]), source=str(path)), doc["policy"]
+
+    def _policy(self, name: str):
+        """The attestation policy `name`, re-read whenever its file changes (policy edits need no restart)."""
+        from medtee.attestation import load_policy
+        from medtee.paths import conf_dir
+
+        try:
+            st = (conf_dir() / "attestation" / f"{name}.yaml").stat()
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except (OSError, ValueError):
+            return load_policy(name)  # raises the attestation package's own explanation
+        cached = self._policies.get(name)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, load_policy(name))
+            self._policies[name] = cached
+        return cached[1]
+
+    # -- the TEE's side ----------------------------------------------------------------------------------------------
+    def _forget(self, nonce: bytes) -> tuple[str, str, float] | None:
+        """Remove an outstanding nonce (lock held); its entry, or None if it is not outstanding."""
+        entry = self._nonces.pop(nonce, None)
+        if entry is not None:
+            for counter, key in ((self._per_dataset, entry[0]), (self._per_client, entry[1])):
+                counter[key] -= 1
+                if not counter[key]:
+                    del counter[key]
+        return entry
+
+    def _prune(self, now: float) -> None:
+        """Drop expired nonces (lock held); they are the oldest, so the scan stops at the first live one."""
+        while self._nonces:
+            nonce, (_, _, expires) = next(iter(self._nonces.items()))
+            if expires > now:
+                return
+            self._forget(nonce)
+
+    def challenge(self, dataset_id: str, *, client: str = LOCAL_CLIENT) -> bytes:
+        """A single-use nonce for `dataset_id`; ChallengeRefused when the dataset or `client` has too many out."""
+        self._load_registration(dataset_id)  # unknown datasets get no nonce
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        with self._lock:
+            now = self._clock()
+            self._prune(now)
+            for counter, key, limit, who in ((self._per_dataset, dataset_id, self.max_challenges_per_dataset, "dataset"),
+                                             (self._per_client, client, self.max_challenges_per_client, "client")):
+                if counter[key] >= limit:
+                    retry = max(1.0, next(iter(self._nonces.values()))[2] - now)
+                    raise ChallengeRefused(f"{who} {key} already has {limit} outstanding key-release challenges (the "
+                                           f"limit); retry in {retry:.0f} s, when the oldest expires", retry)
+            self._nonces[nonce] = (dataset_id, client, now + self.nonce_ttl_s)
+            self._per_dataset[dataset_id] += 1
+            self._per_client[client] += 1
+        return nonce
+
+    def _consume_nonce(self, dataset_id: str, nonce: bytes) -> str | None:
+        """None if the nonce is valid (and now spent), else why not."""
+        with self._lock:
+            entry = self._forget(bytes(nonce))
+            now = self._clock()
+            self._prune(now)
+        if entry is None:
+            return "unknown or already used"
+        if entry[0] != dataset_id:
+            return "issued for another dataset"
+        if now > entry[2]:
+            return "expired"
+        return None
+
+    def deny_malformed(self, error: RequestError, *, client: str = LOCAL_CLIENT) -> None:
+        """Audit a release request that failed validation, when it names a registered dataset. A valid nonce in it
+        is spent, as by any refused request (single use)."""
+        dataset_id = error.fields.get("dataset_id")
+        if dataset_id is None:
+            return
+        try:
+            _, policy_name = self._load_registration(dataset_id)
+        except UnknownDatasetError:
+            return
+        if "nonce" in error.fields:
+            self._consume_nonce(dataset_id, error.fields["nonce"])
+        self.audit.append("deny", **_audit_fields(dataset_id, policy_name, client, error.fields),
+                          failed=["broker.request"])
+
+    def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
+                recipe_digest: str, manifest_digest: str, client: str = LOCAL_CLIENT) -> bytes:
+        """The data key wrapped to `ephemeral_public_key`, or KeyReleaseDenied (audited either way).
+
+        The nonce is spent first, so a request refused for any reason has used it up (single use). An exception from
+        the attestation verifier is a denial (`broker.evidence`, naming only the exception type), never an error.
+        """
+        from medtee.attestation import appraise, report_data
+
+        manifest, policy_name = self._load_registration(dataset_id)
+        problem = self._consume_nonce(dataset_id, nonce)
+        audit = _audit_fields(dataset_id, policy_name, client,
+                              {"nonce": nonce, "recipe_digest": recipe_digest, "manifest_digest": manifest_digest})
+
+        def deny(verdict: Verdict) -> KeyReleaseDenied:
+            self.audit.append("deny", **audit, failed=[c.name for c in verdict.failures()])
+            return KeyReleaseDenied(verdict, dataset_id)
+
+        if problem:
+            raise deny(_denial("broker.nonce", "a fresh nonce this broker issued for this dataset", problem, policy_name))
+        try:
+            check_digest(recipe_digest, "recipe_digest")
+            check_digest(manifest_digest, "manifest_digest")
+            eph_scheme = Scheme.for_public_key(bytes(ephemeral_public_key))
+        except ValueError as e:
+            raise deny(_denial("broker.request", "a well-formed release request", str(e), policy_name)) from None
+        if manifest_digest != manifest.digest():
+            raise deny(_denial("broker.manifest_digest", manifest.digest(), manifest_digest, policy_name))
+        policy = self._policy(policy_name)
+        try:
+            expected = report_data(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
+                                   gpu_evidence_digests=evidence.gpu_evidence_digests())
+            audit["evidence"] = evidence.digest()
+            verdict = appraise(evidence, policy, expected_report_data=expected)
+        except Exception as e:  # whatever the verifier raises on hostile evidence is a denial, not a fault
+            raise deny(_denial("broker.evidence", "evidence the attestation verifier can read", type(e).__name__,
+                               policy_name)) from None
+        if not verdict.ok:
+            raise deny(verdict)
+        data_key = self.unwrap_data_key(manifest)
+        try:
+            wrapped = keywrap.wrap(data_key, ephemeral_public_key, scheme=eph_scheme, info=release_info(dataset_id, nonce))
+        except ValueError as e:  # e.g. a low-order X25519 point: the evidence vouches for a key nothing can be wrapped to
+            raise deny(_denial("broker.request", "an ephemeral public key a data key can be wrapped to",
+                               type(e).__name__, policy_name)) from None
+        self.audit.append("release", **audit, simulated=verdict.simulated,
+                          ephemeral_key=keywrap.key_id(eph_scheme, bytes(ephemeral_public_key)))
+        return wrapped
+
+
+def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Scheme | str | None = None) -> list[Manifest]:
+    """Replace the broker key of `store_dir` and re-wrap every registered data key to the new one.
+
+    The shards are untouched (the data keys do not change); manifests are re-signed by the owner key in the store,
+    re-registered, and written into each of `dataset_dirs` (whose datasets must be registered here). The old
+    private key moves to `retired/`. Run it while no `medtee broker serve` uses the store. Returns the new manifests.
+    """
+    store_dir = Path(store_dir)
+    old = EmbeddedBroker(store_dir)
+    new_scheme = Scheme.parse(scheme) if scheme else old.public_key()[0]
+    by_id = {Manifest.load(d).dataset_id: Path(d) for d in dataset_dirs}
+    unknown = sorted(set(by_id) - set(old.datasets()))
+    if unknown:
+        raise UnknownDatasetError(f"dataset(s) {', '.join(unknown)} are not registered with the broker at {store_dir}")
+    staging = store_dir / "rotating"
+    if staging.exists():
+        raise FileExistsError(f"{staging} exists: an earlier rotation was interrupted; inspect it, then remove it")
+    _, new_pub = keywrap.load_public_key(keywrap.write_keypair(staging, BROKER_KEY_NAME, new_scheme))
+    owner = old.owner_signing_key()
+    rotated = []
+    for dataset_id in old.datasets():
+        manifest, policy = old._load_registration(dataset_id)
+        rotated.append((replace(
+            manifest, scheme=new_scheme.value, key_id=keywrap.key_id(new_scheme, new_pub),
+            wrapped_data_key=keywrap.wrap(old.unwrap_data_key(manifest), new_pub, scheme=new_scheme,
+                                          info=data_key_info(dataset_id)),
+        ).signed(owner), policy))
+    retired = store_dir / "retired"
+    retired.mkdir(exist_ok=True)
+    old_id = old._key.key_id
+    for suffix in ("key", "pub"):
+        os.replace(store_dir / f"{BROKER_KEY_NAME}.{suffix}", retired / f"{BROKER_KEY_NAME}-{old_id}.{suffix}")
+        os.replace(staging / f"{BROKER_KEY_NAME}.{suffix}", store_dir / f"{BROKER_KEY_NAME}.{suffix}")
+    staging.rmdir()
+    new = EmbeddedBroker(store_dir)
+    for manifest, policy in rotated:
+        _write_registration(new._registration_path(manifest.dataset_id), manifest, policy)
+        if manifest.dataset_id in by_id:
+            write_atomic(by_id[manifest.dataset_id] / "manifest.json", manifest.to_json().encode())
+    new.audit.append("rotate", old_key=old_id, new_key=new._key.key_id, datasets=[m.dataset_id for m, _ in rotated])
+    return [m for m, _ in rotated]

@@ -1,0 +1,112 @@
+"""Bad input found before the data key is released (exit 2, nothing written, no key released), checkpoints at every
+requested step, and MLflow runs that are never left RUNNING nor touched by another run's refusal."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import run_medtee
+from medtee import cli
+
+from .conftest import COMMON, data_args, mlflow_state, summaries
+
+pytestmark = pytest.mark.slow
+
+RELEASED = "data key released"
+
+
+def _ed25519_public_key(path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    path.write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+@pytest.mark.parametrize("recipient", ["missing", "ed25519", "private", "directory"])
+def test_an_unusable_recipient_is_refused_before_the_key_is_released(recipient, tmp_path):
+    keys = tmp_path / "keys"
+    assert run_medtee("keys", "new", "--out", str(keys), "--name", "owner", cwd=tmp_path).returncode == 0
+    spec = {"missing": tmp_path / "nope.pub", "ed25519": _ed25519_public_key(tmp_path / "ed.pub"),
+            "private": keys / "owner.key", "directory": keys}[recipient]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run_medtee("train", f"output.recipient={spec}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "output.recipient" in res.stderr and RELEASED not in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_settings_that_cannot_run_are_refused_before_the_key_is_released(tmp_path):
+    res = run_medtee("train", "hardware.devices=0", "trainer.lr=-1", cwd=tmp_path)
+    assert res.returncode == 2 and "hardware.devices" in res.stderr and "trainer.lr" in res.stderr
+    assert RELEASED not in res.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_at_every_step_across_an_epoch_boundary(tmp_path):
+    """13 dialogues, 1 held out, batches of 4: 3 steps an epoch. Every step's checkpoint is written, step 3 too."""
+    res = run_medtee("train", "data.n_synthetic=13", "data.val_fraction=0.05", "trainer.max_steps=5",
+                     "trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_keep=-1", "trainer.val_check_interval=2",
+                     "trainer.limit_val_batches=1", "tracking.min_aggregate=1", "trainer.enable_progress_bar=false",
+                     cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [summary] = summaries(tmp_path)
+    written = sorted(p.name for p in Path(summary["dir"]).glob("checkpoints/*.ckpt.enc"))
+    assert written == [f"step-{s:07d}.ckpt.enc" for s in range(1, 6)]
+
+
+def test_checkpoint_keep_prunes_to_the_most_recent(tmp_path):
+    res = run_medtee("train", "data.n_synthetic=13", "data.val_fraction=0.05", "trainer.max_steps=5",
+                     "trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_keep=2", "trainer.val_check_interval=2",
+                     "trainer.limit_val_batches=1", "tracking.min_aggregate=1", "trainer.enable_progress_bar=false",
+                     cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [summary] = summaries(tmp_path)
+    written = sorted(p.name for p in Path(summary["dir"]).glob("checkpoints/*.ckpt.enc"))
+    assert written == ["step-0000004.ckpt.enc", "step-0000005.ckpt.enc"]
+
+
+def test_resuming_with_another_lora_rank_is_refused_and_leaves_the_earlier_run_alone(owner, tmp_path):
+    run = [*COMMON, *data_args(owner), "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2"]
+    first = run_medtee("train", *run, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [summary] = summaries(tmp_path)
+    [checkpoint] = Path(summary["dir"]).glob("checkpoints/*.ckpt.enc")
+    before = mlflow_state(tmp_path / "mlflow.db")
+
+    res = run_medtee("train", *run, "qlora.rank=8", f"trainer.resume_from={checkpoint}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "another shape" in res.stderr and "qlora" in res.stderr and "Traceback" not in res.stderr
+    assert mlflow_state(tmp_path / "mlflow.db") == before  # the earlier run is still FINISHED; no new run
+    assert before["status"] == {summary["mlflow_run_id"]: "FINISHED"}
+    assert len(summaries(tmp_path)) == 1
+
+
+def test_a_run_that_fails_leaves_its_mlflow_run_failed(tmp_path, monkeypatch, capsys):
+    """Any failure after the MLflow run opened (here: building the Trainer) closes it FAILED, not RUNNING."""
+    from medtee.training import engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom: a message that must not be printed")
+
+    monkeypatch.setattr(engine, "build_trainer", broken)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "trainer.max_steps=2", "trainer.enable_progress_bar=false"]) == 3
+    err = capsys.readouterr().err
+    assert "RuntimeError" in err and "boom" not in err
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    try:
+        assert [s for (s,) in con.execute("select status from runs")] == ["FAILED"]
+    finally:
+        con.close()
+
+
+def test_a_key_broker_that_is_down_is_a_refusal(tmp_path):
+    """Documented as exit 1 (refused), never a failed run (exit 3)."""
+    res = run_medtee("train", "encryption.broker=http://127.0.0.1:9", "trainer.max_steps=2", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "unreachable" in res.stderr and RELEASED not in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
