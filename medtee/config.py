@@ -214,9 +214,12 @@ METRIC_ALLOW_LIST = (
 #: Fields excluded from the recipe digest, and why they cannot change what runs: `data.path` is where this machine
 #: keeps the sealed dataset, which the key release binds by dataset id and manifest digest; `tracking.run_name` is
 #: a label on the MLflow run; `encryption.broker_dir` is the embedded (development) broker's store, and production
-#: profiles require a remote broker, whose URL is in the digest. `trainer.resume_from` enters the digest by the
-#: checkpoint file's content, not its path (`digest_input`).
+#: profiles require a remote broker, whose URL is in the digest.
 NOT_IN_DIGEST = ("data.path", "tracking.run_name", "encryption.broker_dir")
+
+#: Fields that name a file: the digest covers the file's content (sha256), not its path, so replacing the file
+#: changes the digest. (The pretrained weights enter it through `digest_input(weights=...)`.)
+FILES_IN_DIGEST = (("output", "recipient"), ("encryption", "broker_ca"), ("trainer", "resume_from"))
 
 #: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).
 TRACKING_SCHEMES = ("sqlite", "http", "https")
@@ -259,7 +262,7 @@ def use_recipe_files(overrides: list[str]) -> list[str]:
         key, sep, value = arg.partition("=")
         if sep and key == "recipe" and value.endswith((".yaml", ".yml")):
             path = Path(value).expanduser()
-            if not path.is_file():
+            if not path.exists():
                 raise ConfigError(f"recipe file {value} does not exist")
             if not recipe_guard.NAME.fullmatch(path.stem):
                 raise ConfigError(f"recipe file {value}: name it with letters, digits, '_' and '-' only")
@@ -276,7 +279,9 @@ def _load_recipe(path: Path):
     from omegaconf import OmegaConf
 
     try:
-        node = OmegaConf.load(path)
+        node = OmegaConf.create(recipe_guard.read_recipe_text(path))
+    except recipe_guard.RecipeRuleError as exc:
+        raise ConfigError(str(exc)) from None
     except Exception as exc:  # a YAML syntax error or a tag that would construct an object
         raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
     try:
@@ -310,11 +315,17 @@ def _top_fields() -> list[str]:
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(Hydra flags, recipe overrides) of a `medtee train` command line; refuses any flag medtee does not allow."""
+    """(Hydra flags, recipe overrides) of a `medtee train` command line; refuses any flag medtee does not allow, and
+    overrides that are not plain data (sweeps only with -m)."""
     try:
-        return recipe_guard.split_argv(argv)
+        flags, overrides = recipe_guard.split_argv(argv)
+        recipe_guard.check_overrides(overrides, groups={**group_options(), "recipe": None}, fields=_top_fields(),
+                                     multirun="-m" in flags or "--multirun" in flags)
     except recipe_guard.RecipeRuleError as exc:
         raise ConfigError(str(exc)) from None
+    except Exception as exc:  # an override Hydra's parser cannot read
+        raise ConfigError(f"cannot read the overrides: {str(exc).splitlines()[0]}") from None
+    return flags, overrides
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
@@ -446,6 +457,7 @@ def check(cfg) -> None:
                             f"encryption.broker=https://... (an embedded broker would hold the owner's key here)")
         if not cfg.model.offline:
             problems.append("production profiles allow no model-hub access: set model.offline=true")
+
     if cfg.trainer.strategy == "fsdp":
         if hw.accelerator not in FSDP_ACCELERATORS:
             problems.append(f"trainer.strategy=fsdp shards across CUDA GPUs only, but hardware profile '{hw.name}' "
@@ -527,19 +539,36 @@ def check_runnable(cfg) -> None:
         problems.append("data=sealed needs the sealed dataset: pass data.path=DIR (a directory made by `medtee seal`)")
     if cfg.hardware.production and cfg.model.source == "pretrained" and not cfg.model.revision:
         problems.append("production profiles load pinned weights: pass model.revision=COMMIT")
+    if cfg.hardware.production and cfg.output.recipient == "dev":
+        problems.append("production profiles encrypt the adapter to the model owner's key: pass "
+                        "output.recipient=PATH/NAME.pub (`medtee keys new`); the development key's private half "
+                        "sits beside it on this machine")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
+#: Environment variables MLflow sends as credentials to whatever tracking server a run names.
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
 def apply_environment(cfg) -> None:
-    """Fill what a recipe leaves to the environment (tracking=mlflow_server: MLFLOW_TRACKING_URI); then check it."""
+    """Fill what a recipe leaves to the environment (tracking=mlflow_server: MLFLOW_TRACKING_URI); then check it.
+
+    The operator's MLflow credentials go only to the server the operator named in MLFLOW_TRACKING_URI: a recipe
+    naming another server while they are set is refused (it would receive them)."""
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if cfg.tracking.tracking_uri is None:
-        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-        if not uri:
+        if not env_uri:
             raise ConfigError("tracking=mlflow_server reads the tracking server's URL from MLFLOW_TRACKING_URI, "
                               "which is empty; set it, e.g. MLFLOW_TRACKING_URI=https://mlflow.example.org")
-        cfg.tracking.tracking_uri = uri
+        cfg.tracking.tracking_uri = env_uri
         check(cfg)
+    credentials = [name for name in MLFLOW_CREDENTIALS if os.environ.get(name)]
+    uri = cfg.tracking.tracking_uri
+    if credentials and uri.startswith(("http://", "https://")) and uri.rstrip("/") != env_uri.rstrip("/"):
+        raise ConfigError(f"tracking.tracking_uri names a server other than MLFLOW_TRACKING_URI while "
+                          f"{', '.join(credentials)} is set: MLflow would send those credentials to it. Use "
+                          f"tracking=mlflow_server (the server in MLFLOW_TRACKING_URI), or unset the credentials")
 
 
 def _get(cfg, dotted: str):
@@ -558,9 +587,10 @@ def resolved(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def digest_input(resolved_recipe: dict) -> dict:
-    """The resolved recipe as the digest covers it: without the fields in NOT_IN_DIGEST, and with the checkpoint to
-    resume named by its sha256 rather than its path."""
+def digest_input(resolved_recipe: dict, *, weights: dict | None = None) -> dict:
+    """The resolved recipe as the digest covers it: without the fields in NOT_IN_DIGEST, the files in
+    FILES_IN_DIGEST named by their sha256 rather than their path, and (`weights`: file -> sha256) the pretrained
+    weights the run loads."""
     data = json.loads(json.dumps(resolved_recipe))
     for dotted in NOT_IN_DIGEST:
         *parents, leaf = dotted.split(".")
@@ -569,15 +599,19 @@ def digest_input(resolved_recipe: dict) -> dict:
             node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
-    trainer = data.get("trainer", {})
-    if trainer.get("resume_from") and Path(trainer["resume_from"]).is_file():
-        trainer["resume_from"] = "sha256:" + sha256_file(trainer["resume_from"])
+    for section, key in FILES_IN_DIGEST:
+        value = data.get(section, {}).get(key)
+        if value and Path(value).is_file():
+            data[section][key] = "sha256:" + sha256_file(value)
+    if weights is not None:
+        data["model"]["weights_sha256"] = dict(sorted(weights.items()))
     return data
 
 
-def recipe_digest(cfg) -> str:
-    """sha256 of the canonical JSON of `digest_input(resolved(cfg))`."""
-    canonical = json.dumps(digest_input(resolved(cfg)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def recipe_digest(cfg, *, weights: dict | None = None) -> str:
+    """sha256 of the canonical JSON of `digest_input(resolved(cfg), weights=weights)`."""
+    canonical = json.dumps(digest_input(resolved(cfg), weights=weights), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

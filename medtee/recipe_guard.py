@@ -25,6 +25,7 @@ from typing import Any
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 #: A node interpolation `${a.b}` / `${..a}`: a reference to another recipe value, no resolver (no colon).
 _NODE_REFERENCE = re.compile(r"\$\{\s*\.*[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\s*\}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 #: Hydra's and OmegaConf's special keys (`_target_`, `_args_`, `_partial_`, `_recursive_`, `_convert_`, ...).
 _SPECIAL_KEY = re.compile(r"_.*_")
 
@@ -57,20 +58,44 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
             value = value if eq else next(args, "")
             if name in ("--cfg", "-c") and value not in _CFG_CHOICES:
                 raise RecipeRuleError(f"{name} takes one of {', '.join(_CFG_CHOICES)} (got {value!r})")
-            if not value:
+            if not value or value.startswith("-"):
                 raise RecipeRuleError(f"{name} needs a value")
+            if name in ("--package", "-p") and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", value):
+                raise RecipeRuleError(f"{name} takes a recipe section, e.g. {name} qlora (got {value!r})")
             flags.append(value)
+    _check_flag_combination(flags, overrides)
     return flags, overrides
 
 
-def check_overrides(overrides: list[str], *, groups: dict[str, list[str]], fields: list[str]) -> None:
-    """Each override chooses a shipped option of a group in `groups` (group -> options) or sets a field whose top
-    level is in `fields`."""
+def _check_flag_combination(flags: list[str], overrides: list[str]) -> None:
+    """Combinations Hydra would answer with a traceback, refused with the fix."""
+    printing = "--cfg" in flags or "-c" in flags
+    if printing and ("-m" in flags or "--multirun" in flags):
+        raise RecipeRuleError("--cfg prints one recipe: drop -m (or print each sweep value's recipe on its own)")
+    if ("--resolve" in flags or "--package" in flags or "-p" in flags) and not printing:
+        raise RecipeRuleError("--resolve and --package go with --cfg job|hydra|all")
+    if "--hydra-help" in flags and (overrides or len(flags) > 1):
+        raise RecipeRuleError("--hydra-help takes no other argument")
+
+
+def check_overrides(overrides: list[str], *, groups: dict[str, list[str] | None], fields: list[str],
+                    multirun: bool = True) -> None:
+    """Each override, given once and holding no resolver, chooses a shipped option of a group in `groups` (group ->
+    options, or None to leave them unchecked) or sets a field whose top level is in `fields`; sweeps only with
+    `multirun`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
-    for o in OverridesParser.create().parse_overrides(overrides):
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    seen: set[str] = set()
+    for o in parsed:
         key = o.key_or_group
+        if key in seen:
+            raise RecipeRuleError(f"'{o.input_line}': {key} is given twice; give each key once")
+        seen.add(key)
+        check_values({key: o.input_line}, "the command line")  # the text itself: Hydra keeps and may resolve it
+        if o.is_sweep_override() and not multirun:
+            raise RecipeRuleError(f"'{o.input_line}' is a sweep: add -m to run one job per value")
         if key.split(".")[0].split("/")[0] == "hydra":
             raise RecipeRuleError(f"'{o.input_line}': Hydra's own settings (hydra.*) cannot be changed from the "
                                   "command line; they decide which code runs")
@@ -81,6 +106,8 @@ def check_overrides(overrides: list[str], *, groups: dict[str, list[str]], field
         if o.package is not None:
             raise RecipeRuleError(f"'{o.input_line}': '@package' overrides are not allowed")
         if key in groups:
+            if groups[key] is None:  # the options are checked later (recipe files)
+                continue
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
             for value in values:
                 if not isinstance(value, str) or value not in groups[key]:
@@ -89,6 +116,45 @@ def check_overrides(overrides: list[str], *, groups: dict[str, list[str]], field
         elif key.split(".")[0] not in fields:
             raise RecipeRuleError(f"'{o.input_line}': unknown key '{key}'. Valid top-level keys: "
                                   f"{', '.join(fields)}; valid groups: {', '.join(groups)}")
+
+
+#: Largest recipe file read (a recipe is a page of settings).
+MAX_RECIPE_BYTES = 256 * 1024
+
+
+def read_recipe_text(path) -> str:
+    """A recipe file's text: a regular file of at most MAX_RECIPE_BYTES, UTF-8, whose YAML has no anchors or aliases
+    (which let a small file expand without bound: "billion laughs")."""
+    import os
+    import stat
+
+    import yaml
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise RecipeRuleError(f"recipe file {path}: cannot open it ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeRuleError(f"recipe file {path} is not a regular file")
+        if st.st_size > MAX_RECIPE_BYTES:
+            raise RecipeRuleError(f"recipe file {path} has {st.st_size} bytes; a recipe is at most "
+                                  f"{MAX_RECIPE_BYTES} bytes")
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeRuleError(f"recipe file {path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1
+                raise RecipeRuleError(f"recipe file {path}, line {line}: YAML anchors and aliases are not allowed "
+                                      "in recipes (write the values out)")
+    except yaml.YAMLError as exc:
+        raise RecipeRuleError(f"recipe file {path} is not valid YAML: {exc}") from None
+    return text
 
 
 def check_recipe_node(node: Any, source: str, *, groups: dict[str, list[str]], fields: list[str]) -> None:
@@ -131,6 +197,8 @@ def check_values(node: Any, source: str) -> None:
         if key is not None and _SPECIAL_KEY.fullmatch(key):
             raise RecipeRuleError(f"{source}: key '{path}': '{key}' is a Hydra instantiation key; recipes are data "
                                   "and name no code")
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise RecipeRuleError(f"{source}: key '{path}': the value is not valid Unicode text (a lone surrogate)")
         if isinstance(value, str) and "${" in value:
             rest = _NODE_REFERENCE.sub("", value)
             references = [m.strip("${} .").split(".")[0] for m in _NODE_REFERENCE.findall(value)]

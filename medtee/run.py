@@ -105,9 +105,16 @@ def train(cfg, *, recipe: str, out_dir: Path) -> int:
     problem = recipient_problem(cfg.output.recipient)
     if problem:
         raise config.ConfigError(problem)
-    digest = config.recipe_digest(cfg)
+    from medtee.training.model import weight_digests
+
     preflight(cfg)
-    return _train(cfg, recipe=recipe, digest=digest, out_dir=out_dir)
+    try:  # pretrained weights enter the digest by content ({} for a tiny model)
+        weights = weight_digests(cfg.model)
+    except FileNotFoundError as exc:
+        raise config.ConfigError(str(exc)) from None
+    digest = config.recipe_digest(cfg, weights=weights or None)
+    say(f"recipe {recipe}, digest {digest}")
+    return _train(cfg, recipe=recipe, digest=digest, out_dir=out_dir, weights=weights)
 
 
 def preflight(cfg) -> None:
@@ -167,7 +174,7 @@ def _dataset_path(cfg, out_dir: Path, broker) -> Path:
     return path
 
 
-def _train(cfg, *, recipe: str, digest: str, out_dir: Path) -> int:
+def _train(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict) -> int:
     from medtee.broker.protocol import connect
     from medtee.sealing.reader import open_dataset
     from medtee.training.checkpoint import derive_key
@@ -185,21 +192,22 @@ def _train(cfg, *, recipe: str, digest: str, out_dir: Path) -> int:
         f"{' (SIMULATED)' if verdict.simulated else ''}; data key released; decrypting "
         f"{dataset.manifest.record_count} records into memory")
     return _fit(cfg, recipe=recipe, digest=digest, records=records, dataset=dataset, verdict=verdict,
-                out_dir=out_dir, checkpoint_key=checkpoint_key)
+                out_dir=out_dir, checkpoint_key=checkpoint_key, weights=weights)
 
 
 def _decrypted_records(dataset, data_key: bytes):
     return (record for batch in dataset.iter_batches(data_key) for record in batch.to_pylist())
 
 
-def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, checkpoint_key: bytes) -> int:
+def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, checkpoint_key: bytes,
+         weights: dict) -> int:
     import lightning as L
     import torch
     from lightning.pytorch.utilities import rank_zero_only
 
     from medtee.data.module import DialogueDataModule
     from medtee.tracking import open_run
-    from medtee.training.model import build_model, build_tokenizer, weight_digests
+    from medtee.training.model import build_model, build_tokenizer
     from medtee.training.module import CausalLMModule
 
     t, hw = cfg.trainer, cfg.hardware
@@ -223,8 +231,8 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
 
     dataset_record = {"id": dataset.manifest.dataset_id, "manifest_digest": dataset.manifest.digest()}
     # the recipe as its digest covers it: without data.path (a directory name can name a patient or a study)
-    recorded = config.digest_input(config.resolved(cfg))
-    digests = weight_digests(cfg.model) if rank_zero else {}
+    recorded = config.digest_input(config.resolved(cfg), weights=weights or None)
+    digests = weights if rank_zero else {}
     logger = False
     try:
         if rank_zero:

@@ -237,3 +237,18 @@ def test_settings_that_cannot_run_are_refused_at_compose_time(override, named):
 def test_plain_http_broker_on_loopback_is_allowed():
     for url in ("http://127.0.0.1:8765", "http://[::1]:8765", "http://localhost:8765", "https://broker.example"):
         config.compose(["recipe=demo", f"encryption.broker='{url}'"])
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, options in config.group_options().items() for o in options])
+def test_every_option_of_every_group_composes(group, option):
+    """Each shipped option composes against its schema (over the demo, or over the production recipe for options
+    that need a production counterpart) and yields a digest."""
+    for base in ("demo", "medgemma27b_h200_sev_snp"):
+        try:
+            cfg = config.compose([f"recipe={base}", f"{group}={option}"])
+        except ConfigError as exc:
+            problem = str(exc)
+            continue
+        assert len(config.recipe_digest(cfg)) == 64
+        return
+    pytest.fail(f"{group}={option} composes with neither shipped recipe: {problem}")

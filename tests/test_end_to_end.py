@@ -62,6 +62,32 @@ def test_demo_runs_with_no_arguments_and_lands_in_mlflow(tmp_path):
     assert not list(out.glob("*.safetensors"))  # never a plaintext adapter
 
 
+def test_the_demo_shows_a_newcomer_what_happened(tmp_path):
+    """No advertisement, no library warning, a progress bar in steps, a loss that visibly falls, and a closing
+    summary: loss before and after, where the encrypted adapter is and how to open it, the dashboard command."""
+    res = run_medtee("train", cwd=tmp_path, env={"COLUMNS": "160"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "Tip" not in out and "litlogger" not in out and "FutureWarning" not in out and "/-2" not in out
+    assert "Training steps" in out and "60/60" in out
+    [line] = [ln for ln in res.stderr.splitlines() if ln.startswith("medtee: done: 60 steps")]
+    before, after = (float(x) for x in line.split("train/loss ")[1].split(",")[0].split(" -> "))
+    assert after < before - 1.0, line  # the tiny model learns the synthetic dialogues
+    [out_dir] = _output_dirs(tmp_path)
+    assert f"medtee adapter open {out_dir / 'adapter.safetensors.enc'} --key .medtee/keys/dev-recipient.key" in out
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+
+
+def test_adapter_open_refuses_an_out_that_is_a_file(tmp_path):
+    assert run_medtee("train", *FAST, cwd=tmp_path).returncode == 0
+    [out_dir] = _output_dirs(tmp_path)
+    (tmp_path / "taken").write_text("not a directory")
+    res = run_medtee("adapter", "open", str(out_dir / "adapter.safetensors.enc"), "--key",
+                     ".medtee/keys/dev-recipient.key", "--out", "taken", cwd=tmp_path)
+    assert res.returncode == 2 and "--out taken is a file" in res.stderr and "Traceback" not in res.stderr
+    assert (tmp_path / "taken").read_text() == "not a directory"
+
+
 def test_seal_train_and_open_the_adapter(tmp_path):
     owner, tee = tmp_path / "owner", tmp_path / "tee"
     owner.mkdir(), tee.mkdir()
@@ -115,9 +141,11 @@ def test_tampered_shard_is_refused_before_anything_is_written(tmp_path):
     assert list(tee.iterdir()) == []
 
 
-def test_production_recipe_refuses_on_a_machine_without_a_tee(tmp_path):
+def test_production_recipe_refuses_on_a_machine_without_a_tee(tmp_path, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("model-owner")
+    assert run_medtee("keys", "new", "--out", str(keys), "--name", "owner", cwd=keys).returncode == 0
     res = run_medtee("train", "recipe=medgemma27b_h200_sev_snp", f"data.path={tmp_path}", "model.revision=abc",
-                     cwd=tmp_path)
+                     f"output.recipient={keys / 'owner.pub'}", cwd=tmp_path)
     assert res.returncode == 1, res.stderr
     assert "SEV-SNP" in res.stderr and "refused" in res.stderr
     assert list(tmp_path.iterdir()) == []

@@ -240,3 +240,75 @@ def test_tracking_uri_names_a_store_kind_medtee_allows(uri, tmp_path, monkeypatc
     """Other MLflow URI schemes select tracking-store plugins by entry point: code the recipe would choose."""
     err = _refused(tmp_path, monkeypatch, capsys, f"tracking.tracking_uri={uri}")
     assert "tracking.tracking_uri" in err
+
+
+# --------------------------------------------------------------------- found by an attacker's review, now refused
+
+def test_a_resolver_hidden_in_an_overridden_override_reads_nothing(tmp_path):
+    """Hydra keeps every override's text and `--resolve` resolves it, even one a later override replaced."""
+    res = run_medtee("train", "--cfg", "hydra", "--resolve", "tracking.experiment=${oc.env:MEDTEE_TEST_SECRET}",
+                     "tracking.experiment=x", cwd=tmp_path, env={"MEDTEE_TEST_SECRET": "s3cr3t-from-env"})
+    assert res.returncode == 2 and "s3cr3t" not in res.stdout + res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_key_given_twice_is_refused(tmp_path, monkeypatch, capsys):
+    err = _refused(tmp_path, monkeypatch, capsys, "qlora.rank=4", "qlora.rank=8")
+    assert "given twice" in err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["-m", "--cfg", "job"], "--cfg prints one recipe"), (["--resolve"], "--resolve"),
+    (["--hydra-help", "trainer.max_steps=2"], "--hydra-help"), (["trainer.max_steps=2,3"], "add -m"),
+    (["--package", "--config-dir=/tmp"], "--package needs a value"), (["--cfg", "job", "--package", "../x"], "section"),
+])
+def test_flag_combinations_hydra_would_crash_on_are_refused(argv, named, tmp_path, monkeypatch, capsys):
+    assert named in _refused(tmp_path, monkeypatch, capsys, *argv)
+
+
+def test_a_lone_surrogate_is_refused(tmp_path, monkeypatch, capsys):
+    path = _recipe(tmp_path, 'tracking:\n  experiment: "\\ud800"\n')
+    assert "not valid Unicode" in _refused(tmp_path, monkeypatch, capsys, f"recipe={path}")
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path, monkeypatch, capsys):
+    """Nine levels of ten aliases each ("billion laughs") exhausted memory inside the YAML loader."""
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"{b}: &{b} [{','.join(['*' + a] * 10)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    path = _recipe(tmp_path, "\n".join(lines) + "\n")
+    assert "anchors and aliases" in _refused(tmp_path, monkeypatch, capsys, f"recipe={path}")
+
+
+def test_recipe_files_are_small_regular_files(tmp_path, monkeypatch, capsys):
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _refused(tmp_path, monkeypatch, capsys, f"recipe={fifo}")  # no hang
+    big = _recipe(tmp_path, "qlora:\n  rank: 8\n" + "# padding\n" * 30_000, name="big")
+    assert "at most" in _refused(tmp_path, monkeypatch, capsys, f"recipe={big}")
+
+
+def test_mlflow_credentials_go_only_to_the_server_the_operator_named(tmp_path):
+    """MLflow attaches MLFLOW_TRACKING_TOKEN to whatever server tracking.tracking_uri names."""
+    res = run_medtee("train", "tracking.tracking_uri=http://127.0.0.1:9", cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_TOKEN": "tee-secret-token", "MLFLOW_TRACKING_URI": "https://ml.example"})
+    assert res.returncode == 2 and "MLFLOW_TRACKING_TOKEN" in res.stderr and "tee-secret-token" not in res.stderr
+    assert "data key released" not in res.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_files_a_recipe_names_enter_the_digest_by_content(tmp_path):
+    """Two recipes naming the same path but different keys (or CA bundles, or weights) never share a digest."""
+    from omegaconf import OmegaConf
+
+    key, ca = tmp_path / "owner.pub", tmp_path / "ca.pem"
+    cfg = config.compose(["recipe=demo"])
+    OmegaConf.update(cfg, "output.recipient", str(key))
+    OmegaConf.update(cfg, "encryption.broker_ca", str(ca))
+    digests = set()
+    for key_bytes, ca_bytes in ((b"key one", b"ca one"), (b"key two", b"ca one"), (b"key two", b"ca two")):
+        key.write_bytes(key_bytes), ca.write_bytes(ca_bytes)
+        digests.add(config.recipe_digest(cfg))
+    digests.add(config.recipe_digest(cfg, weights={"model.safetensors": "ab" * 32}))
+    digests.add(config.recipe_digest(cfg, weights={"model.safetensors": "cd" * 32}))
+    assert len(digests) == 5

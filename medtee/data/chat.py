@@ -95,7 +95,8 @@ def content_text(content, role: str) -> str:
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
-            named = f"an '{kind}' part" if kind in _NON_TEXT_PARTS else "a part that is not of type 'text'"
+            named = (f"an '{kind}' part" if isinstance(kind, str) and kind in _NON_TEXT_PARTS
+                     else "a part that is not of type 'text'")
             raise DataError(f"content part {index} is {named}: medtee trains on text only; remove the non-text "
                             f"parts (or the record) and seal the dataset again")
         if not isinstance(part.get("text"), str):

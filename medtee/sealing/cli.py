@@ -44,7 +44,7 @@ def _summary(manifest, path: Path) -> str:
 def _seal(args: argparse.Namespace) -> int:
     from medtee.broker.protocol import connect
     from medtee.sealing.keywrap import KeyWrapError
-    from medtee.sealing.seal import InputError, seal_file
+    from medtee.sealing.seal import check_out_dir, read_input, seal_located
 
     if args.rows_per_shard < 1:
         return _fail(f"--rows-per-shard must be at least 1 (got {args.rows_per_shard})")
@@ -52,6 +52,8 @@ def _seal(args: argparse.Namespace) -> int:
         from medtee.attestation import load_policy
 
         load_policy(args.policy)
+        check_out_dir(args.out)
+        records = read_input(args.input, args.format)  # the file, its header and first record: before any output
         if args.scheme and args.broker != "embedded":
             return _fail("--scheme applies to a new embedded broker store; a remote broker has its own key")
         if args.broker == "embedded" and args.scheme:
@@ -63,10 +65,10 @@ def _seal(args: argparse.Namespace) -> int:
                              f"change it with `medtee keys rotate --broker-dir {args.broker_dir} --scheme {args.scheme}`")
         else:
             broker = connect(args.broker, store_dir=args.broker_dir)
-        manifest = seal_file(args.input, args.out, fmt=args.format, broker=broker, policy=args.policy,
-                             dataset_id=args.dataset_id, rows_per_shard=args.rows_per_shard,
-                             classification=args.classification, dua_id=args.dua_id, tokenizer=args.tokenizer)
-    except (InputError, KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:
+        manifest = seal_located(records, args.out, broker=broker, policy=args.policy, dataset_id=args.dataset_id,
+                                rows_per_shard=args.rows_per_shard, classification=args.classification,
+                                dua_id=args.dua_id, tokenizer=args.tokenizer)
+    except (KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:  # InputError, OutputError, DataError
         return _fail(str(e))
     except PermissionError as e:
         return _fail(str(e), EXIT_REFUSED)

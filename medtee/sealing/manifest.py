@@ -12,9 +12,12 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -23,12 +26,29 @@ FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 _V2_FIELDS = ("token_count", "tokenizer")  # absent from format-1 manifests
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # ~100,000 shards; a larger "manifest" is refused before it is read whole
 CIPHER = "AES_GCM_V1"  # fixed: the only Parquet Modular Encryption algorithm that authenticates page data
 _DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class SealedDataError(ValueError):
     """A sealed dataset is malformed, altered or incomplete. The message names the file and the fix, never content."""
+
+
+def open_regular(path: Path, name: str, fix: str) -> tuple[BinaryIO, int]:
+    """`path` opened for reading, and its size, if it is a regular file (a link to one is followed); opening does not
+    block on a FIFO or device. SealedDataError naming `name`, then `fix`, otherwise; FileNotFoundError if absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise SealedDataError(f"{name} cannot be opened ({e.strerror}); {fix}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise SealedDataError(f"{name} is not a regular file (a directory, FIFO, device or a link to one); {fix}")
+    return os.fdopen(fd, "rb"), info.st_size
 
 
 def check_dataset_id(dataset_id: str) -> str:
@@ -131,8 +151,11 @@ class Manifest:
         """Parse a manifest file's text; errors name `source` and the offending field."""
         try:
             doc = json.loads(text)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise SealedDataError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); restore it from the sealer's output") from None
+        except (RecursionError, ValueError):  # nesting deeper than the stack; a number of over 4,300 digits
+            raise SealedDataError(f"{source} is not a manifest (nested too deeply or a number too long); restore it "
+                                  f"from the sealer's output") from None
         if not isinstance(doc, dict):
             raise SealedDataError(f"{source} must hold a JSON object")
         version = doc.get("format_version")
@@ -161,12 +184,24 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: Path | str) -> Manifest:
-        """Read `<directory>/manifest.json`."""
+        """Read `<directory>/manifest.json`: a regular file of at most MAX_MANIFEST_BYTES, UTF-8 JSON."""
         path = Path(directory) / MANIFEST_NAME
+        fix = "restore it from the sealer's output"
         try:
-            text = path.read_text(encoding="utf-8")
+            f, _ = open_regular(path, str(path), fix)
         except FileNotFoundError:
             raise SealedDataError(f"{path} is missing: {directory} is not a sealed dataset (create one with `medtee seal`)") from None
+        try:
+            with f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as e:
+            raise SealedDataError(f"{path} cannot be read ({e.strerror}); {fix}") from None
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise SealedDataError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB, more than any manifest; {fix}")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SealedDataError(f"{path} is not UTF-8 text (byte {e.start}); {fix}") from None
         return cls.from_json(text, source=str(path))
 
 

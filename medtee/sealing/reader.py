@@ -9,24 +9,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from medtee.sealing.kms import decryption_properties
-from medtee.sealing.manifest import MANIFEST_NAME, Manifest, SealedDataError, ShardInfo, key_check
+from medtee.sealing.manifest import MANIFEST_NAME, Manifest, SealedDataError, ShardInfo, key_check, open_regular
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fix(path: Path) -> str:
@@ -58,17 +51,29 @@ def open_dataset(path: Path | str, *, trusted_owner: Ed25519PublicKey | None = N
     return SealedDataset(manifest=manifest, path=path)
 
 
+@contextmanager
+def _shard_file(root: Path, shard: ShardInfo) -> Iterator[BinaryIO]:
+    """The shard's file, open, if it is a regular file of the size the manifest says; a read error as SealedDataError."""
+    try:
+        f, size = open_regular(root / shard.name, f"shard {shard.name}", _fix(root))
+    except FileNotFoundError:
+        raise SealedDataError(f"shard {shard.name} listed in the manifest is missing; {_fix(root)}") from None
+    with f:
+        if size != shard.bytes:
+            kind = "truncated" if size < shard.bytes else "extended"
+            raise SealedDataError(
+                f"shard {shard.name} has {size} bytes, the manifest says {shard.bytes} ({kind} or swapped); {_fix(root)}"
+            )
+        try:
+            yield f
+        except OSError as e:
+            raise SealedDataError(f"shard {shard.name} cannot be read ({e.strerror}); {_fix(root)}") from None
+
+
 def _check_shard_file(root: Path, shard: ShardInfo) -> None:
-    p = root / shard.name
-    if not p.is_file():
-        raise SealedDataError(f"shard {shard.name} is not a regular file; {_fix(root)}")
-    size = p.stat().st_size
-    if size != shard.bytes:
-        kind = "truncated" if size < shard.bytes else "extended"
-        raise SealedDataError(
-            f"shard {shard.name} has {size} bytes, the manifest says {shard.bytes} ({kind} or swapped); {_fix(root)}"
-        )
-    if _sha256_file(p) != shard.sha256:
+    with _shard_file(root, shard) as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != shard.sha256:
         raise SealedDataError(f"shard {shard.name} does not match its manifest digest (altered or swapped); {_fix(root)}")
 
 
@@ -93,11 +98,8 @@ class SealedDataset:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        p = self.path / shard.name
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise SealedDataError(f"shard {shard.name} cannot be read ({e.strerror}); {_fix(self.path)}") from None
+        with _shard_file(self.path, shard) as f:
+            data = f.read(shard.bytes + 1)
         if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
             raise SealedDataError(f"shard {shard.name} changed after the dataset was opened; {_fix(self.path)}")
         try:

@@ -62,8 +62,9 @@ class TokenCounter:
     def __repr__(self) -> str:  # never the pending records
         return f"TokenCounter(tokens={self._count}, pending={len(self._pending)})"
 
-    def add(self, record: dict) -> None:
-        self._pending.append(record)
+    def add(self, record: dict, where: str) -> None:
+        """Count `record`; a refusal names it by `where` (its file and line, or position), never by its id."""
+        self._pending.append((where, record))
         if len(self._pending) >= _CHUNK:
             self._flush()
 
@@ -78,6 +79,6 @@ class TokenCounter:
         from medtee.data.chat import encode_arrays
 
         batch, self._pending = self._pending, []
-        encoded = encode_arrays(self._tokenizer, [r["messages"] for r in batch], max_length=sys.maxsize,
-                                names=[f"record {r['id']}" for r in batch])
+        encoded = encode_arrays(self._tokenizer, [r["messages"] for _, r in batch], max_length=sys.maxsize,
+                                names=[where for where, _ in batch])
         self._count += sum(len(ids) for ids, _ in encoded)

@@ -10,7 +10,7 @@ import pytest
 
 from medtee.sealing.manifest import Manifest, SealedDataError
 from medtee.sealing.reader import open_dataset
-from medtee.sealing.seal import InputError, read_input, read_jsonl, seal_records
+from medtee.sealing.seal import InputError, OutputError, read_input, read_jsonl, seal_located, seal_records
 
 from .conftest import SHARED, make_records
 
@@ -122,7 +122,7 @@ def test_shard_of_another_dataset_with_the_same_name_is_refused(sealed, tmp_path
 def test_out_dir_rules(tmp_path, broker):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         seal_records(make_records(2), tmp_path / "full", broker=broker, policy="simulated")
     (tmp_path / "empty").mkdir()
     seal_records(make_records(2), tmp_path / "empty", broker=broker, policy="simulated")
@@ -134,7 +134,7 @@ def test_failure_midway_leaves_nothing(tmp_path, broker):
         yield from make_records(30)
         yield {"id": "bad", "messages": [{"role": "nurse", "content": "PHI-marker secret"}]}
 
-    with pytest.raises(InputError, match=r"record 30: messages\[0\].role must be one of") as err:
+    with pytest.raises(InputError, match=r"record 30 \(counting from 0\): messages\[0\].role must be one of") as err:
         seal_records(records(), tmp_path / "out", broker=broker, policy="simulated", rows_per_shard=10)
     assert "PHI-marker" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broker"]
@@ -143,7 +143,7 @@ def test_failure_midway_leaves_nothing(tmp_path, broker):
 
 def test_duplicate_ids_and_empty_input(tmp_path, broker):
     recs = make_records(2) + make_records(1)
-    with pytest.raises(InputError, match="record 2: duplicate id"):
+    with pytest.raises(InputError, match=r"record 2 \(counting from 0\): duplicate id: record 0 \(counting from 0\) has the same id"):
         seal_records(recs, tmp_path / "a", broker=broker, policy="simulated")
     with pytest.raises(InputError, match="empty"):
         seal_records([], tmp_path / "b", broker=broker, policy="simulated")
@@ -154,7 +154,7 @@ def test_jsonl_errors_name_file_line_and_field_not_content(tmp_path):
     good = json.dumps(make_records(1)[0])
     for line, want in [
         ('{"id": "a", "messages": [{"role": "user", "content": "PHI-marker"}', "not valid JSON"),
-        ('{"id": "a", "messages": [{"role": "user", "content": 7}]}', r"messages\[0\].content must be a string"),
+        ('{"id": "a", "messages": [{"role": "user", "content": 7}]}', r"messages\[0\]: 'content' must be a string or a list"),
         ('{"id": "", "messages": [{"role": "user", "content": "PHI-marker"}]}', "field 'id'"),
         ('{"id": "a", "messages": "PHI-marker"}', "field 'messages'"),
         ('["PHI-marker"]', "JSON object"),
@@ -170,7 +170,7 @@ def test_extra_fields_are_dropped(tmp_path):
     rec = dict(make_records(1)[0], source="x", reference={"note": "y"})
     rec["messages"][0]["name"] = "z"
     p.write_text(json.dumps(rec) + "\n")
-    assert list(read_jsonl(p)) == make_records(1)
+    assert list(read_jsonl(p)) == [(f"{p}:1", make_records(1)[0])]
 
 
 def test_csv_transcripts(tmp_path, broker):
@@ -182,7 +182,9 @@ def test_csv_transcripts(tmp_path, broker):
         w.writerow(["ID", "Transcript"])
         w.writerow(["c1", "Doctor: How are you?\nPatient: Tired.\nStill tired today.\nDOCTOR:Rest then."])
         w.writerow(["c2", "Patient: Hello\nDoctor: Hi"])
-    recs = list(read_input(p))
+    located = list(read_input(p))
+    assert [where for where, _ in located] == [f"{p}:2", f"{p}:6"]  # row 1 spans lines 2-5
+    recs = [rec for _, rec in located]
     assert recs[0] == {"id": "c1", "messages": [
         {"role": "assistant", "content": "How are you?"},
         {"role": "user", "content": "Tired.\nStill tired today."},
@@ -192,7 +194,7 @@ def test_csv_transcripts(tmp_path, broker):
     assert open_dataset(tmp_path / "out").read_records(broker.unwrap_data_key(m)) == recs
     with open(p, "a", newline="") as f:
         csv.writer(f).writerow(["c3", "PHI-marker text without turns"])
-    with pytest.raises(InputError, match=r"t.csv: row 3: transcript line 1 comes before any 'Doctor:'") as err:
+    with pytest.raises(InputError, match=r"t.csv:8: transcript line 1 comes before any 'Doctor:'") as err:
         list(read_input(p))
     assert "PHI-marker" not in str(err.value)
     (tmp_path / "h.csv").write_text("name,body\nx,y\n")
@@ -206,7 +208,8 @@ def test_plain_parquet_input(tmp_path):
 
     recs = make_records(5)
     pq.write_table(pa.Table.from_pylist([dict(r, extra=1) for r in recs]), tmp_path / "in.parquet")
-    assert list(read_input(tmp_path / "in.parquet")) == recs
+    assert list(read_input(tmp_path / "in.parquet")) == [(f"{tmp_path / 'in.parquet'}: row {n} (counting from 0)", r)
+                                                         for n, r in enumerate(recs)]
     pq.write_table(pa.table({"id": ["a"]}), tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="lacks column"):
         list(read_input(tmp_path / "bad.parquet"))
@@ -218,6 +221,6 @@ def test_shared_demo_round_trip(tmp_path, broker):
     demo = SHARED / "data" / "demo.jsonl"
     if not demo.exists():
         pytest.skip("../shared is absent: no demo dialogues to seal")
-    m = seal_records(read_jsonl(demo), tmp_path / "demo", broker=broker, policy="simulated", rows_per_shard=64)
+    m = seal_located(read_jsonl(demo), tmp_path / "demo", broker=broker, policy="simulated", rows_per_shard=64)
     assert m.record_count == 200 and len(m.shards) == 4
-    assert open_dataset(tmp_path / "demo").read_records(broker.unwrap_data_key(m)) == list(read_jsonl(demo))
+    assert open_dataset(tmp_path / "demo").read_records(broker.unwrap_data_key(m)) == [r for _, r in read_jsonl(demo)]

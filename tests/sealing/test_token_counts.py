@@ -127,7 +127,7 @@ def test_bad_tokenizer_and_control_tokens_are_refused(tmp_path, broker, monkeypa
     assert "no tokenizer found locally" in capsys.readouterr().err and not (tmp_path / "ds").exists()
     forged = {"id": "forged", "messages": [{"role": "user", "content": "hi"},
                                            {"role": "assistant", "content": "PHI-marker <end_of_turn> x"}]}
-    with pytest.raises(ValueError, match="record forged, message 1: the text contains the control token") as caught:
+    with pytest.raises(ValueError, match=r"record 0 \(counting from 0\), message 1: the text contains the control token") as caught:
         seal_records([forged], tmp_path / "ds", broker=broker, policy="simulated", tokenizer="demo")
     assert "PHI-marker" not in str(caught.value)
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.sealing-*"))

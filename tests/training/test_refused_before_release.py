@@ -46,27 +46,24 @@ def test_settings_that_cannot_run_are_refused_before_the_key_is_released(tmp_pat
     assert RELEASED not in res.stderr and list(tmp_path.iterdir()) == []
 
 
-def test_a_checkpoint_at_every_step_across_an_epoch_boundary(tmp_path):
-    """13 dialogues, 1 held out, batches of 4: 3 steps an epoch. Every step's checkpoint is written, step 3 too."""
+def _checkpoints_written(cwd: Path, keep: int) -> list[str]:
+    """13 dialogues, 1 held out, batches of 4: 3 steps an epoch; 5 steps with a checkpoint at every step."""
     res = run_medtee("train", "data.n_synthetic=13", "data.val_fraction=0.05", "trainer.max_steps=5",
-                     "trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_keep=-1", "trainer.val_check_interval=2",
-                     "trainer.limit_val_batches=1", "tracking.min_aggregate=1", "trainer.enable_progress_bar=false",
-                     cwd=tmp_path)
+                     "trainer.checkpoint_every_n_steps=1", f"trainer.checkpoint_keep={keep}",
+                     "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "tracking.min_aggregate=1",
+                     "trainer.enable_progress_bar=false", cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
-    [summary] = summaries(tmp_path)
-    written = sorted(p.name for p in Path(summary["dir"]).glob("checkpoints/*.ckpt.enc"))
-    assert written == [f"step-{s:07d}.ckpt.enc" for s in range(1, 6)]
+    [summary] = summaries(cwd)
+    return sorted(p.name for p in Path(summary["dir"]).glob("checkpoints/*.ckpt.enc"))
+
+
+def test_a_checkpoint_at_every_step_across_an_epoch_boundary(tmp_path):
+    """Step 3 ends the first epoch: its checkpoint is written too."""
+    assert _checkpoints_written(tmp_path, keep=-1) == [f"step-{s:07d}.ckpt.enc" for s in range(1, 6)]
 
 
 def test_checkpoint_keep_prunes_to_the_most_recent(tmp_path):
-    res = run_medtee("train", "data.n_synthetic=13", "data.val_fraction=0.05", "trainer.max_steps=5",
-                     "trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_keep=2", "trainer.val_check_interval=2",
-                     "trainer.limit_val_batches=1", "tracking.min_aggregate=1", "trainer.enable_progress_bar=false",
-                     cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    [summary] = summaries(tmp_path)
-    written = sorted(p.name for p in Path(summary["dir"]).glob("checkpoints/*.ckpt.enc"))
-    assert written == ["step-0000004.ckpt.enc", "step-0000005.ckpt.enc"]
+    assert _checkpoints_written(tmp_path, keep=2) == ["step-0000004.ckpt.enc", "step-0000005.ckpt.enc"]
 
 
 def test_resuming_with_another_lora_rank_is_refused_and_leaves_the_earlier_run_alone(owner, tmp_path):
