@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT = 0, 1, 2
+from medtee import exits
+
 
 _TRAIN_HELP = """\
 usage: medtee train [recipe=NAME] [KEY=VALUE ...] [-m] [--cfg job]
@@ -24,15 +25,11 @@ Recipes: `medtee recipes list`. Hydra's own help: `medtee train --hydra-help`.
 """
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"medtee: {message}", file=sys.stderr)
-    return code
-
 
 def _train(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_TRAIN_HELP)
-        return EXIT_OK
+        return exits.OK
     from medtee import config
 
     try:
@@ -43,9 +40,9 @@ def _train(argv: list[str]) -> int:
             if "--cfg" not in flags and "-c" not in flags:
                 config.check_runnable(cfg)
     except config.ConfigError as exc:
-        return _fail(f"configuration error: {exc}")
+        return exits.fail(f"configuration error: {exc}")
     except Exception as exc:  # an override Hydra's parser cannot read
-        return _fail(f"configuration error: {str(exc).splitlines()[0]}")
+        return exits.fail(f"configuration error: {str(exc).splitlines()[0]}")
 
     import hydra
 
@@ -64,7 +61,7 @@ def _train(argv: list[str]) -> int:
         app()
     finally:
         sys.argv = saved
-    return max(codes, default=EXIT_OK)
+    return max(codes, default=exits.OK)
 
 
 def _recipes(args: argparse.Namespace) -> int:
@@ -73,15 +70,15 @@ def _recipes(args: argparse.Namespace) -> int:
     if args.action == "list":
         for name in config.recipe_names():
             print(name)
-        return EXIT_OK
+        return exits.OK
     if args.action == "show":
         if not args.name:
-            return _fail("`medtee recipes show` needs a recipe NAME; see `medtee recipes list`")
+            return exits.fail("`medtee recipes show` needs a recipe NAME; see `medtee recipes list`")
         try:
             print(config.recipe_file(args.name).read_text(), end="")
         except config.ConfigError as exc:
-            return _fail(str(exc))
-        return EXIT_OK
+            return exits.fail(str(exc))
+        return exits.OK
     names = [args.name] if args.name else config.recipe_names()
     failed = 0
     for name in names:
@@ -92,39 +89,39 @@ def _recipes(args: argparse.Namespace) -> int:
         except config.ConfigError as exc:
             failed += 1
             print(f"INVALID {name}: {exc}")
-    return EXIT_BAD_INPUT if failed else EXIT_OK
+    return exits.BAD_INPUT if failed else exits.OK
 
 
 def _synth(args: argparse.Namespace) -> int:
     from medtee.data.synthetic import generate_dialogues, write_jsonl
 
     if args.n < 1:
-        return _fail(f"--n must be at least 1 (got {args.n})")
+        return exits.fail(f"--n must be at least 1 (got {args.n})")
     write_jsonl(generate_dialogues(args.n, seed=args.seed), args.out)
     print(f"wrote {args.n} synthetic dialogues (no real people) to {args.out}")
-    return EXIT_OK
+    return exits.OK
 
 
 def _adapter_open(args: argparse.Namespace) -> int:
-    from medtee.sealing.keywrap import KeyWrapError
+    from medtee.crypto.hpke import KeyWrapError
     from medtee.training.output import open_adapter
 
     for path in (args.encrypted, args.key):
         if not Path(path).is_file():
-            return _fail(f"{path}: no such file")
+            return exits.fail(f"{path}: no such file")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} is a file; name a directory (it is created if missing)")
+        return exits.fail(f"--out {out} is a file; name a directory (it is created if missing)")
     if any(p.exists() and not p.is_dir() for p in out.parents):
-        return _fail(f"--out {out}: a parent of it is a file; name a directory")
+        return exits.fail(f"--out {out}: a parent of it is a file; name a directory")
     try:
         out = open_adapter(Path(args.encrypted), Path(args.key), out)
     except KeyWrapError as exc:
-        return _fail(f"{args.encrypted}: cannot decrypt with {args.key}: {exc}")
+        return exits.fail(f"{args.encrypted}: cannot decrypt with {args.key}: {exc}")
     except OSError as exc:
-        return _fail(f"--out {out}: cannot write the adapter there ({exc.strerror or type(exc).__name__})")
+        return exits.fail(f"--out {out}: cannot write the adapter there ({exc.strerror or type(exc).__name__})")
     print(f"decrypted adapter written to {out}")
-    return EXIT_OK
+    return exits.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
-        return EXIT_OK if not argv else EXIT_BAD_INPUT
-    return int(args.handler(args) or EXIT_OK)
+        return exits.OK if not argv else exits.BAD_INPUT
+    return int(args.handler(args) or exits.OK)
 
 
 if __name__ == "__main__":

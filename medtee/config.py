@@ -18,10 +18,10 @@ from typing import Any, List, Optional
 from medtee.attestation.policy import AttestationPolicy, policy_from_mapping
 from medtee.data.config import DataConfig
 from medtee import recipe_guard
+from medtee.crypto.hpke import Scheme
 from medtee.files import sha256_file
 from medtee.paths import conf_dir, recipes_dir
 from medtee.sealing.config import EncryptionConfig
-from medtee.sealing.keywrap import Scheme
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,7 @@ class HardwareConfig:
     num_nodes: int = 1  # nodes (multi-node runs go through Lightning's launchers)
     gpu_model: Optional[str] = None  # required GPU product name substring, e.g. "H200"; checked before key release
     require_sev_snp: bool = False  # the machine must be an SEV-SNP guest (configfs-tsm or /dev/sev-guest)
-    require_gpu_cc: bool = False  # every GPU must be in confidential-computing mode
+    require_gpu_cc: bool = False  # every GPU must be in CC mode: the attestation policy must demand it of GPU evidence
     supports_4bit: bool = True  # bitsandbytes 4-bit kernels run on this profile
     cpu_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
 
@@ -173,7 +173,6 @@ class TrackingConfig:
 @dataclass
 class OutputConfig:
     recipient: str = "dev"  # public key file the adapter is encrypted to, or "dev": a development key in .medtee/keys
-    merge_weights: bool = False  # merged full weights are never written in this version; must stay false
 
 
 @dataclass
@@ -485,8 +484,10 @@ def check(cfg) -> None:
     if uri is not None and uri.partition(":")[0] not in TRACKING_SCHEMES:
         problems.append(f"tracking.tracking_uri={uri!r}: MLflow stores are named sqlite:///FILE or "
                         f"http(s)://HOST (tracking=mlflow_server reads MLFLOW_TRACKING_URI)")
-    if cfg.output.merge_weights:
-        problems.append("output.merge_weights=true is not supported: only the encrypted adapter is written")
+    if hw.require_gpu_cc and not (att.gpu_provider and att.gpu.required and att.gpu.require_cc_mode):
+        problems.append(f"hardware profile '{hw.name}' requires every GPU in confidential-computing mode, which only "
+                        f"GPU evidence proves: attestation policy '{att.name}' must set gpu_provider=nvidia, "
+                        f"gpu.required=true and gpu.require_cc_mode=true (e.g. attestation=snp_h200)")
     if cfg.tracking.metrics is not None:
         extra = sorted(set(cfg.tracking.metrics) - set(METRIC_ALLOW_LIST))
         if extra:

@@ -16,11 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
-from medtee import config, hardware
+from medtee import config, exits, hardware
 
 log = logging.getLogger("medtee")
 
-EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_FAILED = 0, 1, 2, 3
 
 
 class Refused(Exception):
@@ -48,23 +47,23 @@ def main(cfg) -> int:
             return train(cfg, recipe=recipe, out_dir=out_dir)
     except config.ConfigError as exc:
         say(f"configuration error: {exc}")
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     except SealedDataError as exc:
         say(f"sealed dataset rejected: {exc}")
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     except DataError as exc:
         say(f"input rejected: {exc}")
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     except (Refused, BrokerError, ChallengeRefused) as exc:  # the key broker is down or refuses to answer
         say(f"refused: {exc}")
-        return EXIT_REFUSED
+        return exits.REFUSED
     except privacy.SafeError as exc:
         say(f"run failed: {exc}")
-        return EXIT_FAILED
+        return exits.FAILED
     except Exception as exc:  # report where, never what: a message or repr may quote a batch
         for i, line in enumerate(privacy.failure_report(exc)):
             say(f"run failed: {line}" if i == 0 else line)
-        return EXIT_FAILED
+        return exits.FAILED
     finally:
         _remove_if_empty(out_dir)
 
@@ -176,8 +175,8 @@ def _dataset_path(cfg, out_dir: Path, broker) -> Path:
 
 def _train(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict) -> int:
     from medtee.broker.protocol import connect
+    from medtee.crypto.stream import derive_key
     from medtee.sealing.reader import open_dataset
-    from medtee.training.checkpoint import derive_key
 
     enc = cfg.encryption
     broker = connect(enc.broker, store_dir=Path(enc.broker_dir), ca=enc.broker_ca, timeout_s=enc.broker_timeout_s)
@@ -273,7 +272,7 @@ def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_k
     # every process takes part: under FSDP this gathers the adapter's shards to rank 0 (the others get nothing)
     adapter = None if t.validate_only else module.adapter_state(trainer.strategy.lightning_module_state_dict())
     if not rank_zero:
-        return EXIT_OK
+        return exits.OK
     metrics = logger.guard.metrics({k: float(v) for k, v in trainer.callback_metrics.items()
                                     if k in ("train/loss", "val/loss", "val/perplexity")})
     summary = {
@@ -292,7 +291,7 @@ def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_k
                   evaluation={k: v for k, v in metrics.items() if k.startswith("val/")},
                   tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
     _report(summary, first_loss=module.first_loss, out_dir=out_dir, written=written, cfg=cfg)
-    return EXIT_OK
+    return exits.OK
 
 
 def _report(summary: dict, *, first_loss: float | None, out_dir: Path, written: dict, cfg) -> None:

@@ -252,3 +252,15 @@ def test_every_option_of_every_group_composes(group, option):
         assert len(config.recipe_digest(cfg)) == 64
         return
     pytest.fail(f"{group}={option} composes with neither shipped recipe: {problem}")
+
+
+def test_a_profile_that_requires_gpu_cc_needs_a_policy_that_proves_it():
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.required=false"])
+    assert "confidential-computing mode" in str(err.value) and "gpu.required=true" in str(err.value)
+
+
+def test_merged_weights_are_not_an_option():
+    """Dangerous options are absent, not flagged: only the encrypted adapter is ever written."""
+    with pytest.raises(ConfigError, match="unknown key 'output.merge_weights'"):
+        config.compose(["output.merge_weights=false"])

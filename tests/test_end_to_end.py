@@ -169,7 +169,7 @@ def test_train_against_the_owners_http_broker(tmp_path):
     owner.mkdir(), tee.mkdir()
     run_medtee("synth", "--n", "30", "--out", "d.jsonl", cwd=owner)
     _seal(owner / "d.jsonl", owner / "sealed", owner)
-    server = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--store",
+    server = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--broker-dir",
                                str(owner / ".medtee/broker")], cwd=owner, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
@@ -182,7 +182,7 @@ def test_train_against_the_owners_http_broker(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
-    audit = run_medtee("broker", "audit", "verify", "--store", str(owner / ".medtee/broker"), cwd=owner)
+    audit = run_medtee("broker", "audit", "verify", "--broker-dir", str(owner / ".medtee/broker"), cwd=owner)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     log = (owner / ".medtee/broker/audit.log").read_text()
     assert '"event": "release"' in log

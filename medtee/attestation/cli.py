@@ -100,18 +100,17 @@ def _load(args: argparse.Namespace):
 def run_verify(args: argparse.Namespace) -> int:
     """Handler of `medtee attest verify`."""
     import json
-    import sys
 
+    from medtee import exits
     from medtee.attestation.appraise import appraise
 
     try:
         evidence, policy, rd, gn, now = _load(args)
     except ValueError as exc:
-        print(f"medtee attest verify: {exc}", file=sys.stderr)
-        return 2
+        return exits.fail(f"attest verify: {exc}")
     verdict = appraise(evidence, policy, expected_report_data=rd, expected_gpu_nonce=gn, now=now)
     if args.json:
         print(json.dumps(verdict.to_json(), indent=2))
     else:
         print(("ACCEPTED: " if verdict.ok else "REJECTED:\n") + verdict.explain())
-    return 0 if verdict.ok else 1
+    return exits.OK if verdict.ok else exits.REFUSED

@@ -7,16 +7,12 @@ Nothing here prints record content.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT = 0, 1, 2
-DEFAULT_STORE = ".medtee/broker"
+from medtee import exits
+from medtee.broker.protocol import DEFAULT_BROKER_DIR
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"medtee: {message}", file=sys.stderr)
-    return code
 
 
 def _positive(kind: type):
@@ -40,8 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
               max_challenges_per_client=args.max_challenges_per_client,
               announce=lambda url: print(f"medtee key broker listening on {url}", flush=True))
     except (OSError, ValueError) as e:
-        return _fail(f"cannot serve on {args.host}:{args.port}: {e}")
-    return EXIT_OK
+        return exits.fail(f"cannot serve on {args.host}:{args.port}: {e}")
+    return exits.OK
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -49,10 +45,11 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
     report = verify(Path(args.store) / "audit.log")
     if not report.ok:
-        return _fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}", EXIT_REFUSED)
+        return exits.fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}",
+                          exits.REFUSED)
     print(f"audit log OK: {report.entries} entries, head {report.head}")
     print("anchor the head elsewhere to detect later truncation")
-    return EXIT_OK
+    return exits.OK
 
 
 def _policy(args: argparse.Namespace) -> int:
@@ -62,9 +59,14 @@ def _policy(args: argparse.Namespace) -> int:
     try:
         EmbeddedBroker(args.store).set_policy(args.dataset_id, args.policy)
     except (UnknownDatasetError, ValueError) as e:
-        return _fail(str(e))
+        return exits.fail(str(e))
     print(f"dataset {args.dataset_id}: release policy is now '{args.policy}' (effective at the next release)")
-    return EXIT_OK
+    return exits.OK
+
+
+def _broker_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker-dir", "--store", dest="store", default=DEFAULT_BROKER_DIR, metavar="DIR",
+                        help=f"the broker's store directory (default {DEFAULT_BROKER_DIR}; --store is the old name)")
 
 
 def add_parser(subparsers) -> None:
@@ -74,7 +76,7 @@ def add_parser(subparsers) -> None:
     srv = broker_sub.add_parser("serve", help="serve challenge/attest/release over HTTP (loopback by default)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    srv.add_argument("--store", default=DEFAULT_STORE, help=f"broker store (default {DEFAULT_STORE})")
+    _broker_dir_argument(srv)
     srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve https")
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     for flag, kind, default, text in (
@@ -88,10 +90,10 @@ def add_parser(subparsers) -> None:
     srv.set_defaults(handler=_serve)
     aud = broker_sub.add_parser("audit", help="check the broker's hash-chained audit log")
     aud.add_argument("action", choices=["verify"])
-    aud.add_argument("--store", default=DEFAULT_STORE, help=f"broker store (default {DEFAULT_STORE})")
+    _broker_dir_argument(aud)
     aud.set_defaults(handler=_audit_verify)
     pol = broker_sub.add_parser("policy", help="set a dataset's release policy (takes effect without restart)")
     pol.add_argument("dataset_id")
     pol.add_argument("policy", help="attestation policy name (conf/attestation/NAME.yaml)")
-    pol.add_argument("--store", default=DEFAULT_STORE, help=f"broker store (default {DEFAULT_STORE})")
+    _broker_dir_argument(pol)
     pol.set_defaults(handler=_policy)

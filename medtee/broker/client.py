@@ -26,9 +26,9 @@ from medtee.broker.protocol import (
     is_loopback_url,
     parse_json,
 )
-from medtee.sealing.keywrap import Scheme
+from medtee.crypto.hpke import Scheme
+from medtee.crypto.signing import load_or_create_signing_key
 from medtee.sealing.manifest import Manifest
-from medtee.sealing.owner import load_or_create_signing_key
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from medtee.sealing.keywrap import DEFAULT_SCHEME, EphemeralKey, Scheme
+from medtee.crypto.hpke import DEFAULT_SCHEME, EphemeralKey, Scheme
 from medtee.sealing.manifest import Manifest, check_dataset_id
 
 if TYPE_CHECKING:
@@ -75,6 +75,11 @@ class RequestError(ValueError):
     def __init__(self, message: str, fields: dict | None = None) -> None:
         super().__init__(message)
         self.fields = fields or {}
+
+
+#: Where a broker keeps its keys, registrations and audit log unless told otherwise (`--broker-dir`,
+#: `encryption.broker_dir`), relative to the current directory.
+DEFAULT_BROKER_DIR = ".medtee/broker"
 
 
 def is_loopback_url(url: str) -> bool:

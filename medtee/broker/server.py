@@ -57,7 +57,7 @@ from medtee.broker.protocol import (
     parse_release_request,
 )
 from medtee.broker.service import EmbeddedBroker
-from medtee.sealing.keywrap import key_id
+from medtee.crypto.hpke import key_id
 
 DEFAULT_PORT = 8765
 MAX_ERROR_CHARS = 1000  # of an error message in an answer

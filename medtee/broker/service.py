@@ -36,11 +36,11 @@ from medtee.broker.protocol import (
     check_digest,
     release_info,
 )
+from medtee.crypto import hpke
+from medtee.crypto.hpke import DEFAULT_SCHEME, Scheme
+from medtee.crypto.signing import load_or_create_signing_key, load_public
 from medtee.files import write_atomic
-from medtee.sealing import keywrap
-from medtee.sealing.keywrap import DEFAULT_SCHEME, Scheme
 from medtee.sealing.manifest import Manifest, SealedDataError, check_dataset_id, data_key_info
-from medtee.sealing.owner import load_or_create_signing_key, load_public
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -93,8 +93,8 @@ class EmbeddedBroker:
         os.chmod(self.store_dir, 0o700)
         (self.store_dir / "datasets").mkdir(exist_ok=True)
         if not (self.store_dir / f"{BROKER_KEY_NAME}.key").exists():
-            keywrap.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
-        self._scheme, self._key = keywrap.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
+            hpke.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
+        self._scheme, self._key = hpke.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
         self.audit = AuditLog(self.store_dir / "audit.log")
         self.nonce_ttl_s = nonce_ttl_s
         self.max_challenges_per_dataset = max_challenges_per_dataset
@@ -182,7 +182,7 @@ class EmbeddedBroker:
 
     def unwrap_data_key(self, manifest: Manifest) -> bytes:
         """The plain data key of a manifest wrapped to this broker (data-owner-only: rotation, benchmarks)."""
-        return keywrap.unwrap(manifest.wrapped_data_key, self._key, scheme=Scheme.parse(manifest.scheme),
+        return hpke.unwrap(manifest.wrapped_data_key, self._key, scheme=Scheme.parse(manifest.scheme),
                               info=data_key_info(manifest.dataset_id))
 
     def _registration_path(self, dataset_id: str) -> Path:
@@ -323,12 +323,12 @@ class EmbeddedBroker:
             raise deny(verdict)
         data_key = self.unwrap_data_key(manifest)
         try:
-            wrapped = keywrap.wrap(data_key, ephemeral_public_key, scheme=eph_scheme, info=release_info(dataset_id, nonce))
+            wrapped = hpke.wrap(data_key, ephemeral_public_key, scheme=eph_scheme, info=release_info(dataset_id, nonce))
         except ValueError as e:  # e.g. a low-order X25519 point: the evidence vouches for a key nothing can be wrapped to
             raise deny(_denial("broker.request", "an ephemeral public key a data key can be wrapped to",
                                type(e).__name__, policy_name)) from None
         self.audit.append("release", **audit, simulated=verdict.simulated,
-                          ephemeral_key=keywrap.key_id(eph_scheme, bytes(ephemeral_public_key)))
+                          ephemeral_key=hpke.key_id(eph_scheme, bytes(ephemeral_public_key)))
         return wrapped
 
 
@@ -349,14 +349,14 @@ def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Sche
     staging = store_dir / "rotating"
     if staging.exists():
         raise FileExistsError(f"{staging} exists: an earlier rotation was interrupted; inspect it, then remove it")
-    _, new_pub = keywrap.load_public_key(keywrap.write_keypair(staging, BROKER_KEY_NAME, new_scheme))
+    _, new_pub = hpke.load_public_key(hpke.write_keypair(staging, BROKER_KEY_NAME, new_scheme))
     owner = old.owner_signing_key()
     rotated = []
     for dataset_id in old.datasets():
         manifest, policy = old._load_registration(dataset_id)
         rotated.append((replace(
-            manifest, scheme=new_scheme.value, key_id=keywrap.key_id(new_scheme, new_pub),
-            wrapped_data_key=keywrap.wrap(old.unwrap_data_key(manifest), new_pub, scheme=new_scheme,
+            manifest, scheme=new_scheme.value, key_id=hpke.key_id(new_scheme, new_pub),
+            wrapped_data_key=hpke.wrap(old.unwrap_data_key(manifest), new_pub, scheme=new_scheme,
                                           info=data_key_info(dataset_id)),
         ).signed(owner), policy))
     retired = store_dir / "retired"

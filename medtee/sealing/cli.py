@@ -10,14 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT = 0, 1, 2
-DEFAULT_BROKER_DIR = ".medtee/broker"
+from medtee import exits
+from medtee.broker.protocol import DEFAULT_BROKER_DIR
+
 SCHEMES = ("hpke-mlkem768-x25519", "hpke-x25519")
 
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"medtee: {message}", file=sys.stderr)
-    return code
 
 
 def _summary(manifest, path: Path) -> str:
@@ -43,11 +40,11 @@ def _summary(manifest, path: Path) -> str:
 
 def _seal(args: argparse.Namespace) -> int:
     from medtee.broker.protocol import connect
-    from medtee.sealing.keywrap import KeyWrapError
+    from medtee.crypto.hpke import KeyWrapError
     from medtee.sealing.seal import check_out_dir, read_input, seal_located
 
     if args.rows_per_shard < 1:
-        return _fail(f"--rows-per-shard must be at least 1 (got {args.rows_per_shard})")
+        return exits.fail(f"--rows-per-shard must be at least 1 (got {args.rows_per_shard})")
     try:
         from medtee.attestation import load_policy
 
@@ -55,13 +52,13 @@ def _seal(args: argparse.Namespace) -> int:
         check_out_dir(args.out)
         records = read_input(args.input, args.format)  # the file, its header and first record: before any output
         if args.scheme and args.broker != "embedded":
-            return _fail("--scheme applies to a new embedded broker store; a remote broker has its own key")
+            return exits.fail("--scheme applies to a new embedded broker store; a remote broker has its own key")
         if args.broker == "embedded" and args.scheme:
             from medtee.broker.service import EmbeddedBroker
 
             broker = EmbeddedBroker(args.broker_dir, scheme=args.scheme)
             if broker.public_key()[0].value != args.scheme:
-                return _fail(f"the broker store {args.broker_dir} already uses {broker.public_key()[0].value}; "
+                return exits.fail(f"the broker store {args.broker_dir} already uses {broker.public_key()[0].value}; "
                              f"change it with `medtee keys rotate --broker-dir {args.broker_dir} --scheme {args.scheme}`")
         else:
             broker = connect(args.broker, store_dir=args.broker_dir)
@@ -69,17 +66,17 @@ def _seal(args: argparse.Namespace) -> int:
                                 rows_per_shard=args.rows_per_shard, classification=args.classification,
                                 dua_id=args.dua_id, tokenizer=args.tokenizer)
     except (KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:  # InputError, OutputError, DataError
-        return _fail(str(e))
+        return exits.fail(str(e))
     except PermissionError as e:
-        return _fail(str(e), EXIT_REFUSED)
+        return exits.fail(str(e), exits.REFUSED)
     except RuntimeError as e:  # an unreachable or failing remote broker
-        return _fail(str(e), EXIT_REFUSED)
+        return exits.fail(str(e), exits.REFUSED)
     if manifest.release_policy == "simulated":
         print("WARNING: release policy 'simulated' releases the key to SIMULATED attestation; it protects nothing. "
               "Use a production policy (e.g. --policy snp_h100) for real data.", file=sys.stderr)
     print(f"sealed {manifest.record_count} records into {args.out}")
     print(_summary(manifest, Path(args.out)))
-    return EXIT_OK
+    return exits.OK
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -89,31 +86,31 @@ def _inspect(args: argparse.Namespace) -> int:
     trusted = None
     try:
         if args.owner_key:
-            from medtee.sealing.owner import load_public
+            from medtee.crypto.signing import load_public
 
             trusted = load_public(args.owner_key)
         ds = open_dataset(args.dir, trusted_owner=trusted)
     except (SealedDataError, ValueError, FileNotFoundError) as e:
-        return _fail(f"{e}")
+        return exits.fail(f"{e}")
     print(_summary(ds.manifest, ds.path))
     who = "the trusted owner key" if trusted else "the owner key it names (pass --owner-key to pin it)"
     print(f"signature      OK, by {who}")
     print(f"integrity      OK: all {len(ds.manifest.shards)} shards present and match their digests")
-    return EXIT_OK
+    return exits.OK
 
 
 def _keys_new(args: argparse.Namespace) -> int:
-    from medtee.sealing import keywrap
+    from medtee.crypto import hpke
 
     try:
-        public = keywrap.write_keypair(Path(args.out), args.name, args.scheme)
+        public = hpke.write_keypair(Path(args.out), args.name, args.scheme)
     except (FileExistsError, ValueError) as e:
-        return _fail(str(e))
-    scheme, pub = keywrap.load_public_key(public)
+        return exits.fail(str(e))
+    scheme, pub = hpke.load_public_key(public)
     print(f"public key   {public}   (give this to whoever encrypts to you)")
     print(f"private key  {public.with_suffix('.key')}   (mode 0600; keep it secret, back it up)")
-    print(f"scheme {scheme.value}   key id {keywrap.key_id(scheme, pub)}")
-    return EXIT_OK
+    print(f"scheme {scheme.value}   key id {hpke.key_id(scheme, pub)}")
+    return exits.OK
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
@@ -122,11 +119,11 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     from medtee.sealing.manifest import SealedDataError
 
     if not (Path(args.broker_dir) / "broker.key").exists():
-        return _fail(f"{args.broker_dir} holds no broker key; pass the --broker-dir the datasets were sealed with")
+        return exits.fail(f"{args.broker_dir} holds no broker key; pass the --broker-dir the datasets were sealed with")
     try:
         manifests = rotate(args.broker_dir, [Path(d) for d in args.datasets], scheme=args.scheme)
     except (UnknownDatasetError, SealedDataError, FileExistsError, ValueError) as e:
-        return _fail(str(e))
+        return exits.fail(str(e))
     print(f"rotated the broker key in {args.broker_dir}; {len(manifests)} data key(s) re-wrapped, no data re-encrypted")
     for m in manifests:
         print(f"  {m.dataset_id}: key {m.key_id} ({m.scheme}), manifest sha256 {m.digest()}")
@@ -134,7 +131,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     if len(listed) < len(manifests):
         print("copy the new manifest.json of datasets not listed on the command line from "
               f"{Path(args.broker_dir) / 'datasets'} (field 'manifest') or rerun with their directories")
-    return EXIT_OK
+    return exits.OK
 
 
 def add_parsers(subparsers) -> None:

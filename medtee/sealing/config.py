@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medtee.sealing.keywrap import DEFAULT_SCHEME
+from medtee.crypto.hpke import DEFAULT_SCHEME
 
 
 @dataclass
 class EncryptionConfig:
     """How data keys and outputs are wrapped, and which key broker releases the data key (validated in medtee.config)."""
 
-    # HPKE scheme (a keywrap.Scheme value) for keys this run creates (ephemeral release key, encrypted outputs):
+    # HPKE scheme (a medtee.crypto.hpke.Scheme value) for keys this run creates (ephemeral release key, encrypted outputs):
     # "hpke-mlkem768-x25519" (hybrid post-quantum, default) or "hpke-x25519" (classical).
     scheme: str = DEFAULT_SCHEME.value
     # Key broker: "embedded" (in-process, store in broker_dir) or the http(s):// URL of `medtee broker serve`.

@@ -81,7 +81,7 @@ class Manifest:
     char_count: int  # characters of turn content
     shards: tuple[ShardInfo, ...]  # in reading order
     key_id: str  # id of the broker public key the data key is wrapped to
-    scheme: str  # HPKE scheme of wrapped_data_key (a keywrap.Scheme value)
+    scheme: str  # HPKE scheme of wrapped_data_key (a medtee.crypto.hpke.Scheme value)
     wrapped_data_key: bytes  # the 256-bit data key, HPKE-wrapped to the broker key (info: data_key_info(dataset_id))
     key_check: str  # HMAC-SHA256(data key, dataset id) prefix: tells a wrong key apart from altered data
     release_policy: str  # attestation policy name the broker applies before releasing the key

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medtee.sealing import keywrap
+from medtee.crypto import hpke
 from medtee.sealing.kms import DATA_KEY_BYTES, encryption_properties
 from medtee.sealing.manifest import (
     CIPHER,
@@ -444,9 +444,9 @@ def seal_located(
             token_count=counter.total() if counter is not None else None,
             tokenizer=described,
             shards=tuple(shards),
-            key_id=keywrap.key_id(scheme, broker_public),
+            key_id=hpke.key_id(scheme, broker_public),
             scheme=scheme.value,
-            wrapped_data_key=keywrap.wrap(data_key, broker_public, scheme=scheme, info=data_key_info(dataset_id)),
+            wrapped_data_key=hpke.wrap(data_key, broker_public, scheme=scheme, info=data_key_info(dataset_id)),
             key_check=key_check(data_key, dataset_id),
             release_policy=policy,
             classification=classification,

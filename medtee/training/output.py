@@ -9,8 +9,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from medtee.crypto.blob import seal_blob
+from medtee.crypto.hpke import load_public_key, write_keypair
 from medtee.files import write_atomic
-from medtee.sealing.keywrap import load_public_key, seal_blob, write_keypair
 
 ADAPTER_FILE = "adapter.safetensors.enc"
 ADAPTER_INFO = b"medtee/adapter/v1"
@@ -32,7 +33,7 @@ def recipient_public_key(spec: str, *, scheme) -> tuple[object, bytes, str]:
 
 def recipient_problem(spec: str) -> str | None:
     """Why `output.recipient` cannot receive the adapter (checked before the data key is released), or None."""
-    from medtee.sealing.keywrap import KeyWrapError
+    from medtee.crypto.hpke import KeyWrapError
 
     if spec == "dev":
         return None
@@ -77,7 +78,8 @@ def _write_adapter(peft_model, adapter: dict, cfg, out_dir: Path) -> dict:
 
 def open_adapter(encrypted: Path, private_key_file: Path, out_dir: Path) -> Path:
     """The recipient's step, outside the TEE: decrypt an adapter into a peft-loadable directory."""
-    from medtee.sealing.keywrap import load_private_key, open_blob
+    from medtee.crypto.blob import open_blob
+    from medtee.crypto.hpke import load_private_key
 
     _, key = load_private_key(private_key_file)
     weights = open_blob(Path(encrypted).read_bytes(), key, info=ADAPTER_INFO)

@@ -50,7 +50,7 @@ def test_wrong_nonce_exits_1(vectors):
 def test_unusable_input_exits_2(vectors, capsys, extra):
     base = ["--snp-report", str(vectors / "snp/automata/report.bin")] if "--snp-report" not in extra and extra else []
     assert run(*base, *extra, "--policy", "authenticity") == 2
-    assert "medtee attest verify:" in capsys.readouterr().err
+    assert "medtee: attest verify:" in capsys.readouterr().err
 
 
 def test_unknown_policy_exits_2(capsys):

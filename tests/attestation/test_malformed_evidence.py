@@ -47,7 +47,7 @@ def verify(*argv: str) -> tuple[int, str, str]:
         rc = main(["attest", "verify", *argv])
     assert rc in (0, 1, 2)
     if rc == 2:
-        assert err.getvalue().startswith("medtee attest verify: ") and err.getvalue().count("\n") == 1
+        assert err.getvalue().startswith("medtee: attest verify: ") and err.getvalue().count("\n") == 1
     else:
         assert err.getvalue() == ""
     return rc, out.getvalue(), err.getvalue()
@@ -202,7 +202,7 @@ def test_cli_names_the_file_and_the_error(good_cert, tmp_path, case):
     report.write_bytes(simulated_report(bytes(64)))
     cert.write_bytes(edit(good_cert))
     rc, _, err = verify("--snp-report", str(report), "--snp-cert", str(cert), "--policy", "authenticity")
-    assert rc == 2 and err == f"medtee attest verify: {cert}: malformed X.509 certificate ({error.__name__})\n"
+    assert rc == 2 and err == f"medtee: attest verify: {cert}: malformed X.509 certificate ({error.__name__})\n"
 
 
 def test_zero_serial_is_accepted(good_cert):
@@ -219,7 +219,7 @@ def test_wrong_size_report_is_unusable_input(tmp_path):
     report.write_bytes(bytes(1000))
     rc, out, err = verify("--snp-report", str(report), "--policy", "authenticity")
     assert (rc, out) == (2, "")
-    assert err == f"medtee attest verify: {report}: an SEV-SNP report is 1184 bytes; this one has 1000\n"
+    assert err == f"medtee: attest verify: {report}: an SEV-SNP report is 1184 bytes; this one has 1000\n"
     verdict = appraise(Evidence(provider="file", snp_report=bytes(1000)), AUTH, expected_report_data=None)
     assert verdict.explain() == "snp.report.format: expected a 1184-byte SEV-SNP report, got 1000 bytes"
 
@@ -233,7 +233,7 @@ def test_cli_unusable_gpu_report_names_the_file(vectors, tmp_path, content, prob
     report = tmp_path / "gpu.txt"
     report.write_bytes(content)
     rc, _, err = verify("--gpu-report", str(report), "--gpu-certs", str(vectors / CHAIN), "--policy", "authenticity")
-    assert rc == 2 and err.startswith(f"medtee attest verify: {report}: {problem}") and err.count("\n") == 1
+    assert rc == 2 and err.startswith(f"medtee: attest verify: {report}: {problem}") and err.count("\n") == 1
 
 
 # --- GPU evidence alone --------------------------------------------------------------------------------------------
@@ -501,4 +501,4 @@ def test_cli_subprocess_exits_2_without_traceback(real, files, slot, case):
                          capture_output=True, text=True, timeout=120)
     block = f"PEM block {i + 1}: " if kind == "gpu" else ""
     assert (res.returncode, res.stdout) == (2, "")
-    assert res.stderr == f"medtee attest verify: {mutated}: {block}malformed X.509 certificate ({case})\n"
+    assert res.stderr == f"medtee: attest verify: {mutated}: {block}malformed X.509 certificate ({case})\n"

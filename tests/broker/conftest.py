@@ -14,7 +14,7 @@ from medtee.attestation import collect_evidence
 from medtee.broker.protocol import KeyReleaseDenied, release_info
 from medtee.broker.server import BrokerServer, Limits
 from medtee.broker.service import EmbeddedBroker
-from medtee.sealing.keywrap import EphemeralKey
+from medtee.crypto.hpke import EphemeralKey
 
 FAST = Limits(idle_timeout_s=1, body_timeout_s=1, max_body_bytes=64 << 10)
 GET = object()  # `call` without a body

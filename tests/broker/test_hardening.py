@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from medtee.broker.protocol import ChallengeRefused
 from medtee.broker.server import Limits
 from medtee.broker.service import EmbeddedBroker
-from medtee.sealing.keywrap import EphemeralKey
+from medtee.crypto.hpke import EphemeralKey
 from medtee.sealing.seal import seal_records
 
 from .conftest import RECIPE, call, exchange, make_records, raw_request, simulated_evidence

@@ -16,7 +16,7 @@ from medtee.broker.client import BrokerError, HttpBroker
 from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, connect, obtain_data_key
 from medtee.broker.server import BrokerServer
 from medtee.broker.service import EmbeddedBroker
-from medtee.sealing.keywrap import EphemeralKey
+from medtee.crypto.hpke import EphemeralKey
 from medtee.sealing.reader import open_dataset
 from medtee.sealing.seal import seal_records
 
@@ -89,7 +89,7 @@ def test_64_concurrent_releases_all_succeed_and_every_replay_is_refused(server, 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_cli_serve_prints_url_then_accepts_and_stops_cleanly(tmp_path, stop):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--store",
+    proc = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--broker-dir",
                              str(tmp_path / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path, env=env)
     try:

@@ -64,6 +64,7 @@ def _status(answer: bytes) -> int:
 
 def test_load_and_abuse_are_bounded(tmp_path):
     store = tmp_path / "store"
+    # --store: the old spelling of --broker-dir still works
     proc = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--store", str(store),
                              "--idle-timeout", "2", "--body-timeout", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -9,7 +9,7 @@ import pytest
 from medtee.broker import audit
 from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, obtain_data_key, release_info
 from medtee.broker.service import EmbeddedBroker, rotate
-from medtee.sealing.keywrap import EphemeralKey, Scheme
+from medtee.crypto.hpke import EphemeralKey, Scheme
 from medtee.sealing.reader import open_dataset
 from medtee.sealing.seal import seal_records
 

@@ -1,4 +1,4 @@
-"""The data owner's Ed25519 manifest-signing key: created on first use (PEM, mode 0600) beside its public half."""
+"""The data owner's Ed25519 signing key (manifests): created on first use (PEM, mode 0600) beside its public half."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Key wrapping with HPKE (RFC 9180, base mode) and the sealed-blob format built on it.
+"""HPKE (RFC 9180, base mode): schemes, in-memory private key handles, key files, wrapping a secret to a public key.
 
 Two schemes: classical X25519 and hybrid post-quantum ML-KEM-768 + X25519 (the default: a recorded ciphertext stays
 safe against a future quantum computer unless both KEMs break). KDF HKDF-SHA256, AEAD AES-256-GCM in both.
 Private keys live in :class:`PrivateKeyHandle` objects that refuse to be printed or pickled; the only way a private
-key reaches disk is :func:`write_keypair` (file mode 0600).
+key reaches disk is :func:`write_keypair` (file mode 0600). Sealed blobs built on this are `medtee.crypto.blob`.
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ import base64
 import hashlib
 import json
 import os
-import struct
 from enum import Enum
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from medtee.files import write_atomic
 
 _KEY_FILE_FORMAT = "medtee-hpke-key/1"
 _WRAP_MAGIC = b"MTW1"  # wrapped secret: magic, scheme byte, HPKE enc || ciphertext
-_BLOB_MAGIC = b"MTB1"  # sealed blob: magic, scheme byte, u32 wrapped-key length, wrapped key, nonce, AES-GCM ct
 _X25519_LEN = 32
 _MLKEM768_PUB_LEN = 1184
 
@@ -130,7 +127,13 @@ def generate_keypair(scheme: Scheme | str = DEFAULT_SCHEME) -> tuple[PrivateKeyH
     return handle, handle.public_bytes
 
 
-def _check_info(info: bytes) -> None:
+def scheme_byte(scheme: Scheme) -> bytes:
+    """The one byte that names `scheme` in the headers of medtee's formats (wrapped keys, sealed blobs)."""
+    return bytes([_SCHEME_BYTE[Scheme(scheme)]])
+
+
+def check_info(info: bytes) -> None:
+    """Refuse an empty or non-bytes `info` (every wrapped secret names what it is for)."""
     if not isinstance(info, (bytes, bytearray)) or not info:
         raise ValueError("info must be non-empty bytes naming what the key is for (domain separation)")
 
@@ -138,18 +141,20 @@ def _check_info(info: bytes) -> None:
 def wrap(secret: bytes, recipient_public: bytes, *, scheme: Scheme | str, info: bytes) -> bytes:
     """Encrypt `secret` (a key) to `recipient_public`; `info` binds the context and must match on unwrap."""
     scheme = Scheme.parse(scheme)
-    _check_info(info)
+    check_info(info)
     ct = _suite(scheme).encrypt(bytes(secret), _public_object(scheme, bytes(recipient_public)), info=bytes(info))
-    return _WRAP_MAGIC + bytes([_SCHEME_BYTE[scheme]]) + ct
+    return _WRAP_MAGIC + scheme_byte(scheme) + ct
 
 
-def _blob_scheme(blob: bytes, magic: bytes, what: str) -> Scheme:
+def header_scheme(blob: bytes, magic: bytes, what: str) -> Scheme:
+    """The scheme named by the header `magic || scheme byte` of `blob`; KeyWrapError if the header is not that."""
     if len(blob) < 5 or blob[:4] != magic or blob[4] not in _SCHEME_FROM_BYTE:
         raise KeyWrapError(f"not a medtee {what} (bad header); was it produced by medtee with this format version?")
     return _SCHEME_FROM_BYTE[blob[4]]
 
 
-def _check_handle(private_key: PrivateKeyHandle, scheme: Scheme) -> None:
+def check_handle(private_key: PrivateKeyHandle, scheme: Scheme) -> None:
+    """Refuse anything but a PrivateKeyHandle of `scheme`."""
     if not isinstance(private_key, PrivateKeyHandle):
         raise TypeError("private_key must be a PrivateKeyHandle (see load_private_key / generate_keypair)")
     if private_key.scheme is not scheme:
@@ -161,11 +166,11 @@ def _check_handle(private_key: PrivateKeyHandle, scheme: Scheme) -> None:
 def unwrap(blob: bytes, private_key: PrivateKeyHandle, *, scheme: Scheme | str, info: bytes) -> bytes:
     """Open a :func:`wrap` result. Raises :class:`KeyWrapError` on a wrong key, wrong info or altered blob."""
     scheme = Scheme.parse(scheme)
-    _check_info(info)
-    found = _blob_scheme(blob, _WRAP_MAGIC, "wrapped key")
+    check_info(info)
+    found = header_scheme(blob, _WRAP_MAGIC, "wrapped key")
     if found is not scheme:
         raise KeyWrapError(f"wrapped key uses {found.value}, expected {scheme.value}")
-    _check_handle(private_key, scheme)
+    check_handle(private_key, scheme)
     try:
         return _suite(scheme).decrypt(bytes(blob[5:]), private_key._key, info=bytes(info))
     except (InvalidTag, ValueError):
@@ -283,36 +288,3 @@ def load_private_key(path: Path | str) -> tuple[Scheme, PrivateKeyHandle]:
     except (KeyError, ValueError):
         raise KeyWrapError(f"{path}: malformed private key; it cannot be repaired, restore it from backup") from None
     return scheme, _handle_from_parts(scheme, x, m)
-
-
-def seal_blob(plaintext: bytes, recipient_public: bytes, *, scheme: Scheme | str, info: bytes) -> bytes:
-    """Encrypt `plaintext` with a fresh AES-256-GCM key, that key HPKE-wrapped to `recipient_public`.
-
-    The header (format, scheme, wrapped key) is authenticated together with `info`.
-    """
-    scheme = Scheme.parse(scheme)
-    _check_info(info)
-    key = AESGCM.generate_key(bit_length=256)
-    wrapped = wrap(key, recipient_public, scheme=scheme, info=b"medtee/blob-key/v1\0" + bytes(info))
-    header = _BLOB_MAGIC + bytes([_SCHEME_BYTE[scheme]]) + struct.pack(">I", len(wrapped)) + wrapped
-    nonce = os.urandom(12)
-    return header + nonce + AESGCM(key).encrypt(nonce, bytes(plaintext), header + bytes(info))
-
-
-def open_blob(blob: bytes, private_key: PrivateKeyHandle, *, info: bytes) -> bytes:
-    """Decrypt a :func:`seal_blob` result. Raises :class:`KeyWrapError` if anything does not match."""
-    _check_info(info)
-    scheme = _blob_scheme(blob, _BLOB_MAGIC, "sealed blob")
-    _check_handle(private_key, scheme)
-    if len(blob) < 9:
-        raise KeyWrapError("sealed blob is truncated")
-    (n,) = struct.unpack(">I", blob[5:9])
-    header_end = 9 + n
-    if len(blob) < header_end + 12 + 16:
-        raise KeyWrapError("sealed blob is truncated")
-    key = unwrap(blob[9:header_end], private_key, scheme=scheme, info=b"medtee/blob-key/v1\0" + bytes(info))
-    nonce = blob[header_end:header_end + 12]
-    try:
-        return AESGCM(key).decrypt(nonce, bytes(blob[header_end + 12:]), bytes(blob[:header_end]) + bytes(info))
-    except InvalidTag:
-        raise KeyWrapError("sealed blob was altered or the context (info) differs") from None

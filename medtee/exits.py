@@ -1,0 +1,18 @@
+"""Exit codes of every medtee command, and the one way a command reports a refusal or bad input.
+
+0 success; 1 refused (the environment, the attestation or the key broker says no); 2 bad configuration or input
+(the message names the key, file or field and the fix); 3 the run failed while training (reported by exception type
+and place, never the message: it could quote data).
+"""
+
+from __future__ import annotations
+
+import sys
+
+OK, REFUSED, BAD_INPUT, FAILED = 0, 1, 2, 3
+
+
+def fail(message: str, code: int = BAD_INPUT) -> int:
+    """Print `medtee: MESSAGE` on stderr and return `code`."""
+    print(f"medtee: {message}", file=sys.stderr, flush=True)
+    return code
