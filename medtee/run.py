@@ -97,6 +97,7 @@ def _remove_if_empty(path: Path) -> None:
 
 def train(cfg, *, recipe: str, out_dir: Path) -> int:
     """The checks that need no data, then the run. Raises ConfigError, SealedDataError, DataError or Refused."""
+    from medtee.training.model import weight_digests
     from medtee.training.output import recipient_problem
 
     config.check(cfg)
@@ -104,8 +105,6 @@ def train(cfg, *, recipe: str, out_dir: Path) -> int:
     problem = recipient_problem(cfg.output.recipient)
     if problem:
         raise config.ConfigError(problem)
-    from medtee.training.model import weight_digests
-
     preflight(cfg)
     try:  # pretrained weights enter the digest by content ({} for a tiny model)
         weights = weight_digests(cfg.model)
