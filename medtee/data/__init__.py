@@ -5,6 +5,9 @@ Submodules are imported where used; `medtee.data.module` pulls in torch and ligh
 nothing, so `medtee.run` can catch them without loading the data code.
 """
 
+#: The chat roles of a record's messages: `user` is the patient, `assistant` the doctor, `system` instructions.
+ROLES = ("user", "assistant", "system")
+
 
 class DataError(ValueError):
     """Records that cannot be trained on. The message names the record by its position (counting from 0, in dataset

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medtee.data import ChatTemplateError, DataError
+from medtee.data import ROLES, ChatTemplateError, DataError
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch's cross-entropy default ignore_index)
 CONSULTATION_START = "(The consultation begins.)"  # first user turn of a dialogue that opens with the doctor
@@ -75,7 +75,6 @@ GEMMA3_TRAINING_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
-_ROLES = frozenset({"user", "assistant", "system"})
 # Part types of the Hugging Face / OpenAI message formats, named when refused; any other type is not repeated (it is
 # data, and could be anything).
 _NON_TEXT_PARTS = frozenset({"image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file",
@@ -120,7 +119,7 @@ def to_gemma_turns(messages: Sequence[dict], control: re.Pattern | None = None) 
         if not isinstance(message, dict):
             raise DataError(f"message {index}: expected an object with 'role' and 'content'; {_FIX}")
         role = message.get("role")
-        if role not in _ROLES:
+        if role not in ROLES:
             raise DataError(f"message {index}: 'role' must be one of user (the patient), assistant (the doctor), "
                             f"system; map the speakers to these roles and seal the dataset again")
         try:

@@ -17,6 +17,28 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_o
 _TRAINING_DIALOGUES = 300
 
 
+DEMO = "demo"  # the name of the demo tokenizer wherever a tokenizer is named (`medtee seal --tokenizer demo`)
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, offline: bool = True):
+    """The tokenizer `name` names: `demo`, or a Hugging Face tokenizer directory or id (a cached one only when
+    `offline`), at `revision`. A fast tokenizer only; never code from its repository. ValueError says why not."""
+    if name == DEMO:
+        return build_demo_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=offline,
+                                                  trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no tokenizer found{' locally' if offline else ''} ({type(exc).__name__}); name a "
+                         f"directory holding tokenizer.json (e.g. from save_pretrained), an id already in the "
+                         f"Hugging Face cache, or '{DEMO}'") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("a fast (tokenizer.json) tokenizer is needed; this one is slow")
+    return tokenizer
+
+
 def build_demo_tokenizer(*, vocab_size: int = 1024, seed: int = 0):
     """A `transformers` fast tokenizer with Gemma 3's special tokens and chat template; same ids on every build."""
     from transformers import PreTrainedTokenizerFast

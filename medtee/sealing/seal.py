@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medtee.crypto import hpke
+from medtee.data import ROLES
 from medtee.sealing.kms import DATA_KEY_BYTES, encryption_properties
 from medtee.sealing.manifest import (
     CIPHER,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
     from medtee.broker.protocol import KeyBroker
 
-ROLES = ("user", "assistant", "system")
 FORMATS = ("jsonl", "csv", "parquet")
 DEFAULT_ROWS_PER_SHARD = 20_000
 DEFAULT_ROW_GROUP_ROWS = 1024

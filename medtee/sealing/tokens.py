@@ -13,27 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-DEMO = "demo"  # --tokenizer value for medtee.data.tokenizer.build_demo_tokenizer()
+from medtee.data import tokenizer as _tokenizer
+from medtee.data.tokenizer import DEMO
+
 _CHUNK = 512  # records per batched tokenizer call
 
 
 def load_tokenizer(spec: str):
-    """The tokenizer `spec` names: `demo`, or a local Hugging Face tokenizer directory or cached id (no download)."""
-    if spec == DEMO:
-        from medtee.data.tokenizer import build_demo_tokenizer
-
-        return build_demo_tokenizer()
-    from transformers import AutoTokenizer
-
+    """The tokenizer `--tokenizer spec` names (`medtee.data.tokenizer.load_tokenizer`, never downloading)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--tokenizer {spec}: no tokenizer found locally ({type(e).__name__}); pass a directory "
-                         f"holding tokenizer.json (e.g. from save_pretrained), an id already in the Hugging Face "
-                         f"cache, or '{DEMO}'") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"--tokenizer {spec}: a fast (tokenizer.json) tokenizer is needed; this one is slow")
-    return tokenizer
+        return _tokenizer.load_tokenizer(spec)
+    except ValueError as exc:
+        raise ValueError(f"--tokenizer {spec}: {exc}") from None
 
 
 def fingerprint(tokenizer) -> str:

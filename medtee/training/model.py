@@ -19,14 +19,14 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 def build_tokenizer(model_cfg):
     """The demo tokenizer for tiny models (built offline, trained on synthetic text only); else the model's own."""
+    from medtee.data.tokenizer import DEMO, load_tokenizer
+
     if model_cfg.source == "tiny":
-        from medtee.data.tokenizer import build_demo_tokenizer
-
-        return build_demo_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_cfg.id, revision=model_cfg.revision,
-                                         local_files_only=model_cfg.offline, trust_remote_code=False)
+        return load_tokenizer(DEMO)
+    try:
+        return load_tokenizer(model_cfg.id, revision=model_cfg.revision, offline=model_cfg.offline)
+    except ValueError as exc:
+        raise FileNotFoundError(f"model.id={model_cfg.id}: {exc}") from None
 
 
 def _tiny_config(model_cfg, vocab_size: int):
