@@ -372,7 +372,7 @@ def device_verdicts(verdict) -> dict[str, str]:
             for d, oks in devices.items()}
 
 
-def weights_digest(weight_digests: Mapping[str, str]) -> str:
+def combined_weights_digest(weight_digests: Mapping[str, str]) -> str:
     """One sha256 over a model's weight files: the sha256 of their `sha256sum` listing (sorted by name)."""
     listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(weight_digests.items()))
     return hashlib.sha256(listing.encode()).hexdigest()
@@ -390,7 +390,8 @@ def run_tags(cfg, *, recipe: str, recipe_digest: str, dataset_digest: str, verdi
         "medtee.model": m.name,
         "medtee.model.id": m.id or f"random tiny Gemma 3 (model.tiny.seed={m.tiny.seed})",
         "medtee.model.revision": m.revision or "none",
-        "medtee.model.weights_sha256": weights_digest(weight_digests) if weight_digests else "none: random weights",
+        "medtee.model.weights_sha256": (combined_weights_digest(weight_digests) if weight_digests
+                                        else "none: random weights"),
         "medtee.attestation.policy": verdict.policy,
         "medtee.attestation.mode": "SIMULATED" if verdict.simulated else "hardware",
         "medtee.attestation.verdict": "pass" if verdict.ok else "fail",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from medtee.sealing.kms import decryption_properties
+from medtee.sealing.pme_keys import decryption_properties
 from medtee.sealing.manifest import MANIFEST_NAME, Manifest, SealedDataError, ShardInfo, key_check, open_regular
 
 if TYPE_CHECKING:

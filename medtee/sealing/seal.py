@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from medtee.crypto import hpke
 from medtee.data import ROLES
-from medtee.sealing.kms import DATA_KEY_BYTES, encryption_properties
+from medtee.sealing.pme_keys import DATA_KEY_BYTES, encryption_properties
 from medtee.sealing.manifest import (
     CIPHER,
     FORMAT_VERSION,
