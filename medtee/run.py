@@ -205,6 +205,7 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
 
     from medtee.data.module import DialogueDataModule
     from medtee.tracking import open_run
+    from medtee.training.checkpoint import CheckpointError, EncryptedCheckpointIO, resume_info
     from medtee.training.model import build_model, build_tokenizer
     from medtee.training.module import CausalLMModule
 
@@ -224,8 +225,12 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device,
                         sharded=t.strategy == "fsdp")
     module = CausalLMModule(model, t)
-    resumed = (_checkpoint_run_info(t.resume_from, checkpoint_key, module, datamodule,
-                                    world_size=hw.devices * hw.num_nodes) if t.resume_from else {})  # or exit 2
+    checkpoint_io = EncryptedCheckpointIO(checkpoint_key)
+    try:
+        resumed = (resume_info(checkpoint_io, t.resume_from, module, datamodule,
+                               world_size=hw.devices * hw.num_nodes) if t.resume_from else {})
+    except CheckpointError as exc:
+        raise config.ConfigError(str(exc)) from None
 
     dataset_record = {"id": dataset.manifest.dataset_id, "manifest_digest": dataset.manifest.digest()}
     # the recipe as its digest covers it: without data.path (a directory name can name a patient or a study)
@@ -242,7 +247,7 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
             logger.set_tags({"medtee.mode": "validate" if t.validate_only else "train"})
             say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
         return _run_trainer(cfg, module=module, datamodule=datamodule, logger=logger, out_dir=out_dir,
-                            checkpoint_key=checkpoint_key, rank_zero=rank_zero, recorded=recorded, digests=digests,
+                            checkpoint_io=checkpoint_io, rank_zero=rank_zero, recorded=recorded, digests=digests,
                             summary={"recipe": recipe, "recipe_digest": digest, "dataset": dataset_record,
                                      "attestation": {"policy": verdict.policy, "ok": verdict.ok,
                                                      "simulated": verdict.simulated},
@@ -254,14 +259,15 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
         raise
 
 
-def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_key: bytes, rank_zero: bool,
+def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_io, rank_zero: bool,
                  recorded: dict, digests: dict, summary: dict, verdict) -> int:
     """Fit (or validate), then write the encrypted adapter, the recorded recipe and the summary."""
     from medtee.training.engine import build_trainer
     from medtee.training.output import write_outputs
 
     t = cfg.trainer
-    trainer = build_trainer(cfg, model=module.model, logger=logger, out_dir=out_dir, checkpoint_key=checkpoint_key)
+    trainer = build_trainer(t, cfg.hardware, metrics=cfg.tracking.metrics or config.METRIC_ALLOW_LIST,
+                            model=module.model, logger=logger, out_dir=out_dir, checkpoint_io=checkpoint_io)
     module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
     started = time.time()
     if t.validate_only:  # an evaluation run: the held-out split only, no adapter
@@ -315,23 +321,3 @@ def _report(summary: dict, *, first_loss: float | None, out_dir: Path, written: 
     dashboard = (f"mlflow ui --backend-store-uri {uri}   (then browse http://127.0.0.1:5000)"
                  if uri.startswith("sqlite:") else display_uri(uri))
     say(f"summary: {out_dir / 'summary.json'}; dashboard: {dashboard}")
-
-
-def _checkpoint_run_info(path: str, key: bytes, module, datamodule, *, world_size: int) -> dict:
-    """What the run that wrote a checkpoint recorded (its MLflow run id). A checkpoint that does not open, whose
-    adapter does not fit this recipe, or whose data position does not fit this data and process count, is bad
-    input."""
-    from medtee.training.checkpoint import CheckpointError, EncryptedCheckpointIO
-
-    try:
-        checkpoint = EncryptedCheckpointIO(key).load_checkpoint(path)
-    except CheckpointError as exc:
-        raise config.ConfigError(str(exc)) from None
-    mismatch = module.adapter_mismatch(checkpoint)
-    if mismatch:
-        raise config.ConfigError(f"trainer.resume_from={path}: {mismatch}")
-    position = checkpoint.get(type(datamodule).__qualname__)  # where Lightning keeps the data module's state
-    problem = position and datamodule.resume_problem(position, world_size=world_size)
-    if problem:
-        raise config.ConfigError(f"trainer.resume_from={path}: {problem}")
-    return checkpoint.get("medtee", {}).get("run_info", {})

@@ -31,6 +31,7 @@ class EncryptedCheckpointIO(CheckpointIO):
 
     def __init__(self, key: bytes):
         self._key = key
+        self._held: tuple[Path, dict] | None = None  # a checkpoint `inspect` decrypted, for Lightning's load
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         import torch
@@ -41,10 +42,19 @@ class EncryptedCheckpointIO(CheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, encrypt(buffer.getbuffer(), self._key))
 
+    def inspect(self, path) -> dict:
+        """The checkpoint at `path`, decrypted once: Lightning's next load of the same path gets this dict."""
+        checkpoint = self.load_checkpoint(path)
+        self._held = (Path(path), checkpoint)
+        return checkpoint
+
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         import torch
 
         path = Path(path)
+        if self._held is not None and self._held[0] == path:
+            checkpoint, self._held = self._held[1], None
+            return checkpoint
         if not path.is_file():
             raise CheckpointError(f"trainer.resume_from={path}: no such checkpoint file")
         try:
@@ -56,6 +66,19 @@ class EncryptedCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path) -> None:
         Path(path).unlink(missing_ok=True)
+
+
+def resume_info(io: EncryptedCheckpointIO, path: str, module, datamodule, *, world_size: int) -> dict:
+    """What the run that wrote the checkpoint recorded (its MLflow run id), once the checkpoint is known to fit:
+    CheckpointError when it does not open, its adapter does not fit the module (names and shapes), or its data
+    position does not fit this data and process count. Decrypts the file once for this check and Lightning's load."""
+    checkpoint = io.inspect(path)
+    problem = module.adapter_mismatch(checkpoint)
+    position = checkpoint.get(type(datamodule).__qualname__)  # where Lightning keeps the data module's state
+    problem = problem or (position and datamodule.resume_problem(position, world_size=world_size))
+    if problem:
+        raise CheckpointError(f"trainer.resume_from={path}: {problem}")
+    return checkpoint.get("medtee", {}).get("run_info", {})
 
 
 class EncryptedModelCheckpoint(ModelCheckpoint):

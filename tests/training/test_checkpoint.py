@@ -90,9 +90,7 @@ def _module(run_info=None):
                           run_info=run_info)
 
 
-def test_a_checkpoint_that_does_not_open_or_fit_is_a_configuration_error_for_the_run(tmp_path):
-    from medtee import config, run
-
+def test_a_checkpoint_that_does_not_open_or_fit_is_refused_naming_why(tmp_path):
     from medtee.data.module import DialogueDataModule
     from medtee.data.synthetic import generate_dialogues
     from medtee.data.tokenizer import build_demo_tokenizer
@@ -109,16 +107,27 @@ def test_a_checkpoint_that_does_not_open_or_fit_is_a_configuration_error_for_the
     ckpt.EncryptedCheckpointIO(KEY).save_checkpoint(written, path)
 
     def info(key=KEY, world_size=1):
-        return run._checkpoint_run_info(str(path), key, module, data, world_size=world_size)
+        return ckpt.resume_info(ckpt.EncryptedCheckpointIO(key), str(path), module, data, world_size=world_size)
 
     assert info() == {"mlflow_run_id": "abc"}
-    with pytest.raises(config.ConfigError, match="z.ckpt.enc cannot be decrypted"):
+    with pytest.raises(ckpt.CheckpointError, match="z.ckpt.enc cannot be decrypted"):
         info(derive_key(b"\x02" * 32, "a" * 64))
-    with pytest.raises(config.ConfigError, match="world_size differ from the checkpoint's"):
+    with pytest.raises(ckpt.CheckpointError, match="world_size differ from the checkpoint's"):
         info(world_size=2)  # written by one process, resumed by two
     ckpt.EncryptedCheckpointIO(KEY).save_checkpoint(_state(), path)  # an adapter of other modules
-    with pytest.raises(config.ConfigError, match="adapter does not match this recipe's"):
+    with pytest.raises(ckpt.CheckpointError, match="adapter does not match this recipe's"):
         info()
+
+
+def test_a_checkpoint_inspected_before_resuming_is_decrypted_once(tmp_path, monkeypatch):
+    path = tmp_path / "c.ckpt.enc"
+    io = ckpt.EncryptedCheckpointIO(KEY)
+    io.save_checkpoint(_state(), path)
+    calls, real = [], ckpt.decrypt
+    monkeypatch.setattr(ckpt, "decrypt", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    inspected = io.inspect(path)
+    assert io.load_checkpoint(path) is inspected and len(calls) == 1  # Lightning's load reuses it
+    assert io.load_checkpoint(path)["global_step"] == 7 and len(calls) == 2  # held once, not forever
 
 
 def test_module_checkpoints_hold_the_adapter_only_and_restore_rng_at_train_start():
