@@ -540,6 +540,10 @@ def check_runnable(cfg) -> None:
         problems.append("data=sealed needs the sealed dataset: pass data.path=DIR (a directory made by `medtee seal`)")
     if cfg.hardware.production and cfg.model.source == "pretrained" and not cfg.model.revision:
         problems.append("production profiles load pinned weights: pass model.revision=COMMIT")
+    ca = cfg.encryption.broker_ca
+    if ca and not Path(ca).is_file():  # is_file: a regular file (a FIFO would hang the TLS setup)
+        problems.append(f"encryption.broker_ca={ca} is not a regular file: name the PEM bundle that signed the "
+                        f"broker's certificate, or leave it empty for the system trust store")
     if cfg.hardware.production and cfg.output.recipient == "dev":
         problems.append("production profiles encrypt the adapter to the model owner's key: pass "
                         "output.recipient=PATH/NAME.pub (`medtee keys new`); the development key's private half "

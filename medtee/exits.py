@@ -12,7 +12,12 @@ import sys
 OK, REFUSED, BAD_INPUT, FAILED = 0, 1, 2, 3
 
 
-def fail(message: str, code: int = BAD_INPUT) -> int:
-    """Print `medtee: MESSAGE` on stderr and return `code`."""
+def say(message: str) -> None:
+    """Print `medtee: MESSAGE` on stderr (never data: messages name keys, files, positions and digests)."""
     print(f"medtee: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str, code: int = BAD_INPUT) -> int:
+    """`say(message)` and return `code`."""
+    say(message)
     return code

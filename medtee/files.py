@@ -1,11 +1,41 @@
-"""Writing files so that a reader sees the old content or the new, never half of either; hashing files."""
+"""Writing files so that a reader sees the old content or the new, never half of either; reading files a user
+names without blocking on a FIFO or reading a device without end; hashing files."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
+
+
+class NotRegularFile(ValueError):
+    """A path names a directory, FIFO, device (or a link to one), or a file over the reader's size limit."""
+
+
+def open_regular(path: Path | str) -> tuple[BinaryIO, int]:
+    """`path` open for reading, and its size, if it is a regular file (a link to one is followed); opening never
+    blocks on a FIFO. FileNotFoundError if absent, NotRegularFile otherwise, OSError if it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotRegularFile("is not a regular file (a directory, FIFO, device or a link to one)")
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+def read_regular(path: Path | str, max_bytes: int) -> bytes:
+    """The content of the regular file `path` (see `open_regular`), refused (NotRegularFile) over `max_bytes`."""
+    f, size = open_regular(path)
+    with f:
+        if size > max_bytes:
+            raise NotRegularFile(f"has {size} bytes; at most {max_bytes} are allowed")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew while being read
+        raise NotRegularFile(f"grew while being read; at most {max_bytes} bytes are allowed")
+    return data
 
 
 def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:

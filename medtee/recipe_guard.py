@@ -125,23 +125,16 @@ MAX_RECIPE_BYTES = 256 * 1024
 def read_recipe_text(path) -> str:
     """A recipe file's text: a regular file of at most MAX_RECIPE_BYTES, UTF-8, whose YAML has no anchors or aliases
     (which let a small file expand without bound: "billion laughs")."""
-    import os
-    import stat
-
     import yaml
 
+    from medtee.files import NotRegularFile, read_regular
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_regular(path, MAX_RECIPE_BYTES)
+    except NotRegularFile as exc:
+        raise RecipeRuleError(f"recipe file {path} {exc}") from None
     except OSError as exc:
         raise RecipeRuleError(f"recipe file {path}: cannot open it ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise RecipeRuleError(f"recipe file {path} is not a regular file")
-        if st.st_size > MAX_RECIPE_BYTES:
-            raise RecipeRuleError(f"recipe file {path} has {st.st_size} bytes; a recipe is at most "
-                                  f"{MAX_RECIPE_BYTES} bytes")
-        data = f.read(MAX_RECIPE_BYTES + 1)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from medtee import config, exits, hardware
 
-log = logging.getLogger("medtee")
-
+say = exits.say
 
 
 class Refused(Exception):
     """The run may not proceed (environment or attestation); the message lists every reason."""
-
-
-def say(message: str) -> None:
-    print(f"medtee: {message}", file=sys.stderr, flush=True)
 
 
 def main(cfg) -> int:

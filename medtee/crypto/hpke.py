@@ -19,9 +19,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from medtee.files import write_atomic
+from medtee.files import NotRegularFile, read_regular, write_atomic
 
 _KEY_FILE_FORMAT = "medtee-hpke-key/1"
+MAX_KEY_FILE_BYTES = 64 * 1024  # a hybrid private key file is about 3 KiB; a larger "key" is refused unread
 _WRAP_MAGIC = b"MTW1"  # wrapped secret: magic, scheme byte, HPKE enc || ciphertext
 _X25519_LEN = 32
 _MLKEM768_PUB_LEN = 1184
@@ -246,10 +247,12 @@ def write_keypair(directory: Path | str, name: str, scheme: Scheme | str = DEFAU
 def _read_key_file(path: Path | str, kind: str) -> dict:
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_regular(path, MAX_KEY_FILE_BYTES))
         ok = isinstance(doc, dict) and doc.get("format") == _KEY_FILE_FORMAT
     except FileNotFoundError:
         raise FileNotFoundError(f"key file {path} does not exist; create one with `medtee keys new`") from None
+    except NotRegularFile as e:
+        raise KeyWrapError(f"key file {path} {e}") from None
     except (ValueError, UnicodeDecodeError):
         ok = False
     if not ok:

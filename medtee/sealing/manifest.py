@@ -12,15 +12,15 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import re
-import stat
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from medtee import files
 
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -36,19 +36,15 @@ class SealedDataError(ValueError):
 
 
 def open_regular(path: Path, name: str, fix: str) -> tuple[BinaryIO, int]:
-    """`path` opened for reading, and its size, if it is a regular file (a link to one is followed); opening does not
-    block on a FIFO or device. SealedDataError naming `name`, then `fix`, otherwise; FileNotFoundError if absent."""
+    """`medtee.files.open_regular`, with SealedDataError naming `name`, then `fix`; FileNotFoundError if absent."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return files.open_regular(path)
     except FileNotFoundError:
         raise
+    except files.NotRegularFile as e:
+        raise SealedDataError(f"{name} {e}; {fix}") from None
     except OSError as e:
         raise SealedDataError(f"{name} cannot be opened ({e.strerror}); {fix}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise SealedDataError(f"{name} is not a regular file (a directory, FIFO, device or a link to one); {fix}")
-    return os.fdopen(fd, "rb"), info.st_size
 
 
 def check_dataset_id(dataset_id: str) -> str:

@@ -3,6 +3,7 @@ requested step, and MLflow runs that are never left RUNNING nor touched by anoth
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -27,12 +28,16 @@ def _ed25519_public_key(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("recipient", ["missing", "ed25519", "private", "directory"])
+@pytest.mark.parametrize("recipient", ["missing", "ed25519", "private", "directory", "fifo", "device"])
 def test_an_unusable_recipient_is_refused_before_the_key_is_released(recipient, tmp_path):
+    """A FIFO used to hang the run, and /dev/zero to be read without end."""
     keys = tmp_path / "keys"
     assert run_medtee("keys", "new", "--out", str(keys), "--name", "owner", cwd=tmp_path).returncode == 0
+    if recipient == "fifo":
+        os.mkfifo(tmp_path / "fifo.pub")
     spec = {"missing": tmp_path / "nope.pub", "ed25519": _ed25519_public_key(tmp_path / "ed.pub"),
-            "private": keys / "owner.key", "directory": keys}[recipient]
+            "private": keys / "owner.key", "directory": keys, "fifo": tmp_path / "fifo.pub",
+            "device": Path("/dev/zero")}[recipient]
     before = sorted(p.name for p in tmp_path.iterdir())
     res = run_medtee("train", f"output.recipient={spec}", cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
@@ -44,6 +49,13 @@ def test_settings_that_cannot_run_are_refused_before_the_key_is_released(tmp_pat
     res = run_medtee("train", "hardware.devices=0", "trainer.lr=-1", cwd=tmp_path)
     assert res.returncode == 2 and "hardware.devices" in res.stderr and "trainer.lr" in res.stderr
     assert RELEASED not in res.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_broker_ca_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A FIFO as the CA bundle used to hang the TLS setup."""
+    os.mkfifo(tmp_path / "ca.pem")
+    res = run_medtee("train", f"encryption.broker_ca={tmp_path / 'ca.pem'}", cwd=tmp_path)
+    assert res.returncode == 2 and "encryption.broker_ca" in res.stderr and RELEASED not in res.stderr
 
 
 def _checkpoints_written(cwd: Path, keep: int) -> list[str]:
