@@ -32,8 +32,8 @@ def _evidence(nonce: bytes, eph: bytes):
 
 
 def _release(broker, manifest) -> bytes:
-    return obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
-                           recipe_digest=RECIPE, evidence_for=_evidence)
+    return bytes(obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
+                                 recipe_digest=RECIPE, evidence_for=_evidence).data_key)
 
 
 def _timed(label: str, n: int, fn) -> float:

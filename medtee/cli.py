@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     from medtee import __version__
     from medtee.attestation.cli import add_parser as add_attest
     from medtee.broker.cli import add_parser as add_broker
+    from medtee.receipt.cli import add_parser as add_receipt
+    from medtee.image.cli import add_parser as add_image
     from medtee.sealing.cli import add_parsers as add_sealing
 
     parser = argparse.ArgumentParser(
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sealing(sub)
     add_broker(sub)
+    add_image(sub)
     add_attest(sub)
+    add_receipt(sub)
     return parser
 
 

@@ -1,7 +1,10 @@
-"""Typed recipe schemas, Hydra composition, cross-group rules and the recipe digest.
+"""Hydra composition, error translation, the rules that span config groups, and the recipe digest.
 
-Every config group is backed by a dataclass registered in Hydra's ConfigStore, so a typo'd key, a wrong type or an
-unknown option fails at compose time. Nothing here imports torch or any other heavy library.
+Every config group is backed by a dataclass schema that lives beside its package (`medtee.hardware`,
+`medtee.attestation.policy`, `medtee.crypto.config`, `medtee.broker.config`, `medtee.training.config`,
+`medtee.data.config`, `medtee.tracking.config`) and checks its own values (`Schema.problems(section)`). The schemas
+are registered in Hydra's ConfigStore, so a typo'd key, a wrong type or an unknown option fails at compose time.
+Nothing here imports torch or any other heavy library.
 """
 
 from __future__ import annotations
@@ -15,164 +18,21 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
-from medtee.attestation.policy import AttestationPolicy, policy_from_mapping
-from medtee.data.config import DataConfig
 from medtee import recipe_guard
-from medtee.crypto.hpke import Scheme
+from medtee.attestation.policy import AttestationPolicy, policy_from_mapping
+from medtee.broker.config import BrokerConfig
+from medtee.crypto.config import EncryptionConfig
+from medtee.data.config import DataConfig, DataSource
 from medtee.files import sha256_file
+from medtee.hardware import Accelerator, HardwareConfig
 from medtee.paths import conf_dir, recipes_dir
-from medtee.sealing.config import EncryptionConfig
-
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key and what is valid."""
+from medtee.schema import ConfigError
+from medtee.tracking.config import TrackingConfig
+from medtee.training.config import ModelConfig, ModelSource, OutputConfig, QLoRAConfig, Quantization, TrainerConfig
+from medtee.training.config import Precision, Strategy
 
 
 # ---------------------------------------------------------------------------------------------------------- schemas
-
-
-class Accelerator(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-@dataclass
-class HardwareConfig:
-    name: str = "cpu_dev"  # profile name, recorded in the run's tags
-    production: bool = False  # a production profile: real attestation only, sealed data only, remote key broker
-    accelerator: Accelerator = Accelerator.cpu  # what the training runs on
-    devices: int = 1  # accelerators per node
-    num_nodes: int = 1  # nodes (multi-node runs go through Lightning's launchers)
-    gpu_model: Optional[str] = None  # required GPU product name substring, e.g. "H200"; checked before key release
-    require_sev_snp: bool = False  # the machine must be an SEV-SNP guest (configfs-tsm or /dev/sev-guest)
-    require_gpu_cc: bool = False  # every GPU must be in CC mode: the attestation policy must demand it of GPU evidence
-    supports_4bit: bool = True  # bitsandbytes 4-bit kernels run on this profile
-    cpu_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
-
-
-class Quantization(str, Enum):
-    nf4 = "nf4"
-    fp4 = "fp4"
-    none = "none"
-
-
-class DType(str, Enum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-@dataclass
-class QLoRAConfig:
-    quantization: Quantization = Quantization.nf4  # base weights: 4-bit NF4/FP4 (QLoRA) or unquantized (plain LoRA)
-    double_quant: bool = True  # quantize the quantization constants too (QLoRA's double quantization)
-    compute_dtype: DType = DType.bfloat16  # dtype of the 4-bit matmuls
-    rank: int = 16  # LoRA rank r
-    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
-    dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # peft target modules
-    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-
-
-class Attention(str, Enum):  # transformers attention backends (a fixed set: a hub kernel id would load code)
-    sdpa = "sdpa"
-    eager = "eager"
-    flash_attention_2 = "flash_attention_2"
-
-
-class ModelSource(str, Enum):
-    tiny = "tiny"  # a small Gemma 3 built from `tiny` with random weights (tests, the demo)
-    pretrained = "pretrained"  # weights loaded by Hugging Face id or local path
-
-
-@dataclass
-class TinyGemma3:
-    hidden_size: int = 64  # model width
-    num_hidden_layers: int = 2  # decoder layers
-    num_attention_heads: int = 4  # query heads
-    num_key_value_heads: int = 2  # key/value heads (GQA)
-    head_dim: int = 16  # per-head width
-    intermediate_size: int = 128  # MLP width
-    sliding_window: int = 64  # local-attention window (every 6th layer global, as in Gemma 3)
-    # std of the random weights: 0.1 gives the logits a range LoRA can steer (Gemma's 0.02 keeps a random model's
-    # output near uniform, so a demo's loss would barely move)
-    init_std: float = 0.1
-    seed: int = 0  # random-weight seed
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny_gemma3"  # a label for tags and the summary
-    source: ModelSource = ModelSource.tiny  # where the weights come from
-    id: Optional[str] = None  # Hugging Face model id or local directory (source=pretrained)
-    revision: Optional[str] = None  # pinned revision (commit) of `id`; required in production profiles
-    dtype: DType = DType.bfloat16  # dtype of the non-quantized weights
-    attn_implementation: Attention = Attention.sdpa  # transformers attention backend: sdpa | eager | flash_attention_2
-    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
-    checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: every n-th decoder layer recomputes all
-    selective_checkpointing: bool = False  # other layers: keep matmul/attention outputs, recompute the rest (SAC)
-    compile_layers: bool = False  # torch.compile each decoder layer (fuses element-wise ops; slow first steps)
-    offline: bool = True  # never contact the model hub (weights must be local or cached)
-    tiny: TinyGemma3 = field(default_factory=TinyGemma3)  # architecture when source=tiny
-
-
-class Optimizer(str, Enum):
-    adamw = "adamw"  # torch AdamW (fused on CUDA)
-    adamw_8bit = "adamw_8bit"  # bitsandbytes 8-bit AdamW
-
-
-class Precision(str, Enum):  # member names in YAML, Lightning's precision strings as values
-    fp32 = "32-true"
-    bf16_mixed = "bf16-mixed"
-    bf16_true = "bf16-true"
-
-
-class Strategy(str, Enum):
-    auto = "auto"  # Lightning's choice: one device, or DDP across several
-    ddp = "ddp"  # data parallel: a full (4-bit) model replica per device, gradients all-reduced
-    fsdp = "fsdp"  # fully sharded across CUDA devices, a unit per decoder layer (4-bit weights stored in model.dtype)
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 30  # optimizer steps
-    lr: float = 2e-4  # peak learning rate
-    warmup_steps: int = 0  # linear warm-up steps, then cosine decay to 10% of lr
-    weight_decay: float = 0.0  # AdamW weight decay on the LoRA parameters
-    optimizer: Optimizer = Optimizer.adamw  # optimizer of the LoRA parameters
-    precision: Precision = Precision.fp32  # Lightning precision plugin
-    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
-    gradient_clip_val: float = 1.0  # gradient-norm clipping; 0 disables
-    val_check_interval: int = 10  # validate every N training batches
-    limit_val_batches: int = 8  # validation batches per validation pass
-    num_sanity_val_steps: int = 1  # validation batches before training (catches a broken val loop early)
-    log_every_n_steps: int = 5  # metric logging cadence
-    seed: int = 0  # global seed (weights of tiny models come from model.tiny.seed)
-    deterministic: bool = True  # torch deterministic algorithms where available
-    enable_progress_bar: bool = True  # progress bar on stderr (shows allow-listed metrics only)
-    strategy: Strategy = Strategy.auto  # multi-device engine; launch multi-process runs with torchrun or SLURM
-    loss_chunk_tokens: int = 0  # >0: chunked loss over supervised tokens, no full logits; 0: the model's own loss
-    checkpoint_every_n_steps: int = 0  # write an encrypted checkpoint every N optimizer steps; 0: none
-    checkpoint_keep: int = 2  # most recent encrypted checkpoints kept; -1 keeps all
-    resume_from: Optional[str] = None  # encrypted checkpoint to resume (validate_only: to evaluate); not in digest
-    validate_only: bool = False  # evaluate the held-out split instead of training (val/* only, no adapter)
-
-
-@dataclass
-class TrackingConfig:
-    # MLflow store: sqlite:///FILE (relative to the current directory) or http(s)://HOST of a tracking server;
-    # None (tracking=mlflow_server) takes the server's URL from MLFLOW_TRACKING_URI when the run starts
-    tracking_uri: Optional[str] = "sqlite:///mlflow.db"
-    experiment: str = "medtee"  # MLflow experiment name
-    run_name: Optional[str] = None  # MLflow run name; None uses the recipe name
-    metrics: Optional[List[str]] = None  # narrows medtee's metric allow-list (None keeps all of it); cannot widen it
-    min_aggregate: int = 20  # evaluation metrics over fewer examples than this are suppressed
-
-
-@dataclass
-class OutputConfig:
-    recipient: str = "dev"  # public key file the adapter is encrypted to, or "dev": a development key in .medtee/keys
 
 
 @dataclass
@@ -180,6 +40,7 @@ class MedteeConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     attestation: AttestationPolicy = field(default_factory=AttestationPolicy)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
     qlora: QLoRAConfig = field(default_factory=QLoRAConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,6 +53,7 @@ GROUP_SCHEMAS = {
     "hardware": HardwareConfig,
     "attestation": AttestationPolicy,
     "encryption": EncryptionConfig,
+    "broker": BrokerConfig,
     "qlora": QLoRAConfig,
     "model": ModelConfig,
     "data": DataConfig,
@@ -199,49 +61,26 @@ GROUP_SCHEMAS = {
     "tracking": TrackingConfig,
 }
 
-#: Metrics medtee may ever send to MLflow. Recipes can only narrow this list (tracking.metrics).
-METRIC_ALLOW_LIST = (
-    "train/loss",
-    "train/lr",
-    "train/tokens_per_s",
-    "train/grad_norm",
-    "train/epoch",
-    "val/loss",
-    "val/perplexity",
-)
-
 #: Fields excluded from the recipe digest, and why they cannot change what runs: `data.path` is where this machine
 #: keeps the sealed dataset, which the key release binds by dataset id and manifest digest; `tracking.run_name` is
-#: a label on the MLflow run; `encryption.broker_dir` is the embedded (development) broker's store, and production
-#: profiles require a remote broker, whose URL is in the digest.
-NOT_IN_DIGEST = ("data.path", "tracking.run_name", "encryption.broker_dir")
+#: a label on the MLflow run; `broker.dir` is the embedded (development) broker's store, and production profiles
+#: require a remote broker, whose URL is in the digest.
+NOT_IN_DIGEST = ("data.path", "tracking.run_name", "broker.dir")
 
 #: Fields that name a file: the digest covers the file's content (sha256), not its path, so replacing the file
 #: changes the digest. (The pretrained weights enter it through `digest_input(weights=...)`.)
-FILES_IN_DIGEST = (("output", "recipient"), ("encryption", "broker_ca"), ("trainer", "resume_from"))
+FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"))
 
-#: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).
-TRACKING_SCHEMES = ("sqlite", "http", "https")
+#: Keys that moved, old -> new. An override with the old key still works (with a deprecation message); a recipe
+#: file with the old key is refused with a message naming the new one.
+MOVED_KEYS = {"encryption.broker": "broker.url", "encryption.broker_dir": "broker.dir",
+              "encryption.broker_ca": "broker.ca", "encryption.broker_timeout_s": "broker.timeout_s"}
 
-#: Smallest value of each numeric field that can run (checked at compose time).
-MINIMUMS = {
-    "hardware.devices": 1, "hardware.num_nodes": 1,
-    "qlora.rank": 1, "qlora.alpha": 1,
-    "data.batch_size": 1, "data.max_length": 32, "data.n_synthetic": 2,
-    "trainer.max_steps": 1, "trainer.warmup_steps": 0, "trainer.weight_decay": 0, "trainer.accumulate_grad_batches": 1,
-    "trainer.gradient_clip_val": 0, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 0,
-    "trainer.num_sanity_val_steps": 0, "trainer.log_every_n_steps": 1, "trainer.loss_chunk_tokens": 0,
-    "trainer.checkpoint_every_n_steps": 0, "trainer.checkpoint_keep": -1,
-    "model.checkpoint_every_n_layers": 1,
-    "model.tiny.hidden_size": 1, "model.tiny.num_hidden_layers": 1, "model.tiny.num_attention_heads": 1,
-    "model.tiny.num_key_value_heads": 1, "model.tiny.head_dim": 2, "model.tiny.intermediate_size": 1,
-    "model.tiny.sliding_window": 1,
-    "tracking.min_aggregate": 1,
-    "encryption.broker_timeout_s": 0.1,
-}
+#: Group options that were renamed, (group, old) -> new; handled as MOVED_KEYS are.
+RENAMED_OPTIONS = {("qlora", "lora"): "unquantized"}
 
 #: Accelerators Lightning's FSDP strategy shards across (it refuses any other).
-FSDP_ACCELERATORS = ("cuda",)
+FSDP_ACCELERATORS = (Accelerator.cuda,)
 
 # -------------------------------------------------------------------------------------------------------- composing
 
@@ -318,6 +157,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     overrides that are not plain data (sweeps only with -m)."""
     try:
         flags, overrides = recipe_guard.split_argv(argv)
+        overrides = modernize(overrides)
         recipe_guard.check_overrides(overrides, groups={**group_options(), "recipe": None}, fields=_top_fields(),
                                      multirun="-m" in flags or "--multirun" in flags)
     except recipe_guard.RecipeRuleError as exc:
@@ -325,6 +165,25 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     except Exception as exc:  # an override Hydra's parser cannot read
         raise ConfigError(f"cannot read the overrides: {str(exc).splitlines()[0]}") from None
     return flags, overrides
+
+
+def modernize(overrides: list[str]) -> list[str]:
+    """Overrides with the old spelling of a moved key or a renamed option rewritten to the new one, each with a
+    deprecation message on stderr."""
+    import sys
+
+    out = []
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        new = arg
+        if sep and key in MOVED_KEYS:
+            new = f"{MOVED_KEYS[key]}={value}"
+        elif sep and (key, value) in RENAMED_OPTIONS:
+            new = f"{key}={RENAMED_OPTIONS[key, value]}"
+        if new != arg:
+            print(f"medtee: '{arg}' is deprecated; it now reads '{new}'", file=sys.stderr)
+        out.append(new)
+    return out
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
@@ -415,6 +274,8 @@ def explain_compose_error(exc: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ConfigKeyError) or (cause is not None and "not in" in str(cause).split("\n")[0]):
         full_key = getattr(cause, "full_key", None) or ""
+        if full_key in MOVED_KEYS:
+            return f"key '{full_key}' has moved: write '{MOVED_KEYS[full_key]}' (see README, 'What changed')"
         parent, _, leaf = full_key.rpartition(".")
         valid = _schema_keys(parent)
         if valid is not None:
@@ -440,109 +301,79 @@ def explain_compose_error(exc: BaseException) -> str:
 
 
 def check(cfg) -> None:
-    """Rules that span groups, checked before anything runs. Raises ConfigError listing every violated rule."""
+    """Each group's own rules (`Schema.problems`), then the rules that span groups, before anything runs. Raises
+    ConfigError listing every violated rule."""
     problems = []
-    hw, att, q = cfg.hardware, cfg.attestation, cfg.qlora
-    if hw.production:
-        if att.allow_simulated or att.provider == "simulated" or not att.production:
-            problems.append(f"hardware profile '{hw.name}' is a production profile but attestation policy "
-                            f"'{att.name}' is not (it allows simulated evidence); choose a production policy, "
-                            f"e.g. attestation=snp_h200")
-        if cfg.data.source != "sealed":
-            problems.append(f"production profile '{hw.name}' trains on sealed data only: set data=sealed "
-                            f"data.path=DIR")
-        if not str(cfg.encryption.broker).startswith(("http://", "https://")):
-            problems.append(f"production profile '{hw.name}' needs the data owner's key broker: set "
-                            f"encryption.broker=https://... (an embedded broker would hold the owner's key here)")
-        if not cfg.model.offline:
-            problems.append("production profiles allow no model-hub access: set model.offline=true")
-
-    if cfg.trainer.strategy == "fsdp":
-        if hw.accelerator not in FSDP_ACCELERATORS:
-            problems.append(f"trainer.strategy=fsdp shards across CUDA GPUs only, but hardware profile '{hw.name}' "
-                            f"runs on {hw.accelerator.value}: use trainer.strategy=ddp there, or a GPU hardware profile")
-        param_dtype = "float32" if cfg.trainer.precision == "32-true" else "bfloat16"
-        if q.quantization != "none" and cfg.model.dtype != param_dtype:
-            # FSDP casts each flat parameter to the precision's dtype: packed 4-bit bytes cast as numbers are garbage
-            problems.append(f"trainer.strategy=fsdp stores the 4-bit weights as model.dtype elements, which FSDP casts "
-                            f"to trainer.precision={cfg.trainer.precision.name}'s {param_dtype}: set "
-                            f"model.dtype={param_dtype}")
-    if q.quantization != "none" and not hw.supports_4bit:
-        problems.append(f"qlora.quantization={q.quantization} needs bitsandbytes 4-bit kernels, which hardware "
-                        f"profile '{hw.name}' cannot run; use qlora=lora or another hardware profile")
-    try:
-        policy_from_mapping(cfg.attestation, "attestation")
-    except ValueError as exc:
-        problems.append(str(exc))
-    try:
-        Scheme.parse(cfg.encryption.scheme)
-    except ValueError as exc:
-        problems.append(f"encryption.scheme: {exc}")
-    if cfg.encryption.broker != "embedded" and not str(cfg.encryption.broker).startswith(("http://", "https://")):
-        problems.append(f"encryption.broker={cfg.encryption.broker!r}: use 'embedded' or an http(s):// URL")
-    uri = cfg.tracking.tracking_uri
-    if uri is not None and uri.partition(":")[0] not in TRACKING_SCHEMES:
-        problems.append(f"tracking.tracking_uri={uri!r}: MLflow stores are named sqlite:///FILE or "
-                        f"http(s)://HOST (tracking=mlflow_server reads MLFLOW_TRACKING_URI)")
+    for group, schema in GROUP_SCHEMAS.items():
+        if group == "attestation":
+            try:
+                policy_from_mapping(cfg.attestation, "attestation")
+            except ValueError as exc:
+                problems.append(str(exc))
+        else:
+            problems += schema.problems(cfg[group])
+    problems += OutputConfig.problems(cfg.output)
+    problems += _production_problems(cfg)
+    problems += _engine_problems(cfg.trainer, cfg.hardware, cfg.qlora, cfg.model)
+    hw, att = cfg.hardware, cfg.attestation
     if hw.require_gpu_cc and not (att.gpu_provider and att.gpu.required and att.gpu.require_cc_mode):
         problems.append(f"hardware profile '{hw.name}' requires every GPU in confidential-computing mode, which only "
                         f"GPU evidence proves: attestation policy '{att.name}' must set gpu_provider=nvidia, "
                         f"gpu.required=true and gpu.require_cc_mode=true (e.g. attestation=snp_h200)")
-    if cfg.tracking.metrics is not None:
-        extra = sorted(set(cfg.tracking.metrics) - set(METRIC_ALLOW_LIST))
-        if extra:
-            problems.append(f"tracking.metrics may only narrow medtee's allow-list; not allowed: {', '.join(extra)}. "
-                            f"Allowed: {', '.join(METRIC_ALLOW_LIST)}")
-    for key, minimum in MINIMUMS.items():
-        value = _get(cfg, key)
-        if value is not None and value < minimum:
-            problems.append(f"{key}={value} must be at least {minimum}")
-    if cfg.trainer.checkpoint_keep == 0:
-        problems.append("trainer.checkpoint_keep=0 would delete every checkpoint it writes: use -1 (keep all) or "
-                        "the number of most recent checkpoints to keep")
-    if not cfg.trainer.lr > 0 or cfg.trainer.lr == float("inf"):
-        problems.append(f"trainer.lr={cfg.trainer.lr} must be a positive learning rate, e.g. trainer.lr=2e-4")
-    if cfg.data.source != "sealed" and cfg.data.path:
-        problems.append(f"data.path={cfg.data.path} is set but data={cfg.data.source.value} does not read it: add "
-                        f"data=sealed to train on the sealed dataset at that path")
-    problems += _tiny_model_problems(cfg.model)
-    from medtee.broker.protocol import is_loopback_url
-
-    broker = str(cfg.encryption.broker)
-    if broker.startswith("http://") and not is_loopback_url(broker):
-        problems.append(f"encryption.broker={broker}: plain http is allowed only on loopback (127.0.0.1, ::1, "
-                        f"localhost); serve the broker with TLS and use https://")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        problems.append(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
-    if not 0.0 <= q.dropout < 1.0:
-        problems.append(f"qlora.dropout={q.dropout} must be in [0, 1)")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def _tiny_model_problems(model) -> list[str]:
-    """Shapes a tiny Gemma 3 cannot be built with (checked whatever the source, so a recipe stays switchable)."""
-    t, problems = model.tiny, []
-    if t.num_key_value_heads >= 1 and t.num_attention_heads % t.num_key_value_heads:
-        problems.append(f"model.tiny.num_attention_heads={t.num_attention_heads} must be a multiple of "
-                        f"model.tiny.num_key_value_heads={t.num_key_value_heads} (grouped-query attention)")
-    if not t.init_std > 0:
-        problems.append(f"model.tiny.init_std={t.init_std} must be positive, e.g. 0.1")
-    if t.head_dim % 2:
-        problems.append(f"model.tiny.head_dim={t.head_dim} must be even (rotary position embeddings rotate pairs)")
+def _production_problems(cfg) -> list[str]:
+    """What a production hardware profile demands of the other groups."""
+    hw, att = cfg.hardware, cfg.attestation
+    if not hw.production:
+        return []
+    problems = []
+    if att.allow_simulated or att.provider == "simulated" or not att.production:
+        problems.append(f"hardware profile '{hw.name}' is a production profile but attestation policy "
+                        f"'{att.name}' is not (it allows simulated evidence); choose a production policy, "
+                        f"e.g. attestation=snp_h200")
+    if cfg.data.source != DataSource.sealed:
+        problems.append(f"production profile '{hw.name}' trains on sealed data only: set data=sealed "
+                        f"data.path=DIR")
+    if not BrokerConfig.is_remote(cfg.broker):
+        problems.append(f"production profile '{hw.name}' needs the data owner's key broker: set "
+                        f"broker.url=https://... (an embedded broker would hold the owner's key here)")
+    if not cfg.model.offline:
+        problems.append("production profiles allow no model-hub access: set model.offline=true")
+    return problems
+
+
+def _engine_problems(t, hw, q, model) -> list[str]:
+    """What the trainer's strategy and the quantization need of the hardware and the model."""
+    problems = []
+    if t.strategy == Strategy.fsdp:
+        if hw.accelerator not in FSDP_ACCELERATORS:
+            problems.append(f"trainer.strategy=fsdp shards across CUDA GPUs only, but hardware profile '{hw.name}' "
+                            f"runs on {hw.accelerator.value}: use trainer.strategy=ddp there, or a GPU hardware profile")
+        param_dtype = "float32" if t.precision == Precision.fp32 else "bfloat16"
+        if q.quantization != Quantization.none and model.dtype != param_dtype:
+            # FSDP casts each flat parameter to the precision's dtype: packed 4-bit bytes cast as numbers are garbage
+            problems.append(f"trainer.strategy=fsdp stores the 4-bit weights as model.dtype elements, which FSDP casts "
+                            f"to trainer.precision={t.precision.name}'s {param_dtype}: set "
+                            f"model.dtype={param_dtype}")
+    if q.quantization != Quantization.none and not hw.supports_4bit:
+        problems.append(f"qlora.quantization={q.quantization.name} needs bitsandbytes 4-bit kernels, which hardware "
+                        f"profile '{hw.name}' cannot run; use qlora=unquantized or another hardware profile")
     return problems
 
 
 def check_runnable(cfg) -> None:
     """Values a recipe may leave for the command line but a run needs. Raises ConfigError."""
     problems = []
-    if cfg.data.source == "sealed" and not cfg.data.path:
+    if cfg.data.source == DataSource.sealed and not cfg.data.path:
         problems.append("data=sealed needs the sealed dataset: pass data.path=DIR (a directory made by `medtee seal`)")
-    if cfg.hardware.production and cfg.model.source == "pretrained" and not cfg.model.revision:
+    if cfg.hardware.production and cfg.model.source == ModelSource.pretrained and not cfg.model.revision:
         problems.append("production profiles load pinned weights: pass model.revision=COMMIT")
-    ca = cfg.encryption.broker_ca
+    ca = cfg.broker.ca
     if ca and not Path(ca).is_file():  # is_file: a regular file (a FIFO would hang the TLS setup)
-        problems.append(f"encryption.broker_ca={ca} is not a regular file: name the PEM bundle that signed the "
+        problems.append(f"broker.ca={ca} is not a regular file: name the PEM bundle that signed the "
                         f"broker's certificate, or leave it empty for the system trust store")
     if cfg.hardware.production and cfg.output.recipient == "dev":
         problems.append("production profiles encrypt the adapter to the model owner's key: pass "
@@ -574,12 +405,6 @@ def apply_environment(cfg) -> None:
         raise ConfigError(f"tracking.tracking_uri names a server other than MLFLOW_TRACKING_URI while "
                           f"{', '.join(credentials)} is set: MLflow would send those credentials to it. Use "
                           f"tracking=mlflow_server (the server in MLFLOW_TRACKING_URI), or unset the credentials")
-
-
-def _get(cfg, dotted: str):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.select(cfg, dotted)
 
 
 # ------------------------------------------------------------------------------------------------------ the digest

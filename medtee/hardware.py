@@ -1,9 +1,38 @@
-"""What a hardware profile requires of the machine, checked against what the machine really is."""
+"""The `hardware` config group: its schema, and what a profile requires of the machine, checked against what the
+machine really is."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Optional
+
+from medtee.schema import below_minimums
+
+
+class Accelerator(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu_dev"  # profile name, recorded in the run's tags
+    production: bool = False  # a production profile: real attestation only, sealed data only, remote key broker
+    accelerator: Accelerator = Accelerator.cpu  # what the training runs on
+    devices: int = 1  # accelerators per node
+    num_nodes: int = 1  # nodes (multi-node runs go through Lightning's launchers)
+    gpu_model: Optional[str] = None  # required GPU product name substring, e.g. "H200"; checked before key release
+    require_sev_snp: bool = False  # the machine must be an SEV-SNP guest (configfs-tsm or /dev/sev-guest)
+    require_gpu_cc: bool = False  # every GPU must be in CC mode: the attestation policy must demand it of GPU evidence
+    supports_4bit: bool = True  # bitsandbytes 4-bit kernels run on this profile
+    cpu_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
+
+    def problems(self) -> list[str]:
+        """What no machine could run (`HardwareConfig.problems(cfg.hardware)` on a composed group too)."""
+        return below_minimums(self, "hardware", {"devices": 1, "num_nodes": 1, "cpu_threads": 1})
 
 CONFIGFS_TSM = Path("/sys/kernel/config/tsm/report")
 SEV_GUEST = Path("/dev/sev-guest")

@@ -12,11 +12,16 @@ import contextlib
 import functools
 import time
 import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from medtee import config, exits, hardware
 
 say = exits.say
+
+#: Where a demo run seals its synthetic dialogues, inside its run directory (an input, not an output).
+SYNTHETIC_DIR = "synthetic-sealed"
 
 
 class Refused(Exception):
@@ -26,7 +31,7 @@ class Refused(Exception):
 def main(cfg) -> int:
     from hydra.core.hydra_config import HydraConfig
 
-    from medtee import privacy
+    from medtee import containment
     from medtee.broker.client import BrokerError
     from medtee.broker.protocol import ChallengeRefused
     from medtee.data import DataError
@@ -50,11 +55,11 @@ def main(cfg) -> int:
     except (Refused, BrokerError, ChallengeRefused) as exc:  # the key broker is down or refuses to answer
         say(f"refused: {exc}")
         return exits.REFUSED
-    except privacy.SafeError as exc:
+    except containment.SafeError as exc:
         say(f"run failed: {exc}")
         return exits.FAILED
     except Exception as exc:  # report where, never what: a message or repr may quote a batch
-        for i, line in enumerate(privacy.failure_report(exc)):
+        for i, line in enumerate(containment.failure_report(exc)):
             say(f"run failed: {line}" if i == 0 else line)
         return exits.FAILED
     finally:
@@ -63,17 +68,29 @@ def main(cfg) -> int:
 
 @contextlib.contextmanager
 def _contain(cfg):
-    """The run's containment (medtee.privacy): no core dumps, offline libraries, scrubbed logs, warnings and
+    """The run's containment (medtee.containment): no core dumps, offline libraries, scrubbed logs, warnings and
     exceptions, temporary files in memory. A production profile that would reach any host but the tracking server
     and the key broker is refused first."""
-    from medtee import privacy
+    from medtee import containment
 
     config.apply_environment(cfg)
-    problems = privacy.egress_problems(cfg)
+    problems = production_egress(cfg)
     if problems:
         raise Refused("; ".join(problems))
-    with privacy.contained():
+    with containment.contained():
         yield
+
+
+def production_egress(cfg) -> list[str]:
+    """Why a production profile may not start with this recipe and environment (`containment.egress_problems`);
+    empty outside production."""
+    from medtee import containment
+
+    if not cfg.hardware.production:
+        return []
+    return containment.egress_problems(tracking_uri=cfg.tracking.tracking_uri, broker_url=cfg.broker.url,
+                                       data_path=cfg.data.path,
+                                       weights_id=cfg.model.id if cfg.model.source == "pretrained" else None)
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -113,13 +130,25 @@ def preflight(cfg) -> None:
     from medtee import attestation
 
     problems = hardware.mismatches(cfg.hardware)
-    problems += attestation.unavailable_reasons(cfg.attestation.provider, cfg.attestation.gpu_provider)
+    att = cfg.attestation
+    problems += attestation.unavailable_reasons(att.provider.value, att.gpu_provider and att.gpu_provider.value)
     if problems:
         raise Refused("; ".join(problems))
 
 
-def release_data_key(cfg, dataset, *, broker, recipe_digest: str):
-    """Challenge -> evidence bound to nonce, ephemeral key and recipe -> broker appraisal -> data key in memory.
+@dataclass(frozen=True)
+class Attested:
+    """A released data key and what the receipt records of how it was released."""
+
+    release: object  # medtee.broker.protocol.Release: the data key (a SecretBuffer) and the broker's record
+    evidence: object  # the evidence the broker appraised
+    verdict: object  # this run's own appraisal of it
+    policy: object  # the recipe's attestation policy
+
+
+def release_data_key(cfg, dataset, *, broker, recipe_digest: str, receipt_public_key: bytes) -> Attested:
+    """Challenge -> evidence bound to nonce, ephemeral key, recipe and receipt key -> broker appraisal -> data key in
+    memory.
 
     The run first appraises its own evidence against the recipe's policy (a clear local error); the broker then
     appraises it independently against the dataset's release policy, which is what decides.
@@ -129,25 +158,29 @@ def release_data_key(cfg, dataset, *, broker, recipe_digest: str):
 
     att, manifest = cfg.attestation, dataset.manifest
     policy = attestation.policy_from_mapping(att, "the recipe's attestation group")
-    verdicts = []
+    appraised = []
 
     def evidence_for(nonce: bytes, ephemeral_public_key: bytes):
-        bound = dict(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest)
-        evidence = attestation.collect_evidence(att.provider, att.gpu_provider, **bound)
+        bound = dict(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
+                     receipt_public_key=receipt_public_key)
+        evidence = attestation.collect_evidence(att.provider.value, att.gpu_provider and att.gpu_provider.value,
+                                                **bound)
         expected = attestation.report_data(**bound, gpu_evidence_digests=evidence.gpu_evidence_digests())
         verdict = attestation.appraise(evidence, policy, expected_report_data=expected,
                                        expected_gpu_nonce=attestation.gpu_nonce(**bound))
         if not verdict.ok:
             raise Refused(f"evidence fails this recipe's attestation policy '{att.name}':\n{verdict.explain()}")
-        verdicts.append(verdict)
+        appraised.append((evidence, verdict))
         return evidence
 
     try:
-        key = obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
-                              recipe_digest=recipe_digest, evidence_for=evidence_for, scheme=cfg.encryption.scheme)
+        release = obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
+                                  recipe_digest=recipe_digest, evidence_for=evidence_for,
+                                  scheme=cfg.encryption.scheme, receipt_public_key=receipt_public_key)
     except KeyReleaseDenied as exc:
         raise Refused(f"the key broker denied the data key: {exc}") from None
-    return key, verdicts[-1]
+    evidence, verdict = appraised[-1]
+    return Attested(release=release, evidence=evidence, verdict=verdict, policy=policy)
 
 
 def _dataset_path(cfg, out_dir: Path, broker) -> Path:
@@ -157,7 +190,7 @@ def _dataset_path(cfg, out_dir: Path, broker) -> Path:
     from medtee.data.synthetic import generate_dialogues
     from medtee.sealing.seal import seal_records
 
-    path = out_dir / "synthetic-sealed"
+    path = out_dir / SYNTHETIC_DIR
     seed, n = cfg.data.synthetic_seed, cfg.data.n_synthetic
     seal_records(generate_dialogues(n, seed=seed), path, broker=broker, policy=cfg.attestation.name,
                  dataset_id=f"synthetic-{seed}-{n}-{uuid.uuid4().hex[:12]}")
@@ -165,55 +198,90 @@ def _dataset_path(cfg, out_dir: Path, broker) -> Path:
     return path
 
 
-def _train(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict) -> int:
-    from medtee.broker.protocol import connect
-    from medtee.crypto.stream import derive_key
-    from medtee.sealing.reader import open_dataset
+@dataclass
+class Outcome:
+    """What the run hands its end: the MLflow run, and on success the summary and the outputs written."""
 
-    enc = cfg.encryption
-    broker = connect(enc.broker, store_dir=Path(enc.broker_dir), ca=enc.broker_ca, timeout_s=enc.broker_timeout_s)
+    logger: object = None
+    summary: dict | None = None
+    written: dict = field(default_factory=dict)
+    first_loss: float | None = None
+
+
+def _train(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict) -> int:
+    """Release the data key, train, and end (success or failure) with the teardown and the signed receipt."""
+    from medtee.broker import connect
+    from medtee.crypto.secret import SecretBuffer
+    from medtee.crypto.stream import derive_key
+    from medtee.receipt.signing import ReceiptSigner
+    from medtee.sealing.reader import open_dataset
+    from medtee.teardown import Teardown
+
+    b = cfg.broker
+    broker = connect(b.url, store_dir=Path(b.dir), ca=b.ca, timeout_s=b.timeout_s)
     dataset = open_dataset(_dataset_path(cfg, out_dir, broker))  # every shard checked against the manifest
-    data_key, verdict = release_data_key(cfg, dataset, broker=broker, recipe_digest=digest)
-    dataset.check_key(data_key)
-    checkpoint_key = derive_key(data_key, dataset.manifest.digest())  # checkpoints need this release again
-    # decrypted one record batch at a time, straight into the data module's token arrays (memory only)
-    records = functools.partial(_decrypted_records, dataset, data_key)
-    del data_key
-    say(f"attestation {verdict.policy}: {'PASS' if verdict.ok else 'FAIL'}"
-        f"{' (SIMULATED)' if verdict.simulated else ''}; data key released; decrypting "
-        f"{dataset.manifest.record_count} records into memory")
-    return _fit(cfg, recipe=recipe, digest=digest, records=records, dataset=dataset, verdict=verdict,
-                out_dir=out_dir, checkpoint_key=checkpoint_key, weights=weights)
+    # the recipe as its digest covers it: without data.path (a directory name can name a patient or a study)
+    recorded = config.digest_input(config.resolved(cfg), weights=weights or None)
+    signer = ReceiptSigner()  # in memory only; its public key is bound into the evidence
+    started = datetime.now(timezone.utc)
+    attested = release_data_key(cfg, dataset, broker=broker, recipe_digest=digest,
+                                receipt_public_key=signer.public_bytes)
+    teardown = Teardown()
+    data_key = teardown.key("data key", attested.release.data_key)
+    teardown.dropped("ephemeral private key", "held inside cryptography's HPKE context; freed once the key was "
+                                              "unwrapped")
+    teardown.dropped("receipt signing key", "held inside cryptography; freed once the receipt is signed")
+    outcome, error = Outcome(), None
+    try:
+        dataset.check_key(data_key)
+        # checkpoints are encrypted under a key derived from this release: resuming needs the release again
+        checkpoint_key = teardown.key("checkpoint key", SecretBuffer(derive_key(data_key, dataset.manifest.digest())))
+        # decrypted one record batch at a time, straight into the data module's token arrays (memory only)
+        records = functools.partial(_decrypted_records, dataset, data_key)
+        verdict = attested.verdict
+        say(f"attestation {verdict.policy}: {'PASS' if verdict.ok else 'FAIL'}"
+            f"{' (SIMULATED)' if verdict.simulated else ''}; data key released; decrypting "
+            f"{dataset.manifest.record_count} records into memory")
+        return _fit(cfg, recipe=recipe, digest=digest, records=records, dataset=dataset, verdict=verdict,
+                    out_dir=out_dir, checkpoint_key=checkpoint_key, weights=weights, recorded=recorded,
+                    teardown=teardown, outcome=outcome)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        _end(cfg, outcome=outcome, error=error, teardown=teardown, broker=broker, attested=attested, signer=signer,
+             started=started, recorded=recorded, digest=digest, weights=weights, dataset=dataset, out_dir=out_dir)
 
 
 def _decrypted_records(dataset, data_key: bytes):
     return (record for batch in dataset.iter_batches(data_key) for record in batch.to_pylist())
 
 
-def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, checkpoint_key: bytes,
-         weights: dict) -> int:
+def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, checkpoint_key: bytes, weights: dict,
+         recorded: dict, teardown, outcome: Outcome) -> int:
     import lightning as L
     import torch
     from lightning.pytorch.utilities import rank_zero_only
 
     from medtee.data.module import DialogueDataModule
-    from medtee.tracking import open_run
+    from medtee.tracking.logger import open_run, run_tags
     from medtee.training.checkpoint import CheckpointError, EncryptedCheckpointIO, resume_info
     from medtee.training.model import build_model, build_tokenizer
     from medtee.training.module import CausalLMModule
 
-    t, hw = cfg.trainer, cfg.hardware
+    t, hw, d = cfg.trainer, cfg.hardware, cfg.data
     rank_zero = rank_zero_only.rank == 0  # torchrun / SLURM: every process runs this flow; rank 0 reports
     if hw.cpu_threads:
         torch.set_num_threads(hw.cpu_threads)
     L.seed_everything(t.seed, verbose=False)
     device = "cuda" if hw.accelerator == "cuda" else "cpu"
     tokenizer = build_tokenizer(cfg.model)
-    datamodule = DialogueDataModule(records, tokenizer, max_length=cfg.data.max_length,
-                                    batch_size=cfg.data.batch_size, val_fraction=cfg.data.val_fraction,
-                                    seed=cfg.data.seed, packing=cfg.data.packing)
+    datamodule = DialogueDataModule(records, tokenizer, max_length=d.max_length, batch_size=d.batch_size,
+                                    val_fraction=d.val_fraction, seed=d.seed, packing=d.packing)
     del records
+    teardown.data("decrypted records", datamodule.destroy)
     datamodule.setup("fit")
+    teardown.wipe("data key")  # every record is read: the data key is needed no more
     stats = datamodule.stats()
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device,
                         sharded=t.strategy == "fsdp")
@@ -225,41 +293,33 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
     except CheckpointError as exc:
         raise config.ConfigError(str(exc)) from None
 
-    dataset_record = {"id": dataset.manifest.dataset_id, "manifest_digest": dataset.manifest.digest()}
-    # the recipe as its digest covers it: without data.path (a directory name can name a patient or a study)
-    recorded = config.digest_input(config.resolved(cfg), weights=weights or None)
     digests = weights if rank_zero else {}
-    logger = False
-    try:
-        if rank_zero:
-            # a resumed training run continues its MLflow run; an evaluation run is a run of its own
-            run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
-            logger = open_run(cfg, recipe=recipe, recipe_digest=digest, dataset_digest=dataset.manifest.digest(),
-                              verdict=verdict, eval_examples=stats.get("n_val", 0), weight_digests=digests,
-                              run_id=run_id, manifest=dataset.manifest)
-            logger.set_tags({"medtee.mode": "validate" if t.validate_only else "train"})
-            say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
-        return _run_trainer(cfg, module=module, datamodule=datamodule, logger=logger, out_dir=out_dir,
-                            checkpoint_io=checkpoint_io, rank_zero=rank_zero, recorded=recorded, digests=digests,
-                            summary={"recipe": recipe, "recipe_digest": digest, "dataset": dataset_record,
-                                     "attestation": {"policy": verdict.policy, "ok": verdict.ok,
-                                                     "simulated": verdict.simulated},
-                                     "examples": {"train": stats.get("n_train"), "val": stats.get("n_val")}},
-                            verdict=verdict)
-    except BaseException:
-        if logger:
-            logger.close("FAILED")  # a run that fails is never left RUNNING
-        raise
+    mode = "validate" if t.validate_only else "train"
+    if rank_zero:
+        # a resumed training run continues its MLflow run; an evaluation run is a run of its own
+        run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
+        tags = run_tags(recipe=recipe, recipe_digest=digest, dataset_digest=dataset.manifest.digest(),
+                        verdict=verdict, hardware=hw.name, model=cfg.model, mode=mode, weight_digests=digests)
+        # one evaluation pass covers at most limit_val_batches x batch_size held-out examples
+        outcome.logger = open_run(cfg.tracking, run_name=recipe, tags=tags, params=recorded, run_id=run_id,
+                                  eval_examples=min(stats.get("n_val", 0), t.limit_val_batches * d.batch_size),
+                                  manifest=dataset.manifest, context="evaluation" if t.validate_only else "training")
+        say(f"MLflow run {outcome.logger.run_id} in {outcome.logger.where}{' (continued)' if run_id else ''}")
+    return _run_trainer(cfg, module=module, datamodule=datamodule, logger=outcome.logger, out_dir=out_dir,
+                        checkpoint_io=checkpoint_io, rank_zero=rank_zero, recorded=recorded, verdict=verdict,
+                        outcome=outcome, facts={"recipe": recipe, "recipe_digest": digest, "mode": mode,
+                                                "dataset": dataset.manifest, "stats": stats})
 
 
 def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_io, rank_zero: bool,
-                 recorded: dict, digests: dict, summary: dict, verdict) -> int:
+                 recorded: dict, verdict, outcome: Outcome, facts: dict) -> int:
     """Fit (or validate), then write the encrypted adapter, the recorded recipe and the summary."""
+    from medtee.tracking.config import TrackingConfig
     from medtee.training.engine import build_trainer
     from medtee.training.output import write_outputs
 
     t = cfg.trainer
-    trainer = build_trainer(t, cfg.hardware, metrics=cfg.tracking.metrics or config.METRIC_ALLOW_LIST,
+    trainer = build_trainer(t, cfg.hardware, metrics=TrackingConfig.allowed_metrics(cfg.tracking),
                             model=module.model, logger=logger, out_dir=out_dir, checkpoint_io=checkpoint_io)
     module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
     started = time.time()
@@ -273,28 +333,96 @@ def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_i
         return exits.OK
     metrics = logger.guard.metrics({k: float(v) for k, v in trainer.callback_metrics.items()
                                     if k in ("train/loss", "val/loss", "val/perplexity")})
-    summary = {
-        **summary,
-        "mlflow_run_id": logger.run_id,
-        "mode": "validate" if t.validate_only else "train",
-        "resumed": bool(t.resume_from),
-        "world_size": trainer.world_size,
-        "steps": trainer.global_step,
-        "seconds": round(time.time() - started, 1),
-        "final_metrics": metrics,
-    }
-    written = write_outputs(module.model, cfg, adapter=adapter, summary=summary, resolved_recipe=recorded,
-                            out_dir=out_dir)
-    logger.finish(summary, resolved=recorded, verdict=verdict, weight_digests=digests,
-                  evaluation={k: v for k, v in metrics.items() if k.startswith("val/")},
-                  tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
-    _report(summary, first_loss=module.first_loss, out_dir=out_dir, written=written, cfg=cfg)
+    outcome.summary = _summary(facts, verdict=verdict, run_id=logger.run_id, resumed=bool(t.resume_from),
+                               world_size=trainer.world_size, steps=trainer.global_step,
+                               seconds=round(time.time() - started, 1), metrics=metrics)
+    outcome.written = write_outputs(module.model, adapter=adapter, recipient=cfg.output.recipient,
+                                    scheme=cfg.encryption.scheme, base_model=cfg.model.id or cfg.model.name,
+                                    summary=outcome.summary, recorded_recipe=recorded, out_dir=out_dir)
+    outcome.first_loss = module.first_loss
     return exits.OK
 
 
-def _report(summary: dict, *, first_loss: float | None, out_dir: Path, written: dict, cfg) -> None:
+def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, started, recorded, digest, weights,
+         dataset, out_dir: Path) -> None:
+    """Success or failure, once a data key was released: destroy what held keys and records, tell the broker the
+    release is closed, sign the receipt, close the MLflow run, say what was done."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from medtee.receipt.signing import write_receipt
+    from medtee.receipt.statement import build_statement, file_subjects
+
+    record = teardown.destroy()
+    say(f"teardown: {teardown.summary()}")
+    release = attested.release
+    try:
+        closed = broker.close_release(release.release_id, record=record)
+        say(f"key release {release.release_id[:16]} closed at the key broker")
+    except Exception as exc:  # the run's result stands; the receipt says the close is not on the broker's record
+        closed = None
+        say(f"warning: the key broker did not record the release closed ({type(exc).__name__}); the receipt says so")
+    summary = outcome.summary or {}
+    envelope = None
+    try:
+        statement = build_statement(
+            recipe=recorded, recipe_digest=digest, model_revision=cfg.model.revision, weight_digests=weights,
+            dataset_id=dataset.manifest.dataset_id, manifest_digest=dataset.manifest.digest(),
+            evidence=attested.evidence, policy=attested.policy, verdict=attested.verdict, release=release,
+            receipt_public_key=signer.public_bytes, started=started, ended=datetime.now(timezone.utc),
+            metrics=summary.get("final_metrics", {}), teardown=record, error=error,
+            subjects=file_subjects(_output_files(out_dir)), close_audit_entry_sha256=closed)
+        envelope = signer.sign(statement)
+        rank = rank_zero_only.rank
+        path = write_receipt(envelope, out_dir, name="receipt.dsse.json" if rank == 0 else f"receipt.rank{rank}.dsse.json")
+        say(f"receipt: {path} (signed by the attested process; check it offline: `medtee receipt verify {path}`)")
+    except Exception as exc:
+        if error is None:
+            raise
+        say(f"warning: no receipt written ({type(exc).__name__})")  # the run's own failure is what is reported
+    logger = outcome.logger
+    if not logger:
+        return
+    if error is not None:
+        logger.fail(envelope)
+        return
+    written = outcome.written
+    logger.finish(summary, recipe=recorded, verdict=attested.verdict, weight_digests=weights, receipt=envelope,
+                  evaluation={k: v for k, v in summary["final_metrics"].items() if k.startswith("val/")},
+                  tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
+    _report(summary, first_loss=outcome.first_loss, out_dir=out_dir, written=written,
+            recipient=cfg.output.recipient, tracking_uri=cfg.tracking.tracking_uri)
+
+
+def _output_files(out_dir: Path) -> list[Path]:
+    """The run's output files (the receipt's subjects): all but the synthetic dataset sealed for the demo."""
+    return sorted(p for p in out_dir.rglob("*") if p.is_file() and SYNTHETIC_DIR not in p.relative_to(out_dir).parts
+                  and not p.name.startswith("receipt."))
+
+
+def _summary(facts: dict, *, verdict, run_id: str, resumed: bool, world_size: int, steps: int, seconds: float,
+             metrics: dict) -> dict:
+    """summary.json: what ran on which data (ids and digests), the attestation outcome, counts, aggregate metrics."""
+    manifest, stats = facts["dataset"], facts["stats"]
+    return {
+        "recipe": facts["recipe"],
+        "recipe_digest": facts["recipe_digest"],
+        "dataset": {"id": manifest.dataset_id, "manifest_digest": manifest.digest()},
+        "attestation": {"policy": verdict.policy, "ok": verdict.ok, "simulated": verdict.simulated},
+        "examples": {"train": stats.get("n_train"), "val": stats.get("n_val")},
+        "mlflow_run_id": run_id,
+        "mode": facts["mode"],
+        "resumed": resumed,
+        "world_size": world_size,
+        "steps": steps,
+        "seconds": seconds,
+        "final_metrics": metrics,
+    }
+
+
+def _report(summary: dict, *, first_loss: float | None, out_dir: Path, written: dict, recipient: str,
+            tracking_uri: str) -> None:
     """The run's last lines: what was learned, where the outputs are, how to look at the metrics."""
-    from medtee.tracking import display_uri
+    from medtee.tracking.logger import display_uri
 
     metrics = summary["final_metrics"]
     shown = [f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/")]
@@ -306,11 +434,9 @@ def _report(summary: dict, *, first_loss: float | None, out_dir: Path, written: 
     if written:
         from medtee.training.output import ADAPTER_FILE, DEV_RECIPIENT_DIR, DEV_RECIPIENT_NAME
 
-        key = (DEV_RECIPIENT_DIR / f"{DEV_RECIPIENT_NAME}.key" if cfg.output.recipient == "dev"
-               else "<the recipient's .key>")
+        key = DEV_RECIPIENT_DIR / f"{DEV_RECIPIENT_NAME}.key" if recipient == "dev" else "<the recipient's .key>"
         say(f"encrypted adapter (to {written['adapter_recipient']}): open it with "
             f"`medtee adapter open {out_dir / ADAPTER_FILE} --key {key} --out adapter/`")
-    uri = cfg.tracking.tracking_uri
-    dashboard = (f"mlflow ui --backend-store-uri {uri}   (then browse http://127.0.0.1:5000)"
-                 if uri.startswith("sqlite:") else display_uri(uri))
+    dashboard = (f"mlflow ui --backend-store-uri {tracking_uri}   (then browse http://127.0.0.1:5000)"
+                 if tracking_uri.startswith("sqlite:") else display_uri(tracking_uri))
     say(f"summary: {out_dir / 'summary.json'}; dashboard: {dashboard}")

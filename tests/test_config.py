@@ -70,8 +70,8 @@ def test_production_hardware_with_simulated_attestation_is_refused():
 def test_4bit_on_a_profile_without_4bit_kernels_is_refused_with_the_fix():
     with pytest.raises(ConfigError) as err:
         config.compose(["recipe=demo", "hardware.supports_4bit=false"])
-    assert "qlora=lora" in str(err.value)
-    config.compose(["recipe=demo", "hardware.supports_4bit=false", "qlora=lora"])
+    assert "qlora=unquantized" in str(err.value)
+    config.compose(["recipe=demo", "hardware.supports_4bit=false", "qlora=unquantized"])
 
 
 def test_fsdp_off_cuda_is_refused_with_the_fix():
@@ -85,7 +85,7 @@ def test_fsdp_with_4bit_weights_needs_the_model_dtype_fsdp_computes_in():
     with pytest.raises(ConfigError) as err:
         config.compose(["recipe=medgemma27b_h200_sev_snp", "trainer.strategy=fsdp", "model.dtype=float32"])
     assert "model.dtype=bfloat16" in str(err.value)
-    config.compose(["recipe=medgemma27b_h200_sev_snp", "trainer.strategy=fsdp", "model.dtype=float32", "qlora=lora"])
+    config.compose(["recipe=medgemma27b_h200_sev_snp", "trainer.strategy=fsdp", "model.dtype=float32", "qlora=unquantized"])
 
 
 def test_tracking_metrics_can_only_narrow_the_allow_list():
@@ -131,7 +131,7 @@ def _another_value(cfg, path):
         return value + "x"
     if OmegaConf.is_list(value):
         return [*value, "x"] if not len(value) or isinstance(value[0], str) else [*value, value[0]]
-    for candidate in ("x", 1, ["x"]):  # None: the first value of the field's type
+    for candidate in ("x", 1, ["x"], "nvidia"):  # None: the first value of the field's type
         try:
             OmegaConf.update(cfg.copy(), path, candidate, merge=False)
             return candidate
@@ -210,7 +210,7 @@ def test_every_schema_field_is_documented_next_to_its_definition():
 
 def test_a_recipe_file_outside_the_package_can_be_named_by_path(tmp_path):
     path = tmp_path / "my_small.yaml"
-    path.write_text("# @package _global_\ndefaults:\n  - override /qlora: lora\nqlora:\n  rank: 4\n")
+    path.write_text("# @package _global_\ndefaults:\n  - override /qlora: unquantized\nqlora:\n  rank: 4\n")
     [override] = config.use_recipe_files([f"recipe={path}"])
     cfg = config.compose([override])
     assert override == "recipe=my_small" and cfg.qlora.rank == 4 and cfg.qlora.quantization == "none"
@@ -224,7 +224,7 @@ def test_a_recipe_file_outside_the_package_can_be_named_by_path(tmp_path):
     ("trainer.val_check_interval=0", "trainer.val_check_interval"),
     ("model.tiny.num_attention_heads=3", "model.tiny.num_attention_heads"), ("model.tiny.head_dim=7", "head_dim"),
     ("data.max_length=8", "data.max_length"), ("trainer.checkpoint_keep=0", "trainer.checkpoint_keep"),
-    ("encryption.broker=http://10.1.2.3:8765", "plain http is allowed only on loopback"),
+    ("broker.url=http://10.1.2.3:8765", "plain http is allowed only on loopback"),
     ("data.path=/some/dir", "add data=sealed"), ("data.n_synthetic=1", "data.n_synthetic"),
 ])
 def test_settings_that_cannot_run_are_refused_at_compose_time(override, named):
@@ -236,7 +236,7 @@ def test_settings_that_cannot_run_are_refused_at_compose_time(override, named):
 
 def test_plain_http_broker_on_loopback_is_allowed():
     for url in ("http://127.0.0.1:8765", "http://[::1]:8765", "http://localhost:8765", "https://broker.example"):
-        config.compose(["recipe=demo", f"encryption.broker='{url}'"])
+        config.compose(["recipe=demo", f"broker.url='{url}'"])
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, options in config.group_options().items() for o in options])
@@ -264,3 +264,58 @@ def test_merged_weights_are_not_an_option():
     """Dangerous options are absent, not flagged: only the encrypted adapter is ever written."""
     with pytest.raises(ConfigError, match="unknown key 'output.merge_weights'"):
         config.compose(["output.merge_weights=false"])
+
+
+# ------------------------------------------------------------------------------------ schemas beside their packages
+
+
+@pytest.mark.parametrize("schema, section, fragment", [
+    ("medtee.hardware:HardwareConfig", {"devices": 0}, "hardware.devices=0 must be at least 1"),
+    ("medtee.training.config:QLoRAConfig", {"dropout": 1.0}, "qlora.dropout=1.0 must be in [0, 1)"),
+    ("medtee.training.config:TrainerConfig", {"checkpoint_keep": 0}, "trainer.checkpoint_keep=0 would delete"),
+    ("medtee.training.config:ModelConfig", {"checkpoint_every_n_layers": 0}, "model.checkpoint_every_n_layers=0"),
+    ("medtee.training.config:TinyGemma3", {"head_dim": 3}, "must be even"),
+    ("medtee.data.config:DataConfig", {"val_fraction": 1.5}, "data.val_fraction=1.5 must be in [0, 1)"),
+    ("medtee.tracking.config:TrackingConfig", {"tracking_uri": "s3://b"}, "MLflow stores are named"),
+    ("medtee.broker.config:BrokerConfig", {"url": "ftp://x"}, "use 'embedded' or an http(s):// URL"),
+    ("medtee.broker.config:BrokerConfig", {"url": "http://10.0.0.1:8765"}, "plain http is allowed only on loopback"),
+])
+def test_each_schema_checks_its_own_values(schema, section, fragment):
+    """Every group's rules live beside its schema and read only its own section (a dataclass or a composed group)."""
+    import importlib
+
+    module, name = schema.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert cls().problems() == []
+    assert any(fragment in p for p in cls(**section).problems()), cls(**section).problems()
+
+
+def test_enum_fields_fail_at_compose_time_naming_the_choices():
+    for override, choices in (("encryption.scheme=hpke-p256", "hpke_x25519, hpke_mlkem768_x25519"),
+                              ("attestation.provider=tdx", "simulated, sev_snp, file")):
+        with pytest.raises(ConfigError) as err:
+            config.compose(["recipe=demo", override])
+        assert choices in str(err.value), str(err.value)
+
+
+def test_policy_files_with_the_old_provider_spelling_still_load():
+    from medtee.attestation.policy import Provider, policy_from_mapping
+
+    policy = policy_from_mapping({"name": "mine", "provider": "sev-snp", "production": True}, "mine.yaml")
+    assert policy.provider is Provider.sev_snp and policy.provider.value == "sev-snp"
+
+
+def test_old_spellings_on_the_command_line_work_with_a_deprecation_message(capsys):
+    flags, overrides = config.split_argv(["encryption.broker_dir=/tmp/b", "qlora=lora", "trainer.max_steps=2"])
+    assert overrides == ["broker.dir=/tmp/b", "qlora=unquantized", "trainer.max_steps=2"] and flags == []
+    err = capsys.readouterr().err
+    assert "'encryption.broker_dir=/tmp/b' is deprecated; it now reads 'broker.dir=/tmp/b'" in err
+    assert "'qlora=lora' is deprecated; it now reads 'qlora=unquantized'" in err
+    assert config.compose(overrides).broker.dir == "/tmp/b"
+
+
+def test_a_recipe_file_with_a_moved_key_names_the_new_one(tmp_path):
+    path = tmp_path / "old_style.yaml"
+    path.write_text("# @package _global_\nencryption:\n  broker: https://broker.example\n")
+    with pytest.raises(ConfigError, match=r"key 'encryption.broker' has moved: write 'broker.url'"):
+        config.compose(config.use_recipe_files([f"recipe={path}"]))

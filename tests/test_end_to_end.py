@@ -95,7 +95,7 @@ def test_seal_train_and_open_the_adapter(tmp_path):
     _seal(owner / "d.jsonl", owner / "sealed", owner)
     assert run_medtee("keys", "new", "--out", "keys", "--name", "model-owner", cwd=owner).returncode == 0
     res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}",
-                     f"encryption.broker_dir={owner / '.medtee/broker'}",
+                     f"broker.dir={owner / '.medtee/broker'}",
                      f"output.recipient={owner / 'keys/model-owner.pub'}", *FAST, cwd=tee)
     assert res.returncode == 0, res.stderr[-3000:]
     [out] = _output_dirs(tee)
@@ -135,7 +135,7 @@ def test_tampered_shard_is_refused_before_anything_is_written(tmp_path):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}",
-                     f"encryption.broker_dir={owner / '.medtee/broker'}", cwd=tee)
+                     f"broker.dir={owner / '.medtee/broker'}", cwd=tee)
     assert res.returncode == 2
     assert shard.name in res.stderr
     assert list(tee.iterdir()) == []
@@ -176,7 +176,7 @@ def test_train_against_the_owners_http_broker(tmp_path):
         line = server.stdout.readline()  # printed once the broker accepts requests
         assert "listening on http://127.0.0.1:" in line, line
         url = line.split()[-1]
-        res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}", f"encryption.broker={url}",
+        res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}", f"broker.url={url}",
                          *FAST, cwd=tee)
         assert res.returncode == 0, res.stderr[-3000:]
     finally:

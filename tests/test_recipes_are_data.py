@@ -304,7 +304,7 @@ def test_files_a_recipe_names_enter_the_digest_by_content(tmp_path):
     key, ca = tmp_path / "owner.pub", tmp_path / "ca.pem"
     cfg = config.compose(["recipe=demo"])
     OmegaConf.update(cfg, "output.recipient", str(key))
-    OmegaConf.update(cfg, "encryption.broker_ca", str(ca))
+    OmegaConf.update(cfg, "broker.ca", str(ca))
     digests = set()
     for key_bytes, ca_bytes in ((b"key one", b"ca one"), (b"key two", b"ca one"), (b"key two", b"ca two")):
         key.write_bytes(key_bytes), ca.write_bytes(ca_bytes)

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
 
 from medtee.paths import conf_dir
 
-PROVIDERS = ("simulated", "sev-snp", "file")
-GPU_PROVIDERS = ("nvidia",)
+
+
+class Provider(str, Enum):
+    """CPU evidence providers. YAML names the member (`sev_snp`); evidence and the wire carry the value."""
+
+    simulated = "simulated"  # development only: no TEE, protects nothing
+    sev_snp = "sev-snp"  # the SEV-SNP guest's own report (configfs-tsm or /dev/sev-guest)
+    file = "file"  # evidence read from a file (verification of recorded evidence)
+
+
+class GpuProvider(str, Enum):
+    """GPU evidence providers."""
+
+    nvidia = "nvidia"  # NVIDIA confidential-computing GPUs through NVML
 
 
 class Revocation(str, Enum):
@@ -53,8 +66,8 @@ class AttestationPolicy:
     """An appraisal policy (also the Hydra schema of the `attestation` group). Empty lists mean "any"."""
 
     name: str = "simulated"  # policy name (file stem in conf/attestation/)
-    provider: str = "simulated"  # CPU evidence provider a run uses: simulated | sev-snp | file
-    gpu_provider: Optional[str] = None  # GPU evidence provider a run uses: nvidia, or null for none
+    provider: Provider = Provider.simulated  # CPU evidence provider a run uses: simulated | sev_snp | file
+    gpu_provider: Optional[GpuProvider] = None  # GPU evidence provider a run uses: nvidia, or null for none
     production: bool = False  # production policies refuse simulated evidence and must bind REPORT_DATA
     allow_simulated: bool = False  # accept SIMULATED evidence (development only; protects nothing)
     authenticity_only: bool = False  # check only genuineness (chain, signature, TCB, reserved fields, binding)
@@ -79,14 +92,10 @@ class AttestationPolicy:
     def problems(self) -> list[str]:
         """Inconsistencies, each naming the field and the fix (empty when the policy is usable)."""
         out = []
-        if self.provider not in PROVIDERS:
-            out.append(f"provider '{self.provider}' is unknown: use one of {', '.join(PROVIDERS)}")
-        if self.gpu_provider is not None and self.gpu_provider not in GPU_PROVIDERS:
-            out.append(f"gpu_provider '{self.gpu_provider}' is unknown: use nvidia or null")
         if self.production and self.allow_simulated:
             out.append("production policies must set allow_simulated: false")
-        if self.production and self.provider == "simulated":
-            out.append("production policies need provider sev-snp (or file), not simulated")
+        if self.production and self.provider == Provider.simulated:
+            out.append("production policies need provider sev_snp (or file), not simulated")
         if self.production and not self.require_binding:
             out.append("production policies must set require_binding: true")
         if self.production and self.authenticity_only:
@@ -119,6 +128,8 @@ def policy_from_mapping(data: object, source: str) -> AttestationPolicy:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(data, Mapping) and data.get("provider") == Provider.sev_snp.value:
+        data = {**data, "provider": Provider.sev_snp.name}  # policy files written before providers were an enum
     try:
         merged = OmegaConf.merge(OmegaConf.structured(AttestationPolicy), data)
         policy = OmegaConf.to_object(merged)
@@ -128,6 +139,24 @@ def policy_from_mapping(data: object, source: str) -> AttestationPolicy:
     if problems:
         raise ValueError(f"attestation policy {source}: " + "; ".join(problems))
     return policy
+
+
+def policy_document(data: bytes, source: str):
+    """The mapping of a policy file's bytes (an OmegaConf DictConfig), validated against the schema; ValueError
+    naming `source` and the problem."""
+    import io
+
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        doc = OmegaConf.load(io.BytesIO(data))
+    except (yaml.YAMLError, OSError) as e:  # OSError: a document that is a bare scalar
+        raise ValueError(f"attestation policy {source}: not a YAML mapping ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, DictConfig):
+        raise ValueError(f"attestation policy {source}: is a YAML list; write a mapping of policy fields")
+    policy_from_mapping(doc, source)
+    return doc
 
 
 def load_policy(name: str) -> AttestationPolicy:

@@ -64,13 +64,12 @@ def unavailable_reasons(provider: str, gpu_provider: str | None) -> list[str]:
 
 
 def collect_evidence(provider: str, gpu_provider: str | None, *, nonce: bytes, ephemeral_public_key: bytes,
-                     recipe_digest: str) -> Evidence:
-    """GPU evidence first (for the derived GPU nonce), then the CPU report over REPORT_DATA covering its digests."""
-    gpus = ()
-    if gpu_provider:
-        gpus = get_provider(gpu_provider).collect_gpus(
-            gpu_nonce(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest))
-    binding = report_data(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
-                          gpu_evidence_digests=[g.digest() for g in gpus])
+                     recipe_digest: str, receipt_public_key: bytes | None = None) -> Evidence:
+    """GPU evidence first (for the derived GPU nonce), then the CPU report over REPORT_DATA covering its digests;
+    both bind `receipt_public_key` when given (the run's receipt-signing key)."""
+    bound = dict(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
+                 receipt_public_key=receipt_public_key)
+    gpus = get_provider(gpu_provider).collect_gpus(gpu_nonce(**bound)) if gpu_provider else ()
+    binding = report_data(**bound, gpu_evidence_digests=[g.digest() for g in gpus])
     evidence = get_provider(provider).collect(binding)
     return dataclasses.replace(evidence, gpus=tuple(gpus))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,10 +50,18 @@ class AuditLog:
 
     def append(self, event: str, **fields: object) -> dict:
         """Append one entry (`event` plus JSON-ready `fields`) and return it."""
+        return self.append_checked(event, None, **fields)
+
+    def append_checked(self, event: str, check: Callable[[Iterator[dict]], dict] | None, **fields: object) -> dict:
+        """As `append`, but first, under the same locks, `check(entries)` reads the entries so far (oldest first)
+        and returns further fields for the new entry, or raises so that nothing is appended."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
+                if check is not None:
+                    f.seek(0)
+                    fields = {**fields, **check(json.loads(line) for line in f if line.strip())}
                 last = _last_line(f)
                 prev = json.loads(last) if last else None
                 entry = {

@@ -10,9 +10,29 @@ import argparse
 from pathlib import Path
 
 from medtee import exits
-from medtee.broker.protocol import DEFAULT_BROKER_DIR
+from medtee.broker.protocol import DEFAULT_BROKER_DIR, DEFAULT_NONCE_TTL_S
+from medtee.broker.service import BROKER_KEY_NAME, DEFAULT_MAX_CHALLENGES_PER_CLIENT, DEFAULT_MAX_CHALLENGES_PER_DATASET
 
 
+class _ServerDefault:
+    """A `broker serve` default kept in medtee.broker.server (DEFAULT_PORT or a `Limits` field), read only when
+    shown or used: importing the server loads uvicorn and Starlette, which `medtee --help` should not pay for."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def value(self):
+        from medtee.broker import server
+
+        return getattr(server.Limits if self.name in server.Limits.__dataclass_fields__ else server, self.name)
+
+    def __str__(self) -> str:
+        return f"{self.value():g}"
+
+
+def _given(value):
+    """An option's value: what was given, else its default."""
+    return value.value() if isinstance(value, _ServerDefault) else value
 
 
 def _positive(kind: type):
@@ -28,15 +48,16 @@ def _positive(kind: type):
 def _serve(args: argparse.Namespace) -> int:
     from medtee.broker.server import Limits, serve
 
-    limits = Limits(max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
-                    body_timeout_s=args.body_timeout)
+    limits = Limits(max_connections=_given(args.max_connections), idle_timeout_s=_given(args.idle_timeout),
+                    body_timeout_s=_given(args.body_timeout))
+    port = _given(args.port)
     try:
-        serve(args.store, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
+        serve(args.store, host=args.host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
               nonce_ttl_s=args.nonce_ttl, max_challenges_per_dataset=args.max_challenges_per_dataset,
               max_challenges_per_client=args.max_challenges_per_client,
               announce=lambda url: print(f"medtee key broker listening on {url}", flush=True))
     except (OSError, ValueError) as e:
-        return exits.fail(f"cannot serve on {args.host}:{args.port}: {e}")
+        return exits.fail(f"cannot serve on {args.host}:{port}: {e}")
     return exits.OK
 
 
@@ -52,16 +73,42 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return exits.OK
 
 
-def _policy(args: argparse.Namespace) -> int:
-    from medtee.broker.protocol import UnknownDatasetError
-    from medtee.broker.service import EmbeddedBroker
+def _policy_verb(act):
+    """A `broker policy` handler around `act(broker, args)`: the store must exist; a refusal is one line, exit 2."""
+    def handler(args: argparse.Namespace) -> int:
+        from medtee.broker.protocol import UnknownDatasetError
+        from medtee.broker.service import EmbeddedBroker
 
-    try:
-        EmbeddedBroker(args.store).set_policy(args.dataset_id, args.policy)
-    except (UnknownDatasetError, ValueError) as e:
-        return exits.fail(str(e))
-    print(f"dataset {args.dataset_id}: release policy is now '{args.policy}' (effective at the next release)")
-    return exits.OK
+        if not (Path(args.store) / f"{BROKER_KEY_NAME}.key").is_file():
+            return exits.fail(f"no broker store at {args.store} (no {BROKER_KEY_NAME}.key); pass the store's "
+                              f"--broker-dir, or create it by sealing a dataset (`medtee seal`)")
+        try:
+            act(EmbeddedBroker(args.store), args)
+        except (UnknownDatasetError, ValueError, OSError) as e:
+            return exits.fail(str(e).splitlines()[0])
+        return exits.OK
+
+    return handler
+
+
+def _policy_add(broker, args: argparse.Namespace) -> None:
+    digest = broker.add_policy(args.name, args.file)
+    print(f"stored release policy '{args.name}' (sha256 {digest}) in {broker.policy_file(args.name)[0]}")
+    print(f"apply it with: medtee broker policy set DATASET_ID {args.name}")
+
+
+def _policy_list(broker, _args: argparse.Namespace) -> None:
+    for name, kind in broker.policies():
+        print(f"{name}\t{kind}")
+
+
+def _policy_show(broker, args: argparse.Namespace) -> None:
+    print(broker.policy_file(args.name)[0].read_text(encoding="utf-8"), end="")
+
+
+def _policy_set(broker, args: argparse.Namespace) -> None:
+    broker.set_policy(args.dataset_id, args.name)
+    print(f"dataset {args.dataset_id}: release policy is now '{args.name}' (effective at the next release)")
 
 
 def _broker_dir_argument(parser: argparse.ArgumentParser) -> None:
@@ -69,31 +116,60 @@ def _broker_dir_argument(parser: argparse.ArgumentParser) -> None:
                         help=f"the broker's store directory (default {DEFAULT_BROKER_DIR}; --store is the old name)")
 
 
-def add_parser(subparsers) -> None:
-    """Register `broker serve|audit|policy` on the `medtee` subparsers."""
-    broker = subparsers.add_parser("broker", help="run the key broker service; audit; release policies")
-    broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+def _add_serve(broker_sub) -> None:
     srv = broker_sub.add_parser("serve", help="serve challenge/attest/release over HTTP (loopback by default)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    srv.add_argument("--port", type=int, default=_ServerDefault("DEFAULT_PORT"),
+                     help="port (default %(default)s; 0 picks a free one)")
     _broker_dir_argument(srv)
     srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve https")
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     for flag, kind, default, text in (
-            ("--nonce-ttl", float, 120.0, "seconds a challenge nonce stays valid"),
-            ("--max-challenges-per-dataset", int, 1024, "outstanding challenges per dataset; more get 429"),
-            ("--max-challenges-per-client", int, 256, "outstanding challenges per client address; more get 429"),
-            ("--max-connections", int, 256, "open connections; a request beyond gets 503"),
-            ("--idle-timeout", float, 5.0, "seconds a connection may take to send a request's headers"),
-            ("--body-timeout", float, 10.0, "seconds a request may take to send its body")):
-        srv.add_argument(flag, type=_positive(kind), default=default, help=f"{text} (default {default:g})")
+            ("--nonce-ttl", float, DEFAULT_NONCE_TTL_S, "seconds a challenge nonce stays valid"),
+            ("--max-challenges-per-dataset", int, DEFAULT_MAX_CHALLENGES_PER_DATASET,
+             "outstanding challenges per dataset; more get 429"),
+            ("--max-challenges-per-client", int, DEFAULT_MAX_CHALLENGES_PER_CLIENT,
+             "outstanding challenges per client address; more get 429"),
+            ("--max-connections", int, _ServerDefault("max_connections"),
+             "open connections; a request beyond gets 503"),
+            ("--idle-timeout", float, _ServerDefault("idle_timeout_s"),
+             "seconds a connection may take to send a request's headers"),
+            ("--body-timeout", float, _ServerDefault("body_timeout_s"), "seconds a request may take to send its body")):
+        srv.add_argument(flag, type=_positive(kind), default=default, help=f"{text} (default %(default)s)")
     srv.set_defaults(handler=_serve)
+
+
+def _verb(verbs, name: str, act, text: str, *positionals: tuple[str, str]) -> None:
+    """Register `broker policy NAME POSITIONALS... [--broker-dir DIR]` running `act`."""
+    parser = verbs.add_parser(name, help=text)
+    for arg, arg_help in positionals:
+        parser.add_argument(arg, help=arg_help)
+    _broker_dir_argument(parser)
+    parser.set_defaults(handler=_policy_verb(act))
+
+
+def _add_policy(broker_sub) -> None:
+    pol = broker_sub.add_parser("policy", help="the release policy store; set a dataset's policy (no restart)",
+                                description="Release policies are read from the broker's store "
+                                            "(DIR/policies/NAME.yaml) first, then from the shipped conf/attestation/.")
+    verbs = pol.add_subparsers(dest="policy_command", metavar="VERB", required=True)
+    name = ("name", "policy name: letters, digits, _ -")
+    _verb(verbs, "add", _policy_add, "validate a policy file and store it as NAME (replacing a stored NAME)",
+          ("name", "policy name: letters, digits, _ -; not a shipped policy's name"),
+          ("file", "policy YAML, the schema of conf/attestation/*.yaml"))
+    _verb(verbs, "list", _policy_list, "the store's and the shipped policies, each marked store or shipped")
+    _verb(verbs, "show", _policy_show, "print policy NAME's file (the store's, else the shipped one)", name)
+    _verb(verbs, "set", _policy_set, "set a dataset's release policy (effective at the next release)",
+          ("dataset_id", "a registered dataset"), ("name", "a store or shipped policy name"))
+
+
+def add_parser(subparsers) -> None:
+    """Register `broker serve|audit|policy` on the `medtee` subparsers."""
+    broker = subparsers.add_parser("broker", help="run the key broker service; audit; release policies")
+    broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+    _add_serve(broker_sub)
     aud = broker_sub.add_parser("audit", help="check the broker's hash-chained audit log")
     aud.add_argument("action", choices=["verify"])
     _broker_dir_argument(aud)
     aud.set_defaults(handler=_audit_verify)
-    pol = broker_sub.add_parser("policy", help="set a dataset's release policy (takes effect without restart)")
-    pol.add_argument("dataset_id")
-    pol.add_argument("policy", help="attestation policy name (conf/attestation/NAME.yaml)")
-    _broker_dir_argument(pol)
-    pol.set_defaults(handler=_policy)
+    _add_policy(broker_sub)

@@ -20,8 +20,13 @@ from medtee.broker.protocol import (
     MAX_PUBLIC_KEY_BYTES,
     MIN_NONCE_BYTES,
     KeyReleaseDenied,
+    ReleaseClosedError,
+    ReleaseRecord,
     RequestError,
     UnknownDatasetError,
+    UnknownReleaseError,
+    check_close_record,
+    check_digest,
     decode_b64,
     is_loopback_url,
     parse_json,
@@ -92,12 +97,14 @@ class HttpBroker:
             reason = getattr(e, "reason", e)
             raise BrokerError(f"key broker at {self.url} is unreachable ({reason}); is `medtee broker serve` running?") from None
 
-    def _ok(self, status: int, body: dict, what: str) -> dict:
+    def _ok(self, status: int, body: dict, what: str, not_found: type[LookupError] = UnknownDatasetError) -> dict:
         if status in (200, 201):
             return body
         message = str(body.get("error", "no detail"))
         if status == 404:
-            raise UnknownDatasetError(message)
+            raise not_found(message)
+        if status == 409:
+            raise ReleaseClosedError(message)
         if status == 403:
             raise PermissionError(f"key broker at {self.url} refused {what}: {message}")
         raise BrokerError(f"key broker at {self.url} answered {status} to {what}: {message}")
@@ -127,15 +134,31 @@ class HttpBroker:
         body = self._ok(*self._call("POST", "/v1/challenge", {"dataset_id": dataset_id}), "challenge")
         return self._bytes(body, "nonce", MAX_NONCE_BYTES, MIN_NONCE_BYTES)
 
+    def _digest(self, body: dict, name: str) -> str:
+        try:
+            return check_digest(body.get(name), name)
+        except RequestError as e:
+            raise BrokerError(f"key broker at {self.url} sent a malformed answer: {e}") from None
+
     def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
-                recipe_digest: str, manifest_digest: str) -> bytes:
-        status, body = self._call("POST", "/v1/release", {
-            "dataset_id": dataset_id, "nonce": _b64(nonce), "evidence": evidence.to_json(),
-            "ephemeral_public_key": _b64(ephemeral_public_key), "recipe_digest": recipe_digest,
-            "manifest_digest": manifest_digest})
+                recipe_digest: str, manifest_digest: str,
+                receipt_public_key: bytes | None = None) -> tuple[bytes, ReleaseRecord]:
+        request = {"dataset_id": dataset_id, "nonce": _b64(nonce), "evidence": evidence.to_json(),
+                   "ephemeral_public_key": _b64(ephemeral_public_key), "recipe_digest": recipe_digest,
+                   "manifest_digest": manifest_digest}
+        if receipt_public_key is not None:
+            request["receipt_public_key"] = _b64(receipt_public_key)
+        status, body = self._call("POST", "/v1/release", request)
         if status == 403 and isinstance(body.get("verdict"), dict):
             raise KeyReleaseDenied(self._verdict(body["verdict"]), dataset_id)
-        return self._bytes(self._ok(status, body, "release"), "wrapped_key", MAX_WRAPPED_KEY_BYTES)
+        body = self._ok(status, body, "release")
+        return (self._bytes(body, "wrapped_key", MAX_WRAPPED_KEY_BYTES),
+                ReleaseRecord(self._digest(body, "release_id"), self._digest(body, "audit_entry_sha256")))
+
+    def close_release(self, release_id: str, *, record: dict) -> str:
+        request = {"release_id": release_id, "record": check_close_record(record)}
+        body = self._ok(*self._call("POST", "/v1/release/close", request), "close", not_found=UnknownReleaseError)
+        return self._digest(body, "audit_entry_sha256")
 
     def _verdict(self, v: dict) -> Verdict:
         from medtee.attestation.verdict import Check, Verdict

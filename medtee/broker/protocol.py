@@ -1,11 +1,14 @@
 """The key-release protocol: the KeyBroker contract, request validation, and the TEE's client half.
 
 Challenge-response, as in Confidential Containers' KBS: the TEE asks for a nonce for a dataset, makes an ephemeral
-key pair in encrypted memory, collects evidence whose REPORT_DATA binds nonce, ephemeral public key, recipe digest
-and GPU evidence digests (`medtee.attestation.report_data`), and asks for release. The broker consumes the nonce
-(single use, expiring), checks the manifest digest against the registered one, appraises the evidence with the
-dataset's current policy, and answers with the data key HPKE-wrapped to the ephemeral key (info `release_info`), or
-a denial listing the failed checks. Every decision is appended to the broker's hash-chained audit log.
+key pair in encrypted memory, collects evidence whose REPORT_DATA binds nonce, ephemeral public key, recipe digest,
+optionally the receipt public key (the Ed25519 key that will sign the run's receipt) and GPU evidence digests
+(`medtee.attestation.report_data`), and asks for release. The broker consumes the nonce (single use, expiring),
+checks the manifest digest against the registered one, appraises the evidence with the dataset's current policy,
+and answers with the data key HPKE-wrapped to the ephemeral key (info `release_info`) and a :class:`ReleaseRecord`
+(the release's id and the hash of its audit entry), or a denial listing the failed checks. When the run has torn
+down, it closes the release (`close_release`) with a teardown record, of which the broker audits only a digest.
+Every decision is appended to the broker's hash-chained audit log.
 
 Other key managers (a cloud KMS, HashiCorp Vault, a Confidential Containers key broker) can stand behind the same
 :class:`KeyBroker` contract: they hold the broker private key (or the data keys), keep registrations, and must
@@ -20,13 +23,16 @@ never the value, so they can be logged and returned as they are.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from medtee.crypto.hpke import DEFAULT_SCHEME, EphemeralKey, Scheme
+from medtee.crypto.secret import SecretBuffer
 from medtee.sealing.manifest import Manifest, check_dataset_id
 
 if TYPE_CHECKING:
@@ -42,6 +48,8 @@ MAX_PUBLIC_KEY_BYTES = 4096
 MAX_REPORT_BYTES = 4096  # an SEV-SNP report is 1184 bytes
 MAX_CERTIFICATES, MAX_CERTIFICATE_BYTES = 8, 16 << 10  # per chain, per DER certificate
 MAX_GPUS, MAX_GPU_REPORT_BYTES = 8, 64 << 10  # per evidence, per SPDM request||response
+RECEIPT_KEY_BYTES = 32  # a raw Ed25519 public key (medtee.attestation.binding.RECEIPT_KEY_BYTES)
+MAX_CLOSE_RECORD_BYTES = 16 << 10  # canonical JSON of a teardown record
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PROVIDER = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -69,6 +77,14 @@ class ChallengeRefused(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class UnknownReleaseError(LookupError):
+    """No release with this id was recorded by the broker (HTTP 404)."""
+
+
+class ReleaseClosedError(RuntimeError):
+    """The release was already closed (HTTP 409): a release is closed once."""
+
+
 class RequestError(ValueError):
     """A malformed request (HTTP 400). `fields` holds the request's fields that did validate, parsed."""
 
@@ -78,7 +94,7 @@ class RequestError(ValueError):
 
 
 #: Where a broker keeps its keys, registrations and audit log unless told otherwise (`--broker-dir`,
-#: `encryption.broker_dir`), relative to the current directory.
+#: `broker.dir`), relative to the current directory.
 DEFAULT_BROKER_DIR = ".medtee/broker"
 
 
@@ -102,6 +118,38 @@ def release_info(dataset_id: str, nonce: bytes) -> bytes:
     return b"medtee/release/v1\0" + dataset_id.encode("utf-8") + b"\0" + bytes(nonce)
 
 
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """The broker's record of one release: its id (what `close_release` names) and the SHA-256 hex of its audit-log
+    entry (the entry's `hash`), for the run's receipt."""
+
+    release_id: str
+    audit_entry_sha256: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """What `obtain_data_key` returns: the data key (wipe it when done) and what a receipt records of the release."""
+
+    data_key: SecretBuffer = field(repr=False)
+    release_id: str
+    audit_entry_sha256: str
+    nonce: bytes
+    ephemeral_public_key: bytes
+
+
+def canonical_json(doc: object) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, no NaN (as `config.recipe_digest` hashes a recipe); TypeError/ValueError
+    for what JSON cannot hold."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def record_digest(record: dict) -> str:
+    """SHA-256 hex of a teardown record's canonical JSON: what the broker audits of it, and what an auditor compares
+    with the record in the receipt."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
 @runtime_checkable
 class KeyBroker(Protocol):
     """What sealing and the TEE's key-release step need from a key broker (embedded, HTTP, or another KMS)."""
@@ -116,8 +164,14 @@ class KeyBroker(Protocol):
         """A fresh single-use nonce for a release of `dataset_id`; it expires."""
 
     def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
-                recipe_digest: str, manifest_digest: str) -> bytes:
-        """The data key wrapped to `ephemeral_public_key` (info `release_info`), or KeyReleaseDenied."""
+                recipe_digest: str, manifest_digest: str,
+                receipt_public_key: bytes | None = None) -> tuple[bytes, ReleaseRecord]:
+        """The data key wrapped to `ephemeral_public_key` (info `release_info`) and the release's record, or
+        KeyReleaseDenied. The expected REPORT_DATA covers `receipt_public_key` when one is given."""
+
+    def close_release(self, release_id: str, *, record: dict) -> str:
+        """Record the end of a release with the run's teardown record (only its digest is kept); the close entry's
+        hash. UnknownReleaseError for an id never released, ReleaseClosedError for one already closed."""
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
@@ -218,6 +272,10 @@ def _evidence(doc: object) -> Evidence:
                     gpus=tuple(_gpu(g, f"evidence.gpus[{i}]") for i, g in enumerate(gpus)))
 
 
+def _receipt_key(value: object) -> bytes:
+    return decode_b64(value, "receipt_public_key", RECEIPT_KEY_BYTES, RECEIPT_KEY_BYTES)
+
+
 _RELEASE_FIELDS: dict[str, Callable[[object], object]] = {
     "dataset_id": _dataset_id,
     "nonce": lambda v: decode_b64(v, "nonce", MAX_NONCE_BYTES, MIN_NONCE_BYTES),
@@ -226,6 +284,7 @@ _RELEASE_FIELDS: dict[str, Callable[[object], object]] = {
     "recipe_digest": lambda v: check_digest(v, "recipe_digest"),
     "manifest_digest": lambda v: check_digest(v, "manifest_digest"),
 }
+_OPTIONAL_RELEASE_FIELDS: dict[str, Callable[[object], object]] = {"receipt_public_key": _receipt_key}
 
 
 def parse_challenge_request(doc: object) -> str:
@@ -241,50 +300,60 @@ def parse_release_request(doc: object) -> dict:
     if not isinstance(doc, dict):
         raise RequestError("release request must be a JSON object")
     fields, problems = {}, []
-    for name, parse in _RELEASE_FIELDS.items():
+    for name, parse in {**_RELEASE_FIELDS, **_OPTIONAL_RELEASE_FIELDS}.items():
         if name not in doc:
-            problems.append(f"missing field {name}")
+            if name in _RELEASE_FIELDS:
+                problems.append(f"missing field {name}")
             continue
         try:
             fields[name] = parse(doc[name])
         except RequestError as e:
             problems.append(str(e))
-    if not doc.keys() <= _RELEASE_FIELDS.keys():
-        problems.append(f"unknown field(s); allowed: {', '.join(_RELEASE_FIELDS)}")
+    if not doc.keys() <= {*_RELEASE_FIELDS, *_OPTIONAL_RELEASE_FIELDS}:
+        problems.append(f"unknown field(s); allowed: {', '.join([*_RELEASE_FIELDS, *_OPTIONAL_RELEASE_FIELDS])}")
     if problems:
         raise RequestError("release request: " + "; ".join(problems), fields)
     return fields
 
 
+def check_close_record(record: object) -> dict:
+    """`record` if it is a JSON object whose canonical JSON has at most MAX_CLOSE_RECORD_BYTES, else RequestError."""
+    if not isinstance(record, dict):
+        raise RequestError("record must be a JSON object (the run's teardown record)")
+    try:
+        size = len(canonical_json(record))
+    except (TypeError, ValueError):
+        raise RequestError("record must hold only JSON values (strings, finite numbers, booleans, null, lists, "
+                           "objects with string keys)") from None
+    if size > MAX_CLOSE_RECORD_BYTES:
+        raise RequestError(f"record must be at most {MAX_CLOSE_RECORD_BYTES} bytes of canonical JSON")
+    return record
+
+
+def parse_close_request(doc: object) -> tuple[str, dict]:
+    """The release id and teardown record of a close request `{"release_id", "record"}`, or RequestError."""
+    doc = _object(doc, "close request", ("release_id", "record"))
+    return check_digest(doc["release_id"], "release_id"), check_close_record(doc["record"])
+
+
 # -- the TEE's side --------------------------------------------------------------------------------------------------
 def obtain_data_key(broker: KeyBroker, *, dataset_id: str, manifest_digest: str, recipe_digest: str,
-                    evidence_for: Callable[[bytes, bytes], Evidence], scheme: Scheme | str = DEFAULT_SCHEME) -> bytes:
+                    evidence_for: Callable[[bytes, bytes], Evidence], scheme: Scheme | str = DEFAULT_SCHEME,
+                    receipt_public_key: bytes | None = None) -> Release:
     """The TEE's half of key release: challenge, ephemeral key, evidence, release, unwrap.
 
     `evidence_for(nonce, ephemeral_public_key) -> Evidence` collects evidence whose REPORT_DATA is
     `medtee.attestation.report_data(nonce=..., ephemeral_public_key=..., recipe_digest=recipe_digest,
-    gpu_evidence_digests=...)`. The ephemeral private key never leaves this function.
+    receipt_public_key=receipt_public_key, gpu_evidence_digests=...)`: the caller closes over the receipt key (the
+    broker recomputes REPORT_DATA with the key given here, so evidence that leaves it out is denied,
+    `binding.report_data`). The ephemeral private key never leaves this function.
     """
     nonce = broker.challenge(dataset_id)
     key = EphemeralKey.generate(scheme)
     evidence = evidence_for(nonce, key.public_bytes)
-    blob = broker.release(dataset_id=dataset_id, nonce=nonce, evidence=evidence, ephemeral_public_key=key.public_bytes,
-                          recipe_digest=recipe_digest, manifest_digest=manifest_digest)
-    return key.unwrap(blob, info=release_info(dataset_id, nonce))
-
-
-def connect(spec: str, *, store_dir: Path | str, ca: str = "", timeout_s: float = 30.0) -> KeyBroker:
-    """`"embedded"` -> EmbeddedBroker(store_dir); `"http(s)://host:port"` -> a client of `medtee broker serve`.
-
-    For the HTTP client, `store_dir` holds the data owner's signing key used when sealing against the remote broker,
-    `ca` a PEM bundle to verify an https:// broker ("" = system trust store), `timeout_s` the per-request timeout.
-    """
-    if spec == "embedded":
-        from medtee.broker.service import EmbeddedBroker
-
-        return EmbeddedBroker(store_dir)
-    if spec.startswith(("http://", "https://")):
-        from medtee.broker.client import HttpBroker
-
-        return HttpBroker(spec, store_dir=store_dir, ca=ca, timeout_s=timeout_s)
-    raise ValueError(f"broker {spec!r} is neither 'embedded' nor an http(s):// URL; fix encryption.broker or --broker")
+    blob, record = broker.release(dataset_id=dataset_id, nonce=nonce, evidence=evidence,
+                                  ephemeral_public_key=key.public_bytes, recipe_digest=recipe_digest,
+                                  manifest_digest=manifest_digest, receipt_public_key=receipt_public_key)
+    return Release(data_key=SecretBuffer(key.unwrap(blob, info=release_info(dataset_id, nonce))),
+                   release_id=record.release_id, audit_entry_sha256=record.audit_entry_sha256, nonce=bytes(nonce),
+                   ephemeral_public_key=key.public_bytes)

@@ -5,12 +5,17 @@ Wire protocol v1 (JSON bodies, binary values base64; every error body is `{"erro
   GET  /v1/public-key                200 {"scheme", "public_key", "key_id"}
   POST /v1/datasets   manifest JSON  201 {"dataset_id", "manifest_digest"}  (signed by a trusted owner key)
   POST /v1/challenge  {"dataset_id"} 200 {"nonce", "expires_in_s"}
-  POST /v1/release    {"dataset_id", "nonce", "evidence", "ephemeral_public_key", "recipe_digest", "manifest_digest"}
-                                     200 {"wrapped_key"} | 403 {"error", "verdict"} listing every check
+  POST /v1/release    {"dataset_id", "nonce", "evidence", "ephemeral_public_key", "recipe_digest", "manifest_digest"
+                      [, "receipt_public_key"]}
+                                     200 {"wrapped_key", "release_id", "audit_entry_sha256"}
+                                     | 403 {"error", "verdict"} listing every check
+  POST /v1/release/close {"release_id", "record"}
+                                     200 {"release_id", "audit_entry_sha256"} (of the close entry)
+                                     | 404 unknown release | 409 already closed
 Bodies are validated by `medtee.broker.protocol` (exact field sets, sizes, digests as 64 lowercase hex characters).
 Status codes: 400 malformed request (JSON, schema, Content-Length, a body cut short), 403 refused, 404 unknown dataset
-or path, 405 wrong method, 408 body not received within `Limits.body_timeout_s`, 413 body over
-`Limits.max_body_bytes` (declared or streamed), 429 too many outstanding challenges for the dataset or the client
+or path (or release, on close), 405 wrong method, 408 body not received within `Limits.body_timeout_s`, 413 body over
+`Limits.max_body_bytes` (declared or streamed), 409 a release closed twice, 429 too many outstanding challenges for the dataset or the client
 (with Retry-After), 503 connection limit or large-body memory cap reached; 500 only for a fault of the broker itself
 (its log names the exception type, never a message). An answer sent before the whole body was read closes the
 connection, so the rest of that body is never parsed as a request.
@@ -51,8 +56,11 @@ from medtee.broker.protocol import (
     ChallengeRefused,
     KeyReleaseDenied,
     RequestError,
+    ReleaseClosedError,
     UnknownDatasetError,
+    UnknownReleaseError,
     parse_challenge_request,
+    parse_close_request,
     parse_json,
     parse_release_request,
 )
@@ -63,7 +71,7 @@ DEFAULT_PORT = 8765
 MAX_ERROR_CHARS = 1000  # of an error message in an answer
 SMALL_BODY_BYTES = 256 << 10  # a body up to this size (every release medtee sends) is never refused for memory
 GRACEFUL_SHUTDOWN_S = 5
-_ROUTES = ("/v1/health", "/v1/public-key", "/v1/datasets", "/v1/challenge", "/v1/release")
+_ROUTES = ("/v1/health", "/v1/public-key", "/v1/datasets", "/v1/challenge", "/v1/release", "/v1/release/close")
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -169,8 +177,10 @@ def _endpoint(fn):
             raise
         except KeyReleaseDenied as e:
             return _json(403, {"error": "key release denied", "verdict": e.verdict.to_json()})
-        except UnknownDatasetError as e:
+        except (UnknownDatasetError, UnknownReleaseError) as e:
             return _error(404, e)
+        except ReleaseClosedError as e:
+            return _error(409, e)
         except ChallengeRefused as e:
             return _error(429, e, {"Retry-After": str(math.ceil(e.retry_after_s))})
         except PermissionError as e:
@@ -226,14 +236,21 @@ def build_app(broker: EmbeddedBroker, limits: Limits = Limits(), *, quiet: bool 
         except RequestError as e:
             await call(broker.deny_malformed, e, client=client(request))
             raise
-        wrapped = await call(broker.release, **fields, client=client(request))
-        return _json(200, {"wrapped_key": _b64(wrapped)})
+        wrapped, record = await call(broker.release, **fields, client=client(request))
+        return _json(200, {"wrapped_key": _b64(wrapped), "release_id": record.release_id,
+                           "audit_entry_sha256": record.audit_entry_sha256})
+
+    async def close_release(request: Request):
+        release_id, record = parse_close_request(await body_json(request))
+        entry_hash = await call(broker.close_release, release_id, record=record, client=client(request))
+        return _json(200, {"release_id": release_id, "audit_entry_sha256": entry_hash})
 
     routes = [Route("/v1/health", _endpoint(health), methods=["GET"]),
               Route("/v1/public-key", _endpoint(public_key), methods=["GET"]),
               Route("/v1/datasets", _endpoint(register), methods=["POST"]),
               Route("/v1/challenge", _endpoint(challenge), methods=["POST"]),
-              Route("/v1/release", _endpoint(release), methods=["POST"])]
+              Route("/v1/release", _endpoint(release), methods=["POST"]),
+              Route("/v1/release/close", _endpoint(close_release), methods=["POST"])]
     return Starlette(routes=routes, middleware=[Middleware(_Guard, limits=limits, quiet=quiet)],
                      exception_handlers={HTTPException: _http_error})
 

@@ -3,8 +3,9 @@
 Store directory of an :class:`EmbeddedBroker` (created on first use, mode 0700):
 `broker.key` (0600) / `broker.pub`: the HPKE key data keys are wrapped to; `owner-signing.key` / `.pub`: the data
 owner's manifest-signing key; `trusted-owners/*.pub`: further owner keys whose manifests may be registered;
-`datasets/<id>.json`: registrations (manifest + current policy; edit the policy with `medtee broker policy`, read
-at every release, no restart); `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain.
+`datasets/<id>.json`: registrations (manifest + current policy; change it with `medtee broker policy set`, read
+at every release, no restart); `policies/NAME.yaml`: the owner's own release policies (`medtee broker policy add`),
+looked up before the shipped ones; `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain.
 
 Outstanding challenges are capped per dataset and per client (the HTTP service passes the remote address), so a
 flood for one dataset or from one client cannot starve another; expired nonces are pruned at every challenge and
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
     from medtee.attestation.evidence import Evidence
     from medtee.attestation.verdict import Verdict
+    from medtee.broker.protocol import ReleaseRecord
 
 BROKER_KEY_NAME = "broker"
 DEFAULT_MAX_CHALLENGES_PER_DATASET = 1024
@@ -168,10 +170,8 @@ class EmbeddedBroker:
             raise FileExistsError(f"dataset id {manifest.dataset_id} is already registered for other data; pick another id")
 
     def set_policy(self, dataset_id: str, policy: str) -> None:
-        """Change a dataset's release policy; effective at the next release (no restart)."""
-        from medtee.attestation import load_policy
-
-        load_policy(policy)  # refuse a name that does not load
+        """Change a dataset's release policy (a store or shipped name); effective at the next release (no restart)."""
+        self._policy(policy)  # refuse a name that does not load
         manifest, _ = self._load_registration(dataset_id)
         _write_registration(self._registration_path(dataset_id), manifest, policy)
         self.audit.append("policy", dataset_id=dataset_id, policy=policy)
@@ -200,20 +200,102 @@ class EmbeddedBroker:
             raise SealedDataError(f"{path} is not valid JSON; restore it or re-register the dataset") from None
         return Manifest.from_json(json.dumps(doc["manifest"]), source=str(path)), doc["policy"]
 
-    def _policy(self, name: str):
-        """The attestation policy `name`, re-read whenever its file changes (policy edits need no restart)."""
-        from medtee.attestation import load_policy
+    # -- the data owner's policy store: policies/NAME.yaml, read before the shipped conf/attestation/NAME.yaml -------
+    MAX_POLICY_BYTES = 64 << 10  # of a policy file the store accepts
+
+    def add_policy(self, name: str, source: Path | str) -> str:
+        """Validate the policy file `source` as shipped ones are validated and store it as `policies/<name>.yaml`
+        (atomic, audited `policy-add`); returns the SHA-256 of the stored bytes."""
+        import hashlib
+
+        store, shipped = self._policy_paths(name)
+        if shipped.is_file():
+            raise ValueError(f"policy name '{name}' is a shipped policy ({shipped}); a store policy must not shadow "
+                             f"it: add yours under another name, e.g. {name}-site")
+        data = self._read_policy_file(Path(source))
+        self._parse_store_policy(name, data, str(source))
+        previous = hashlib.sha256(store.read_bytes()).hexdigest() if store.is_file() else None
+        store.parent.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(store, data, mode=0o600)
+        digest = hashlib.sha256(data).hexdigest()
+        self.audit.append("policy-add", policy=name, digest=digest, replaced=previous)
+        return digest
+
+    def policies(self) -> list[tuple[str, str]]:
+        """(name, "store" or "shipped") of every policy file a dataset can be set to, by name."""
+        store, shipped = self._policy_dirs()
+        return sorted([(p.stem, "store") for p in store.glob("*.yaml")] +
+                      [(p.stem, "shipped") for p in shipped.glob("*.yaml")])
+
+    def policy_file(self, name: str) -> tuple[Path, bool]:
+        """The file policy `name` is read from and whether it is the store's; ValueError naming the fix when there
+        is none, or when a store file shadows a shipped policy."""
+        store, shipped = self._policy_paths(name)
+        if store.is_file() and shipped.is_file():
+            raise ValueError(f"{store} shadows the shipped policy {shipped}, so the broker refuses it: rename it (e.g. "
+                             f"to {name}-site.yaml) and set the datasets that use '{name}' to the new name")
+        if store.is_file() or shipped.is_file():
+            return (store, True) if store.is_file() else (shipped, False)
+        known = ", ".join(n for n, _ in self.policies())
+        raise ValueError(f"no attestation policy '{name}' in the broker's store ({store.parent}) or shipped "
+                         f"({shipped.parent}); known: {known}; add one with `medtee broker policy add {name} FILE`")
+
+    def _policy_dirs(self) -> tuple[Path, Path]:
+        """The store's policy directory and the shipped one."""
         from medtee.paths import conf_dir
 
+        return self.store_dir / "policies", conf_dir() / "attestation"
+
+    def _policy_paths(self, name: str) -> tuple[Path, Path]:
+        """Where policy `name` is in the store and where it is shipped (ValueError for a name that is no file stem)."""
+        import re
+
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
+            raise ValueError(f"policy name '{name}' must be 1-64 letters, digits, _ or - (the policy's file stem)")
+        store, shipped = self._policy_dirs()
+        return store / f"{name}.yaml", shipped / f"{name}.yaml"
+
+    def _read_policy_file(self, path: Path) -> bytes:
+        from medtee.files import read_regular
+
         try:
-            st = (conf_dir() / "attestation" / f"{name}.yaml").stat()
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except (OSError, ValueError):
-            return load_policy(name)  # raises the attestation package's own explanation
+            return read_regular(path, self.MAX_POLICY_BYTES)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such policy file") from None
+        except ValueError as e:  # NotRegularFile
+            raise ValueError(f"{path} {e}; give a policy YAML file") from None
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+
+    @staticmethod
+    def _parse_store_policy(name: str, data: bytes, source: str):
+        """A store policy file's content through the shipped policies' loader; its `name`, if set, must be `name`."""
+        from omegaconf import OmegaConf
+
+        from medtee.attestation.policy import policy_document, policy_from_mapping
+
+        doc = policy_document(data, source)
+        if doc.get("name", name) != name:
+            raise ValueError(f"attestation policy {source}: says name '{doc.name}' but is stored as '{name}'; set "
+                             f"name: {name} in it or store it under its own name")
+        return policy_from_mapping(OmegaConf.merge(doc, {"name": name}), source)
+
+    def _policy(self, name: str):
+        """The release policy `name` (the store's, else the shipped one), re-read whenever its file changes (policy
+        edits need no restart)."""
+        from medtee.attestation import load_policy
+
+        path, stored = self.policy_file(name)
+        try:
+            st = path.stat()
+        except OSError as e:  # removed or replaced since policy_file looked
+            raise ValueError(f"{path}: cannot read it ({e.strerror}); restore it or set another policy") from None
+        stamp = (path, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._policies.get(name)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, load_policy(name))
-            self._policies[name] = cached
+            policy = self._parse_store_policy(name, self._read_policy_file(path), str(path)) if stored else \
+                load_policy(name)
+            cached = self._policies[name] = (stamp, policy)
         return cached[1]
 
     # -- the TEE's side ----------------------------------------------------------------------------------------------
@@ -283,18 +365,28 @@ class EmbeddedBroker:
                           failed=["broker.request"])
 
     def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
-                recipe_digest: str, manifest_digest: str, client: str = LOCAL_CLIENT) -> bytes:
-        """The data key wrapped to `ephemeral_public_key`, or KeyReleaseDenied (audited either way).
+                recipe_digest: str, manifest_digest: str, receipt_public_key: bytes | None = None,
+                client: str = LOCAL_CLIENT) -> tuple[bytes, ReleaseRecord]:
+        """The data key wrapped to `ephemeral_public_key` and the release's record (its id is the hash of its
+        `release` audit entry), or KeyReleaseDenied (audited either way).
 
         The nonce is spent first, so a request refused for any reason has used it up (single use). An exception from
         the attestation verifier is a denial (`broker.evidence`, naming only the exception type), never an error.
+        A `receipt_public_key` enters the expected REPORT_DATA; the audit keeps its key id (SHA-256 hex).
         """
+        import hashlib
+
         from medtee.attestation import appraise, report_data
+        from medtee.broker.protocol import RECEIPT_KEY_BYTES, ReleaseRecord
 
         manifest, policy_name = self._load_registration(dataset_id)
         problem = self._consume_nonce(dataset_id, nonce)
         audit = _audit_fields(dataset_id, policy_name, client,
                               {"nonce": nonce, "recipe_digest": recipe_digest, "manifest_digest": manifest_digest})
+        if isinstance(receipt_public_key, (bytes, bytearray)) and len(receipt_public_key) == RECEIPT_KEY_BYTES:
+            audit["receipt_key"] = hashlib.sha256(receipt_public_key).hexdigest()
+        elif receipt_public_key is not None:
+            audit["receipt_key"] = INVALID
 
         def deny(verdict: Verdict) -> KeyReleaseDenied:
             self.audit.append("deny", **audit, failed=[c.name for c in verdict.failures()])
@@ -306,6 +398,8 @@ class EmbeddedBroker:
             check_digest(recipe_digest, "recipe_digest")
             check_digest(manifest_digest, "manifest_digest")
             eph_scheme = Scheme.for_public_key(bytes(ephemeral_public_key))
+            if audit.get("receipt_key") == INVALID:
+                raise ValueError(f"receipt_public_key must be {RECEIPT_KEY_BYTES} raw bytes (an Ed25519 public key)")
         except ValueError as e:
             raise deny(_denial("broker.request", "a well-formed release request", str(e), policy_name)) from None
         if manifest_digest != manifest.digest():
@@ -313,7 +407,8 @@ class EmbeddedBroker:
         policy = self._policy(policy_name)
         try:
             expected = report_data(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
-                                   gpu_evidence_digests=evidence.gpu_evidence_digests())
+                                   gpu_evidence_digests=evidence.gpu_evidence_digests(),
+                                   receipt_public_key=receipt_public_key)
             audit["evidence"] = evidence.digest()
             verdict = appraise(evidence, policy, expected_report_data=expected)
         except Exception as e:  # whatever the verifier raises on hostile evidence is a denial, not a fault
@@ -327,9 +422,34 @@ class EmbeddedBroker:
         except ValueError as e:  # e.g. a low-order X25519 point: the evidence vouches for a key nothing can be wrapped to
             raise deny(_denial("broker.request", "an ephemeral public key a data key can be wrapped to",
                                type(e).__name__, policy_name)) from None
-        self.audit.append("release", **audit, simulated=verdict.simulated,
-                          ephemeral_key=hpke.key_id(eph_scheme, bytes(ephemeral_public_key)))
-        return wrapped
+        entry = self.audit.append("release", **audit, simulated=verdict.simulated,
+                                  ephemeral_key=hpke.key_id(eph_scheme, bytes(ephemeral_public_key)))
+        return wrapped, ReleaseRecord(release_id=entry["hash"], audit_entry_sha256=entry["hash"])
+
+    def close_release(self, release_id: str, *, record: dict, client: str = LOCAL_CLIENT) -> str:
+        """Append a `close` entry (release id, dataset id, the record's digest) for an open release; its hash.
+
+        UnknownReleaseError when no `release` entry has this id, ReleaseClosedError when it was closed already; the
+        check and the append hold the audit log's lock, so a release is closed once even across processes."""
+        from medtee.broker.protocol import ReleaseClosedError, UnknownReleaseError, check_close_record, record_digest
+
+        release_id = check_digest(release_id, "release_id")
+        digest = record_digest(check_close_record(record))
+
+        def open_release(entries) -> dict:
+            dataset_id = None
+            for e in entries:
+                if e.get("event") == "release" and e.get("hash") == release_id:
+                    dataset_id = e["dataset_id"]
+                elif e.get("event") == "close" and e.get("release_id") == release_id:
+                    raise ReleaseClosedError(f"release {release_id[:16]}... is already closed; a release closes once")
+            if dataset_id is None:
+                raise UnknownReleaseError(f"no release {release_id[:16]}... in the audit log of the broker at "
+                                          f"{self.store_dir}; close a release id this broker returned")
+            return {"dataset_id": dataset_id}
+
+        return self.audit.append_checked("close", open_release, release_id=release_id, client=client,
+                                         record_sha256=digest)["hash"]
 
 
 def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Scheme | str | None = None) -> list[Manifest]:

@@ -35,13 +35,13 @@ class KeyWrapError(ValueError):
 class Scheme(str, Enum):
     """HPKE key-encapsulation scheme used to wrap data keys and sealed blobs."""
 
-    X25519 = "hpke-x25519"
-    MLKEM768_X25519 = "hpke-mlkem768-x25519"
+    hpke_x25519 = "hpke-x25519"  # classical HPKE X25519
+    hpke_mlkem768_x25519 = "hpke-mlkem768-x25519"  # hybrid post-quantum ML-KEM-768 + X25519 (the default)
 
     @property
     def public_length(self) -> int:
         """Length in bytes of a raw public key of this scheme."""
-        return _X25519_LEN if self is Scheme.X25519 else _MLKEM768_PUB_LEN + _X25519_LEN
+        return _X25519_LEN if self is Scheme.hpke_x25519 else _MLKEM768_PUB_LEN + _X25519_LEN
 
     @classmethod
     def parse(cls, value: str | Scheme) -> Scheme:
@@ -61,13 +61,13 @@ class Scheme(str, Enum):
         raise KeyWrapError(f"a public key of {len(public)} bytes matches no scheme (X25519: 32, hybrid: 1216)")
 
 
-DEFAULT_SCHEME = Scheme.MLKEM768_X25519
-_SCHEME_BYTE = {Scheme.X25519: 1, Scheme.MLKEM768_X25519: 2}
+DEFAULT_SCHEME = Scheme.hpke_mlkem768_x25519
+_SCHEME_BYTE = {Scheme.hpke_x25519: 1, Scheme.hpke_mlkem768_x25519: 2}
 _SCHEME_FROM_BYTE = {v: k for k, v in _SCHEME_BYTE.items()}
 
 
 def _suite(scheme: Scheme) -> hpke.Suite:
-    kem = hpke.KEM.X25519 if scheme is Scheme.X25519 else hpke.KEM.MLKEM768_X25519
+    kem = hpke.KEM.X25519 if scheme is Scheme.hpke_x25519 else hpke.KEM.MLKEM768_X25519
     return hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 
@@ -99,12 +99,12 @@ class PrivateKeyHandle:
 
 
 def _generate_parts(scheme: Scheme) -> tuple[x25519.X25519PrivateKey, mlkem.MLKEM768PrivateKey | None]:
-    return x25519.X25519PrivateKey.generate(), (mlkem.MLKEM768PrivateKey.generate() if scheme is Scheme.MLKEM768_X25519 else None)
+    return x25519.X25519PrivateKey.generate(), (mlkem.MLKEM768PrivateKey.generate() if scheme is Scheme.hpke_mlkem768_x25519 else None)
 
 
 def _handle_from_parts(scheme: Scheme, x: x25519.X25519PrivateKey, m: mlkem.MLKEM768PrivateKey | None) -> PrivateKeyHandle:
     x_pub = x.public_key().public_bytes_raw()
-    if scheme is Scheme.X25519:
+    if scheme is Scheme.hpke_x25519:
         return PrivateKeyHandle(scheme, x, x_pub)
     assert m is not None
     return PrivateKeyHandle(scheme, hpke.MLKEM768X25519PrivateKey(m, x), m.public_key().public_bytes_raw() + x_pub)
@@ -113,7 +113,7 @@ def _handle_from_parts(scheme: Scheme, x: x25519.X25519PrivateKey, m: mlkem.MLKE
 def _public_object(scheme: Scheme, public: bytes):
     if len(public) != scheme.public_length:
         raise KeyWrapError(f"{scheme.value} public key must be {scheme.public_length} bytes, got {len(public)}")
-    if scheme is Scheme.X25519:
+    if scheme is Scheme.hpke_x25519:
         return x25519.X25519PublicKey.from_public_bytes(public)
     return hpke.MLKEM768X25519PublicKey(
         mlkem.MLKEM768PublicKey.from_public_bytes(public[:_MLKEM768_PUB_LEN]),
@@ -287,7 +287,7 @@ def load_private_key(path: Path | str) -> tuple[Scheme, PrivateKeyHandle]:
     try:
         x = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(doc["x25519"], validate=True))
         m = mlkem.MLKEM768PrivateKey.from_seed_bytes(base64.b64decode(doc["mlkem768_seed"], validate=True)) \
-            if scheme is Scheme.MLKEM768_X25519 else None
+            if scheme is Scheme.hpke_mlkem768_x25519 else None
     except (KeyError, ValueError):
         raise KeyWrapError(f"{path}: malformed private key; it cannot be repaired, restore it from backup") from None
     return scheme, _handle_from_parts(scheme, x, m)

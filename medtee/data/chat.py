@@ -109,6 +109,21 @@ def content_text(content, role: str) -> str:
     return texts[0]
 
 
+def message_text(message: object, index: int) -> tuple[str, str]:
+    """(role, rendered text) of one chat message: the one check of a message's shape, role and content, for the
+    sealer and the loader alike. DataError names the message by `index`, never its text."""
+    if not isinstance(message, dict):
+        raise DataError(f"message {index}: expected an object with 'role' and 'content'; {_FIX}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise DataError(f"message {index}: 'role' must be one of user (the patient), assistant (the doctor), "
+                        f"system; map the speakers to these roles and seal the dataset again")
+    try:
+        return role, content_text(message.get("content"), role)
+    except DataError as error:
+        raise DataError(f"message {index}: {error}") from None
+
+
 def to_gemma_turns(messages: Sequence[dict], control: re.Pattern | None = None) -> list[dict]:
     """Gemma 3 turns of a transcript: an optional leading system message, then user/assistant turns that alternate,
     start with user and end with assistant (see the module docstring). `control` (`control_tokens`) refuses text that
@@ -116,16 +131,7 @@ def to_gemma_turns(messages: Sequence[dict], control: re.Pattern | None = None) 
     system: list[str] = []
     turns: list[dict] = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(f"message {index}: expected an object with 'role' and 'content'; {_FIX}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise DataError(f"message {index}: 'role' must be one of user (the patient), assistant (the doctor), "
-                            f"system; map the speakers to these roles and seal the dataset again")
-        try:
-            text = content_text(message.get("content"), role)
-        except DataError as error:
-            raise DataError(f"message {index}: {error}") from None
+        role, text = message_text(message, index)
         if control is not None and (found := control.search(text)):
             raise DataError(f"message {index}: the text contains the control token {found.group()}, which would be "
                             f"read as chat structure (e.g. a forged turn boundary); remove it from the data and seal "

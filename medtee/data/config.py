@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
+from medtee.schema import below_minimums
+
 
 class DataSource(str, Enum):
     synthetic = "synthetic"  # generated in-process by medtee.data.synthetic (the demo seals these before training)
@@ -23,3 +25,12 @@ class DataConfig:
     val_fraction: float = 0.1  # share of dialogues held out for validation, in [0, 1)
     seed: int = 0  # split, packing and per-epoch shuffle seed
     packing: bool = False  # pack several dialogues per sequence (attention never crosses a dialogue boundary)
+
+    def problems(self) -> list[str]:
+        out = below_minimums(self, "data", {"batch_size": 1, "max_length": 32, "n_synthetic": 2})
+        if not 0.0 <= self.val_fraction < 1.0:
+            out.append(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.source != DataSource.sealed and self.path:
+            out.append(f"data.path={self.path} is set but data={self.source.value} does not read it: add "
+                       f"data=sealed to train on the sealed dataset at that path")
+        return out

@@ -47,6 +47,11 @@ class TokenizedRecords:
     offsets: np.ndarray  # int64, n + 1 boundaries
     truncated: np.ndarray  # bool per example: cut at max_length
 
+    def wipe(self) -> None:
+        """Overwrite the token arrays with zeros, in place (the token ids are the dialogues' text)."""
+        for array in (self.input_ids, self.labels):
+            array.fill(0)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -240,6 +245,7 @@ class DialogueDataModule(LightningDataModule):
         val_idx, train_idx = order[:n_val], order[n_val:]
         self._val = data.select(val_idx[supervised[val_idx] > 0])
         self._train = data.select(train_idx[supervised[train_idx] > 0])
+        data.wipe()  # the splits are copies
         if len(self._train) == 0:
             raise DataError("no training dialogue has a doctor turn left to learn from after the validation split and "
                             "the max_length cut: raise data.max_length or lower data.val_fraction")
@@ -296,6 +302,14 @@ class DialogueDataModule(LightningDataModule):
         except ValueError as exc:  # medtee's own message: names settings, never data
             return str(exc)
         return None
+
+    def destroy(self) -> int:
+        """Overwrite the token arrays with zeros and drop them (the end of a run); how many examples they held."""
+        held = [d for d in (self._train, self._val) if d is not None]
+        for data in held:
+            data.wipe()
+        self._train = self._val = self._train_loader = None
+        return sum(len(d) for d in held)
 
     def stats(self) -> dict:
         """Aggregate counts only: n_train, n_val, train_tokens, supervised_tokens, and drop/cut counts."""

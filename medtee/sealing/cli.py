@@ -1,4 +1,4 @@
-"""Subcommands of the data owner: seal, data inspect, keys new|rotate (`broker ...` is in medtee.broker.cli).
+"""Subcommands of the data owner: seal, dataset inspect, keys new|rotate (`broker ...` is in medtee.broker.cli).
 
 Handlers return 0 (ok), 1 (refused) or 2 (bad input, with a message naming the file or field and the fix).
 Nothing here prints record content: summaries are counts, digests and ids.
@@ -12,9 +12,10 @@ from pathlib import Path
 
 from medtee import exits
 from medtee.broker.protocol import DEFAULT_BROKER_DIR
+from medtee.crypto.hpke import DEFAULT_SCHEME, Scheme
+from medtee.sealing.seal import DEFAULT_ROWS_PER_SHARD
 
-SCHEMES = ("hpke-mlkem768-x25519", "hpke-x25519")
-
+SCHEMES = tuple(s.value for s in Scheme)
 
 
 def _summary(manifest, path: Path) -> str:
@@ -39,7 +40,7 @@ def _summary(manifest, path: Path) -> str:
 
 
 def _seal(args: argparse.Namespace) -> int:
-    from medtee.broker.protocol import connect
+    from medtee.broker import connect
     from medtee.crypto.hpke import KeyWrapError
     from medtee.sealing.seal import check_out_dir, read_input, seal_located
 
@@ -83,6 +84,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from medtee.sealing.manifest import SealedDataError
     from medtee.sealing.reader import open_dataset
 
+    if args.command == "data":
+        print("medtee: `medtee data inspect` is now `medtee dataset inspect`", file=sys.stderr)
     trusted = None
     try:
         if args.owner_key:
@@ -149,7 +152,8 @@ def add_parsers(subparsers) -> None:
                       help="key scheme of a NEW embedded broker store (default hybrid post-quantum)")
     seal.add_argument("--dataset-id", default=None, help="dataset id (default: random ds-XXXXXXXXXXXX)")
     seal.add_argument("--format", choices=("jsonl", "csv", "parquet"), default=None, help="input format (default: from suffix)")
-    seal.add_argument("--rows-per-shard", type=int, default=20_000, help="records per encrypted shard (default 20000)")
+    seal.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
+                      help=f"records per encrypted shard (default {DEFAULT_ROWS_PER_SHARD})")
     seal.add_argument("--classification", default="phi", help="data classification label recorded in the manifest")
     seal.add_argument("--dua-id", default="", help="data-use agreement id recorded in the manifest")
     seal.add_argument("--tokenizer", default=None,
@@ -157,7 +161,7 @@ def add_parsers(subparsers) -> None:
                            "Face tokenizer directory / cached id (never downloaded); default: not recorded")
     seal.set_defaults(handler=_seal)
 
-    data = subparsers.add_parser("data", help="inspect sealed datasets")
+    data = subparsers.add_parser("dataset", aliases=["data"], help="inspect sealed datasets (`data` is the old name)")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     insp = data_sub.add_parser("inspect", help="show a sealed dataset's manifest and verify signature and shards (no key)")
     insp.add_argument("dir", help="sealed dataset directory")
@@ -169,7 +173,7 @@ def add_parsers(subparsers) -> None:
     new = keys_sub.add_parser("new", help="create a recipient key pair (e.g. the key the adapter is encrypted to)")
     new.add_argument("--out", required=True, help="directory for NAME.key (0600) and NAME.pub")
     new.add_argument("--name", default="recipient", help="file name stem (default recipient)")
-    new.add_argument("--scheme", choices=SCHEMES, default=SCHEMES[0], help="HPKE scheme (default hybrid post-quantum)")
+    new.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME.value, help="HPKE scheme (default hybrid post-quantum)")
     new.set_defaults(handler=_keys_new)
     rot = keys_sub.add_parser("rotate", help="new broker key; re-wrap every registered data key (no re-encryption)")
     rot.add_argument("datasets", nargs="*", help="sealed dataset directories whose manifest.json to update")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medtee.crypto import hpke
-from medtee.data import ROLES
+from medtee.data import DataError
+from medtee.data.chat import message_text
 from medtee.sealing.pme_keys import DATA_KEY_BYTES, encryption_properties
 from medtee.sealing.manifest import (
     CIPHER,
@@ -75,19 +76,6 @@ def _check_text(value: str, where: str, field: str) -> str:
     return value
 
 
-def _content(content: object, role: str, where: str, i: int) -> str:
-    """A message's content as the string to store: text parts flattened as Gemma 3's template renders them."""
-    if isinstance(content, str):
-        return content
-    from medtee.data import DataError
-    from medtee.data.chat import content_text
-
-    try:
-        return content_text(content, role)
-    except DataError as e:  # names the part by index and a known part type only
-        raise InputError(f"{where}: messages[{i}]: {e}") from None
-
-
 def validate_record(obj: object, where: str) -> dict:
     """The record reduced to the chat schema `{"id", "messages": [{"role", "content"}]}`; InputError if malformed.
 
@@ -105,13 +93,12 @@ def validate_record(obj: object, where: str) -> dict:
         raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     clean = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InputError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise InputError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}")
-        content = _check_text(_content(m.get("content"), role, where, i), where, f"messages[{i}].content")
-        clean.append({"role": role, "content": content})
+        try:
+            role, text = message_text(m, i)  # the loader's own check of a message
+        except DataError as e:  # names the message by index and a known part type only
+            raise InputError(f"{where}: {e}") from None
+        content = m["content"] if isinstance(m["content"], str) else text  # parts are stored flattened
+        clean.append({"role": role, "content": _check_text(content, where, f"message {i}'s content")})
     return {"id": rid, "messages": clean}
 
 

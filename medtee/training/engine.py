@@ -71,11 +71,11 @@ def fsdp_wrap_policy(model):
 def build_trainer(trainer_cfg, hardware_cfg, *, metrics, model, logger, out_dir: Path, checkpoint_io):
     """Trainer for the `trainer` and `hardware` groups, showing only `metrics` on its progress bar; `checkpoint_io`
     (an EncryptedCheckpointIO holding the key derived from the released data key) writes and reads checkpoints."""
-    from medtee import privacy
+    from medtee import containment
     from medtee.training.checkpoint import EncryptedModelCheckpoint
 
     t, hw = trainer_cfg, hardware_cfg
-    privacy.quiet_lightning()
+    containment.quiet_lightning()
     checkpoints = []
     if t.checkpoint_every_n_steps > 0 and not t.validate_only:
         checkpoints.append(EncryptedModelCheckpoint(out_dir / "checkpoints", every_n_steps=t.checkpoint_every_n_steps,
@@ -83,7 +83,7 @@ def build_trainer(trainer_cfg, hardware_cfg, *, metrics, model, logger, out_dir:
     return L.Trainer(
         accelerator=hw.accelerator.value, devices=hw.devices, num_nodes=hw.num_nodes,
         strategy=strategy(t, model), plugins=[checkpoint_io], max_steps=t.max_steps,
-        callbacks=checkpoints + privacy.progress_bars(t.enable_progress_bar, metrics),
+        callbacks=checkpoints + containment.progress_bars(t.enable_progress_bar, metrics),
         precision=t.precision.value, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,

@@ -46,31 +46,33 @@ def recipient_problem(spec: str) -> str | None:
     return None
 
 
-def write_outputs(peft_model, cfg, *, adapter: dict | None, summary: dict, resolved_recipe: dict,
-                  out_dir: Path) -> dict:
-    """Encrypt and write the adapter (`adapter`: whole tensors named as peft saves them) and its config, unless
-    `adapter` is None (an evaluation run); write the resolved recipe and the summary."""
+def write_outputs(peft_model, *, adapter: dict | None, recipient: str, scheme, base_model: str, summary: dict,
+                  recorded_recipe: dict, out_dir: Path) -> dict:
+    """Encrypt the adapter (`adapter`: whole tensors named as peft saves them) to `recipient` (a .pub file or dev; a
+    new key in `scheme`) and write it with its config naming `base_model`, unless `adapter` is None (an evaluation
+    run); write the recorded recipe and the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     if adapter is not None:
-        written = _write_adapter(peft_model, adapter, cfg, out_dir)
-    write_atomic(out_dir / "recipe.json", json.dumps(resolved_recipe, indent=2, sort_keys=True).encode())
+        written = _write_adapter(peft_model, adapter, recipient=recipient, scheme=scheme, base_model=base_model,
+                                 out_dir=out_dir)
+    write_atomic(out_dir / "recipe.json", json.dumps(recorded_recipe, indent=2, sort_keys=True).encode())
     outputs = {ADAPTER_FILE: written} if written else {}
     write_atomic(out_dir / "summary.json",
                   json.dumps({**summary, "outputs": outputs}, indent=2, sort_keys=True).encode())
     return written
 
 
-def _write_adapter(peft_model, adapter: dict, cfg, out_dir: Path) -> dict:
+def _write_adapter(peft_model, adapter: dict, *, recipient: str, scheme, base_model: str, out_dir: Path) -> dict:
     from safetensors.torch import save
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
-    scheme, public, described = recipient_public_key(cfg.output.recipient, scheme=cfg.encryption.scheme)
+    scheme, public, described = recipient_public_key(recipient, scheme=scheme)
     blob = seal_blob(save(state), public, scheme=scheme, info=ADAPTER_INFO)
     del state
     write_atomic(out_dir / ADAPTER_FILE, blob)
     adapter_cfg = peft_model.peft_config["default"].to_dict()
-    adapter_cfg["base_model_name_or_path"] = cfg.model.id or cfg.model.name
+    adapter_cfg["base_model_name_or_path"] = base_model
     adapter_cfg = json.loads(json.dumps(adapter_cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     write_atomic(out_dir / "adapter_config.json", json.dumps(adapter_cfg, indent=2, sort_keys=True).encode())
     return {"adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_recipient": described}

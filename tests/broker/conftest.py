@@ -32,7 +32,7 @@ def release_once(client, manifest) -> tuple[bytes, dict]:
     eph = EphemeralKey.generate()
     request = dict(dataset_id=manifest.dataset_id, nonce=nonce, evidence=simulated_evidence()(nonce, eph.public_bytes),
                    ephemeral_public_key=eph.public_bytes, recipe_digest=RECIPE, manifest_digest=manifest.digest())
-    return eph.unwrap(client.release(**request), info=release_info(manifest.dataset_id, nonce)), request
+    return eph.unwrap(client.release(**request)[0], info=release_info(manifest.dataset_id, nonce)), request
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from medtee.broker.client import BrokerError, HttpBroker
-from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, connect, obtain_data_key
+from medtee.broker import connect
+from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, obtain_data_key
 from medtee.broker.server import BrokerServer
 from medtee.broker.service import EmbeddedBroker
 from medtee.crypto.hpke import EphemeralKey
@@ -39,7 +40,7 @@ def test_seal_against_remote_broker_and_release(server, tmp_path):
     manifest = seal_records(records, tmp_path / "ds", broker=client, policy="simulated", dataset_id="remote-ds")
     assert server.broker.datasets() == ["remote-ds"]
     key = obtain_data_key(client, dataset_id="remote-ds", manifest_digest=manifest.digest(), recipe_digest=RECIPE,
-                          evidence_for=simulated_evidence())
+                          evidence_for=simulated_evidence()).data_key
     assert open_dataset(tmp_path / "ds").read_records(key) == records
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from medtee.broker.audit import verify
-from medtee.broker.protocol import connect
+from medtee.broker import connect
 from medtee.broker.service import EmbeddedBroker
 from medtee.sealing.seal import seal_records
 

@@ -20,9 +20,9 @@ def release_request(broker, manifest, *, nonce=None, eph=None, recipe=RECIPE, ev
     nonce = nonce if nonce is not None else broker.challenge(manifest.dataset_id)
     eph = eph or EphemeralKey.generate()
     evidence = simulated_evidence(evidence_recipe)(nonce, eph.public_bytes)
-    blob = broker.release(dataset_id=manifest.dataset_id, nonce=nonce, evidence=evidence,
-                          ephemeral_public_key=eph.public_bytes, recipe_digest=recipe,
-                          manifest_digest=digest or manifest.digest())
+    blob, _ = broker.release(dataset_id=manifest.dataset_id, nonce=nonce, evidence=evidence,
+                             ephemeral_public_key=eph.public_bytes, recipe_digest=recipe,
+                             manifest_digest=digest or manifest.digest())
     return eph.unwrap(blob, info=release_info(manifest.dataset_id, nonce))
 
 
@@ -30,7 +30,7 @@ def release_request(broker, manifest, *, nonce=None, eph=None, recipe=RECIPE, ev
 def test_release_round_trip(sealed, broker, eph_scheme):
     out, manifest, records, key = sealed
     got = obtain_data_key(broker, dataset_id="test-ds", manifest_digest=manifest.digest(), recipe_digest=RECIPE,
-                          evidence_for=simulated_evidence(), scheme=eph_scheme)
+                          evidence_for=simulated_evidence(), scheme=eph_scheme).data_key
     assert got == key
     assert open_dataset(out).read_records(got) == records
 
@@ -151,7 +151,7 @@ def test_rotation_rewraps_without_reencrypting(sealed, broker):
     ds = open_dataset(out)
     assert ds.manifest == new_manifest
     fresh = EmbeddedBroker(broker.store_dir)
-    assert fresh.public_key()[0] is Scheme.X25519 and fresh.unwrap_data_key(new_manifest) == key
+    assert fresh.public_key()[0] is Scheme.hpke_x25519 and fresh.unwrap_data_key(new_manifest) == key
     with pytest.raises(KeyReleaseDenied, match="manifest_digest"):
         release_request(fresh, manifest)  # the old manifest is no longer the registered one
     assert release_request(fresh, new_manifest) == key

@@ -13,7 +13,7 @@ from medtee.crypto import hpke
 from medtee.crypto.hpke import Scheme
 
 GOLDEN = Path(__file__).with_name("golden")
-GOLDEN_NAMES = {Scheme.X25519: "x25519", Scheme.MLKEM768_X25519: "hybrid"}
+GOLDEN_NAMES = {Scheme.hpke_x25519: "x25519", Scheme.hpke_mlkem768_x25519: "hybrid"}
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def test_sealed_blob(scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_blobs_written_before_still_open(golden, golden_private_key, scheme):
     handle = golden_private_key(scheme)
-    blob = (golden / {Scheme.X25519: "x25519.blob", Scheme.MLKEM768_X25519: "hybrid.blob"}[scheme]).read_bytes()
+    blob = (golden / {Scheme.hpke_x25519: "x25519.blob", Scheme.hpke_mlkem768_x25519: "hybrid.blob"}[scheme]).read_bytes()
     assert open_blob(blob, handle, info=b"adapter:golden") == b"golden adapter bytes\n" * 100
     with pytest.raises(KeyWrapError):
         open_blob(blob, handle, info=b"adapter:other")

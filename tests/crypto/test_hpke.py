@@ -31,23 +31,23 @@ def test_wrap_round_trip_and_context_binding(scheme):
 
 
 def test_default_is_hybrid_post_quantum():
-    assert hpke.DEFAULT_SCHEME is Scheme.MLKEM768_X25519
-    assert EphemeralKey.generate().scheme is Scheme.MLKEM768_X25519
+    assert hpke.DEFAULT_SCHEME is Scheme.hpke_mlkem768_x25519
+    assert EphemeralKey.generate().scheme is Scheme.hpke_mlkem768_x25519
 
 
 def test_scheme_mismatch_and_misuse_are_refused():
-    priv, pub = hpke.generate_keypair(Scheme.X25519)
-    hpriv, hpub = hpke.generate_keypair(Scheme.MLKEM768_X25519)
+    priv, pub = hpke.generate_keypair(Scheme.hpke_x25519)
+    hpriv, hpub = hpke.generate_keypair(Scheme.hpke_mlkem768_x25519)
     with pytest.raises(KeyWrapError, match="must be 1216 bytes"):
-        hpke.wrap(b"s", pub, scheme=Scheme.MLKEM768_X25519, info=b"i")
+        hpke.wrap(b"s", pub, scheme=Scheme.hpke_mlkem768_x25519, info=b"i")
     blob = hpke.wrap(b"s", hpub, scheme="hpke-mlkem768-x25519", info=b"i")
     with pytest.raises(KeyWrapError, match="expected hpke-x25519"):
-        hpke.unwrap(blob, priv, scheme=Scheme.X25519, info=b"i")
+        hpke.unwrap(blob, priv, scheme=Scheme.hpke_x25519, info=b"i")
     with pytest.raises(ValueError, match="info must be non-empty"):
-        hpke.wrap(b"s", pub, scheme=Scheme.X25519, info=b"")
+        hpke.wrap(b"s", pub, scheme=Scheme.hpke_x25519, info=b"")
     with pytest.raises(ValueError, match="use one of"):
         Scheme.parse("rsa-oaep")
-    assert Scheme.for_public_key(pub) is Scheme.X25519 and Scheme.for_public_key(hpub) is Scheme.MLKEM768_X25519
+    assert Scheme.for_public_key(pub) is Scheme.hpke_x25519 and Scheme.for_public_key(hpub) is Scheme.hpke_mlkem768_x25519
 
 
 def test_private_keys_cannot_be_pickled_or_printed():
@@ -83,7 +83,7 @@ def test_key_files(tmp_path, scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_key_files_and_wrapped_keys_written_before_still_open(golden, golden_private_key, scheme):
-    name = {Scheme.X25519: "x25519", Scheme.MLKEM768_X25519: "hybrid"}[scheme]
+    name = {Scheme.hpke_x25519: "x25519", Scheme.hpke_mlkem768_x25519: "hybrid"}[scheme]
     found, pub = hpke.load_public_key(golden / f"{name}.pub")
     handle = golden_private_key(scheme)
     assert found is scheme and handle.public_bytes == pub

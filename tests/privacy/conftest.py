@@ -193,7 +193,7 @@ def mlflow_server(tmp_path_factory):
 def canary_overrides(sealed: dict, *extra: str) -> list[str]:
     """`medtee train` overrides for the sealed canary data: 24 held-out dialogues, so evaluations are aggregates;
     short sequences (each turn opens with its canary), so the runs are quick."""
-    return ["data=sealed", f"data.path={sealed['sealed']}", f"encryption.broker_dir={sealed['broker_dir']}",
+    return ["data=sealed", f"data.path={sealed['sealed']}", f"broker.dir={sealed['broker_dir']}",
             "data.val_fraction=0.5", "data.max_length=128", "trainer.limit_val_batches=6",
             "trainer.log_every_n_steps=1", *extra]
 

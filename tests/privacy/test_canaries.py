@@ -6,6 +6,8 @@ any encoding, and the only network connections went to the tracking server."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import sqlite3
@@ -21,8 +23,23 @@ from .conftest import HARNESS, canary_overrides, connections, run_harness, scan
 pytestmark = pytest.mark.slow
 
 
-def _clean(forms, sealed, places: list[Path], texts: dict[str, str]) -> None:
-    hits = scan(forms, [*places, sealed["sealed"], sealed["owner"] / ".medtee"], {**sealed["texts"], **texts})
+def _receipts(places: list[Path]) -> dict[str, str]:
+    """The decoded payload of every receipt under `places` (the envelope holds it base64-encoded)."""
+    found = {}
+    for root in places:
+        for path in ([root] if root.is_file() else root.rglob("receipt*.dsse.json")):
+            if path.name.startswith("receipt") and path.name.endswith(".dsse.json"):
+                found[f"payload of {path}"] = base64.b64decode(json.loads(path.read_text())["payload"]).decode()
+    return found
+
+
+def _clean(forms, sealed, places: list[Path], texts: dict[str, str], *, receipts: int = 1) -> None:
+    """No canary in any form under `places` or in `texts`, including inside the runs' signed receipts (at least
+    `receipts` of them)."""
+    decoded = _receipts(places)
+    assert len(decoded) >= receipts, f"expected a signed receipt under {places}"
+    hits = scan(forms, [*places, sealed["sealed"], sealed["owner"] / ".medtee"],
+                {**sealed["texts"], **texts, **decoded})
     assert not hits, "\n".join(hits)
 
 
@@ -35,7 +52,7 @@ def _no_egress(audit: Path, allowed_port: int | None = None) -> None:
 def test_the_canaries_are_in_the_sealed_input_and_only_there(forms, sealed_canaries):
     plain = scan(forms, [sealed_canaries["plaintext"]])
     assert len(plain) == len(forms), "every canary must be in the plaintext the data owner seals"
-    _clean(forms, sealed_canaries, [], {})
+    _clean(forms, sealed_canaries, [], {}, receipts=0)
 
 
 def test_training_logged_to_an_mlflow_server(forms, sealed_canaries, server_run, mlflow_server):
@@ -109,6 +126,7 @@ def test_run_killed_with_sigkill(forms, sealed_canaries, tmp_path, memory_tmp):
     os.killpg(proc.pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    _clean(forms, sealed_canaries, [tmp_path, memory_tmp], {"stdout": out, "stderr": "".join(seen) + err})
+    _clean(forms, sealed_canaries, [tmp_path, memory_tmp], {"stdout": out, "stderr": "".join(seen) + err},
+           receipts=0)  # killed: no end, no receipt
     _no_egress(audit)
     assert not list(tmp_path.rglob("core*")), "no core dump"

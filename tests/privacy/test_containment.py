@@ -1,4 +1,4 @@
-"""medtee.privacy: log records, warnings and failures reported without data; production egress refused; the run's
+"""medtee.containment: log records, warnings and failures reported without data; production egress refused; the run's
 containment (no core dumps, offline libraries, telemetry off, temporary files in memory) in a fresh process."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from medtee import config, privacy
+from medtee import config, containment, run
 
 SECRET = "Zorblatt Quenfeather"
 
@@ -29,7 +29,7 @@ def _emit(*args, exc_info=None, msg="batch %s") -> str:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(privacy.ScrubFilter())
+    handler.addFilter(containment.ScrubFilter())
     logger = logging.getLogger("medtee.test.privacy")
     logger.addHandler(handler)
     logger.propagate = False
@@ -73,7 +73,7 @@ def test_failure_report_names_types_causes_and_frames_only():
         except ValueError as inner:
             raise RuntimeError(f"wrapped {inner}") from inner
     except RuntimeError as exc:
-        lines = privacy.failure_report(exc)
+        lines = containment.failure_report(exc)
     assert lines[0].startswith("RuntimeError <- ValueError (message withheld")
     assert any("test_failure_report" in line for line in lines)
     assert SECRET not in "\n".join(lines)
@@ -81,18 +81,18 @@ def test_failure_report_names_types_causes_and_frames_only():
 
 def test_warnings_lose_source_lines_and_quoted_values():
     stream = io.StringIO()
-    privacy._showwarning(UserWarning(f"unknown token {SECRET!r} in sample"), UserWarning, "/x/lib.py", 7,
+    containment._showwarning(UserWarning(f"unknown token {SECRET!r} in sample"), UserWarning, "/x/lib.py", 7,
                          file=stream, line=f"warn({SECRET!r})")
     assert stream.getvalue() == "/x/lib.py:7: UserWarning: unknown token ... (rest withheld: it may quote data)\n"
-    assert privacy.scrub_text("`old()` is deprecated, use `new()`") == "`old()` is deprecated, use `new()`"
-    assert SECRET not in privacy.scrub_text(f"x = tensor([{SECRET}])")
+    assert containment.scrub_text("`old()` is deprecated, use `new()`") == "`old()` is deprecated, use `new()`"
+    assert SECRET not in containment.scrub_text(f"x = tensor([{SECRET}])")
 
 
 def test_progress_bar_shows_only_allow_listed_metrics():
-    [bar] = privacy.progress_bars(True, ["train/loss"])
+    [bar] = containment.progress_bars(True, ["train/loss"])
     trainer = SimpleNamespace(loggers=[], progress_bar_metrics={"train/loss": 1.5, "debug/sample_len": 7.0})
     assert bar.get_metrics(trainer, None) == {"train/loss": 1.5}
-    assert privacy.progress_bars(False, ["train/loss"]) == []
+    assert containment.progress_bars(False, ["train/loss"]) == []
 
 
 def _production(*overrides):
@@ -100,7 +100,7 @@ def _production(*overrides):
 
 
 def test_development_profiles_have_no_egress_rules():
-    assert privacy.egress_problems(config.compose(["tracking.tracking_uri=http://anywhere:5000"])) == []
+    assert run.production_egress(config.compose(["tracking.tracking_uri=http://anywhere:5000"])) == []
 
 
 def test_production_egress_only_to_the_tracking_server_and_the_broker(monkeypatch):
@@ -108,36 +108,36 @@ def test_production_egress_only_to_the_tracking_server_and_the_broker(monkeypatc
                 "MLFLOW_TRACKING_INSECURE_TLS"):
         monkeypatch.delenv(var, raising=False)
     ok = _production("tracking.tracking_uri=https://mlflow.example.org")
-    assert [p for p in privacy.egress_problems(ok) if "memory filesystem" not in p] == []
-    assert "over https:// only" in " ".join(privacy.egress_problems(_production("tracking.tracking_uri=http://m:5000")))
-    creds = privacy.egress_problems(_production("tracking.tracking_uri=https://u:pw@mlflow.example.org"))
+    assert [p for p in run.production_egress(ok) if "memory filesystem" not in p] == []
+    assert "over https:// only" in " ".join(run.production_egress(_production("tracking.tracking_uri=http://m:5000")))
+    creds = run.production_egress(_production("tracking.tracking_uri=https://u:pw@mlflow.example.org"))
     assert any("credentials" in p for p in creds) and not any("pw" in p.split() for p in creds)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    assert any("NO_PROXY" in p for p in privacy.egress_problems(ok))
-    broker_host = str(ok.encryption.broker).split("/")[2].split(":")[0]
+    assert any("NO_PROXY" in p for p in run.production_egress(ok))
+    broker_host = str(ok.broker.url).split("/")[2].split(":")[0]
     monkeypatch.setenv("NO_PROXY", f"mlflow.example.org,{broker_host}")
-    assert not any("NO_PROXY" in p for p in privacy.egress_problems(ok))
+    assert not any("NO_PROXY" in p for p in run.production_egress(ok))
     monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
-    assert any("INSECURE_TLS" in p for p in privacy.egress_problems(ok))
+    assert any("INSECURE_TLS" in p for p in run.production_egress(ok))
 
 
 def test_filesystem_type_of_dev_shm():
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm on this machine")
-    assert privacy.filesystem_type("/dev/shm") in privacy.MEMORY_FILESYSTEMS
-    assert privacy.filesystem_type("/proc/self") == "proc"
+    assert containment.filesystem_type("/dev/shm") in containment.MEMORY_FILESYSTEMS
+    assert containment.filesystem_type("/proc/self") == "proc"
 
 
 CONTAINED = r"""
 import logging, os, resource, socket, sys, tempfile, warnings
 events = []
 sys.addaudithook(lambda e, a: events.append(a) if e in ("socket.connect", "socket.getaddrinfo") else None)
-from medtee import privacy
-with privacy.contained() as tmp:
+from medtee import containment
+with containment.contained() as tmp:
     assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
     assert tempfile.gettempdir() == str(tmp) == os.environ["TMPDIR"] and oct(tmp.stat().st_mode)[-3:] == "700"
     if os.path.isdir("/dev/shm"):
-        assert privacy.filesystem_type(tmp) in privacy.MEMORY_FILESYSTEMS, privacy.filesystem_type(tmp)
+        assert containment.filesystem_type(tmp) in containment.MEMORY_FILESYSTEMS, containment.filesystem_type(tmp)
     import huggingface_hub
     from huggingface_hub import constants
     assert constants.HF_HUB_OFFLINE and constants.HF_HUB_DISABLE_TELEMETRY

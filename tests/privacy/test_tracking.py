@@ -13,7 +13,7 @@ from conftest import run_medtee
 from medtee import config
 from medtee.attestation.verdict import Check, Verdict
 
-tracking = pytest.importorskip("medtee.tracking")
+tracking = pytest.importorskip("medtee.tracking.logger")
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_run_params_tags_artifacts_and_the_recipe_digest(tmp_path):
     logger = _logger(tmp_path)
     logger.log_metrics({"train/loss": 1.0, "val/loss": 2.0, "text/len": 3.0}, step=1)
     summary = {"recipe": "demo", "recipe_digest": digest, "steps": 1}
-    logger.finish(summary, resolved=config.resolved(cfg), verdict=VERDICT, weight_digests={"m.safetensors": "ab"},
+    logger.finish(summary, recipe=config.digest_input(config.resolved(cfg)), verdict=VERDICT, weight_digests={"m.safetensors": "ab"},
                   evaluation={"val/loss": 2.0}, tags={"medtee.adapter_sha256": "cd", "bad.tag": "x"})
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(logger.run_id)
@@ -83,21 +83,21 @@ def test_run_params_tags_artifacts_and_the_recipe_digest(tmp_path):
     assert set(run.data.metrics) == {"train/loss", "val/loss"}
     assert run.data.tags["medtee.adapter_sha256"] == "cd" and "bad.tag" not in run.data.tags
     files = {f.path for f in client.list_artifacts(logger.run_id)}
-    assert files == {"receipt.json", "recipe.json", "evaluation.json"}
+    assert files == {"summary.json", "recipe.json", "evaluation.json"}
     recipe = json.loads(client.download_artifacts(logger.run_id, "recipe.json", str(tmp_path)) and
                         (tmp_path / "recipe.json").read_text())
     assert "path" not in recipe["data"] and "/secret/place" not in json.dumps(recipe)
     canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert hashlib.sha256(canonical.encode()).hexdigest() == digest
-    client.download_artifacts(logger.run_id, "receipt.json", str(tmp_path))
-    receipt = json.loads((tmp_path / "receipt.json").read_text())
-    assert receipt["attestation"]["policy"] == "simulated" and receipt["model_weights_sha256"] == {"m.safetensors": "ab"}
+    client.download_artifacts(logger.run_id, "summary.json", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["attestation"]["policy"] == "simulated" and summary["model_weights_sha256"] == {"m.safetensors": "ab"}
 
 
 def test_provenance_tags():
     cfg = config.compose([])
-    tags = tracking.run_tags(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest="e" * 64, verdict=VERDICT,
-                             weight_digests={"b.safetensors": "2" * 64, "a.safetensors": "1" * 64})
+    tags = tracking.run_tags(recipe="demo", recipe_digest="d" * 64, dataset_digest="e" * 64, verdict=VERDICT,
+                             hardware=cfg.hardware.name, model=cfg.model, mode="train", weight_digests={"b.safetensors": "2" * 64, "a.safetensors": "1" * 64})
     assert tags["medtee.attestation.verdict.cpu"] == "pass" and tags["medtee.attestation.verdict.gpu0"] == "pass"
     assert tags["medtee.attestation.verdict.gpu1"] == "fail (1 of 1 checks failed)"
     assert tags["medtee.attestation.verdict"] == "fail" and tags["medtee.SIMULATED"].startswith("true")
@@ -165,11 +165,9 @@ def test_the_sealed_dataset_is_the_runs_dataset_input_without_anything_from_the_
 
     cfg = config.compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=t"])
     manifest = _manifest()
-    opened = tracking.open_run(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest=manifest.digest(),
-                               verdict=VERDICT, eval_examples=24, manifest=manifest)
+    opened = _open(cfg, manifest=manifest)
     opened.close("KILLED")
-    resumed = tracking.open_run(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest=manifest.digest(),
-                                verdict=VERDICT, eval_examples=24, manifest=manifest, run_id=opened.run_id)
+    resumed = _open(cfg, manifest=manifest, run_id=opened.run_id)
     (entry,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(resumed.run_id).inputs.dataset_inputs
     dataset = entry.dataset  # logged once, though the run was opened twice
     assert (dataset.name, dataset.digest, dataset.source_type) == (
@@ -182,9 +180,15 @@ def test_the_sealed_dataset_is_the_runs_dataset_input_without_anything_from_the_
     assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
     text = json.dumps([dataset.name, dataset.digest, dataset.source, dataset.schema, dataset.profile])
     assert not any(n in text for n in ("31337", "271828", "4242", "phi")), "no statistic of the text"
-    unlogged = tracking.open_run(cfg, recipe="demo", recipe_digest="d" * 64, dataset_digest="e" * 64,
-                                 verdict=VERDICT, eval_examples=24)  # the call without a manifest still works
+    unlogged = _open(cfg)  # the call without a manifest still works
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(unlogged.run_id).inputs.dataset_inputs == []
+
+
+def _open(cfg, **kwargs):
+    tags = tracking.run_tags(recipe="demo", recipe_digest="d" * 64, dataset_digest="e" * 64, verdict=VERDICT,
+                             hardware=cfg.hardware.name, model=cfg.model, mode="train")
+    return tracking.open_run(cfg.tracking, run_name="demo", tags=tags, params=config.resolved(cfg), eval_examples=24,
+                             **kwargs)
 
 
 def test_the_dataset_schema_is_the_sealed_records_schema():

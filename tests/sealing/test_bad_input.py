@@ -61,11 +61,11 @@ def _left(root: Path, *inputs: str) -> list[str]:
 
 
 @pytest.mark.parametrize("raw, field", [
-    (_line(content="PHI-marker cafe").encode().replace(b"cafe", b"caf\xe9"), "messages[1].content"),
-    (_line(content="PHI-marker \ud800 x").encode(), "messages[1].content"),  # json.dumps writes the escape
+    (_line(content="PHI-marker cafe").encode().replace(b"cafe", b"caf\xe9"), "message 1's content"),
+    (_line(content="PHI-marker \ud800 x").encode(), "message 1's content"),  # json.dumps writes the escape
     (_line(rec_id="PHI-ID-\udc80").encode(), "field 'id'"),
     (_line(content=[{"type": "text", "text": "PHI-marker"}, {"type": "text", "text": "\ud83d"}]).encode(),
-     "messages[1].content"),
+     "message 1's content"),
 ], ids=["latin-1 byte", "lone surrogate escape", "surrogate in id", "surrogate in a text part"])
 def test_text_that_is_not_utf8_names_file_line_and_field(tmp_path, raw, field):
     (tmp_path / "in.jsonl").write_bytes(_line(rec_id="ok").encode() + b"\n" + raw + b"\n")
@@ -102,7 +102,7 @@ def test_csv_and_jsonl_long_fields_bom_bytes_and_the_record_bound(tmp_path):
     assert [where for where, _ in read_input(tmp_path / "bom.jsonl")] == [f"{tmp_path / 'bom.jsonl'}:1"]
     (tmp_path / "latin.csv").write_bytes(b"id,transcript\nc1,Doctor: ok\nc2,Doctor: PHI-marker caf\xe9\n")
     _refused(_cli(tmp_path, "seal", "latin.csv", "--out", "big"),
-             "latin.csv:3: messages[0].content is not valid UTF-8 text")
+             "latin.csv:3: message 0's content is not valid UTF-8 text")
     huge = "x" * (MAX_RECORD_BYTES + 1)
     with open(tmp_path / "big.csv", "w", newline="") as f:
         csv.writer(f).writerows([["id", "transcript"], ["c1", "Doctor: ok"], ["c2", f"Doctor: {huge}"]])
@@ -145,7 +145,7 @@ def test_text_parts_are_stored_flattened_and_other_parts_refused(tmp_path, broke
         ({"text": "PHI-marker"}, "'content' must be a string or a list of"),
     ]:
         _jsonl(tmp_path / "bad.jsonl", _line(rec_id="ok"), _line(content=content))
-        _refused(_cli(tmp_path, "seal", "bad.jsonl", "--out", "bad"), f"bad.jsonl:2: messages[1]: {message}")
+        _refused(_cli(tmp_path, "seal", "bad.jsonl", "--out", "bad"), f"bad.jsonl:2: message 1: {message}")
     assert _left(tmp_path, "in.jsonl", "bad.jsonl") == ["ds"]
 
 
@@ -155,7 +155,7 @@ def test_out_under_a_file_or_with_bad_first_record_creates_nothing(tmp_path):
     _refused(_cli(tmp_path, "seal", "in.jsonl", "--out", "afile/x/ds"),
              "--out afile/x/ds: afile is a file, not a directory")
     _jsonl(tmp_path / "bad.jsonl", _line(content=7))
-    _refused(_cli(tmp_path, "seal", "bad.jsonl", "--out", "a/b/c"), "bad.jsonl:1: messages[1]: ")
+    _refused(_cli(tmp_path, "seal", "bad.jsonl", "--out", "a/b/c"), "bad.jsonl:1: message 1: ")
     (tmp_path / "dir.jsonl").mkdir()
     _refused(_cli(tmp_path, "seal", "dir.jsonl", "--out", "a/b/c"), "dir.jsonl: not a regular file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "bad.jsonl", "dir.jsonl", "in.jsonl"]  # no broker
@@ -246,7 +246,7 @@ def test_non_regular_or_oversized_manifest_is_refused(sealed, tmp_path, kind):
     error = _error_within(lambda: open_dataset(out))
     assert isinstance(error, SealedDataError) and str(error).startswith(f"{out / 'manifest.json'} ")
     assert "restore it from the sealer's output" in str(error)
-    _refused(_cli(tmp_path, "data", "inspect", str(out)), f"{out / 'manifest.json'} ")
+    _refused(_cli(tmp_path, "dataset", "inspect", str(out)), f"{out / 'manifest.json'} ")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])

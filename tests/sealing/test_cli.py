@@ -26,14 +26,14 @@ def test_seal_inspect_rotate_audit(jsonl, tmp_path, capsys):
     printed += [out, err]
     assert "sealed 30 records" in out and "part-00003.parquet" in out and "SIMULATED" in err
     assert (tmp_path / ".medtee" / "broker" / "broker.key").exists()
-    assert main(["data", "inspect", "ds", "--owner-key", ".medtee/broker/owner-signing.pub"]) == 0
+    assert main(["dataset", "inspect", "ds", "--owner-key", ".medtee/broker/owner-signing.pub"]) == 0
     out, _ = capsys.readouterr()
     printed.append(out)
     assert "signature      OK, by the trusted owner key" in out and "all 4 shards" in out
     assert main(["keys", "rotate", "ds", "--scheme", "hpke-x25519"]) == 0
-    assert main(["data", "inspect", "ds"]) == 0
+    assert main(["dataset", "inspect", "ds"]) == 0
     assert "wrapped with hpke-x25519" in capsys.readouterr().out
-    assert main(["broker", "policy", "cli-ds", "snp_h200"]) == 0
+    assert main(["broker", "policy", "set", "cli-ds", "snp_h200"]) == 0
     assert main(["broker", "audit", "verify"]) == 0
     out, _ = capsys.readouterr()
     assert "audit log OK: 3 entries" in out
@@ -44,7 +44,7 @@ def test_bad_input_exit_codes_name_the_problem(jsonl, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "messages": [{"role": "nurse", "content": "PHI-marker"}]}\n')
     assert main(["seal", "bad.jsonl", "--out", "ds"]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl:1: messages[0].role must be one of" in err and "PHI-marker" not in err
+    assert "bad.jsonl:1: message 0: 'role' must be one of" in err and "PHI-marker" not in err
     assert not (tmp_path / "ds").exists()
     assert main(["seal", str(jsonl), "--out", "ds", "--policy", "no-such-policy"]) == 2
     assert "no attestation policy 'no-such-policy'" in capsys.readouterr().err
@@ -55,7 +55,7 @@ def test_bad_input_exit_codes_name_the_problem(jsonl, tmp_path, capsys):
     assert main(["seal", str(jsonl), "--out", "ds2", "--scheme", "hpke-x25519"]) == 2
     assert "already uses hpke-mlkem768-x25519" in capsys.readouterr().err
     (tmp_path / "ds" / "part-00000.parquet").write_bytes(b"PAR1")
-    assert main(["data", "inspect", "ds"]) == 2
+    assert main(["dataset", "inspect", "ds"]) == 2
     assert "part-00000.parquet" in capsys.readouterr().err
 
 

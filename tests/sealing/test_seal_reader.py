@@ -134,7 +134,7 @@ def test_failure_midway_leaves_nothing(tmp_path, broker):
         yield from make_records(30)
         yield {"id": "bad", "messages": [{"role": "nurse", "content": "PHI-marker secret"}]}
 
-    with pytest.raises(InputError, match=r"record 30 \(counting from 0\): messages\[0\].role must be one of") as err:
+    with pytest.raises(InputError, match=r"record 30 \(counting from 0\): message 0: 'role' must be one of") as err:
         seal_records(records(), tmp_path / "out", broker=broker, policy="simulated", rows_per_shard=10)
     assert "PHI-marker" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broker"]
@@ -154,7 +154,7 @@ def test_jsonl_errors_name_file_line_and_field_not_content(tmp_path):
     good = json.dumps(make_records(1)[0])
     for line, want in [
         ('{"id": "a", "messages": [{"role": "user", "content": "PHI-marker"}', "not valid JSON"),
-        ('{"id": "a", "messages": [{"role": "user", "content": 7}]}', r"messages\[0\]: 'content' must be a string or a list"),
+        ('{"id": "a", "messages": [{"role": "user", "content": 7}]}', r"message 0: 'content' must be a string or a list"),
         ('{"id": "", "messages": [{"role": "user", "content": "PHI-marker"}]}', "field 'id'"),
         ('{"id": "a", "messages": "PHI-marker"}', "field 'messages'"),
         ('["PHI-marker"]', "JSON object"),

@@ -62,7 +62,7 @@ def test_cli_inspect_shows_count_and_local_directory_tokenizer(tmp_path, monkeyp
     a, b = Manifest.load(tmp_path / "a"), Manifest.load(tmp_path / "b")
     assert a.token_count == b.token_count == _expected_tokens(records)
     assert b.tokenizer == "my-tok " + a.tokenizer.split(" ")[1]  # same vocabulary, same fingerprint
-    assert main(["data", "inspect", "a"]) == 0
+    assert main(["dataset", "inspect", "a"]) == 0
     out = capsys.readouterr().out
     assert f"tokens         {a.token_count}   tokenizer {a.tokenizer}" in out
     assert not any("PHI-marker" in text for text in (out, printed.out, printed.err))
@@ -76,7 +76,7 @@ def test_tampered_token_count_breaks_signature(tmp_path, broker, capsys):
         path.write_text(json.dumps({**original, field: value}))
         with pytest.raises(SealedDataError, match="signature does not verify"):
             open_dataset(tmp_path / "ds")
-        assert main(["data", "inspect", str(tmp_path / "ds")]) == 2
+        assert main(["dataset", "inspect", str(tmp_path / "ds")]) == 2
         assert "signature does not verify" in capsys.readouterr().err
     path.write_text(json.dumps({**original, "token_count": None, "tokenizer": None}))  # dropping the count
     with pytest.raises(SealedDataError, match="signature does not verify"):
@@ -88,7 +88,7 @@ def test_no_tokenizer_records_no_count(tmp_path, broker, monkeypatch, capsys):
     assert manifest.token_count is None and manifest.tokenizer is None
     doc = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert doc["token_count"] is None and doc["tokenizer"] is None and doc["format_version"] == 2
-    assert main(["data", "inspect", str(tmp_path / "ds")]) == 0
+    assert main(["dataset", "inspect", str(tmp_path / "ds")]) == 0
     assert "token count: not recorded (seal with --tokenizer)" in capsys.readouterr().out
 
 

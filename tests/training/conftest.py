@@ -26,7 +26,7 @@ def owner(tmp_path_factory) -> Path:
 
 
 def data_args(owner: Path) -> list[str]:
-    return [f"data.path={owner / 'sealed'}", f"encryption.broker_dir={owner / '.medtee/broker'}"]
+    return [f"data.path={owner / 'sealed'}", f"broker.dir={owner / '.medtee/broker'}"]
 
 
 def summaries(cwd: Path) -> list[dict]:

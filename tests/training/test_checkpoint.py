@@ -85,7 +85,7 @@ def _module(run_info=None):
     from medtee.training.model import build_model
     from medtee.training.module import CausalLMModule
 
-    cfg = config.compose(["recipe=demo", "qlora=lora"])
+    cfg = config.compose(["recipe=demo", "qlora=unquantized"])
     return CausalLMModule(build_model(cfg.model, cfg.qlora, vocab_size=64, device="cpu"), cfg.trainer,
                           run_info=run_info)
 
@@ -159,7 +159,7 @@ def test_strategies():
     from medtee.training.engine import strategy
     from medtee.training.model import build_model
 
-    cfg = config.compose(["recipe=demo", "qlora=lora"])
+    cfg = config.compose(["recipe=demo", "qlora=unquantized"])
     model = build_model(cfg.model, cfg.qlora, vocab_size=64, device="cpu")
     assert strategy(config.compose(["trainer.strategy=auto"]).trainer, model) == "auto"
     assert isinstance(strategy(config.compose(["trainer.strategy=ddp"]).trainer, model), DDPStrategy)
@@ -180,7 +180,7 @@ def test_the_8bit_adamw_choice_trains_the_lora_parameters_with_bitsandbytes():
     from medtee.training.model import build_model
     from medtee.training.module import CausalLMModule
 
-    cfg = config.compose(["recipe=demo", "qlora=lora", "trainer.optimizer=adamw_8bit"])
+    cfg = config.compose(["recipe=demo", "qlora=unquantized", "trainer.optimizer=adamw_8bit"])
     module = CausalLMModule(build_model(cfg.model, cfg.qlora, vocab_size=64, device="cpu"), cfg.trainer)
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, bnb.optim.AdamW8bit)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medtee import config
-from medtee.config import ModelConfig, ModelSource, QLoRAConfig, Quantization
+from medtee.training.config import ModelConfig, ModelSource, QLoRAConfig, Quantization
 from medtee.training import model as model_lib
 
 GEMMA3_VOCAB = 262_208

@@ -54,8 +54,8 @@ def test_settings_that_cannot_run_are_refused_before_the_key_is_released(tmp_pat
 def test_a_broker_ca_that_is_not_a_regular_file_is_refused(tmp_path):
     """A FIFO as the CA bundle used to hang the TLS setup."""
     os.mkfifo(tmp_path / "ca.pem")
-    res = run_medtee("train", f"encryption.broker_ca={tmp_path / 'ca.pem'}", cwd=tmp_path)
-    assert res.returncode == 2 and "encryption.broker_ca" in res.stderr and RELEASED not in res.stderr
+    res = run_medtee("train", f"broker.ca={tmp_path / 'ca.pem'}", cwd=tmp_path)
+    assert res.returncode == 2 and "broker.ca" in res.stderr and RELEASED not in res.stderr
 
 
 def _checkpoints_written(cwd: Path, keep: int) -> list[str]:
@@ -115,7 +115,7 @@ def test_a_run_that_fails_leaves_its_mlflow_run_failed(tmp_path, monkeypatch, ca
 
 def test_a_key_broker_that_is_down_is_a_refusal(tmp_path):
     """Documented as exit 1 (refused), never a failed run (exit 3)."""
-    res = run_medtee("train", "encryption.broker=http://127.0.0.1:9", "trainer.max_steps=2", cwd=tmp_path)
+    res = run_medtee("train", "broker.url=http://127.0.0.1:9", "trainer.max_steps=2", cwd=tmp_path)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "unreachable" in res.stderr and RELEASED not in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()

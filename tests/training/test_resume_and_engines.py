@@ -109,7 +109,8 @@ def test_two_process_ddp_on_cpu_with_torchrun(ddp_run):
 
 def test_two_nodes_train_as_one_node_with_two_processes(owner, ddp_run, tmp_path):
     """Multi-node through torchrun's launcher: an agent per node, each with its own working directory (as on two
-    machines). Rank 0's node writes every output; the other node writes nothing."""
+    machines). Rank 0's node writes every output; the other node writes only its own signed receipt (its process
+    had its own key release and evidence)."""
     _, ddp = ddp_run
     port, nodes = str(_free_port()), [tmp_path / "node0", tmp_path / "node1"]
     agents = []
@@ -125,7 +126,8 @@ def test_two_nodes_train_as_one_node_with_two_processes(owner, ddp_run, tmp_path
     assert [agent.returncode for agent in agents] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     [summary] = summaries(nodes[0])
     assert summary["world_size"] == 2 and summary["final_metrics"] == ddp["final_metrics"]
-    assert not list(nodes[1].iterdir())
+    assert [p.name for p in nodes[1].rglob("*") if p.is_file()] == ["receipt.rank1.dsse.json"]
+    assert len(list(nodes[0].glob("outputs/*/*/receipt.dsse.json"))) == 1
 
 
 def test_two_tasks_started_as_srun_starts_them_train_as_torchrun_does(owner, ddp_run, tmp_path):

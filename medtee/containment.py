@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-log = logging.getLogger("medtee.privacy")
+log = logging.getLogger("medtee.containment")
 
 #: Set before any heavy import: no hub access, no telemetry from the libraries medtee runs. MLflow ignores
 #: DO_NOT_TRACK=1 (it only honours "true"), hence MLFLOW_DISABLE_TELEMETRY.
@@ -266,13 +266,13 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def egress_problems(cfg) -> list[str]:
-    """Why a production profile may not start with this recipe and environment: any network egress other than the
-    tracking server and the key broker, or a temporary directory that is not in memory. Empty outside production."""
-    if not cfg.hardware.production:
-        return []
+def egress_problems(*, tracking_uri: str | None, broker_url: str, weights_id: str | None,
+                    data_path: str | None) -> list[str]:
+    """Why a production run may not start: any network egress other than the tracking server and the key broker
+    (`broker_url`), weights (`weights_id`: the pretrained model's id or directory) or a sealed dataset named by URL,
+    or a temporary directory that is not in memory."""
     problems = []
-    uri = str(cfg.tracking.tracking_uri or "")
+    uri = str(tracking_uri or "")
     endpoints = []
     scheme = urlsplit(uri).scheme
     if scheme == "https":
@@ -283,9 +283,8 @@ def egress_problems(cfg) -> list[str]:
     elif scheme != "sqlite":
         problems.append(f"tracking.tracking_uri uses '{scheme or uri}': production profiles log to a local sqlite "
                         f"file or to an MLflow tracking server over https:// only (tracking=mlflow_server)")
-    broker = str(cfg.encryption.broker)
-    if broker.startswith(("http://", "https://")):
-        endpoints.append(("encryption.broker", broker))
+    if broker_url.startswith(("http://", "https://")):
+        endpoints.append(("broker.url", broker_url))
     for key, url in endpoints:
         parts = urlsplit(url)
         if parts.username or parts.password:
@@ -295,10 +294,10 @@ def egress_problems(cfg) -> list[str]:
         if parts.scheme in proxies and not urllib.request.proxy_bypass_environment(parts.hostname or ""):
             problems.append(f"{key} would go through the proxy in {parts.scheme.upper()}_PROXY/ALL_PROXY, a host "
                             f"the recipe does not name; unset the proxy or add {parts.hostname} to NO_PROXY")
-    if cfg.model.source == "pretrained" and "://" in str(cfg.model.id or ""):
+    if "://" in str(weights_id or ""):
         problems.append("model.id is a URL: production profiles load weights from a local directory or the "
                         "offline Hugging Face cache only")
-    if "://" in str(cfg.data.path or ""):
+    if "://" in str(data_path or ""):
         problems.append("data.path is a URL: production profiles read the sealed dataset from a local directory")
     if memory_tmp_base() is None:
         problems.append(f"no memory filesystem for temporary files ({tempfile.gettempdir()} and /dev/shm are not "

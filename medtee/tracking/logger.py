@@ -1,9 +1,9 @@
-"""The one door to MLflow: allow-listed metrics, parameters, tags and artifacts; aggregates only.
+"""The one door to MLflow: a Lightning logger whose every write goes through the privacy guard, and what a run
+records (provenance tags, the sealed dataset as a dataset input). Nothing else in medtee talks to MLflow.
 
-Nothing else in medtee talks to MLflow. A key outside the allow-lists is dropped with a warning that names the key,
-never the value. The runs of a Hydra sweep are nested under one parent run per sweep. The experiment is tagged as a
-fine-tuning experiment, and a run's dataset input is the sealed dataset's id, manifest digest, columns and record
-count (`dataset_input`), never anything read from its records.
+The runs of a Hydra sweep are nested under one parent run per sweep. The experiment is tagged as a fine-tuning
+experiment, and a run's dataset input is the sealed dataset's id, manifest digest, columns and record count
+(`dataset_input`), never anything read from its records.
 """
 
 from __future__ import annotations
@@ -11,51 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from medtee import config, privacy
-from medtee.config import METRIC_ALLOW_LIST
+from medtee import containment
+from medtee.schema import ConfigError
+from medtee.tracking.guard import PARAM_ALLOW_LIST, Guard
 
 log = logging.getLogger("medtee.tracking")
-
-#: Recipe fields that may become MLflow parameters. Paths, URLs and anything data-derived are absent on purpose.
-PARAM_ALLOW_LIST = (
-    "hardware.name", "hardware.devices", "hardware.num_nodes",
-    "attestation.name",
-    "encryption.scheme",
-    "qlora.quantization", "qlora.double_quant", "qlora.compute_dtype", "qlora.rank", "qlora.alpha", "qlora.dropout",
-    "qlora.target_modules", "qlora.use_dora", "qlora.use_rslora",
-    "model.name", "model.id", "model.revision", "model.dtype", "model.attn_implementation",
-    "model.gradient_checkpointing", "model.checkpoint_every_n_layers", "model.selective_checkpointing",
-    "model.compile_layers",
-    "data.source", "data.max_length", "data.batch_size", "data.val_fraction", "data.packing", "data.seed",
-    "trainer.max_steps", "trainer.lr", "trainer.warmup_steps", "trainer.weight_decay", "trainer.optimizer",
-    "trainer.precision", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.seed",
-    "trainer.strategy", "trainer.loss_chunk_tokens", "trainer.validate_only",
-)
-
-#: Evaluation metrics: logged only when they aggregate at least `tracking.min_aggregate` examples.
-EVAL_PREFIXES = ("val/",)
-
-#: Lightning's own bookkeeping keys, renamed to medtee's `stage/metric` scheme.
-RENAMES = {"epoch": "train/epoch"}
-
-#: Tags a run may set: medtee's own (`medtee.*`), the run description and the parent of a sweep's child run.
-TAG_ALLOW_LIST = ("medtee.", "mlflow.note.content", "mlflow.parentRunId")
-
-#: Longest tag value: tags hold names, digests and verdicts, never text.
-MAX_TAG_CHARS = 500
-
-#: The only artifacts a run logs (kind -> file): JSON built by medtee from digests, verdicts, counts and aggregate
-#: metrics; never text, samples, per-example values or paths to data.
-SAFE_ARTIFACTS = {"receipt": "receipt.json", "recipe": "recipe.json", "evaluation": "evaluation.json"}
 
 #: The experiment tag naming an experiment's kind, and medtee's: fine-tuning runs (MLflow's "finetuning" kind).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "finetuning"
@@ -84,84 +52,6 @@ DATASET_DIGEST_CHARS = 12
 ARTIFACT_SCHEMES = ("", "file", "mlflow-artifacts")
 
 
-class Guard:
-    """Decides what may leave: metric names, finite values, aggregate sizes, parameters, tags."""
-
-    def __init__(self, allowed_metrics: Iterable[str] | None, min_aggregate: int):
-        self.allowed = frozenset(allowed_metrics if allowed_metrics is not None else METRIC_ALLOW_LIST)
-        self.allowed &= frozenset(METRIC_ALLOW_LIST)
-        self.min_aggregate = min_aggregate
-        self.eval_examples: int | None = None
-        self._warned: set[str] = set()
-
-    def dropped(self, what: str, key: str, why: str) -> None:
-        """Warn (once per key) that a key was dropped: names the key and why, never the value."""
-        if (what, key) not in self._warned:
-            self._warned.add((what, key))
-            log.warning("tracking guard dropped %s %r: %s", what, key, why)
-
-    def metrics(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        out = {}
-        for key, value in metrics.items():
-            key = RENAMES.get(key, key)
-            if key not in self.allowed:
-                self.dropped("metric", key, "not in the metric allow-list")
-                continue
-            if key.startswith(EVAL_PREFIXES) and (self.eval_examples or 0) < self.min_aggregate:
-                self.dropped("metric", key, f"evaluation covers {self.eval_examples or 0} examples, fewer than "
-                                     f"tracking.min_aggregate={self.min_aggregate}")
-                continue
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                self.dropped("metric", key, "value is not a number")
-                continue
-            if math.isfinite(number):
-                out[key] = number
-        return out
-
-    def evaluation_covers(self, examples: int) -> bool:
-        """Whether an evaluation over this many examples is an aggregate that may be logged."""
-        return examples >= self.min_aggregate
-
-    def tags(self, tags: Mapping[str, Any]) -> dict[str, str]:
-        out = {}
-        for key, value in tags.items():
-            text = str(value)
-            if not key.startswith(TAG_ALLOW_LIST):
-                self.dropped("tag", key, "not in the tag allow-list")
-            elif len(text) > MAX_TAG_CHARS:
-                self.dropped("tag", key, f"value longer than {MAX_TAG_CHARS} characters")
-            else:
-                out[key] = text
-        return out
-
-    def artifact(self, kind: str, payload: Mapping[str, Any]) -> tuple[str, str] | None:
-        """(file name, JSON text) for a safe artifact kind, or None (dropped with a warning)."""
-        if kind not in SAFE_ARTIFACTS:
-            self.dropped("artifact", kind, f"not one of medtee's safe artifacts ({', '.join(SAFE_ARTIFACTS)})")
-            return None
-        if kind == "evaluation":
-            examples = int(payload.get("examples") or 0)
-            if not self.evaluation_covers(examples):
-                self.dropped("artifact", kind, f"evaluation covers {examples} examples, fewer than "
-                                                  f"tracking.min_aggregate={self.min_aggregate}")
-                return None
-            payload = {"examples": examples, "metrics": self.metrics(payload.get("metrics") or {})}
-        return SAFE_ARTIFACTS[kind], json.dumps(payload, indent=2, sort_keys=True, default=str)
-
-    @staticmethod
-    def params(resolved_recipe: Mapping[str, Any]) -> dict[str, str]:
-        out = {}
-        for dotted in PARAM_ALLOW_LIST:
-            node: Any = resolved_recipe
-            for part in dotted.split("."):
-                node = node.get(part) if isinstance(node, Mapping) else None
-            if node is not None:
-                out[dotted] = ",".join(map(str, node)) if isinstance(node, list) else str(node)
-        return out
-
-
 class GuardedMLflowLogger(Logger):
     """A Lightning logger whose every write goes through the Guard into one MLflow run.
 
@@ -184,7 +74,7 @@ class GuardedMLflowLogger(Logger):
                 self._client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             self._artifact_location = self._client.get_experiment(self._experiment_id).artifact_location
         except Exception as exc:  # connection refused, TLS, 401/403: the message names no data, but stay uniform
-            raise privacy.SafeError(
+            raise containment.SafeError(
                 f"the MLflow tracking store {display_uri(tracking_uri)} refused or did not answer "
                 f"({type(exc).__name__}); check tracking.tracking_uri (tracking=mlflow_server: MLFLOW_TRACKING_URI) "
                 f"and the credentials in MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD") from None
@@ -200,7 +90,7 @@ class GuardedMLflowLogger(Logger):
             try:
                 self._run = self._client.get_run(resume_run_id)
             except MlflowException:
-                raise config.ConfigError(
+                raise ConfigError(
                     f"trainer.resume_from: the checkpoint continues MLflow run {resume_run_id}, which "
                     f"{display_uri(tracking_uri)} does not hold; resume with the tracking.tracking_uri of the run "
                     f"that wrote the checkpoint") from None
@@ -286,19 +176,29 @@ class GuardedMLflowLogger(Logger):
         self._client.log_text(self.run_id, item[1], item[0])
 
     @rank_zero_only
-    def finish(self, summary: Mapping[str, Any], *, resolved: Mapping[str, Any], verdict,
+    def finish(self, summary: Mapping[str, Any], *, recipe: Mapping[str, Any], verdict,
                weight_digests: Mapping[str, str] | None = None, evaluation: Mapping[str, float] | None = None,
-               tags: Mapping[str, str] | None = None) -> None:
-        """The end of a successful run: final tags, the receipt, the resolved recipe, the evaluation report (when
-        it covers at least `tracking.min_aggregate` examples), then the run (and its sweep parent) closed."""
+               tags: Mapping[str, str] | None = None, receipt: Mapping[str, Any] | None = None) -> None:
+        """The end of a successful run: final tags, the summary, the resolved recipe, the signed receipt, the
+        evaluation report (when it covers at least `tracking.min_aggregate` examples), then the run (and its sweep
+        parent) closed."""
         if tags:
             self.set_tags(tags)
-        self.log_artifact("receipt", {**summary, "attestation": verdict.to_json(),
+        self.log_artifact("summary", {**summary, "attestation": verdict.to_json(),
                                       "model_weights_sha256": dict(weight_digests or {})})
-        self.log_artifact("recipe", config.digest_input(resolved))
+        self.log_artifact("recipe", recipe)
+        if receipt:
+            self.log_artifact("receipt", receipt)
         if evaluation:
             self.log_artifact("evaluation", {"examples": self.guard.eval_examples or 0, "metrics": evaluation})
         self.close("FINISHED")
+
+    @rank_zero_only
+    def fail(self, receipt: Mapping[str, Any] | None = None) -> None:
+        """The end of a failed run: the signed receipt (when one was written), then the run closed FAILED."""
+        if receipt:
+            self.log_artifact("receipt", receipt)
+        self.close("FAILED")
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -378,24 +278,24 @@ def combined_weights_digest(weight_digests: Mapping[str, str]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def run_tags(cfg, *, recipe: str, recipe_digest: str, dataset_digest: str, verdict,
+def run_tags(*, recipe: str, recipe_digest: str, dataset_digest: str, verdict, hardware: str, model, mode: str,
              weight_digests: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The provenance a dashboard reader needs: recipe and digests, model, hardware, attestation per device."""
-    m = cfg.model
+    """The provenance a dashboard reader needs: recipe and digests, `model` (its group), `hardware` (the profile's
+    name), attestation per device, and `mode` (train or validate)."""
     tags = {
         "medtee.recipe": recipe,
         "medtee.recipe_digest": recipe_digest,
         "medtee.dataset_manifest_digest": dataset_digest,
-        "medtee.hardware": cfg.hardware.name,
-        "medtee.model": m.name,
-        "medtee.model.id": m.id or f"random tiny Gemma 3 (model.tiny.seed={m.tiny.seed})",
-        "medtee.model.revision": m.revision or "none",
+        "medtee.hardware": hardware,
+        "medtee.model": model.name,
+        "medtee.model.id": model.id or f"random tiny Gemma 3 (model.tiny.seed={model.tiny.seed})",
+        "medtee.model.revision": model.revision or "none",
         "medtee.model.weights_sha256": (combined_weights_digest(weight_digests) if weight_digests
                                         else "none: random weights"),
         "medtee.attestation.policy": verdict.policy,
         "medtee.attestation.mode": "SIMULATED" if verdict.simulated else "hardware",
         "medtee.attestation.verdict": "pass" if verdict.ok else "fail",
-        "medtee.mode": "validate" if cfg.trainer.validate_only else "train",
+        "medtee.mode": mode,
     }
     tags.update({f"medtee.model.weights.{name}": sha for name, sha in (weight_digests or {}).items()})
     tags.update({f"medtee.attestation.verdict.{d}": v for d, v in device_verdicts(verdict).items()})
@@ -419,24 +319,21 @@ def sweep_id() -> str | None:
     return hashlib.sha256(str(Path(hc.sweep.dir).resolve()).encode()).hexdigest()[:16]
 
 
-def open_run(cfg, *, recipe: str, recipe_digest: str, dataset_digest: str, verdict, eval_examples: int,
-             weight_digests: Mapping[str, str] | None = None, run_id: str | None = None,
-             manifest=None) -> GuardedMLflowLogger:
-    """The run's guarded logger: allow-listed parameters, provenance tags, nested under its sweep's parent run, and
-    the sealed dataset's `manifest` (when given) as its dataset input.
+def open_run(tracking, *, run_name: str, tags: Mapping[str, str], params: Mapping[str, str], eval_examples: int,
+             run_id: str | None = None, manifest=None, context: str = "training") -> GuardedMLflowLogger:
+    """The run's guarded logger on the store of `tracking` (its group): the parameters and tags the guard allows,
+    nested under its sweep's parent run, and the sealed dataset's `manifest` (when given) as its dataset input in
+    `context` (training or evaluation).
 
-    `eval_examples` is the size of the held-out split; an evaluation pass covers at most `limit_val_batches` x
-    `batch_size` of them, and the guard counts no more than that. `run_id` continues that run (a resumed training).
+    `eval_examples` is how many held-out examples one evaluation pass covers; the guard counts no more than that.
+    `run_id` continues that run (a resumed training).
     """
-    privacy.filter_handlers()  # the heavy libraries are imported by now: cover the handlers they added
-    guard = Guard(cfg.tracking.metrics, cfg.tracking.min_aggregate)
-    guard.eval_examples = min(eval_examples, cfg.trainer.limit_val_batches * cfg.data.batch_size)
-    tags = run_tags(cfg, recipe=recipe, recipe_digest=recipe_digest, dataset_digest=dataset_digest,
-                    verdict=verdict, weight_digests=weight_digests)
-    logger = GuardedMLflowLogger(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
-                                 run_name=cfg.tracking.run_name or recipe, guard=guard, tags=tags,
-                                 params=Guard.params(config.resolved(cfg)), sweep_id=sweep_id(),
-                                 resume_run_id=run_id)
+    containment.filter_handlers()  # the heavy libraries are imported by now: cover the handlers they added
+    guard = Guard(tracking.metrics, tracking.min_aggregate)
+    guard.eval_examples = eval_examples
+    logger = GuardedMLflowLogger(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
+                                 run_name=tracking.run_name or run_name, guard=guard, tags=tags,
+                                 params=Guard.params(params), sweep_id=sweep_id(), resume_run_id=run_id)
     if manifest is not None:
-        logger.log_dataset(manifest, context="evaluation" if cfg.trainer.validate_only else "training")
+        logger.log_dataset(manifest, context=context)
     return logger

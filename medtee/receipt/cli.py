@@ -1,0 +1,68 @@
+"""`medtee receipt verify`: check a training receipt offline (exit 0 verified, 1 rejected, 2 unusable input)."""
+
+from __future__ import annotations
+
+import argparse
+
+MAX_RECEIPT_BYTES = 64 << 20
+
+
+def add_parser(subparsers) -> None:
+    """Register `receipt verify` on an argparse subparsers object."""
+    receipt = subparsers.add_parser("receipt", help="verify a run's signed training receipt")
+    sub = receipt.add_subparsers(dest="receipt_command", metavar="ACTION", required=True)
+    verify = sub.add_parser("verify", help="verify receipt.dsse.json and the files it names, offline",
+                            description="Checks the DSSE signature, that the receipt key is bound into the "
+                                        "attestation evidence, the evidence under a policy, and each --adapter "
+                                        "file against the receipt's subjects. Exit 0 when every check passes, 1 "
+                                        "when the receipt is rejected (each failed check named), 2 on unusable "
+                                        "input.")
+    verify.add_argument("receipt", metavar="RECEIPT", help="receipt.dsse.json from a run's output directory")
+    verify.add_argument("--adapter", metavar="FILE", action="append", default=[],
+                        help="an output file (e.g. adapter.safetensors.enc) to check against the subjects; repeatable")
+    verify.add_argument("--policy", metavar="NAME|FILE",
+                        help="appraise under this policy (a name in conf/attestation/, or a YAML file) instead of "
+                             "the one recorded in the receipt; trust a receipt only under your own policy")
+    verify.add_argument("--at", metavar="ISO-TIME", help="verify certificates as of this time (default: now; naive = UTC)")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    verify.set_defaults(handler=run_verify)
+
+
+def _at(value: str | None):
+    from datetime import datetime, timezone
+
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"--at '{value}' is not an ISO 8601 time (e.g. 2025-06-01T00:00:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Handler of `medtee receipt verify`."""
+    import json
+
+    from medtee import exits
+    from medtee.files import NotRegularFile, read_regular
+    from medtee.receipt.verify import UnusableInput, resolve_policy, verify_receipt
+
+    try:
+        now = _at(args.at)
+        policy = resolve_policy(args.policy) if args.policy else None
+        data = read_regular(args.receipt, MAX_RECEIPT_BYTES)
+        result = verify_receipt(data, files=args.adapter, policy=policy, now=now)
+    except (NotRegularFile, OSError) as exc:
+        return exits.fail(f"receipt verify: {args.receipt}: {getattr(exc, 'strerror', None) or exc}")
+    except (UnusableInput, ValueError) as exc:
+        return exits.fail(f"receipt verify: unusable input: {exc}")
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        head = "VERIFIED" if result.ok else "REJECTED"
+        print(f"{head}: {args.receipt} under policy '{result.policy}'{' (SIMULATED)' if result.simulated else ''}")
+        for c in result.checks:
+            print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.reason}")
+    return exits.OK if result.ok else exits.fail(
+        f"receipt rejected: {', '.join(c.name for c in result.failures())}", exits.REFUSED)

@@ -1,0 +1,270 @@
+"""Offline verification of a receipt: every check named, with pass/fail and a short reason.
+
+Checks: `signature` (DSSE, by the receipt key the predicate names), `binding` (REPORT_DATA and each GPU nonce
+recomputed from the predicate's binding inputs, recipe digest and the evidence's GPU digests equal the evidence's),
+`attestation` (the evidence appraised by `medtee.attestation.appraise` under a policy: the receipt's own recorded
+one unless given another), `authenticity` (SIMULATED evidence passes only a policy that allows it and is never
+production), `recipe.digest` (the recorded recipe hashes to its digest) and `file <path>` for each file given
+(its SHA-256 must equal a subject's). Input that cannot be read as a receipt raises UnusableInput, distinct from a
+receipt that reads but is rejected. Nothing here opens a network connection (the policy's KDS fetching is off).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medtee.broker.protocol import canonical_json
+from medtee.receipt.statement import OUTCOMES, PAYLOAD_TYPE, PREDICATE_TYPE, SIMULATED_AUTHENTICITY, STATEMENT_TYPE
+
+if TYPE_CHECKING:
+    from medtee.attestation.evidence import Evidence
+    from medtee.attestation.policy import AttestationPolicy
+    from medtee.attestation.verdict import Verdict
+
+_PREDICATE_FIELDS = ("authenticity", "simulated", "medtee", "recipe", "base_model", "dataset", "attestation",
+                     "binding", "release", "run", "teardown")
+
+
+class UnusableInput(ValueError):
+    """The input is not a receipt this verifier can read (not JSON, not DSSE, wrong payload type, fields missing)."""
+
+
+@dataclass(frozen=True)
+class ReceiptCheck:
+    """One named verification check."""
+
+    name: str
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReceiptVerification:
+    """Every check of one verification; `verdict` is the appraisal of the receipt's evidence."""
+
+    checks: tuple[ReceiptCheck, ...]
+    policy: str
+    simulated: bool
+    verdict: Verdict
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def failures(self) -> tuple[ReceiptCheck, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "policy": self.policy, "simulated": self.simulated,
+                "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+
+def _field(doc: object, path: str, kind: type | tuple[type, ...] = dict, where: str = "predicate."):
+    """doc[a][b]... for path "a.b..." (of the predicate, unless `where` says otherwise), which must be a `kind`;
+    UnusableInput naming the path otherwise."""
+    for part in path.split("."):
+        if not isinstance(doc, dict) or part not in doc:
+            raise UnusableInput(f"receipt: the statement has no '{where}{path}'")
+        doc = doc[part]
+    if not isinstance(doc, kind):
+        raise UnusableInput(f"receipt: '{where}{path}' has the wrong type")
+    return doc
+
+
+def _bytes(predicate: dict, path: str) -> bytes:
+    try:
+        return base64.b64decode(_field(predicate, path, str), validate=True)
+    except binascii.Error:
+        raise UnusableInput(f"receipt: 'predicate.{path}' is not base64") from None
+
+
+def parse_envelope(data: bytes):
+    """The DSSE Envelope and its Statement; UnusableInput when either cannot be read."""
+    from securesystemslib.dsse import Envelope
+
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UnusableInput("receipt: not a JSON document (expected a DSSE envelope, receipt.dsse.json)") from None
+    if not isinstance(doc, dict) or not {"payload", "payloadType", "signatures"} <= doc.keys():
+        raise UnusableInput("receipt: not a DSSE envelope (needs payload, payloadType, signatures)")
+    try:
+        envelope = Envelope.from_dict(copy.deepcopy(doc))
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+        raise UnusableInput(f"receipt: malformed DSSE envelope ({type(exc).__name__})") from None
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise UnusableInput(f"receipt: payloadType must be {PAYLOAD_TYPE}")
+    try:
+        statement = json.loads(envelope.payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UnusableInput("receipt: the DSSE payload is not JSON") from None
+    if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
+        raise UnusableInput(f"receipt: the payload is not an in-toto Statement ({STATEMENT_TYPE})")
+    if statement.get("predicateType") != PREDICATE_TYPE:
+        raise UnusableInput(f"receipt: predicateType must be {PREDICATE_TYPE} (this verifier reads no other)")
+    for name in _PREDICATE_FIELDS:
+        _field(statement, f"predicate.{name}", object, where="")
+    return envelope, statement
+
+
+def resolve_policy(spec: str) -> AttestationPolicy:
+    """A shipped policy by NAME (conf/attestation/NAME.yaml) or a policy YAML FILE; ValueError naming the problem."""
+    from medtee.attestation.policy import load_policy, policy_from_mapping
+
+    path = Path(spec)
+    if path.suffix not in (".yaml", ".yml") and "/" not in spec:
+        return load_policy(spec)
+    from omegaconf import OmegaConf
+
+    if not path.is_file():
+        raise ValueError(f"policy file {spec} does not exist; give a file or a name in conf/attestation/")
+    try:
+        return policy_from_mapping(OmegaConf.load(path), str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"policy file {spec} cannot be read ({type(exc).__name__})") from None
+
+
+def _recorded_policy(predicate: dict) -> AttestationPolicy:
+    from medtee.attestation.policy import policy_from_mapping
+
+    try:
+        return policy_from_mapping(_field(predicate, "attestation.policy.content"), "recorded in the receipt")
+    except ValueError as exc:
+        raise UnusableInput(f"receipt: {exc}") from None
+
+
+def _signature(envelope, receipt_key: bytes) -> ReceiptCheck:
+    from securesystemslib.exceptions import VerificationError
+
+    from medtee.receipt.signing import sslib_key
+
+    key = sslib_key(receipt_key)
+    try:
+        envelope.verify([key], 1)
+    except VerificationError:
+        return ReceiptCheck("signature", False, f"no DSSE signature verifies with the receipt key the predicate "
+                                                f"names (key id {key.keyid[:16]}): envelope or payload altered")
+    return ReceiptCheck("signature", True, f"DSSE signature by receipt key {key.keyid[:16]}")
+
+
+def _expected(predicate: dict, receipt_key: bytes, evidence: Evidence) -> tuple[bytes, bytes | None]:
+    from medtee.attestation.binding import gpu_nonce, report_data
+
+    bound = dict(nonce=_bytes(predicate, "binding.nonce"),
+                 ephemeral_public_key=_bytes(predicate, "binding.ephemeral_public_key"),
+                 recipe_digest=_field(predicate, "recipe.digest", str), receipt_public_key=receipt_key)
+    try:
+        rd = report_data(**bound, gpu_evidence_digests=evidence.gpu_evidence_digests())
+        return rd, gpu_nonce(**bound) if evidence.gpus else None
+    except ValueError as exc:
+        raise UnusableInput(f"receipt: predicate.binding: {exc}") from None
+
+
+def _is_binding(name: str) -> bool:
+    return name == "binding.report_data" or name.endswith("].nonce")
+
+
+def _binding(verdict: Verdict) -> ReceiptCheck:
+    checks = [c for c in verdict.checks if _is_binding(c.name)]
+    if not checks:
+        return ReceiptCheck("binding", False, "no REPORT_DATA to compare: the evidence has no readable CPU report")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        return ReceiptCheck("binding", False, f"{', '.join(failed)} differ from the binding recomputed with the "
+                                              "receipt key: this key was not bound into the evidence")
+    return ReceiptCheck("binding", True, "REPORT_DATA (and every GPU nonce) binds nonce, ephemeral key, recipe "
+                                         "digest and this receipt key")
+
+
+def _attestation(verdict: Verdict) -> ReceiptCheck:
+    others = [c for c in verdict.checks if not _is_binding(c.name)]
+    failed = [c for c in others if not c.ok]
+    if failed:
+        return ReceiptCheck("attestation", False, f"rejected under policy '{verdict.policy}': " + "; ".join(
+            f"{c.name} (expected {c.expected}, got {c.actual})" for c in failed))
+    return ReceiptCheck("attestation", bool(others), f"{len(others)} checks passed under policy '{verdict.policy}'")
+
+
+def _authenticity(predicate: dict, evidence: Evidence, policy: AttestationPolicy) -> ReceiptCheck:
+    claimed = _field(predicate, "simulated", bool)
+    if claimed != evidence.simulated:
+        return ReceiptCheck("authenticity", False, f"the predicate says simulated={str(claimed).lower()}, the "
+                                                   f"evidence says simulated={str(evidence.simulated).lower()}")
+    if not evidence.simulated:
+        return ReceiptCheck("authenticity", True, "hardware evidence (appraised under 'attestation')")
+    if policy.allow_simulated and not policy.production:
+        return ReceiptCheck("authenticity", True, f"{SIMULATED_AUTHENTICITY} (accepted only because policy "
+                                                  f"'{policy.name}' allows simulated evidence)")
+    return ReceiptCheck("authenticity", False, f"{SIMULATED_AUTHENTICITY}; policy '{policy.name}' refuses it")
+
+
+def _recipe_digest(predicate: dict) -> ReceiptCheck:
+    recorded = _field(predicate, "recipe.digest", str)
+    try:
+        actual = hashlib.sha256(canonical_json(_field(predicate, "recipe.resolved"))).hexdigest()
+    except ValueError:
+        raise UnusableInput("receipt: predicate.recipe.resolved holds a value JSON cannot (NaN or infinity)") from None
+    if actual != recorded:
+        return ReceiptCheck("recipe.digest", False, f"the recorded recipe hashes to {actual[:16]}..., the predicate "
+                                                    f"(and the binding) name {recorded[:16]}...")
+    return ReceiptCheck("recipe.digest", True, "the recorded recipe hashes to the bound recipe digest")
+
+
+def _files(statement: dict, files: Sequence[Path | str]) -> list[ReceiptCheck]:
+    from medtee.files import sha256_file
+
+    subjects = {}
+    for i, s in enumerate(_field(statement, "subject", list, where="")):
+        subjects.setdefault(_field(s, "digest.sha256", str, f"subject[{i}]."), _field(s, "name", str, f"subject[{i}]."))
+    out = []
+    for path in files:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            raise UnusableInput(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+        name = subjects.get(digest)
+        out.append(ReceiptCheck(f"file {path}", name is not None,
+                                f"matches subject {name}" if name else f"sha256 {digest[:16]}... matches no subject "
+                                                                       "of the receipt (altered or another run's)"))
+    return out
+
+
+def _evidence(predicate: dict) -> Evidence:
+    from medtee.attestation.evidence import Evidence, EvidenceFormatError
+
+    try:
+        return Evidence.from_json(_field(predicate, "attestation.evidence"))
+    except EvidenceFormatError as exc:
+        raise UnusableInput(f"receipt: predicate.attestation.{exc}") from None
+
+
+def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: AttestationPolicy | None = None,
+                   now: datetime | None = None) -> ReceiptVerification:
+    """Verify the receipt `data` (receipt.dsse.json's bytes) and `files` against it, under `policy` (default: the
+    receipt's recorded policy) as of `now` (default: the current time). UnusableInput for unreadable input."""
+    from medtee.attestation.appraise import appraise
+
+    envelope, statement = parse_envelope(data)
+    predicate = statement["predicate"]
+    receipt_key = _bytes(predicate, "binding.receipt_public_key")
+    if len(receipt_key) != 32:
+        raise UnusableInput("receipt: predicate.binding.receipt_public_key must be a raw 32-byte Ed25519 key")
+    if _field(predicate, "run.outcome", str) not in OUTCOMES:
+        raise UnusableInput(f"receipt: predicate.run.outcome must be one of {', '.join(OUTCOMES)}")
+    evidence = _evidence(predicate)
+    policy = policy or _recorded_policy(predicate)
+    expected_rd, expected_gpu = _expected(predicate, receipt_key, evidence)
+    verdict = appraise(evidence, policy, expected_report_data=expected_rd, expected_gpu_nonce=expected_gpu, now=now)
+    checks = [_signature(envelope, receipt_key), _binding(verdict), _attestation(verdict),
+              _authenticity(predicate, evidence, policy), _recipe_digest(predicate), *_files(statement, files)]
+    return ReceiptVerification(tuple(checks), policy=policy.name, simulated=evidence.simulated, verdict=verdict)

@@ -1,0 +1,50 @@
+"""Schema of the `tracking` config group, and medtee's metric allow-list. Imports nothing heavy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from medtee.schema import below_minimums
+
+#: Metrics medtee may ever send to MLflow, named `stage/metric`. Recipes can only narrow this list (tracking.metrics).
+METRIC_ALLOW_LIST = (
+    "train/loss",
+    "train/lr",
+    "train/tokens_per_s",
+    "train/grad_norm",
+    "train/epoch",
+    "val/loss",
+    "val/perplexity",
+)
+
+#: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).
+TRACKING_SCHEMES = ("sqlite", "http", "https")
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow store: sqlite:///FILE (relative to the current directory) or http(s)://HOST of a tracking server;
+    # None (tracking=mlflow_server) takes the server's URL from MLFLOW_TRACKING_URI when the run starts
+    tracking_uri: Optional[str] = "sqlite:///mlflow.db"
+    experiment: str = "medtee"  # MLflow experiment name
+    run_name: Optional[str] = None  # MLflow run name; None uses the recipe name
+    metrics: Optional[List[str]] = None  # narrows medtee's metric allow-list (None keeps all of it); cannot widen it
+    min_aggregate: int = 20  # evaluation metrics over fewer examples than this are suppressed
+
+    def problems(self) -> list[str]:
+        out = below_minimums(self, "tracking", {"min_aggregate": 1})
+        uri = self.tracking_uri
+        if uri is not None and uri.partition(":")[0] not in TRACKING_SCHEMES:
+            out.append(f"tracking.tracking_uri={uri!r}: MLflow stores are named sqlite:///FILE or "
+                       f"http(s)://HOST (tracking=mlflow_server reads MLFLOW_TRACKING_URI)")
+        if self.metrics is not None:
+            extra = sorted(set(self.metrics) - set(METRIC_ALLOW_LIST))
+            if extra:
+                out.append(f"tracking.metrics may only narrow medtee's allow-list; not allowed: {', '.join(extra)}. "
+                           f"Allowed: {', '.join(METRIC_ALLOW_LIST)}")
+        return out
+
+    def allowed_metrics(self) -> tuple[str, ...]:
+        """The metrics this run may log: the recipe's narrowing of the allow-list, or all of it."""
+        return tuple(m for m in METRIC_ALLOW_LIST if self.metrics is None or m in self.metrics)

@@ -1,0 +1,165 @@
+"""Schemas of the `qlora`, `model`, `trainer` and `output` config groups, each with its own `problems()`.
+
+`Schema.problems(section)` works on a dataclass instance and on a composed config group alike. Rules that span
+groups live in medtee.config. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from medtee.schema import below_minimums
+
+
+class Quantization(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+    none = "none"
+
+
+class DType(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+@dataclass
+class QLoRAConfig:
+    quantization: Quantization = Quantization.nf4  # base weights: 4-bit NF4/FP4 (QLoRA) or unquantized (plain LoRA)
+    double_quant: bool = True  # quantize the quantization constants too (QLoRA's double quantization)
+    compute_dtype: DType = DType.bfloat16  # dtype of the 4-bit matmuls
+    rank: int = 16  # LoRA rank r
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])  # peft target modules
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+
+    def problems(self) -> list[str]:
+        out = below_minimums(self, "qlora", {"rank": 1, "alpha": 1})
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"qlora.dropout={self.dropout} must be in [0, 1)")
+        return out
+
+
+class Attention(str, Enum):  # transformers attention backends (a fixed set: a hub kernel id would load code)
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class ModelSource(str, Enum):
+    tiny = "tiny"  # a small Gemma 3 built from `tiny` with random weights (tests, the demo)
+    pretrained = "pretrained"  # weights loaded by Hugging Face id or local path
+
+
+@dataclass
+class TinyGemma3:
+    hidden_size: int = 64  # model width
+    num_hidden_layers: int = 2  # decoder layers
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 2  # key/value heads (GQA)
+    head_dim: int = 16  # per-head width
+    intermediate_size: int = 128  # MLP width
+    sliding_window: int = 64  # local-attention window (every 6th layer global, as in Gemma 3)
+    # std of the random weights: 0.1 gives the logits a range LoRA can steer (Gemma's 0.02 keeps a random model's
+    # output near uniform, so a demo's loss would barely move)
+    init_std: float = 0.1
+    seed: int = 0  # random-weight seed
+
+    def problems(self) -> list[str]:
+        """Shapes a tiny Gemma 3 cannot be built with (checked whatever the source, so a recipe stays switchable)."""
+        out = below_minimums(self, "model.tiny", {
+            "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+            "head_dim": 2, "intermediate_size": 1, "sliding_window": 1})
+        if self.num_key_value_heads >= 1 and self.num_attention_heads % self.num_key_value_heads:
+            out.append(f"model.tiny.num_attention_heads={self.num_attention_heads} must be a multiple of "
+                       f"model.tiny.num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+        if not self.init_std > 0:
+            out.append(f"model.tiny.init_std={self.init_std} must be positive, e.g. 0.1")
+        if self.head_dim % 2:
+            out.append(f"model.tiny.head_dim={self.head_dim} must be even (rotary position embeddings rotate pairs)")
+        return out
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_gemma3"  # a label for tags and the summary
+    source: ModelSource = ModelSource.tiny  # where the weights come from
+    id: Optional[str] = None  # Hugging Face model id or local directory (source=pretrained)
+    revision: Optional[str] = None  # pinned revision (commit) of `id`; required in production profiles
+    dtype: DType = DType.bfloat16  # dtype of the non-quantized weights
+    attn_implementation: Attention = Attention.sdpa  # transformers attention backend: sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
+    checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: every n-th decoder layer recomputes all
+    selective_checkpointing: bool = False  # other layers: keep matmul/attention outputs, recompute the rest (SAC)
+    compile_layers: bool = False  # torch.compile each decoder layer (fuses element-wise ops; slow first steps)
+    offline: bool = True  # never contact the model hub (weights must be local or cached)
+    tiny: TinyGemma3 = field(default_factory=TinyGemma3)  # architecture when source=tiny
+
+    def problems(self) -> list[str]:
+        return below_minimums(self, "model", {"checkpoint_every_n_layers": 1}) + TinyGemma3.problems(self.tiny)
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"  # torch AdamW (fused on CUDA)
+    adamw_8bit = "adamw_8bit"  # bitsandbytes 8-bit AdamW
+
+
+class Precision(str, Enum):  # member names in YAML, Lightning's precision strings as values
+    fp32 = "32-true"
+    bf16_mixed = "bf16-mixed"
+    bf16_true = "bf16-true"
+
+
+class Strategy(str, Enum):
+    auto = "auto"  # Lightning's choice: one device, or DDP across several
+    ddp = "ddp"  # data parallel: a full (4-bit) model replica per device, gradients all-reduced
+    fsdp = "fsdp"  # fully sharded across CUDA devices, a unit per decoder layer (4-bit weights stored in model.dtype)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 30  # optimizer steps
+    lr: float = 2e-4  # peak learning rate
+    warmup_steps: int = 0  # linear warm-up steps, then cosine decay to 10% of lr
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA parameters
+    optimizer: Optimizer = Optimizer.adamw  # optimizer of the LoRA parameters
+    precision: Precision = Precision.fp32  # Lightning precision plugin
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    gradient_clip_val: float = 1.0  # gradient-norm clipping; 0 disables
+    val_check_interval: int = 10  # validate every N training batches
+    limit_val_batches: int = 8  # validation batches per validation pass
+    num_sanity_val_steps: int = 1  # validation batches before training (catches a broken val loop early)
+    log_every_n_steps: int = 5  # metric logging cadence
+    seed: int = 0  # global seed (weights of tiny models come from model.tiny.seed)
+    deterministic: bool = True  # torch deterministic algorithms where available
+    enable_progress_bar: bool = True  # progress bar on stderr (shows allow-listed metrics only)
+    strategy: Strategy = Strategy.auto  # multi-device engine; launch multi-process runs with torchrun or SLURM
+    loss_chunk_tokens: int = 0  # >0: chunked loss over supervised tokens, no full logits; 0: the model's own loss
+    checkpoint_every_n_steps: int = 0  # write an encrypted checkpoint every N optimizer steps; 0: none
+    checkpoint_keep: int = 2  # most recent encrypted checkpoints kept; -1 keeps all
+    resume_from: Optional[str] = None  # encrypted checkpoint to resume (validate_only: to evaluate); not in digest
+    validate_only: bool = False  # evaluate the held-out split instead of training (val/* only, no adapter)
+
+    def problems(self) -> list[str]:
+        out = below_minimums(self, "trainer", {
+            "max_steps": 1, "warmup_steps": 0, "weight_decay": 0, "accumulate_grad_batches": 1,
+            "gradient_clip_val": 0, "val_check_interval": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1, "loss_chunk_tokens": 0, "checkpoint_every_n_steps": 0, "checkpoint_keep": -1})
+        if self.checkpoint_keep == 0:
+            out.append("trainer.checkpoint_keep=0 would delete every checkpoint it writes: use -1 (keep all) or "
+                       "the number of most recent checkpoints to keep")
+        if not self.lr > 0 or self.lr == float("inf"):
+            out.append(f"trainer.lr={self.lr} must be a positive learning rate, e.g. trainer.lr=2e-4")
+        return out
+
+
+@dataclass
+class OutputConfig:
+    recipient: str = "dev"  # public key file the adapter is encrypted to, or "dev": a development key in .medtee/keys
+
+    def problems(self) -> list[str]:
+        return [] if self.recipient else ["output.recipient is empty: name the model owner's .pub key file, or dev"]
