@@ -130,3 +130,20 @@ def test_statement_inputs_are_checked(run, change, word):
     assert st.build_statement(**args)["predicate"]["run"]["metrics"] == METRICS
     with pytest.raises(ValueError, match=word):
         st.build_statement(**{**args, **change})
+
+
+def test_a_policy_that_pins_measurements_rejects_a_receipt_whose_evidence_has_another(run, capsys, tmp_path):
+    """The data owner's pinned image (`medtee image measure --into`) decides: any other measurement fails."""
+    from medtee.attestation.snp import SnpReport
+
+    payload = json.loads(base64.b64decode(json.loads(run.receipt.read_text())["payload"]))
+    report = base64.b64decode(payload["predicate"]["attestation"]["evidence"]["snp_report"])
+    measured = SnpReport.parse(report).measurement.hex()
+    text = (conf_dir() / "attestation" / "simulated.yaml").read_text()
+    for pinned, code in (("ab" * 48, 1), (measured, 0)):
+        policy = tmp_path / "pinned.yaml"
+        policy.write_text(text.replace("measurements: []", f"measurements: ['{pinned}']")
+                          if "measurements: []" in text else text + f"measurements: ['{pinned}']\n")
+        assert main(["receipt", "verify", str(run.receipt), "--policy", str(policy), "--json"]) == code
+        checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+        assert ("policy.measurement" in checks["attestation"]["reason"]) == (code == 1), checks["attestation"]
