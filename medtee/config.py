@@ -23,6 +23,7 @@ from medtee.attestation.policy import AttestationPolicy, policy_from_mapping
 from medtee.broker.config import BrokerConfig
 from medtee.crypto.config import EncryptionConfig
 from medtee.data.config import DataConfig, DataSource
+from medtee.evaluation.config import EvalConfig
 from medtee.files import sha256_file
 from medtee.hardware import Accelerator, HardwareConfig
 from medtee.paths import conf_dir, recipes_dir
@@ -47,6 +48,7 @@ class MedteeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
 
 
 GROUP_SCHEMAS = {
@@ -69,7 +71,7 @@ NOT_IN_DIGEST = ("data.path", "tracking.run_name", "broker.dir")
 
 #: Fields that name a file: the digest covers the file's content (sha256), not its path, so replacing the file
 #: changes the digest. (The pretrained weights enter it through `digest_input(weights=...)`.)
-FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"))
+FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"), ("evaluation", "adapter"))
 
 #: Keys that moved, old -> new. An override with the old key still works (with a deprecation message); a recipe
 #: file with the old key is refused with a message naming the new one.
@@ -312,7 +314,7 @@ def check(cfg) -> None:
                 problems.append(str(exc))
         else:
             problems += schema.problems(cfg[group])
-    problems += OutputConfig.problems(cfg.output)
+    problems += OutputConfig.problems(cfg.output) + EvalConfig.problems(cfg.evaluation)
     problems += _production_problems(cfg)
     problems += _engine_problems(cfg.trainer, cfg.hardware, cfg.qlora, cfg.model)
     hw, att = cfg.hardware, cfg.attestation
@@ -364,9 +366,17 @@ def _engine_problems(t, hw, q, model) -> list[str]:
     return problems
 
 
-def check_runnable(cfg) -> None:
-    """Values a recipe may leave for the command line but a run needs. Raises ConfigError."""
+def check_runnable(cfg, *, mode: str = "train") -> None:
+    """Values a recipe may leave for the command line but a run (`mode` train or eval) needs. Raises ConfigError."""
     problems = []
+    if mode == "eval":
+        adapter = cfg.evaluation.adapter
+        if not adapter:
+            problems.append("medtee eval run compares the base model with an adapter: pass "
+                            "evaluation.adapter=outputs/<run>/adapter.sealed (from a training run on this dataset)")
+        elif not Path(adapter).is_file():
+            problems.append(f"evaluation.adapter={adapter} is not a regular file: name the adapter.sealed a "
+                            f"training run on this dataset wrote")
     if cfg.data.source == DataSource.sealed and not cfg.data.path:
         problems.append("data=sealed needs the sealed dataset: pass data.path=DIR (a directory made by `medtee seal`)")
     if cfg.hardware.production and cfg.model.source == ModelSource.pretrained and not cfg.model.revision:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +30,8 @@ class Refused(Exception):
     """The run may not proceed (environment or attestation); the message lists every reason."""
 
 
-def main(cfg) -> int:
+def main(cfg, *, mode: str = "train") -> int:
+    """One job of `medtee train` (mode train) or `medtee eval run` (mode eval); its exit code."""
     from hydra.core.hydra_config import HydraConfig
 
     from medtee import containment
@@ -42,7 +45,7 @@ def main(cfg) -> int:
     recipe = hc.runtime.choices.get("recipe") or "custom"
     try:
         with _contain(cfg):
-            return train(cfg, recipe=recipe, out_dir=out_dir)
+            return train(cfg, recipe=recipe, out_dir=out_dir, mode=mode)
     except config.ConfigError as exc:
         say(f"configuration error: {exc}")
         return exits.BAD_INPUT
@@ -105,13 +108,14 @@ def _remove_if_empty(path: Path) -> None:
         path = path.parent
 
 
-def train(cfg, *, recipe: str, out_dir: Path) -> int:
-    """The checks that need no data, then the run. Raises ConfigError, SealedDataError, DataError or Refused."""
+def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
+    """The checks that need no data, then the run (mode train: `_fit`; eval: `_evaluate`). Raises ConfigError,
+    SealedDataError, DataError or Refused."""
     from medtee.training.model import weight_digests
     from medtee.training.output import recipient_problem
 
     config.check(cfg)
-    config.check_runnable(cfg)
+    config.check_runnable(cfg, mode=mode)
     problem = recipient_problem(cfg.output.recipient)
     if problem:
         raise config.ConfigError(problem)
@@ -122,7 +126,8 @@ def train(cfg, *, recipe: str, out_dir: Path) -> int:
         raise config.ConfigError(str(exc)) from None
     digest = config.recipe_digest(cfg, weights=weights or None)
     say(f"recipe {recipe}, digest {digest}")
-    return _train(cfg, recipe=recipe, digest=digest, out_dir=out_dir, weights=weights)
+    work = _evaluate if mode == "eval" else _fit
+    return attested_run(cfg, recipe=recipe, digest=digest, out_dir=out_dir, weights=weights, work=work)
 
 
 def preflight(cfg) -> None:
@@ -200,16 +205,37 @@ def _dataset_path(cfg, out_dir: Path, broker) -> Path:
 
 @dataclass
 class Outcome:
-    """What the run hands its end: the MLflow run, and on success the summary and the outputs written."""
+    """What the work hands the run's end: the MLflow run, the aggregate metrics for the receipt, and on success what
+    closes the MLflow run and reports (`finish(receipt_envelope)`)."""
 
     logger: object = None
-    summary: dict | None = None
-    written: dict = field(default_factory=dict)
-    first_loss: float | None = None
+    metrics: dict = field(default_factory=dict)
+    finish: Callable[[dict | None], None] | None = None
 
 
-def _train(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict) -> int:
-    """Release the data key, train, and end (success or failure) with the teardown and the signed receipt."""
+@dataclass
+class Session:
+    """What the work of an attested run gets: the records (decrypted once, in memory), the dataset, this run's
+    verdict, keys derived from the release (registered with the teardown), and the outcome to fill."""
+
+    recipe: str
+    digest: str
+    recorded: dict  # the recipe as its digest covers it
+    weights: dict  # pretrained weight file -> sha256 ({} for a tiny model)
+    out_dir: Path
+    dataset: object
+    verdict: object
+    records: Callable[[], Iterable[dict]]
+    teardown: object
+    checkpoint_key: bytearray  # SecretBuffers
+    adapter_key: bytearray
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
+                 work: Callable[[object, Session], int]) -> int:
+    """Release the data key, run `work(cfg, session)`, and end (success or failure) with the teardown, the release
+    closed at the broker and the signed receipt."""
     from medtee.broker import connect
     from medtee.crypto.secret import SecretBuffer
     from medtee.crypto.stream import derive_key
@@ -234,17 +260,21 @@ def _train(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict) -> in
     outcome, error = Outcome(), None
     try:
         dataset.check_key(data_key)
-        # checkpoints are encrypted under a key derived from this release: resuming needs the release again
-        checkpoint_key = teardown.key("checkpoint key", SecretBuffer(derive_key(data_key, dataset.manifest.digest())))
-        # decrypted one record batch at a time, straight into the data module's token arrays (memory only)
-        records = functools.partial(_decrypted_records, dataset, data_key)
+        manifest_digest = dataset.manifest.digest()
+        # checkpoints and the sealed adapter are encrypted under keys derived from this dataset's release: opening
+        # them needs the release again, i.e. attestation to pass again
+        keys = {purpose: teardown.key(f"{purpose} key", SecretBuffer(derive_key(data_key, manifest_digest, purpose)))
+                for purpose in ("checkpoint", "adapter")}
         verdict = attested.verdict
         say(f"attestation {verdict.policy}: {'PASS' if verdict.ok else 'FAIL'}"
             f"{' (SIMULATED)' if verdict.simulated else ''}; data key released; decrypting "
             f"{dataset.manifest.record_count} records into memory")
-        return _fit(cfg, recipe=recipe, digest=digest, records=records, dataset=dataset, verdict=verdict,
-                    out_dir=out_dir, checkpoint_key=checkpoint_key, weights=weights, recorded=recorded,
-                    teardown=teardown, outcome=outcome)
+        session = Session(recipe=recipe, digest=digest, recorded=recorded, weights=weights, out_dir=out_dir,
+                          dataset=dataset, verdict=verdict, teardown=teardown, outcome=outcome,
+                          # decrypted one record batch at a time, straight into the data module's token arrays
+                          records=functools.partial(_decrypted_records, dataset, data_key),
+                          checkpoint_key=keys["checkpoint"], adapter_key=keys["adapter"])
+        return work(cfg, session)
     except BaseException as exc:
         error = exc
         raise
@@ -257,13 +287,27 @@ def _decrypted_records(dataset, data_key: bytes):
     return (record for batch in dataset.iter_batches(data_key) for record in batch.to_pylist())
 
 
-def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, checkpoint_key: bytes, weights: dict,
-         recorded: dict, teardown, outcome: Outcome) -> int:
+def read_records(cfg, session: Session, tokenizer):
+    """The data module over the session's records, set up: every record decrypted, checked and tokenized once; the
+    data key zeroed right after (it is needed no more); the token arrays registered with the teardown."""
+    from medtee.data.module import DialogueDataModule
+
+    d = cfg.data
+    datamodule = DialogueDataModule(session.records, tokenizer, max_length=d.max_length, batch_size=d.batch_size,
+                                    val_fraction=d.val_fraction, seed=d.seed, packing=d.packing)
+    session.records = None
+    session.teardown.data("decrypted records", datamodule.destroy)
+    datamodule.setup("fit")
+    session.teardown.wipe("data key")
+    return datamodule
+
+
+def _fit(cfg, session: Session) -> int:
+    """Train (or, trainer.validate_only, evaluate) on the session's records."""
     import lightning as L
     import torch
     from lightning.pytorch.utilities import rank_zero_only
 
-    from medtee.data.module import DialogueDataModule
     from medtee.tracking.logger import open_run, run_tags
     from medtee.training.checkpoint import CheckpointError, EncryptedCheckpointIO, resume_info
     from medtee.training.model import build_model, build_tokenizer
@@ -276,49 +320,46 @@ def _fit(cfg, *, recipe, digest, records, dataset, verdict, out_dir: Path, check
     L.seed_everything(t.seed, verbose=False)
     device = "cuda" if hw.accelerator == "cuda" else "cpu"
     tokenizer = build_tokenizer(cfg.model)
-    datamodule = DialogueDataModule(records, tokenizer, max_length=d.max_length, batch_size=d.batch_size,
-                                    val_fraction=d.val_fraction, seed=d.seed, packing=d.packing)
-    del records
-    teardown.data("decrypted records", datamodule.destroy)
-    datamodule.setup("fit")
-    teardown.wipe("data key")  # every record is read: the data key is needed no more
+    datamodule = read_records(cfg, session, tokenizer)
     stats = datamodule.stats()
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device,
                         sharded=t.strategy == "fsdp")
     module = CausalLMModule(model, t)
-    checkpoint_io = EncryptedCheckpointIO(checkpoint_key)
+    checkpoint_io = EncryptedCheckpointIO(session.checkpoint_key)
     try:
         resumed = (resume_info(checkpoint_io, t.resume_from, module, datamodule,
                                world_size=hw.devices * hw.num_nodes) if t.resume_from else {})
     except CheckpointError as exc:
         raise config.ConfigError(str(exc)) from None
 
-    digests = weights if rank_zero else {}
+    digests = session.weights if rank_zero else {}
     mode = "validate" if t.validate_only else "train"
+    logger = False
     if rank_zero:
         # a resumed training run continues its MLflow run; an evaluation run is a run of its own
         run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
-        tags = run_tags(recipe=recipe, recipe_digest=digest, dataset_digest=dataset.manifest.digest(),
-                        verdict=verdict, hardware=hw.name, model=cfg.model, mode=mode, weight_digests=digests)
+        tags = run_tags(recipe=session.recipe, recipe_digest=session.digest,
+                        dataset_digest=session.dataset.manifest.digest(), verdict=session.verdict,
+                        hardware=hw.name, model=cfg.model, mode=mode, weight_digests=digests)
         # one evaluation pass covers at most limit_val_batches x batch_size held-out examples
-        outcome.logger = open_run(cfg.tracking, run_name=recipe, tags=tags, params=recorded, run_id=run_id,
-                                  eval_examples=min(stats.get("n_val", 0), t.limit_val_batches * d.batch_size),
-                                  manifest=dataset.manifest, context="evaluation" if t.validate_only else "training")
-        say(f"MLflow run {outcome.logger.run_id} in {outcome.logger.where}{' (continued)' if run_id else ''}")
-    return _run_trainer(cfg, module=module, datamodule=datamodule, logger=outcome.logger, out_dir=out_dir,
-                        checkpoint_io=checkpoint_io, rank_zero=rank_zero, recorded=recorded, verdict=verdict,
-                        outcome=outcome, facts={"recipe": recipe, "recipe_digest": digest, "mode": mode,
-                                                "dataset": dataset.manifest, "stats": stats})
+        logger = session.outcome.logger = open_run(
+            cfg.tracking, run_name=session.recipe, tags=tags, params=session.recorded, run_id=run_id,
+            eval_examples=min(stats.get("n_val", 0), t.limit_val_batches * d.batch_size),
+            manifest=session.dataset.manifest, context="evaluation" if t.validate_only else "training")
+        say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
+    return _run_trainer(cfg, session, module=module, datamodule=datamodule, logger=logger,
+                        checkpoint_io=checkpoint_io, rank_zero=rank_zero, mode=mode, stats=stats)
 
 
-def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_io, rank_zero: bool,
-                 recorded: dict, verdict, outcome: Outcome, facts: dict) -> int:
-    """Fit (or validate), then write the encrypted adapter, the recorded recipe and the summary."""
+def _run_trainer(cfg, session: Session, *, module, datamodule, logger, checkpoint_io, rank_zero: bool, mode: str,
+                 stats: dict) -> int:
+    """Fit (or validate), then write the encrypted adapter (to the recipient, and sealed to this release), the
+    recorded recipe and the summary; the MLflow run is closed by `finish`, after the receipt."""
     from medtee.tracking.config import TrackingConfig
     from medtee.training.engine import build_trainer
     from medtee.training.output import write_outputs
 
-    t = cfg.trainer
+    t, out_dir = cfg.trainer, session.out_dir
     trainer = build_trainer(t, cfg.hardware, metrics=TrackingConfig.allowed_metrics(cfg.tracking),
                             model=module.model, logger=logger, out_dir=out_dir, checkpoint_io=checkpoint_io)
     module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
@@ -331,15 +372,74 @@ def _run_trainer(cfg, *, module, datamodule, logger, out_dir: Path, checkpoint_i
     adapter = None if t.validate_only else module.adapter_state(trainer.strategy.lightning_module_state_dict())
     if not rank_zero:
         return exits.OK
-    metrics = logger.guard.metrics({k: float(v) for k, v in trainer.callback_metrics.items()
-                                    if k in ("train/loss", "val/loss", "val/perplexity")})
-    outcome.summary = _summary(facts, verdict=verdict, run_id=logger.run_id, resumed=bool(t.resume_from),
-                               world_size=trainer.world_size, steps=trainer.global_step,
-                               seconds=round(time.time() - started, 1), metrics=metrics)
-    outcome.written = write_outputs(module.model, adapter=adapter, recipient=cfg.output.recipient,
-                                    scheme=cfg.encryption.scheme, base_model=cfg.model.id or cfg.model.name,
-                                    summary=outcome.summary, recorded_recipe=recorded, out_dir=out_dir)
-    outcome.first_loss = module.first_loss
+    metrics = session.outcome.metrics = logger.guard.metrics(
+        {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss", "val/perplexity")})
+    summary = _summary(session, mode=mode, stats=stats, run_id=logger.run_id, resumed=bool(t.resume_from),
+                       world_size=trainer.world_size, steps=trainer.global_step,
+                       seconds=round(time.time() - started, 1), metrics=metrics)
+    written = write_outputs(module.model, adapter=adapter, recipient=cfg.output.recipient,
+                            scheme=cfg.encryption.scheme, base_model=cfg.model.id or cfg.model.name,
+                            release_key=session.adapter_key, summary=summary, recorded_recipe=session.recorded,
+                            out_dir=out_dir)
+
+    def finish(receipt: dict | None) -> None:
+        logger.finish(summary, recipe=session.recorded, verdict=session.verdict, weight_digests=session.weights,
+                      receipt=receipt, evaluation={k: v for k, v in metrics.items() if k.startswith("val/")},
+                      tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
+        _report(summary, first_loss=module.first_loss, out_dir=out_dir, written=written,
+                recipient=cfg.output.recipient, tracking_uri=cfg.tracking.tracking_uri)
+
+    session.outcome.finish = finish
+    return exits.OK
+
+
+def _evaluate(cfg, session: Session) -> int:
+    """`medtee eval run`: the base model and the sealed adapter on the held-out dialogues, paired per dialogue;
+    aggregates with 95% bootstrap intervals through the guard, and a self-contained HTML report."""
+    import torch
+
+    from medtee.crypto.stream import StreamError
+    from medtee.evaluation import compare
+    from medtee.files import write_atomic
+    from medtee.tracking.logger import open_run, run_tags
+    from medtee.training.model import build_model, build_tokenizer
+    from medtee.training.output import open_sealed_adapter
+
+    e, hw = cfg.evaluation, cfg.hardware
+    if hw.cpu_threads:
+        torch.set_num_threads(hw.cpu_threads)
+    device = "cuda" if hw.accelerator == "cuda" else "cpu"
+    tokenizer = build_tokenizer(cfg.model)
+    held_out = read_records(cfg, session, tokenizer).held_out()
+    model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device)
+    try:
+        tensors = open_sealed_adapter(Path(e.adapter), session.adapter_key)
+    except StreamError:
+        raise config.ConfigError(f"evaluation.adapter={e.adapter} does not open under this dataset's release: it "
+                                 f"was sealed by a training run on another dataset (or altered); evaluate it with "
+                                 f"the data.path it was trained on") from None
+    compare.load_adapter(model, tensors)
+    aggregates = compare.paired_aggregates(compare.measure(model, tokenizer, held_out, e, device=device), e)
+    tags = run_tags(recipe=session.recipe, recipe_digest=session.digest, verdict=session.verdict,
+                    dataset_digest=session.dataset.manifest.digest(), hardware=hw.name, model=cfg.model, mode="eval",
+                    weight_digests=session.weights)
+    logger = session.outcome.logger = open_run(cfg.tracking, run_name=f"{session.recipe}-eval", tags=tags,
+                                               params=session.recorded, eval_examples=len(held_out),
+                                               manifest=session.dataset.manifest, context="evaluation")
+    metrics = session.outcome.metrics = logger.guard.metrics(aggregates)
+    logger.log_metrics(metrics, step=0)
+    report = compare.report(session.recipe, metrics, n=len(held_out))
+    evaluation = {"examples": len(held_out), "metrics": metrics}
+    write_atomic(session.out_dir / "evaluation.json", json.dumps(evaluation, indent=2, sort_keys=True).encode())
+    write_atomic(session.out_dir / compare.REPORT_FILE, report)
+
+    def finish(receipt: dict | None) -> None:
+        logger.finish_evaluation(evaluation, report=report, receipt=receipt)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("_delta"))
+        say(f"done: evaluated {len(held_out)} held-out dialogues; {shown or 'no metric aggregated enough examples'}")
+        say(f"report: {session.out_dir / compare.REPORT_FILE}")
+
+    session.outcome.finish = finish
     return exits.OK
 
 
@@ -361,7 +461,6 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
     except Exception as exc:  # the run's result stands; the receipt says the close is not on the broker's record
         closed = None
         say(f"warning: the key broker did not record the release closed ({type(exc).__name__}); the receipt says so")
-    summary = outcome.summary or {}
     envelope = None
     try:
         statement = build_statement(
@@ -369,7 +468,7 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
             dataset_id=dataset.manifest.dataset_id, manifest_digest=dataset.manifest.digest(),
             evidence=attested.evidence, policy=attested.policy, verdict=attested.verdict, release=release,
             receipt_public_key=signer.public_bytes, started=started, ended=datetime.now(timezone.utc),
-            metrics=summary.get("final_metrics", {}), teardown=record, error=error,
+            metrics=outcome.metrics, teardown=record, error=error,
             subjects=file_subjects(_output_files(out_dir)), close_audit_entry_sha256=closed)
         envelope = signer.sign(statement)
         rank = rank_zero_only.rank
@@ -379,18 +478,11 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
         if error is None:
             raise
         say(f"warning: no receipt written ({type(exc).__name__})")  # the run's own failure is what is reported
-    logger = outcome.logger
-    if not logger:
-        return
     if error is not None:
-        logger.fail(envelope)
-        return
-    written = outcome.written
-    logger.finish(summary, recipe=recorded, verdict=attested.verdict, weight_digests=weights, receipt=envelope,
-                  evaluation={k: v for k, v in summary["final_metrics"].items() if k.startswith("val/")},
-                  tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
-    _report(summary, first_loss=outcome.first_loss, out_dir=out_dir, written=written,
-            recipient=cfg.output.recipient, tracking_uri=cfg.tracking.tracking_uri)
+        if outcome.logger:
+            outcome.logger.fail(envelope)
+    elif outcome.finish:
+        outcome.finish(envelope)
 
 
 def _output_files(out_dir: Path) -> list[Path]:
@@ -399,18 +491,18 @@ def _output_files(out_dir: Path) -> list[Path]:
                   and not p.name.startswith("receipt."))
 
 
-def _summary(facts: dict, *, verdict, run_id: str, resumed: bool, world_size: int, steps: int, seconds: float,
-             metrics: dict) -> dict:
+def _summary(session: Session, *, mode: str, stats: dict, run_id: str, resumed: bool, world_size: int, steps: int,
+             seconds: float, metrics: dict) -> dict:
     """summary.json: what ran on which data (ids and digests), the attestation outcome, counts, aggregate metrics."""
-    manifest, stats = facts["dataset"], facts["stats"]
+    manifest, verdict = session.dataset.manifest, session.verdict
     return {
-        "recipe": facts["recipe"],
-        "recipe_digest": facts["recipe_digest"],
+        "recipe": session.recipe,
+        "recipe_digest": session.digest,
         "dataset": {"id": manifest.dataset_id, "manifest_digest": manifest.digest()},
         "attestation": {"policy": verdict.policy, "ok": verdict.ok, "simulated": verdict.simulated},
         "examples": {"train": stats.get("n_train"), "val": stats.get("n_val")},
         "mlflow_run_id": run_id,
-        "mode": facts["mode"],
+        "mode": mode,
         "resumed": resumed,
         "world_size": world_size,
         "steps": steps,

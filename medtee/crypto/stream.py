@@ -1,5 +1,5 @@
-"""The checkpoint stream cipher: a key per sealed dataset, derived from its released data key, and a versioned,
-authenticated, segmented file format.
+"""The checkpoint stream cipher: keys per sealed dataset, derived from its released data key (for checkpoints and for
+the adapter sealed to the release), and a versioned, authenticated, segmented file format.
 
 Format 2 (written): `MEDTEE-CKPT/2\\n`, then one Cobblestone-256 ciphertext (`cryptography.cobblestone`, the C2SP
 chunked-encryption construction: a random per-file nonce and a key commitment, per-file keys derived with SHA-512,
@@ -34,12 +34,19 @@ class StreamError(ValueError):
     """An encrypted checkpoint cannot be read: the message names the file and the likely cause, never its contents."""
 
 
-def derive_key(data_key: bytes, manifest_digest: str) -> bytes:
-    """The checkpoint key of one sealed dataset: HKDF-SHA256(data key, info = purpose + manifest digest).
+#: What a key derived from a dataset's data key may be for: encrypted checkpoints, and the adapter sealed to the
+#: data owner's release (`adapter.sealed`: opened only by a run the broker releases this dataset's key to).
+PURPOSES = ("checkpoint", "adapter")
 
-    The same key opens both formats (the `v1` in the label names the derivation, not the file format)."""
+
+def derive_key(data_key: bytes, manifest_digest: str, purpose: str = "checkpoint") -> bytes:
+    """A key of one sealed dataset for `purpose`: HKDF-SHA256(data key, info = medtee/PURPOSE/v1/ + manifest digest).
+
+    The checkpoint key opens both formats (the `v1` in the label names the derivation, not the file format)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"derive_key: purpose must be one of {', '.join(PURPOSES)}")
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"medtee/checkpoint/v1/" + manifest_digest.encode()).derive(data_key)
+                info=f"medtee/{purpose}/v1/".encode() + manifest_digest.encode()).derive(data_key)
 
 
 def encrypt(plaintext: bytes | memoryview, key: bytes) -> bytes:

@@ -303,6 +303,12 @@ class DialogueDataModule(LightningDataModule):
             return str(exc)
         return None
 
+    def held_out(self) -> TokenizedRecords:
+        """The held-out split (after `setup`): the dialogues training never saw, by data.val_fraction and data.seed."""
+        if self._val is None:
+            raise RuntimeError("held_out() needs setup() first")
+        return self._val
+
     def destroy(self) -> int:
         """Overwrite the token arrays with zeros and drop them (the end of a run); how many examples they held."""
         held = [d for d in (self._train, self._val) if d is not None]

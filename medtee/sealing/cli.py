@@ -33,6 +33,8 @@ def _summary(manifest, path: Path) -> str:
         f"created        {m.created}",
         f"owner key      {m.owner_key_id()}",
         f"manifest       sha256 {m.digest()}",
+        f"canaries       {m.canaries.inserted} inserted in {m.canaries.records} added records, {m.canaries.controls} "
+        f"never-inserted controls (encrypted in {m.canaries.name})" if m.canaries is not None else "canaries: none",
         f"shards         {len(m.shards)}",
     ]
     lines += [f"  {s.name}  {s.rows:>8} rows  {s.bytes:>12} bytes  sha256 {s.sha256}" for s in m.shards]
@@ -40,6 +42,7 @@ def _summary(manifest, path: Path) -> str:
 
 
 def _seal(args: argparse.Namespace) -> int:
+    from medtee.audit.canaries import parse_repeats, plan_canaries
     from medtee.broker import connect
     from medtee.crypto.hpke import KeyWrapError
     from medtee.sealing.seal import check_out_dir, read_input, seal_located
@@ -52,6 +55,10 @@ def _seal(args: argparse.Namespace) -> int:
         load_policy(args.policy)
         check_out_dir(args.out)
         records = read_input(args.input, args.format)  # the file, its header and first record: before any output
+        plan = None
+        if args.canaries is not None:  # a first pass counts the records, so that the canaries spread over them all
+            plan = plan_canaries(args.canaries, parse_repeats(args.canary_repeats), seed=args.canary_seed,
+                                 real_records=sum(1 for _ in read_input(args.input, args.format)))
         if args.scheme and args.broker != "embedded":
             return exits.fail("--scheme applies to a new embedded broker store; a remote broker has its own key")
         if args.broker == "embedded" and args.scheme:
@@ -65,7 +72,7 @@ def _seal(args: argparse.Namespace) -> int:
             broker = connect(args.broker, store_dir=args.broker_dir)
         manifest = seal_located(records, args.out, broker=broker, policy=args.policy, dataset_id=args.dataset_id,
                                 rows_per_shard=args.rows_per_shard, classification=args.classification,
-                                dua_id=args.dua_id, tokenizer=args.tokenizer)
+                                dua_id=args.dua_id, tokenizer=args.tokenizer, canaries=plan)
     except (KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:  # InputError, OutputError, DataError
         return exits.fail(str(e))
     except PermissionError as e:
@@ -159,6 +166,14 @@ def add_parsers(subparsers) -> None:
     seal.add_argument("--tokenizer", default=None,
                       help="record the token count of the Gemma 3 chat-formatted text: 'demo' or a local Hugging "
                            "Face tokenizer directory / cached id (never downloaded); default: not recorded")
+    seal.add_argument("--canaries", type=int, default=None, metavar="N",
+                      help="memorization audit: insert N random canaries per repeat count as added synthetic records "
+                           "and seal N never-inserted controls, all encrypted (docs/audit.md); default: none")
+    seal.add_argument("--canary-repeats", default="1,4,16,64", metavar="R,R,...",
+                      help="how many times each group of N canaries is inserted (default 1,4,16,64)")
+    seal.add_argument("--canary-seed", type=int, default=None,
+                      help="draw the canaries reproducibly from this seed (tests only: the seed reveals them); "
+                           "default: the OS's randomness")
     seal.set_defaults(handler=_seal)
 
     data = subparsers.add_parser("dataset", aliases=["data"], help="inspect sealed datasets (`data` is the old name)")

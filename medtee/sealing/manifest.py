@@ -4,6 +4,8 @@ The manifest holds counts and digests only, never record content. Its canonical 
 whitespace (bytes as base64); :meth:`Manifest.digest` and the Ed25519 signature both cover that form minus the
 signature itself. Format 2 added `token_count` and `tokenizer` (null when not recorded); format-1 manifests (sealed
 before) are still read, with both fields None and left out of their canonical form, so their signatures still verify.
+`canaries` (the encrypted canary side file of `medtee seal --canaries`, see medtee.audit.canaries) is optional in
+format 2: None, it is left out of the canonical form, so manifests sealed before it still verify.
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class CanaryInfo:
+    """The encrypted canary side file (counts only; the canaries themselves are inside it)."""
+
+    name: str  # file name inside the dataset directory
+    sha256: str  # hex digest of the ciphertext file
+    bytes: int  # file size
+    inserted: int  # canaries inserted into the dataset
+    controls: int  # canaries of the same space never inserted
+    records: int  # synthetic records carrying the inserted canaries (counted in record_count)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything needed to check and open a sealed dataset, except the data key itself."""
 
@@ -88,6 +102,7 @@ class Manifest:
     owner_public_key: bytes  # data owner's Ed25519 public key (raw 32 bytes) that signed this manifest
     token_count: int | None = None  # tokens of the Gemma 3 chat-formatted text under `tokenizer`; None: not recorded
     tokenizer: str | None = None  # "<name> sha256:<fingerprint>" of the tokenizer that counted (sealing.tokens)
+    canaries: CanaryInfo | None = None  # the encrypted canary side file; None: no canaries
     signature: bytes = b""  # Ed25519 signature over canonical_body(); empty until signed
 
     def body(self) -> dict:
@@ -99,6 +114,8 @@ class Manifest:
                 raise ValueError("a format-1 manifest cannot record token counts; seal with format 2")
             for k in _V2_FIELDS:
                 del doc[k]
+        if self.canaries is None:
+            del doc["canaries"]
         doc["shards"] = [asdict(s) if not isinstance(s, dict) else s for s in self.shards]
         for k in ("wrapped_data_key", "owner_public_key"):
             doc[k] = base64.b64encode(doc[k]).decode("ascii")
@@ -161,7 +178,7 @@ class Manifest:
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade medtee or reseal"
             )
         names = {f.name for f in fields(cls)} - (set(_V2_FIELDS) if version == 1 else set())
-        missing = sorted(names - doc.keys())
+        missing = sorted(names - doc.keys() - {"canaries"})
         if missing:
             raise SealedDataError(f"{source}: missing field(s) {', '.join(missing)}; reseal the dataset")
         unknown = sorted(doc.keys() - names)
@@ -171,6 +188,8 @@ class Manifest:
             for k in ("wrapped_data_key", "owner_public_key", "signature"):
                 doc[k] = base64.b64decode(doc[k], validate=True)
             shards = tuple(ShardInfo(**s) for s in doc["shards"])
+            if doc.get("canaries") is not None:
+                doc["canaries"] = CanaryInfo(**doc["canaries"])
         except (TypeError, ValueError) as e:
             raise SealedDataError(f"{source}: malformed field ({type(e).__name__}); the manifest was altered") from None
         doc["shards"] = shards
@@ -217,6 +236,20 @@ def _check_types(m: Manifest, source: str) -> None:
             raise SealedDataError(f"{source}: shard entry {s.name!r} is malformed")
         if "/" in s.name or s.name.startswith(".") or s.name == MANIFEST_NAME:
             raise SealedDataError(f"{source}: shard name {s.name!r} is not a plain file name")
+    if m.canaries is not None:
+        _check_canaries(m, source)
+
+
+def _check_canaries(m: Manifest, source: str) -> None:
+    c = m.canaries
+    if not isinstance(c, CanaryInfo) or not isinstance(c.name, str) or not isinstance(c.sha256, str):
+        raise SealedDataError(f"{source}: field canaries is malformed")
+    counts = (c.bytes, c.inserted, c.controls, c.records)
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in counts):
+        raise SealedDataError(f"{source}: field canaries: bytes, inserted, controls and records must be non-negative "
+                              f"ints")
+    if "/" in c.name or c.name.startswith(".") or c.name in {MANIFEST_NAME, *(s.name for s in m.shards)}:
+        raise SealedDataError(f"{source}: canary file name {c.name!r} is not a plain file name of its own")
 
 
 def data_key_info(dataset_id: str) -> bytes:

@@ -1,7 +1,8 @@
 """The TEE's side: check a sealed dataset's integrity up front, then decrypt its shards into memory only.
 
 Each shard is read into memory, its SHA-256 checked against the signed manifest again (the file may have changed
-since :func:`open_dataset`), and decrypted from that buffer; nothing is written anywhere.
+since :func:`open_dataset`), and decrypted from that buffer; nothing is written anywhere. The canary side file
+(`medtee seal --canaries`) is checked the same way and decrypted by :meth:`SealedDataset.canaries`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from medtee.audit.canaries import Canary, decrypt_canaries
 from medtee.sealing.pme_keys import decryption_properties
-from medtee.sealing.manifest import MANIFEST_NAME, Manifest, SealedDataError, ShardInfo, key_check, open_regular
+from medtee.sealing.manifest import (
+    MANIFEST_NAME,
+    CanaryInfo,
+    Manifest,
+    SealedDataError,
+    ShardInfo,
+    key_check,
+    open_regular,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,43 +48,50 @@ def open_dataset(path: Path | str, *, trusted_owner: Ed25519PublicKey | None = N
         raise SealedDataError(f"{path} is not a directory; point at the directory `medtee seal --out` created")
     manifest = Manifest.load(path)
     manifest.verify_signature(source=str(path / MANIFEST_NAME), trusted=trusted_owner)
-    expected = [s.name for s in manifest.shards]
+    expected = {s.name: "shard" for s in manifest.shards} | ({manifest.canaries.name: "canary file"}
+                                                             if manifest.canaries else {})
     present = sorted(p.name for p in path.iterdir() if p.name != MANIFEST_NAME)
     missing = [n for n in expected if n not in present]
     extra = [n for n in present if n not in expected]
     if missing:
-        raise SealedDataError(f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing); {_fix(path)}")
+        raise SealedDataError(f"{expected[missing[0]]} {missing[0]} listed in the manifest is missing ({len(missing)} "
+                              f"missing); {_fix(path)}")
     if extra:
         raise SealedDataError(f"file {extra[0]} is not listed in the manifest ({len(extra)} unexpected); {_fix(path)}")
     for shard in manifest.shards:
         _check_shard_file(path, shard)
+    if manifest.canaries is not None:
+        _check_shard_file(path, manifest.canaries, kind="canary file")
     return SealedDataset(manifest=manifest, path=path)
 
 
 @contextmanager
-def _shard_file(root: Path, shard: ShardInfo) -> Iterator[BinaryIO]:
-    """The shard's file, open, if it is a regular file of the size the manifest says; a read error as SealedDataError."""
+def _shard_file(root: Path, shard: ShardInfo | CanaryInfo, kind: str = "shard") -> Iterator[BinaryIO]:
+    """The shard's (or canary file's) file, open, if it is a regular file of the size the manifest says; a read
+    error as SealedDataError."""
     try:
-        f, size = open_regular(root / shard.name, f"shard {shard.name}", _fix(root))
+        f, size = open_regular(root / shard.name, f"{kind} {shard.name}", _fix(root))
     except FileNotFoundError:
-        raise SealedDataError(f"shard {shard.name} listed in the manifest is missing; {_fix(root)}") from None
+        raise SealedDataError(f"{kind} {shard.name} listed in the manifest is missing; {_fix(root)}") from None
     with f:
         if size != shard.bytes:
-            kind = "truncated" if size < shard.bytes else "extended"
+            how = "truncated" if size < shard.bytes else "extended"
             raise SealedDataError(
-                f"shard {shard.name} has {size} bytes, the manifest says {shard.bytes} ({kind} or swapped); {_fix(root)}"
+                f"{kind} {shard.name} has {size} bytes, the manifest says {shard.bytes} ({how} or swapped); "
+                f"{_fix(root)}"
             )
         try:
             yield f
         except OSError as e:
-            raise SealedDataError(f"shard {shard.name} cannot be read ({e.strerror}); {_fix(root)}") from None
+            raise SealedDataError(f"{kind} {shard.name} cannot be read ({e.strerror}); {_fix(root)}") from None
 
 
-def _check_shard_file(root: Path, shard: ShardInfo) -> None:
-    with _shard_file(root, shard) as f:
+def _check_shard_file(root: Path, shard: ShardInfo | CanaryInfo, kind: str = "shard") -> None:
+    with _shard_file(root, shard, kind) as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if digest != shard.sha256:
-        raise SealedDataError(f"shard {shard.name} does not match its manifest digest (altered or swapped); {_fix(root)}")
+        raise SealedDataError(f"{kind} {shard.name} does not match its manifest digest (altered or swapped); "
+                              f"{_fix(root)}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,27 @@ class SealedDataset:
     def read_records(self, data_key: bytes) -> list[dict]:
         """All records as `{"id", "messages": [{"role", "content"}]}` dicts, in memory."""
         return [rec for batch in self.iter_batches(data_key, batch_rows=8192) for rec in batch.to_pylist()]
+
+    def canaries(self, data_key: bytes) -> list[Canary]:
+        """The dataset's canaries, decrypted in memory: the inserted ones (`repeats` > 0) and the never-inserted
+        controls (`repeats` == 0); [] for a dataset sealed without canaries."""
+        self.check_key(data_key)
+        info = self.manifest.canaries
+        if info is None:
+            return []
+        with _shard_file(self.path, info, "canary file") as f:
+            blob = f.read(info.bytes + 1)
+        if len(blob) != info.bytes or hashlib.sha256(blob).hexdigest() != info.sha256:
+            raise SealedDataError(f"canary file {info.name} changed after the dataset was opened; {_fix(self.path)}")
+        try:
+            canaries = decrypt_canaries(blob, bytes(data_key), self.manifest.dataset_id)
+        except ValueError as e:
+            raise SealedDataError(f"canary file {info.name}: {e}; {_fix(self.path)}") from None
+        counts = (sum(c.repeats > 0 for c in canaries), sum(c.repeats == 0 for c in canaries))
+        if counts != (info.inserted, info.controls):
+            raise SealedDataError(f"canary file {info.name} does not hold the canaries the manifest counts; "
+                                  f"{_fix(self.path)}")
+        return canaries
 
     def __repr__(self) -> str:
         m = self.manifest

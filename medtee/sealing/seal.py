@@ -1,8 +1,9 @@
 """The data owner's side: read chat records (JSONL, CSV transcripts, Parquet) and seal them into encrypted shards.
 
 Output directory: `manifest.json` (signed) plus `part-NNNNN.parquet` shards encrypted with Parquet Modular
-Encryption (AES_GCM_V1, encrypted footer). Written under a temporary sibling directory and renamed into place; on
-any error that directory and the parent directories made for it are removed.
+Encryption (AES_GCM_V1, encrypted footer), and with canaries (`medtee.audit.canaries`) the encrypted canary file.
+Written under a temporary sibling directory and renamed into place; on any error that directory and the parent
+directories made for it are removed.
 Error messages name the file, line (or row) and field, never a record's id or content.
 """
 
@@ -24,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medtee.audit.canaries import CANARY_FILE, CanaryPlan, encrypt_canaries
 from medtee.crypto import hpke
 from medtee.data import DataError
 from medtee.data.chat import message_text
@@ -32,6 +34,7 @@ from medtee.sealing.manifest import (
     CIPHER,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    CanaryInfo,
     Manifest,
     ShardInfo,
     check_dataset_id,
@@ -355,6 +358,30 @@ def _writing(out_dir: Path) -> Iterator[None]:
                           f"space there (or choose an --out on another disk) and seal again") from None
 
 
+def _with_canaries(records: Iterable[Located], plan: CanaryPlan) -> Iterator[Located]:
+    """The real records with the plan's canary records among them, each after as many real records as the plan says;
+    InputError if the input does not hold the number of records the plan was made for."""
+    insertions, at, real = plan.insertions, 0, 0
+    for located in records:
+        while at < len(insertions) and insertions[at][0] <= real:
+            yield f"canary record {at} (counting from 0)", insertions[at][1]
+            at += 1
+        yield located
+        real += 1
+    if real != plan.real_records:
+        raise InputError(f"the input holds {real} records, the canaries were placed among {plan.real_records}: the "
+                         f"input changed while sealing; seal again")
+    for n, (_, rec) in enumerate(insertions[at:], at):
+        yield f"canary record {n} (counting from 0)", rec
+
+
+def _write_canaries(tmp: Path, plan: CanaryPlan, data_key: bytes, dataset_id: str) -> CanaryInfo:
+    blob = encrypt_canaries(plan.canaries, data_key, dataset_id)
+    (tmp / CANARY_FILE).write_bytes(blob)
+    return CanaryInfo(name=CANARY_FILE, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob),
+                      inserted=plan.inserted, controls=plan.controls, records=len(plan.insertions))
+
+
 def seal_located(
     records: Iterable[Located],
     out_dir: Path | str,
@@ -368,6 +395,7 @@ def seal_located(
     classification: str = "phi",
     dua_id: str = "",
     tokenizer: str | None = None,
+    canaries: CanaryPlan | None = None,
 ) -> Manifest:
     """Seal validated `records` (`(where, record)` pairs, as `read_input` yields them) into `out_dir` under a fresh
     data key wrapped to `broker`'s key; register it with the broker.
@@ -376,6 +404,9 @@ def seal_located(
     with `signing_key` (default: the data owner's key the broker object keeps, `broker.owner_signing_key()`).
     `tokenizer` (`demo` or a local Hugging Face tokenizer; see `medtee.sealing.tokens`) records the token count of
     the chat-formatted text and the tokenizer's fingerprint; without it both manifest fields are None.
+    `canaries` (`medtee.audit.canaries.plan_canaries`, made for the number of records in `records`) adds the canary
+    records where the plan puts them and writes the canaries, encrypted under the data key, to the canary file the
+    manifest lists; the counts in the manifest include the canary records.
     Refuses a non-empty existing `out_dir`; on any error nothing is left behind. Errors name records by `where`.
     """
     out_dir = check_out_dir(out_dir)
@@ -394,6 +425,8 @@ def seal_located(
         counter, described = tokens.TokenCounter(loaded), tokens.describe(tokenizer, loaded)
     scheme, broker_public = broker.public_key()
     data_key = os.urandom(DATA_KEY_BYTES)
+    if canaries is not None:
+        records = _with_canaries(records, canaries)
     with _staging(out_dir) as tmp:
         shards: list[ShardInfo] = []
         counts = {"records": 0, "messages": 0, "chars": 0}
@@ -422,6 +455,10 @@ def seal_located(
             flush()
         if not shards:
             raise InputError("no records to seal: the input is empty")
+        canary_info = None
+        if canaries is not None:
+            with _writing(out_dir):
+                canary_info = _write_canaries(tmp, canaries, data_key, dataset_id)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             dataset_id=dataset_id,
@@ -441,6 +478,7 @@ def seal_located(
             created=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             cipher=CIPHER,
             owner_public_key=b"",
+            canaries=canary_info,
         ).signed(signing_key)
         with _writing(out_dir):
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from medtee.evaluation.config import EVAL_MEASURES, EVAL_STATISTICS
 from medtee.schema import below_minimums
 
 #: Metrics medtee may ever send to MLflow, named `stage/metric`. Recipes can only narrow this list (tracking.metrics).
@@ -16,6 +17,7 @@ METRIC_ALLOW_LIST = (
     "train/epoch",
     "val/loss",
     "val/perplexity",
+    *(f"eval/{measure}_{statistic}" for measure in EVAL_MEASURES for statistic in EVAL_STATISTICS),
 )
 
 #: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).

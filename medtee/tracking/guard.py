@@ -30,7 +30,7 @@ PARAM_ALLOW_LIST = (
 )
 
 #: Evaluation metrics: logged only when they aggregate at least `tracking.min_aggregate` examples.
-EVAL_PREFIXES = ("val/",)
+EVAL_PREFIXES = ("val/", "eval/")
 
 #: Lightning's own bookkeeping keys, renamed to medtee's `stage/metric` scheme.
 RENAMES = {"epoch": "train/epoch"}
@@ -46,6 +46,9 @@ MAX_TAG_CHARS = 500
 #: paths to data.
 SAFE_ARTIFACTS = {"summary": "summary.json", "recipe": "recipe.json", "receipt": "receipt.dsse.json",
                   "evaluation": "evaluation.json"}
+
+#: The evaluation's HTML report: aggregates only, self-contained (`Guard.report` checks it before it is logged).
+REPORT_ARTIFACT = "evaluation_report.html"
 
 
 class Guard:
@@ -113,6 +116,15 @@ class Guard:
                 return None
             payload = {"examples": examples, "metrics": self.metrics(payload.get("metrics") or {})}
         return SAFE_ARTIFACTS[kind], json.dumps(payload, indent=2, sort_keys=True, default=str)
+
+    def report(self, html: bytes) -> bool:
+        """Whether an evaluation report may be logged: one self-contained file that loads nothing from anywhere."""
+        from medtee.evaluation.report import external_references
+
+        found = external_references(html)
+        if found:
+            self.dropped("artifact", REPORT_ARTIFACT, f"it references {len(found)} external resources")
+        return not found
 
     @staticmethod
     def params(resolved_recipe: Mapping[str, Any]) -> dict[str, str]:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from medtee import containment
 from medtee.schema import ConfigError
-from medtee.tracking.guard import PARAM_ALLOW_LIST, Guard
+from medtee.tracking.guard import PARAM_ALLOW_LIST, REPORT_ARTIFACT, Guard
 
 log = logging.getLogger("medtee.tracking")
 
@@ -55,13 +55,14 @@ ARTIFACT_SCHEMES = ("", "file", "mlflow-artifacts")
 class GuardedMLflowLogger(Logger):
     """A Lightning logger whose every write goes through the Guard into one MLflow run.
 
-    `sweep_id` nests the run under that sweep's parent run (found or created); `resume_run_id` continues an existing
-    run (a resumed training) instead of creating one.
+    `sweep_id` nests the run under that sweep's parent run (found or created); `parent_run_id` nests it under that
+    run, whose state the caller keeps (`medtee.sweep.tracking`); `resume_run_id` continues an existing run (a resumed
+    training) instead of creating one.
     """
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str, guard: Guard,
                  tags: Mapping[str, str], params: Mapping[str, str], sweep_id: str | None = None,
-                 resume_run_id: str | None = None):
+                 resume_run_id: str | None = None, parent_run_id: str | None = None):
         super().__init__()
         from mlflow.tracking import MlflowClient
 
@@ -82,8 +83,8 @@ class GuardedMLflowLogger(Logger):
         self.where = f"{display_uri(tracking_uri)} (experiment '{experiment}'; runs: {self.dashboard})"
         safe_tags = guard.tags(tags)
         self._parent_id = self._sweep_parent(sweep_id, run_name, safe_tags) if sweep_id else None
-        if self._parent_id:
-            safe_tags["mlflow.parentRunId"] = self._parent_id
+        if self._parent_id or parent_run_id:
+            safe_tags["mlflow.parentRunId"] = self._parent_id or parent_run_id
         if resume_run_id:
             from mlflow.exceptions import MlflowException
 
@@ -166,14 +167,17 @@ class GuardedMLflowLogger(Logger):
     def log_artifact(self, kind: str, payload: Mapping[str, Any]) -> None:
         """Log one of medtee's safe artifacts (SAFE_ARTIFACTS) as JSON; anything else is dropped by the guard."""
         item = self.guard.artifact(kind, payload)
-        if item is None:
-            return
+        if item is not None and self._artifacts_allowed(item[0]):
+            self._client.log_text(self.run_id, item[1], item[0])
+
+    def _artifacts_allowed(self, name: str) -> bool:
+        """Whether the experiment's artifact store is one this run may write to (else a warning naming `name`)."""
         scheme = urlsplit(self._artifact_location or "").scheme
         if scheme not in ARTIFACT_SCHEMES:
             log.warning("artifact %s not logged: the experiment keeps artifacts in a '%s' store, which this run "
-                        "would contact directly; serve them through the tracking server instead", item[0], scheme)
-            return
-        self._client.log_text(self.run_id, item[1], item[0])
+                        "would contact directly; serve them through the tracking server instead", name, scheme)
+            return False
+        return True
 
     @rank_zero_only
     def finish(self, summary: Mapping[str, Any], *, recipe: Mapping[str, Any], verdict,
@@ -191,6 +195,17 @@ class GuardedMLflowLogger(Logger):
             self.log_artifact("receipt", receipt)
         if evaluation:
             self.log_artifact("evaluation", {"examples": self.guard.eval_examples or 0, "metrics": evaluation})
+        self.close("FINISHED")
+
+    @rank_zero_only
+    def finish_evaluation(self, evaluation: Mapping[str, Any], *, report: bytes,
+                          receipt: Mapping[str, Any] | None = None) -> None:
+        """The end of `medtee eval run`: the evaluation aggregates, the HTML report, the receipt; the run closed."""
+        self.log_artifact("evaluation", evaluation)
+        if self.guard.report(report) and self._artifacts_allowed(REPORT_ARTIFACT):
+            self._client.log_text(self.run_id, report.decode("utf-8"), REPORT_ARTIFACT)
+        if receipt:
+            self.log_artifact("receipt", receipt)
         self.close("FINISHED")
 
     @rank_zero_only

@@ -13,8 +13,10 @@ from medtee.crypto.blob import seal_blob
 from medtee.crypto.hpke import load_public_key, write_keypair
 from medtee.files import write_atomic
 
-ADAPTER_FILE = "adapter.safetensors.enc"
+ADAPTER_FILE = "adapter.safetensors.enc"  # encrypted to the recipient (the model owner)
+SEALED_ADAPTER_FILE = "adapter.sealed"  # sealed to this dataset's release: opens only in a later attested run
 ADAPTER_INFO = b"medtee/adapter/v1"
+MAX_SEALED_ADAPTER_BYTES = 16 << 30  # a LoRA of a 27B model at high rank is a few GB
 DEV_RECIPIENT_DIR = Path(".medtee") / "keys"
 DEV_RECIPIENT_NAME = "dev-recipient"
 
@@ -46,16 +48,17 @@ def recipient_problem(spec: str) -> str | None:
     return None
 
 
-def write_outputs(peft_model, *, adapter: dict | None, recipient: str, scheme, base_model: str, summary: dict,
-                  recorded_recipe: dict, out_dir: Path) -> dict:
-    """Encrypt the adapter (`adapter`: whole tensors named as peft saves them) to `recipient` (a .pub file or dev; a
-    new key in `scheme`) and write it with its config naming `base_model`, unless `adapter` is None (an evaluation
-    run); write the recorded recipe and the summary."""
+def write_outputs(peft_model, *, adapter: dict | None, recipient: str, scheme, base_model: str, release_key: bytes,
+                  summary: dict, recorded_recipe: dict, out_dir: Path) -> dict:
+    """Encrypt the adapter (`adapter`: whole tensors named as peft saves them) twice: to `recipient` (a .pub file or
+    dev; a new key in `scheme`), and under `release_key` (derived from this dataset's released data key:
+    `adapter.sealed`, which a later attested run of the same dataset opens, and nothing else); write its config
+    naming `base_model`, unless `adapter` is None (an evaluation run); write the recorded recipe and the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     if adapter is not None:
         written = _write_adapter(peft_model, adapter, recipient=recipient, scheme=scheme, base_model=base_model,
-                                 out_dir=out_dir)
+                                 release_key=release_key, out_dir=out_dir)
     write_atomic(out_dir / "recipe.json", json.dumps(recorded_recipe, indent=2, sort_keys=True).encode())
     outputs = {ADAPTER_FILE: written} if written else {}
     write_atomic(out_dir / "summary.json",
@@ -63,19 +66,35 @@ def write_outputs(peft_model, *, adapter: dict | None, recipient: str, scheme, b
     return written
 
 
-def _write_adapter(peft_model, adapter: dict, *, recipient: str, scheme, base_model: str, out_dir: Path) -> dict:
+def _write_adapter(peft_model, adapter: dict, *, recipient: str, scheme, base_model: str, release_key: bytes,
+                   out_dir: Path) -> dict:
     from safetensors.torch import save
+
+    from medtee.crypto.stream import encrypt
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
     scheme, public, described = recipient_public_key(recipient, scheme=scheme)
-    blob = seal_blob(save(state), public, scheme=scheme, info=ADAPTER_INFO)
+    plaintext = save(state)
     del state
+    blob = seal_blob(plaintext, public, scheme=scheme, info=ADAPTER_INFO)
     write_atomic(out_dir / ADAPTER_FILE, blob)
+    write_atomic(out_dir / SEALED_ADAPTER_FILE, encrypt(plaintext, release_key))
     adapter_cfg = peft_model.peft_config["default"].to_dict()
     adapter_cfg["base_model_name_or_path"] = base_model
     adapter_cfg = json.loads(json.dumps(adapter_cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     write_atomic(out_dir / "adapter_config.json", json.dumps(adapter_cfg, indent=2, sort_keys=True).encode())
     return {"adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_recipient": described}
+
+
+def open_sealed_adapter(path: Path, release_key: bytes) -> dict:
+    """The adapter tensors of `adapter.sealed`, inside an attested run of the dataset it was trained on; StreamError
+    when it was sealed to another dataset's release (or altered)."""
+    from safetensors.torch import load
+
+    from medtee.crypto.stream import decrypt
+    from medtee.files import read_regular
+
+    return load(decrypt(read_regular(path, MAX_SEALED_ADAPTER_BYTES), release_key, name=str(path)))
 
 
 def open_adapter(encrypted: Path, private_key_file: Path, out_dir: Path) -> Path:

@@ -130,3 +130,28 @@ def test_run_killed_with_sigkill(forms, sealed_canaries, tmp_path, memory_tmp):
            receipts=0)  # killed: no end, no receipt
     _no_egress(audit)
     assert not list(tmp_path.rglob("core*")), "no core dump"
+
+
+def test_training_then_attested_evaluation(forms, sealed_canaries, tmp_path, memory_tmp):
+    """`medtee eval run` on the canary data: per-dialogue losses, generated replies and their scores stay in memory;
+    the report, evaluation.json, MLflow and the receipt hold aggregates only."""
+    audit = tmp_path / "audit"
+    trained = run_harness(["train", *canary_overrides(sealed_canaries, "trainer.max_steps=4")], cwd=tmp_path,
+                          tmpdir=memory_tmp, audit=audit)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    [adapter] = tmp_path.glob("outputs/*/*/adapter.sealed")
+    proc = run_harness(["eval", "run", *canary_overrides(sealed_canaries, f"evaluation.adapter={adapter}",
+                                                         "evaluation.max_items=20", "evaluation.max_new_tokens=24",
+                                                         "evaluation.resamples=200")],
+                       cwd=tmp_path, tmpdir=memory_tmp, audit=audit)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [report] = tmp_path.glob("outputs/*/*/evaluation_report.html")
+    from medtee.evaluation.report import shared_ngrams
+
+    texts = [m["content"] for line in sealed_canaries["plaintext"].read_text().splitlines() if line.strip()
+             for m in json.loads(line)["messages"]]
+    assert not shared_ngrams(report.read_text(), texts), "no 8-word sequence of the data in the report"
+    _clean(forms, sealed_canaries, [tmp_path, memory_tmp],
+           {"train stdout": trained.stdout, "train stderr": trained.stderr, "stdout": proc.stdout,
+            "stderr": proc.stderr}, receipts=2)
+    _no_egress(audit)

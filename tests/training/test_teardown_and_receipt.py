@@ -62,11 +62,11 @@ def test_after_teardown_no_key_or_record_is_left_reachable(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     found = json.loads(res.stdout.strip().splitlines()[-1])
-    assert found["code"] == 0 and found["keys"] == [32, 32]  # the data key and the checkpoint key
+    assert found["code"] == 0 and found["keys"] == [32, 32, 32]  # the data, checkpoint and adapter keys
     assert found["nonzero_keys"] == 0 and found["releases_with_a_key"] == 0
     assert found["checkpoint_ios_with_a_key"] == 0
     assert found["modules_holding_records"] == 0 and found["token_arrays_not_zero"] == 0
-    assert "medtee: teardown: data key, checkpoint key overwritten; decrypted records overwritten" in res.stderr
+    assert "medtee: teardown: data key, checkpoint key, adapter key overwritten; decrypted records overwritten" in res.stderr
 
 
 def test_a_run_closes_its_release_and_leaves_a_receipt_that_verifies(tmp_path):
@@ -80,7 +80,7 @@ def test_a_run_closes_its_release_and_leaves_a_receipt_that_verifies(tmp_path):
     assert closed["release_id"] == release_id and predicate["release"]["close_audit_entry_sha256"] == closed["hash"]
     assert [e["hash"] for e in audit if e["event"] == "release"] == [release_id]
     assert predicate["run"]["outcome"] == "done" and predicate["simulated"] is True
-    assert set(predicate["teardown"]["keys"]) == {"data key", "checkpoint key"}
+    assert set(predicate["teardown"]["keys"]) == {"data key", "checkpoint key", "adapter key"}
     verified = run_medtee("receipt", "verify", str(out / "receipt.dsse.json"), "--adapter",
                           str(out / "adapter.safetensors.enc"), "--json", cwd=tmp_path)
     assert verified.returncode == 0, verified.stdout + verified.stderr

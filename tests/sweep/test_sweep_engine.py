@@ -1,0 +1,118 @@
+"""The sweep engine on sqlite storage and a real MLflow sqlite store, with a fake runner: failures recorded by type
+only, SIGKILLed workers resumed to exactly n_trials COMPLETE trials with one MLflow child each."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sweep_checks
+import sweep_worker
+from optuna.trial import TrialState
+
+from medtee.schema import ConfigError
+from medtee.sweep.engine import run_sweep
+from medtee.sweep.tracking import SweepTracker
+
+WORKER = Path(sweep_worker.__file__)
+
+
+def _sweep(tmp_path, runner, **changes):
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    guard = sweep_worker.guard()
+    tracker = SweepTracker(tracking_uri=uri, experiment=sweep_checks.EXPERIMENT, guard=guard)
+    result = run_sweep(sweep_worker.space(**changes), runner, storage_url=storage, worker_id="w0", guard=guard,
+                       tracker=tracker)
+    return result, sweep_checks.load(storage), uri
+
+
+def test_a_failing_trial_is_recorded_by_type_only_and_the_sweep_still_completes(tmp_path):
+    runner = sweep_worker.FakeRunner(fail_on={1})
+    result, study, uri = _sweep(tmp_path, runner)
+
+    assert (result.complete, result.failed, result.stopped) == (5, 1, "done")
+    trials = sweep_checks.check_study(study, 5)
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed.number == 1 and failed.user_attrs == {"worker": "w0", "error": "RuntimeError"}
+    assert study.user_attrs == {"objective": "val/loss", "direction": "minimize", "n_trials": 5}
+    assert result.best_trial == study.best_trial.number
+    assert result.best_overrides == [f"qlora.rank={study.best_params['qlora.rank']}",
+                                     f"trainer.lr={study.best_params['trainer.lr']!r}"]
+    children = sweep_checks.check_mlflow(uri, study)
+    assert children[1].data.tags["medtee.sweep.error"] == "RuntimeError"
+    for db in ("optuna.db", "mlflow.db"):
+        assert b"PATIENT-CANARY" not in (tmp_path / db).read_bytes(), f"the exception message reached {db}"
+
+
+def test_a_finished_sweep_resumed_runs_nothing_and_a_larger_one_only_the_missing_trials(tmp_path):
+    _sweep(tmp_path, sweep_worker.FakeRunner(), n_trials=2)
+    again = sweep_worker.FakeRunner()
+    result, study, uri = _sweep(tmp_path, again, n_trials=2)
+    assert again.calls == 0 and result.complete == 2
+
+    more = sweep_worker.FakeRunner()
+    result, study, uri = _sweep(tmp_path, more, n_trials=3)
+    assert more.calls == 1 and result.complete == 3
+    sweep_checks.check_study(study, 3)
+    sweep_checks.check_mlflow(uri, study)
+
+
+def test_the_attempt_cap_stops_a_sweep_whose_trials_all_fail(tmp_path):
+    runner = sweep_worker.FakeRunner(fail_on=set(range(100)))
+    result, study, _ = _sweep(tmp_path, runner, n_trials=2, max_attempts=3)
+    assert (result.stopped, result.complete, result.failed, runner.calls) == ("max_attempts", 0, 3, 3)
+    assert not result.done and result.best_trial is None
+
+
+def test_an_objective_the_guard_drops_fails_the_trial(tmp_path):
+    result, study, _ = _sweep(tmp_path, sweep_worker.FakeRunner(), n_trials=1, max_attempts=1,
+                              objective="val/perplexity")
+    assert result.stopped == "max_attempts"
+    assert study.trials[0].user_attrs["error"] == "ObjectiveMissing"
+
+
+def test_a_study_is_not_resumed_for_another_direction(tmp_path):
+    _sweep(tmp_path, sweep_worker.FakeRunner(), n_trials=1)
+    with pytest.raises(ConfigError, match="name a new study"):
+        _sweep(tmp_path, sweep_worker.FakeRunner(), n_trials=1, direction="maximize")
+
+
+def _worker(tmp_path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+         "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}", "--n-trials", "4", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_workers_killed_mid_trial_before_the_child_and_after_tell_resume_to_exactly_n_trials(tmp_path):
+    rng = random.Random(1234)
+    sweep_checks.init_stores(f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # two workers die at once (inside the runner; after ask, before the MLflow child), then one after tell
+    first = [_worker(tmp_path, "--worker", "w1", "--kill", "mid", "--at", str(rng.randint(1, 2))),
+             _worker(tmp_path, "--worker", "w2", "--kill", "asked", "--at", str(rng.randint(1, 2)))]
+    for proc in first:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, out
+    told = _worker(tmp_path, "--worker", "w3", "--kill", "told", "--at", str(rng.randint(1, 2)))
+    out, _ = told.communicate(timeout=120)
+    assert told.returncode == -signal.SIGKILL, out
+
+    resumed = _worker(tmp_path, "--worker", "w4")
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0 and "stopped=done complete=4" in out, out
+
+    study = sweep_checks.load(f"sqlite:///{tmp_path / 'optuna.db'}")
+    trials = sweep_checks.check_study(study, 4)
+    lost = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(lost) == 2 and all("error" not in t.user_attrs for t in lost)  # the mid and asked kills
+    retries = [t for t in trials if "failed_trial" in t.system_attrs]
+    assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(t.number for t in lost)
+    children = sweep_checks.check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", study)
+    assert {children[t.number].data.tags["medtee.sweep.error"] for t in lost} == {"WorkerLost"}
+    for t in retries:
+        assert children[t.number].data.tags["medtee.sweep.retry_of"] == str(t.system_attrs["failed_trial"])
