@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from medtee import recipe_guard
+from medtee.audit.config import ReleaseConfig
 from medtee.attestation.policy import AttestationPolicy, policy_from_mapping
 from medtee.broker.config import BrokerConfig
 from medtee.crypto.config import EncryptionConfig
@@ -29,7 +30,8 @@ from medtee.hardware import Accelerator, HardwareConfig
 from medtee.paths import conf_dir, recipes_dir
 from medtee.schema import ConfigError
 from medtee.tracking.config import TrackingConfig
-from medtee.training.config import ModelConfig, ModelSource, OutputConfig, QLoRAConfig, Quantization, TrainerConfig
+from medtee.training.config import ModelConfig, ModelSource, OutputConfig, PrivacyConfig, QLoRAConfig, Quantization
+from medtee.training.config import TrainerConfig, dp_problems
 from medtee.training.config import Precision, Strategy
 
 
@@ -49,6 +51,8 @@ class MedteeConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
 
 GROUP_SCHEMAS = {
@@ -315,6 +319,8 @@ def check(cfg) -> None:
         else:
             problems += schema.problems(cfg[group])
     problems += OutputConfig.problems(cfg.output) + EvalConfig.problems(cfg.evaluation)
+    problems += PrivacyConfig.problems(cfg.privacy) + ReleaseConfig.problems(cfg.release)
+    problems += dp_problems(cfg.privacy, cfg.data, cfg.trainer, cfg.hardware, model=cfg.model, qlora=cfg.qlora)
     problems += _production_problems(cfg)
     problems += _engine_problems(cfg.trainer, cfg.hardware, cfg.qlora, cfg.model)
     hw, att = cfg.hardware, cfg.attestation

@@ -22,6 +22,9 @@ from medtee import config, exits, hardware
 
 say = exits.say
 
+#: The metrics a run's summary and receipt keep (their last values; every value went to MLflow as it came).
+FINAL_METRICS = ("train/loss", "train/epsilon", "val/loss", "val/perplexity")
+
 #: Where a demo run seals its synthetic dialogues, inside its run directory (an input, not an output).
 SYNTHETIC_DIR = "synthetic-sealed"
 
@@ -229,6 +232,7 @@ class Session:
     teardown: object
     checkpoint_key: bytearray  # SecretBuffers
     adapter_key: bytearray
+    canaries: list = field(default_factory=list)  # the data owner's canaries (medtee.audit), decrypted in memory
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -246,6 +250,9 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
     b = cfg.broker
     broker = connect(b.url, store_dir=Path(b.dir), ca=b.ca, timeout_s=b.timeout_s)
     dataset = open_dataset(_dataset_path(cfg, out_dir, broker))  # every shard checked against the manifest
+    if cfg.release.require_audit and dataset.manifest.canaries is None:
+        raise config.ConfigError("release.require_audit=true audits the adapter with the data owner's canaries, but "
+                                 "this dataset was sealed without any: seal it with `medtee seal ... --canaries N`")
     # the recipe as its digest covers it: without data.path (a directory name can name a patient or a study)
     recorded = config.digest_input(config.resolved(cfg), weights=weights or None)
     signer = ReceiptSigner()  # in memory only; its public key is bound into the evidence
@@ -273,7 +280,8 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
                           dataset=dataset, verdict=verdict, teardown=teardown, outcome=outcome,
                           # decrypted one record batch at a time, straight into the data module's token arrays
                           records=functools.partial(_decrypted_records, dataset, data_key),
-                          checkpoint_key=keys["checkpoint"], adapter_key=keys["adapter"])
+                          checkpoint_key=keys["checkpoint"], adapter_key=keys["adapter"],
+                          canaries=dataset.canaries(data_key))
         return work(cfg, session)
     except BaseException as exc:
         error = exc
@@ -324,7 +332,7 @@ def _fit(cfg, session: Session) -> int:
     stats = datamodule.stats()
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device,
                         sharded=t.strategy == "fsdp")
-    module = CausalLMModule(model, t)
+    module = CausalLMModule(model, t, dp=cfg.privacy.dp, dataset_size=stats["n_train"], batch_size=d.batch_size)
     checkpoint_io = EncryptedCheckpointIO(session.checkpoint_key)
     try:
         resumed = (resume_info(checkpoint_io, t.resume_from, module, datamodule,
@@ -347,14 +355,15 @@ def _fit(cfg, session: Session) -> int:
             eval_examples=min(stats.get("n_val", 0), t.limit_val_batches * d.batch_size),
             manifest=session.dataset.manifest, context="evaluation" if t.validate_only else "training")
         say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
-    return _run_trainer(cfg, session, module=module, datamodule=datamodule, logger=logger,
+    return _run_trainer(cfg, session, module=module, datamodule=datamodule, logger=logger, tokenizer=tokenizer,
                         checkpoint_io=checkpoint_io, rank_zero=rank_zero, mode=mode, stats=stats)
 
 
-def _run_trainer(cfg, session: Session, *, module, datamodule, logger, checkpoint_io, rank_zero: bool, mode: str,
-                 stats: dict) -> int:
-    """Fit (or validate), then write the encrypted adapter (to the recipient, and sealed to this release), the
-    recorded recipe and the summary; the MLflow run is closed by `finish`, after the receipt."""
+def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer, checkpoint_io, rank_zero: bool,
+                 mode: str, stats: dict) -> int:
+    """Fit (or validate), audit the adapter when the dataset has canaries, then write the encrypted adapter (sealed
+    to this release, and to the recipient unless a required audit failed), the recorded recipe and the summary; the
+    MLflow run is closed by `finish`, after the receipt."""
     from medtee.tracking.config import TrackingConfig
     from medtee.training.engine import build_trainer
     from medtee.training.output import write_outputs
@@ -373,11 +382,18 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, checkpoin
     if not rank_zero:
         return exits.OK
     metrics = session.outcome.metrics = logger.guard.metrics(
-        {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss", "val/perplexity")})
+        {k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
+    seconds = round(time.time() - started, 1)
+    audit = _audit(cfg, session, model=module.model, tokenizer=tokenizer, datamodule=datamodule, logger=logger,
+                   step=trainer.global_step) if adapter is not None and session.canaries else None
+    released = audit is None or audit.passed or not cfg.release.require_audit
     summary = _summary(session, mode=mode, stats=stats, run_id=logger.run_id, resumed=bool(t.resume_from),
-                       world_size=trainer.world_size, steps=trainer.global_step,
-                       seconds=round(time.time() - started, 1), metrics=metrics)
-    written = write_outputs(module.model, adapter=adapter, recipient=cfg.output.recipient,
+                       world_size=trainer.world_size, steps=trainer.global_step, seconds=seconds, metrics=metrics)
+    if module.dp_summary():
+        summary["privacy"] = {"dp": module.dp_summary()}
+    if audit is not None:
+        summary["audit"] = {**audit.to_json(), "required": cfg.release.require_audit, "adapter_released": released}
+    written = write_outputs(module.model, adapter=adapter, recipient=cfg.output.recipient if released else None,
                             scheme=cfg.encryption.scheme, base_model=cfg.model.id or cfg.model.name,
                             release_key=session.adapter_key, summary=summary, recorded_recipe=session.recorded,
                             out_dir=out_dir)
@@ -388,9 +404,31 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, checkpoin
                       tags={"medtee.adapter_sha256": written["adapter_sha256"]} if written else None)
         _report(summary, first_loss=module.first_loss, out_dir=out_dir, written=written,
                 recipient=cfg.output.recipient, tracking_uri=cfg.tracking.tracking_uri)
+        if not released:
+            say(f"refused: the memorization audit failed, so the adapter stays sealed to the dataset's release "
+                f"({out_dir / 'adapter.sealed'}) and is not encrypted to the recipient: {'; '.join(audit.failures)}")
 
     session.outcome.finish = finish
-    return exits.OK
+    return exits.OK if released else exits.REFUSED
+
+
+def _audit(cfg, session: Session, *, model, tokenizer, datamodule, logger, step: int):
+    """The memorization audit (medtee.audit): its verdict; its aggregates logged through the guard and kept for the
+    receipt."""
+    from omegaconf import OmegaConf
+
+    from medtee.audit.gate import run_audit
+
+    say(f"auditing the adapter with {len(session.canaries)} canaries of the data owner")
+    verdict = run_audit(model, tokenizer, session.canaries, datamodule.training_split(),
+                        OmegaConf.to_object(cfg.release), seed=cfg.trainer.seed)
+    guarded = logger.guard.metrics(verdict.metrics)
+    logger.log_metrics(guarded, step=step)
+    session.outcome.metrics = {**session.outcome.metrics, **guarded}  # the receipt's; the summary keeps them apart
+    logger.set_tags({"medtee.audit.verdict": "pass" if verdict.passed else "fail"})
+    say(f"memorization audit: {'PASS' if verdict.passed else 'FAIL'}"
+        + "".join(f"; {f}" for f in verdict.failures))
+    return verdict
 
 
 def _evaluate(cfg, session: Session) -> int:

@@ -303,6 +303,12 @@ class DialogueDataModule(LightningDataModule):
             return str(exc)
         return None
 
+    def training_split(self) -> TokenizedRecords:
+        """The training split (after `setup`)."""
+        if self._train is None:
+            raise RuntimeError("training_split() needs setup() first")
+        return self._train
+
     def held_out(self) -> TokenizedRecords:
         """The held-out split (after `setup`): the dialogues training never saw, by data.val_fraction and data.seed."""
         if self._val is None:

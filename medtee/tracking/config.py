@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from medtee.audit.config import REPORTED_REPEATS
 from medtee.evaluation.config import EVAL_MEASURES, EVAL_STATISTICS
 from medtee.schema import below_minimums
 
@@ -15,9 +16,14 @@ METRIC_ALLOW_LIST = (
     "train/tokens_per_s",
     "train/grad_norm",
     "train/epoch",
+    "train/epsilon",
     "val/loss",
     "val/perplexity",
     *(f"eval/{measure}_{statistic}" for measure in EVAL_MEASURES for statistic in EVAL_STATISTICS),
+    *(f"audit/{side}exposure_{stat}_{r}x" for side in ("", "base_") for stat in ("max", "median")
+      for r in REPORTED_REPEATS),
+    *(f"audit/{side}extraction_{m}" for side in ("", "base_") for m in ("exact_rate", "run_mean", "examples")),
+    "audit/extraction_exact_rate_above_base",
 )
 
 #: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).

@@ -163,3 +163,55 @@ class OutputConfig:
 
     def problems(self) -> list[str]:
         return [] if self.recipient else ["output.recipient is empty: name the model owner's .pub key file, or dev"]
+
+
+@dataclass
+class DPConfig:
+    enabled: bool = False  # DP-SGD on the LoRA parameters (Opacus): per-dialogue clipping, Gaussian noise
+    target_epsilon: float = 8.0  # privacy budget epsilon for the whole run
+    target_delta: float = 1e-5  # delta of (epsilon, delta)-DP; keep it below 1 / number of training dialogues
+    max_grad_norm: float = 1.0  # per-sample gradient clipping norm
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.enabled and not self.target_epsilon > 0:
+            out.append(f"privacy.dp.target_epsilon={self.target_epsilon} must be positive")
+        if self.enabled and not 0 < self.target_delta < 1:
+            out.append(f"privacy.dp.target_delta={self.target_delta} must be in (0, 1)")
+        if self.enabled and not self.max_grad_norm > 0:
+            out.append(f"privacy.dp.max_grad_norm={self.max_grad_norm} must be positive")
+        return out
+
+
+@dataclass
+class PrivacyConfig:
+    dp: DPConfig = field(default_factory=DPConfig)  # differentially private training
+
+    def problems(self) -> list[str]:
+        return DPConfig.problems(self.dp)
+
+
+def dp_problems(privacy, data, trainer, hardware, *, model, qlora) -> list[str]:
+    """What DP-SGD (privacy.dp.enabled) cannot honour in the other groups: clipping must be per dialogue, in one
+    process, with per-sample gradient hooks that see each forward pass once."""
+    if not privacy.dp.enabled:
+        return []
+    on = "privacy.dp.enabled=true"
+    out = []
+    if data.packing:
+        out.append(f"{on} needs data.packing=false: per-sample clipping must be per dialogue, and a packed row "
+                   f"holds several dialogues")
+    if trainer.accumulate_grad_batches > 1:
+        out.append(f"{on} needs trainer.accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}): raise "
+                   f"data.batch_size instead")
+    if trainer.strategy != Strategy.auto or hardware.devices * hardware.num_nodes > 1:
+        out.append(f"{on} trains in one process on one device: set trainer.strategy=auto, hardware.devices=1 and "
+                   f"hardware.num_nodes=1 (DDP and FSDP are not supported with DP)")
+    if model.gradient_checkpointing:
+        out.append(f"{on} needs model.gradient_checkpointing=false: recomputed forward passes break Opacus's "
+                   f"per-sample gradients")
+    if model.compile_layers:
+        out.append(f"{on} needs model.compile_layers=false: compiled layers bypass Opacus's per-sample hooks")
+    if qlora.use_dora:
+        out.append(f"{on} needs qlora.use_dora=false: Opacus has no per-sample gradients for DoRA's magnitudes")
+    return out

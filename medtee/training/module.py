@@ -28,11 +28,16 @@ class CausalLMModule(L.LightningModule):
 
     Checkpoints hold the trainable (LoRA) parameters only, plus the RNG states and `run_info` (e.g. the MLflow run
     id); the frozen base is rebuilt from the recipe on resume.
+
+    `dp` (a DPConfig, enabled): DP-SGD (medtee.training.dp) over `dataset_size` training dialogues in batches of
+    `batch_size`; the accountant's state is checkpointed, `train/epsilon` logged each epoch, `dp_summary()` the
+    run's record. Per-dialogue clipping replaces the trainer's gradient clipping.
     """
 
     PREFIX = "model."  # of the peft model's entries in this module's state dict
 
-    def __init__(self, model, trainer_cfg, *, run_info: dict | None = None):
+    def __init__(self, model, trainer_cfg, *, run_info: dict | None = None, dp=None, dataset_size: int = 0,
+                 batch_size: int = 0):
         super().__init__()
         self.model = model
         self.cfg = trainer_cfg
@@ -45,6 +50,12 @@ class CausalLMModule(L.LightningModule):
         self._tokens = 0
         self._rng_to_restore: dict | None = None
         self.first_loss: float | None = None  # this run's first training loss (the "before" of the run's summary)
+        self.dp = None
+        if dp is not None and dp.enabled:
+            from medtee.training.dp import PrivateTraining
+
+            self.dp = PrivateTraining(model, dp, dataset_size=dataset_size, batch_size=batch_size,
+                                      steps=trainer_cfg.max_steps)
 
     def _loss(self, batch) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -55,6 +66,18 @@ class CausalLMModule(L.LightningModule):
         return chunked_causal_lm_loss(hidden, causal.lm_head, batch["labels"], chunk_tokens=self.cfg.loss_chunk_tokens,
                                       softcap=getattr(causal.config, "final_logit_softcapping", None))
 
+    def _train_loss(self, batch) -> torch.Tensor:
+        if self.dp is None:
+            return self._loss(batch)
+        from medtee.training.dp import dialogue_losses
+
+        # the mean of per-dialogue losses: each dialogue's gradient is its own, to be clipped on its own
+        return dialogue_losses(self.model.get_base_model(), batch, chunk_tokens=self.cfg.loss_chunk_tokens).mean()
+
+    def dp_summary(self) -> dict | None:
+        """The run's differential-privacy record (medtee.training.dp.PrivateTraining.summary); None without DP."""
+        return self.dp.summary() if self.dp is not None else None
+
     def adapter_state(self, state_dict: dict) -> dict:
         """The adapter, as peft saves it, from this module's (full) state dict."""
         return {self._adapter_names[k]: v for k, v in state_dict.items() if k in self._adapter_names}
@@ -62,6 +85,8 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable}
         checkpoint["medtee"] = {"run_info": dict(self.run_info), "rng": _rng_states()}
+        if self.dp is not None:
+            checkpoint["medtee"]["dp_accountant"] = self.dp.state_dict()
 
     def adapter_mismatch(self, checkpoint: dict) -> str | None:
         """Why the checkpoint's adapter cannot load into this module (names and shapes; loading is not strict)."""
@@ -82,6 +107,11 @@ class CausalLMModule(L.LightningModule):
         saved = checkpoint.get("medtee", {})
         self.run_info = {**saved.get("run_info", {}), **self.run_info}
         self._rng_to_restore = saved.get("rng")
+        if self.dp is not None:
+            if "dp_accountant" not in saved and checkpoint.get("global_step", 0):
+                raise ValueError("the checkpoint was written by a run without privacy.dp: its steps were never "
+                                 "accounted, so no DP guarantee can cover the resumed run")
+            self.dp.load_state_dict(saved.get("dp_accountant", {"history": []}))
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is not None:  # after the sanity pass, exactly where the checkpointed run stood
@@ -89,7 +119,7 @@ class CausalLMModule(L.LightningModule):
             self._rng_to_restore = None
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        loss = self._train_loss(batch)
         n = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
         if self.first_loss is None:
@@ -107,6 +137,10 @@ class CausalLMModule(L.LightningModule):
         if elapsed > 0:
             self.log("train/tokens_per_s", self._tokens / elapsed, on_step=True, on_epoch=False)
 
+    def on_train_epoch_end(self):
+        if self.dp is not None:
+            self.log("train/epsilon", self.dp.spent_epsilon(), on_step=False, on_epoch=True)
+
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch["input_ids"].shape[0],
@@ -120,6 +154,8 @@ class CausalLMModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        if self.dp is not None:  # DPOptimizer clips each dialogue's gradient; the batch's `.grad` is replaced
+            return
         if gradient_clip_val and isinstance(self.trainer.model, FullyShardedDataParallel):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)  # the norm over every shard, as on one device
         else:
@@ -134,6 +170,8 @@ class CausalLMModule(L.LightningModule):
         else:
             fused = bool(params) and params[0].is_cuda
             opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
+        if self.dp is not None:
+            opt = self.dp.optimizer(opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.warmup_steps, self.cfg.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -48,10 +48,10 @@ def recipient_problem(spec: str) -> str | None:
     return None
 
 
-def write_outputs(peft_model, *, adapter: dict | None, recipient: str, scheme, base_model: str, release_key: bytes,
+def write_outputs(peft_model, *, adapter: dict | None, recipient: str | None, scheme, base_model: str, release_key: bytes,
                   summary: dict, recorded_recipe: dict, out_dir: Path) -> dict:
     """Encrypt the adapter (`adapter`: whole tensors named as peft saves them) twice: to `recipient` (a .pub file or
-    dev; a new key in `scheme`), and under `release_key` (derived from this dataset's released data key:
+    dev; a new key in `scheme`; None: not released, e.g. a failed memorization audit), and under `release_key` (derived from this dataset's released data key:
     `adapter.sealed`, which a later attested run of the same dataset opens, and nothing else); write its config
     naming `base_model`, unless `adapter` is None (an evaluation run); write the recorded recipe and the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,12 +73,14 @@ def _write_adapter(peft_model, adapter: dict, *, recipient: str, scheme, base_mo
     from medtee.crypto.stream import encrypt
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
-    scheme, public, described = recipient_public_key(recipient, scheme=scheme)
     plaintext = save(state)
     del state
+    write_atomic(out_dir / SEALED_ADAPTER_FILE, encrypt(plaintext, release_key))
+    if recipient is None:
+        return {}
+    scheme, public, described = recipient_public_key(recipient, scheme=scheme)
     blob = seal_blob(plaintext, public, scheme=scheme, info=ADAPTER_INFO)
     write_atomic(out_dir / ADAPTER_FILE, blob)
-    write_atomic(out_dir / SEALED_ADAPTER_FILE, encrypt(plaintext, release_key))
     adapter_cfg = peft_model.peft_config["default"].to_dict()
     adapter_cfg["base_model_name_or_path"] = base_model
     adapter_cfg = json.loads(json.dumps(adapter_cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))

@@ -87,8 +87,8 @@ def test_extraction_refuses_a_truth_shorter_than_the_suffix(model):
 def test_summarize_names_aggregates_per_repeat_count():
     out = summarize({64: [9.0, 8.0, 1.0], 0: [0.5, 0.1]},
                     [{"longest_common_run": 10, "exact": True}, {"longest_common_run": 4, "exact": False}])
-    assert out == {"audit/exposure_max@0": 0.5, "audit/exposure_median@0": pytest.approx(0.3),
-                   "audit/exposure_max@64": 9.0, "audit/exposure_median@64": 8.0,
+    assert out == {"audit/exposure_max_0x": 0.5, "audit/exposure_median_0x": pytest.approx(0.3),
+                   "audit/exposure_max_64x": 9.0, "audit/exposure_median_64x": 8.0,
                    "audit/extraction_exact_rate": 0.5, "audit/extraction_run_mean": 7.0,
                    "audit/extraction_examples": 2.0}
     assert summarize({}) == {}
@@ -146,4 +146,4 @@ def test_a_canary_seen_64_times_is_exposed_and_a_control_is_not(tmp_path, broker
     assert seen == {"longest_common_run": 16, "exact": True}
     assert not control["exact"] and control["longest_common_run"] < 16
     metrics = summarize(tuned, [seen, control])
-    assert metrics["audit/exposure_max@64"] == tuned[64][0] and metrics["audit/extraction_exact_rate"] == 0.5
+    assert metrics["audit/exposure_max_64x"] == tuned[64][0] and metrics["audit/extraction_exact_rate"] == 0.5

@@ -1,0 +1,78 @@
+"""The memorization audit inside the TEE, after training and before release, and its verdict on the recipe's
+`release` thresholds. Only aggregates leave (`audit/...`, through the tracking guard)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medtee.data.chat import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    """The audit's aggregates and which thresholds failed, each with the value and the limit."""
+
+    metrics: dict
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "failures": list(self.failures), "metrics": self.metrics}
+
+
+def extraction_examples(arrays, *, suffix_tokens: int, limit: int) -> list[tuple[list[int], list[int]]]:
+    """`(prompt, truth)` of up to `limit` training dialogues (token arrays): the truth is the first `suffix_tokens`
+    of the first doctor turn that has that many, the prompt everything before it."""
+    out = []
+    offsets = arrays.offsets
+    for i in range(len(arrays)):
+        ids, labels = arrays.input_ids[offsets[i]:offsets[i + 1]], arrays.labels[offsets[i]:offsets[i + 1]]
+        supervised = np.concatenate([[False], labels != IGNORE_INDEX, [False]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(supervised))
+        for start, end in zip(edges[::2], edges[1::2]):
+            if end - start >= suffix_tokens:
+                out.append((ids[:start].tolist(), ids[start:start + suffix_tokens].tolist()))
+                break
+        if len(out) == limit:
+            break
+    return out
+
+
+def run_audit(model, tokenizer, canaries, train_arrays, release, *, seed: int = 0) -> AuditVerdict:
+    """Exposure of every canary (tuned model; the base model's for comparison) and verbatim extraction by both
+    models; the verdict against `release` (the recipe's section)."""
+    from medtee.audit.probe import canary_exposures, extraction_rates
+    from medtee.audit.summary import summarize
+    from medtee.evaluation.compare import adapter_off
+
+    def probe(base: bool):
+        with adapter_off(model, base):
+            exposures = canary_exposures(model, tokenizer, canaries, references=release.references, seed=seed)
+            examples = extraction_examples(train_arrays, suffix_tokens=release.suffix_tokens,
+                                           limit=release.extraction_examples)
+            return exposures, extraction_rates(model, examples, prefix_tokens=256,
+                                               suffix_tokens=release.suffix_tokens) if examples else []
+
+    (tuned_exposures, tuned_extraction), (base_exposures, base_extraction) = probe(False), probe(True)
+    metrics = summarize(tuned_exposures, tuned_extraction)
+    metrics.update({k.replace("audit/", "audit/base_", 1): v
+                    for k, v in summarize(base_exposures, base_extraction).items()})
+    failures = []
+    for repeats, values in sorted(tuned_exposures.items()):
+        if repeats and max(values) > release.limit_at(repeats):
+            failures.append(f"canary exposure at {repeats} repeats is {max(values):.2f} bits, above "
+                            f"release.max_exposure limit {release.limit_at(repeats):.2f} by "
+                            f"{max(values) - release.limit_at(repeats):.2f}")
+    if tuned_extraction:
+        above = metrics["audit/extraction_exact_rate"] - metrics.get("audit/base_extraction_exact_rate", 0.0)
+        metrics["audit/extraction_exact_rate_above_base"] = above
+        if above > release.max_extraction_above_base:
+            failures.append(f"verbatim extraction is {above:.3f} above the base model's, above "
+                            f"release.max_extraction_above_base={release.max_extraction_above_base} by "
+                            f"{above - release.max_extraction_above_base:.3f}")
+    return AuditVerdict(metrics=metrics, failures=tuple(failures))

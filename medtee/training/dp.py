@@ -1,0 +1,106 @@
+"""DP-SGD on the LoRA parameters with Opacus: per-dialogue gradient clipping, Gaussian noise, an RDP accountant.
+
+- Per-sample gradients: Opacus's `GradSampleHooks` attach forward/backward hooks to the modules that hold trainable
+  parameters, i.e. peft's LoRA `nn.Linear` matrices; the frozen base layers (bitsandbytes `Linear4bit` or plain
+  `nn.Linear`), embeddings and norms get no hook. The peft model is not wrapped, so state-dict names, checkpoints
+  and the saved adapter are unchanged.
+- One sample is one batch row, i.e. one dialogue record (packing is refused: `config.dp_problems`). The loss of a
+  batch is the mean of each dialogue's own mean token loss, so no dialogue's gradient depends on another's.
+- `DPOptimizer` clips each dialogue's gradient to `max_grad_norm`, adds N(0, (noise_multiplier * max_grad_norm)^2)
+  noise to the sum and divides by the batch size. The noise multiplier is Opacus's for (target_epsilon,
+  target_delta) after `trainer.max_steps` steps at sample rate batch_size / n_train (RDP accountant).
+- Sampling: medtee's loader serves fixed-size batches of an epoch-wise shuffled permutation, which the accountant
+  treats as Poisson sampling at that rate (see SAMPLING and docs/training.md: an approximation, not a proof).
+- Noise comes from a generator seeded from the OS (never the recipe's seed): the recipe is public, the noise must
+  not be reproducible from it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+
+import torch
+
+from medtee.schema import ConfigError
+
+# the first LoRA layer's input (frozen embeddings) needs no gradient; Opacus's hooks use the output's only
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
+                                          "module outputs", category=UserWarning)
+
+ACCOUNTANT = "rdp"
+SAMPLING = "shuffled fixed-size batches, accounted as Poisson sampling at sample_rate = batch_size / n_train"
+
+
+class PrivateTraining:
+    """DP-SGD for one peft model: per-sample gradient hooks, the DP optimizer and the privacy accountant."""
+
+    def __init__(self, model, dp_cfg, *, dataset_size: int, batch_size: int, steps: int):
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.utils import get_noise_multiplier
+        from opacus.grad_sample import GradSampleHooks
+
+        if dataset_size < 1 or batch_size < 1 or steps < 1:
+            raise ValueError(f"DP training needs dataset_size, batch_size and steps >= 1 (got {dataset_size}, "
+                             f"{batch_size}, {steps})")
+        if dp_cfg.target_delta >= 1 / dataset_size:
+            raise ConfigError(f"privacy.dp.target_delta={dp_cfg.target_delta} must be below 1 / {dataset_size} "
+                              f"(the number of training dialogues): a larger delta allows leaking a whole dialogue")
+        self.cfg = dp_cfg
+        self.batch_size, self.steps = batch_size, steps
+        self.sample_rate = min(1.0, batch_size / dataset_size)
+        self.noise_multiplier = float(get_noise_multiplier(
+            target_epsilon=dp_cfg.target_epsilon, target_delta=dp_cfg.target_delta, sample_rate=self.sample_rate,
+            steps=steps, accountant=ACCOUNTANT))
+        self.accountant = RDPAccountant()
+        self.hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean")
+
+    def optimizer(self, optimizer: torch.optim.Optimizer):
+        """`optimizer` (over the LoRA parameters) behind Opacus's DPOptimizer; every step is accounted."""
+        from opacus.optimizers import DPOptimizer
+
+        device = optimizer.param_groups[0]["params"][0].device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(secrets.randbits(63))
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                   max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.batch_size,
+                                   loss_reduction="mean", generator=generator)
+        dp_optimizer.attach_step_hook(self._account)
+        return dp_optimizer
+
+    def _account(self, optimizer) -> None:
+        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
+
+    def spent_epsilon(self) -> float:
+        """Epsilon spent so far at the target delta (0 before the first step)."""
+        return float(self.accountant.get_epsilon(self.cfg.target_delta)) if len(self.accountant) else 0.0
+
+    def summary(self) -> dict:
+        """What the run records: the guarantee spent and the mechanism's parameters."""
+        return {"epsilon": self.spent_epsilon(), "delta": self.cfg.target_delta,
+                "target_epsilon": self.cfg.target_epsilon, "noise_multiplier": self.noise_multiplier,
+                "max_grad_norm": self.cfg.max_grad_norm, "sample_rate": self.sample_rate,
+                "steps": self.accounted_steps(), "accountant": ACCOUNTANT, "sampling": SAMPLING}
+
+    def accounted_steps(self) -> int:
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    def state_dict(self) -> dict:
+        """The accountant's history (checkpointed: a resumed run keeps counting what was spent)."""
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.load_state_dict(state)
+
+
+def dialogue_losses(causal_lm, batch: dict, *, chunk_tokens: int) -> torch.Tensor:
+    """Each batch row's mean token loss, shape (batch,), by the chunked loss (`chunk_tokens` 0: a row per chunk)."""
+    from medtee.training.loss import chunked_causal_lm_loss
+
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = causal_lm.model(**inputs).last_hidden_state
+    labels = batch["labels"]
+    chunk = chunk_tokens or labels.shape[1]
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    return torch.stack([chunked_causal_lm_loss(hidden[i:i + 1], causal_lm.lm_head, labels[i:i + 1],
+                                               chunk_tokens=chunk, softcap=softcap) for i in range(len(hidden))])
