@@ -38,9 +38,23 @@ loss and perplexity per dialogue and, with evaluation.generate=true, the doctor'
 """
 
 
+_SWEEP_HELP = """\
+usage: medtee sweep [recipe=NAME] sweep=NAME [KEY=VALUE ...]
+
+Runs the trials of a sweep (conf/sweep/NAME.yaml: parameters, objective, sampler, n_trials, storage) with Optuna,
+all in this process after one attestation and one key release; each trial is a training run of the recipe plus the
+trial's values, logged as a child of the study's MLflow run. n_trials is the total: the same command again resumes
+the study (trials a killed worker left are re-run), and several processes may work on one study. See docs/sweeps.md.
+  medtee sweep sweep=demo_lr_rank data=sealed data.path=DIR
+"""
+
+_HELP = {"train": _TRAIN_HELP, "eval": _EVAL_HELP, "sweep": _SWEEP_HELP}
+_COMMAND = {"train": "train", "eval": "eval run", "sweep": "sweep"}
+
+
 def _train(argv: list[str], *, mode: str = "train") -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(_EVAL_HELP if mode == "eval" else _TRAIN_HELP)
+        print(_HELP[mode])
         return exits.OK
     from medtee import config
 
@@ -68,7 +82,7 @@ def _train(argv: list[str], *, mode: str = "train") -> int:
 
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(task)
     saved = sys.argv
-    sys.argv = [f"medtee {'eval run' if mode == 'eval' else 'train'}", *flags, *overrides]  # only what was checked
+    sys.argv = [f"medtee {_COMMAND[mode]}", *flags, *overrides]  # only what was checked above reaches Hydra
     try:
         app()
     finally:
@@ -153,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medtee {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="run a recipe (default: the demo); arguments are Hydra overrides", add_help=False)
+    sub.add_parser("sweep", help="run a recipe's hyperparameter sweep (Optuna, resumable); `medtee sweep --help`",
+                   add_help=False)
 
     rec = sub.add_parser("recipes", help="list, show or validate the shipped recipes")
     rec.add_argument("action", choices=["list", "show", "validate"])
@@ -189,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(argv[1:])
     if argv[:2] == ["eval", "run"]:
         return _train(argv[2:], mode="eval")
+    if argv and argv[0] == "sweep":
+        return _train(argv[1:], mode="sweep")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -29,6 +29,7 @@ from medtee.files import sha256_file
 from medtee.hardware import Accelerator, HardwareConfig
 from medtee.paths import conf_dir, recipes_dir
 from medtee.schema import ConfigError
+from medtee.sweep.config import SweepConfig, check_parameters, from_section
 from medtee.tracking.config import TrackingConfig
 from medtee.training.config import ModelConfig, ModelSource, OutputConfig, PrivacyConfig, QLoRAConfig, Quantization
 from medtee.training.config import TrainerConfig, dp_problems
@@ -53,6 +54,7 @@ class MedteeConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    sweep: Optional[SweepConfig] = None  # `medtee sweep`: the search space, objective, sampler and study storage
 
 
 GROUP_SCHEMAS = {
@@ -65,6 +67,7 @@ GROUP_SCHEMAS = {
     "data": DataConfig,
     "trainer": TrainerConfig,
     "tracking": TrackingConfig,
+    "sweep": SweepConfig,
 }
 
 #: Fields excluded from the recipe digest, and why they cannot change what runs: `data.path` is where this machine
@@ -214,7 +217,6 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
 def compose(overrides: list[str] | None = None):
     """Compose and validate a recipe (no Hydra run directory, nothing written). Raises ConfigError."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
@@ -224,7 +226,7 @@ def compose(overrides: list[str] | None = None):
     groups = {**group_options(), "recipe": sorted({*recipe_names(), *_USER_RECIPES})}
     try:
         recipe_guard.check_overrides(overrides, groups=groups, fields=_top_fields())
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        with _hydra_context():
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
             shipped = _shipped_hydra_settings()
         recipe_guard.check_hydra_settings(OmegaConf.to_container(cfg.hydra, resolve=False), shipped)
@@ -239,18 +241,35 @@ def compose(overrides: list[str] | None = None):
     return cfg
 
 
-_SHIPPED_HYDRA: list[dict] = []
+def _hydra_context():
+    """Hydra initialised on medtee's conf/ for a compose: its own, or the running app's (a sweep's trials compose
+    inside `medtee sweep`, whose Hydra is initialised already on the same directory)."""
+    import contextlib
+
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return contextlib.nullcontext()
+    return initialize_config_dir(str(conf_dir()), version_base="1.3")
+
+
+_SHIPPED_HYDRA: dict[bool, dict] = {}  # inside a running Hydra app (a sweep's trials) or not -> its Hydra section
 
 
 def _shipped_hydra_settings() -> dict:
-    """The Hydra section of the shipped root config with no overrides (inside an initialized Hydra context)."""
-    if not _SHIPPED_HYDRA:
+    """The Hydra section of the shipped root config with no overrides, in the current Hydra context (a running app
+    fills some of it, e.g. the job's name, so each context is compared with its own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    key = HydraConfig.initialized()
+    if key not in _SHIPPED_HYDRA:
         from hydra import compose as hydra_compose
         from omegaconf import OmegaConf
 
         cfg = hydra_compose("config", overrides=[], return_hydra_config=True)
-        _SHIPPED_HYDRA.append(OmegaConf.to_container(cfg.hydra, resolve=False))
-    return _SHIPPED_HYDRA[0]
+        _SHIPPED_HYDRA[key] = OmegaConf.to_container(cfg.hydra, resolve=False)
+    return _SHIPPED_HYDRA[key]
 
 
 def _schema_keys(dotted_parent: str) -> list[str] | None:
@@ -316,10 +335,12 @@ def check(cfg) -> None:
                 policy_from_mapping(cfg.attestation, "attestation")
             except ValueError as exc:
                 problems.append(str(exc))
-        else:
+        elif cfg[group] is not None:  # the sweep group is empty unless a sweep is chosen
             problems += schema.problems(cfg[group])
     problems += OutputConfig.problems(cfg.output) + EvalConfig.problems(cfg.evaluation)
     problems += PrivacyConfig.problems(cfg.privacy) + ReleaseConfig.problems(cfg.release)
+    if cfg.sweep is not None and not problems:
+        problems += check_parameters(from_section(cfg.sweep), cfg)
     problems += dp_problems(cfg.privacy, cfg.data, cfg.trainer, cfg.hardware, model=cfg.model, qlora=cfg.qlora)
     problems += _production_problems(cfg)
     problems += _engine_problems(cfg.trainer, cfg.hardware, cfg.qlora, cfg.model)
@@ -375,6 +396,9 @@ def _engine_problems(t, hw, q, model) -> list[str]:
 def check_runnable(cfg, *, mode: str = "train") -> None:
     """Values a recipe may leave for the command line but a run (`mode` train or eval) needs. Raises ConfigError."""
     problems = []
+    if mode == "sweep" and cfg.sweep is None:
+        problems.append("medtee sweep runs the recipe's sweep: choose one, e.g. sweep=demo_lr_rank "
+                        "(conf/sweep/*.yaml)")
     if mode == "eval":
         adapter = cfg.evaluation.adapter
         if not adapter:

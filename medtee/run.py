@@ -129,7 +129,7 @@ def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
         raise config.ConfigError(str(exc)) from None
     digest = config.recipe_digest(cfg, weights=weights or None)
     say(f"recipe {recipe}, digest {digest}")
-    work = _evaluate if mode == "eval" else _fit
+    work = {"train": _fit, "eval": _evaluate, "sweep": _sweep}[mode]
     return attested_run(cfg, recipe=recipe, digest=digest, out_dir=out_dir, weights=weights, work=work)
 
 
@@ -234,6 +234,7 @@ class Session:
     adapter_key: bytearray
     canaries: list = field(default_factory=list)  # the data owner's canaries (medtee.audit), decrypted in memory
     outcome: Outcome = field(default_factory=Outcome)
+    mlflow_run_id: str | None = None  # an MLflow run to train into (a sweep trial's child run)
 
 
 def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
@@ -345,7 +346,7 @@ def _fit(cfg, session: Session) -> int:
     logger = False
     if rank_zero:
         # a resumed training run continues its MLflow run; an evaluation run is a run of its own
-        run_id = resumed.get("mlflow_run_id") if not t.validate_only else None
+        run_id = (resumed.get("mlflow_run_id") if not t.validate_only else None) or session.mlflow_run_id
         tags = run_tags(recipe=session.recipe, recipe_digest=session.digest,
                         dataset_digest=session.dataset.manifest.digest(), verdict=session.verdict,
                         hardware=hw.name, model=cfg.model, mode=mode, weight_digests=digests)
@@ -481,6 +482,66 @@ def _evaluate(cfg, session: Session) -> int:
     return exits.OK
 
 
+def _sweep(cfg, session: Session) -> int:
+    """`medtee sweep`: the trials of the recipe's sweep, each an ordinary training run composed from the recipe and
+    the trial's overrides, all served by this process's one attestation and key release: the records are decrypted
+    once and kept in memory (never on disk) for every trial; each trial builds a fresh model."""
+    import dataclasses
+    import os
+    import re
+    import socket
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from medtee.sweep.config import default_storage, from_section
+    from medtee.sweep.engine import run_sweep
+    from medtee.sweep.tracking import SweepTracker
+    from medtee.tracking.guard import Guard
+    from medtee.tracking.logger import SWEEP_TAGS, run_tags
+
+    space = from_section(cfg.sweep)
+    records = list(session.records())  # decrypted once, in memory only, for every trial
+    session.teardown.data("decrypted records of the sweep", lambda: (len(records), records.clear())[0])
+    session.teardown.wipe("data key")
+    d, t = cfg.data, cfg.trainer
+    guard = Guard(cfg.tracking.metrics, cfg.tracking.min_aggregate)
+    guard.eval_examples = min(round(d.val_fraction * len(records)), t.limit_val_batches * d.batch_size)
+    tags = run_tags(recipe=session.recipe, recipe_digest=session.digest, verdict=session.verdict,
+                    dataset_digest=session.dataset.manifest.digest(), hardware=cfg.hardware.name, model=cfg.model,
+                    mode="sweep", weight_digests=session.weights)
+    tracker = SweepTracker(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment, guard=guard,
+                           tags={k: v for k, v in tags.items() if k in SWEEP_TAGS})
+    task = list(HydraConfig.get().overrides.task)
+
+    class Trials:
+        def run(self, overrides: list[str], trial_number: int) -> dict[str, float]:
+            swept = {o.partition("=")[0] for o in overrides}
+            base = [o for o in task if o.partition("=")[0] not in swept]
+            trial_cfg = config.compose(base + overrides)  # every value passes the recipe guard and the schemas
+            config.apply_environment(trial_cfg)
+            trial = dataclasses.replace(
+                session, recipe=f"{session.recipe}-trial-{trial_number}", outcome=Outcome(), records=records,
+                digest=config.recipe_digest(trial_cfg, weights=session.weights or None),
+                recorded=config.digest_input(config.resolved(trial_cfg), weights=session.weights or None),
+                out_dir=session.out_dir / f"trial-{trial_number:04d}", mlflow_run_id=tracker.run_id_of(trial_number))
+            _fit(trial_cfg, trial)
+            trial.outcome.finish(None)  # the trial's child run: its summary and recipe; the tracker records the state
+            return trial.outcome.metrics
+
+    worker = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:64]
+    result = run_sweep(space, Trials(), storage_url=space.storage or default_storage(cfg.tracking.tracking_uri),
+                       worker_id=worker, guard=guard, tracker=tracker)
+    if result.best_value is not None:
+        session.outcome.metrics = {space.objective: float(result.best_value)}
+
+    def finish(receipt: dict | None) -> None:
+        say(f"sweep {space.name}: {result.complete} complete, {result.failed} failed trials ({result.stopped}); best "
+            f"trial {result.best_trial}: {space.objective} {result.best_value} with {' '.join(result.best_overrides)}")
+
+    session.outcome.finish = finish
+    return exits.OK if result.done else exits.FAILED
+
+
 def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, started, recorded, digest, weights,
          dataset, out_dir: Path) -> None:
     """Success or failure, once a data key was released: destroy what held keys and records, tell the broker the
@@ -488,7 +549,8 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
     from lightning.pytorch.utilities import rank_zero_only
 
     from medtee.receipt.signing import write_receipt
-    from medtee.receipt.statement import build_statement, file_subjects
+    from medtee.files import sha256_file
+    from medtee.receipt.statement import build_statement
 
     record = teardown.destroy()
     say(f"teardown: {teardown.summary()}")
@@ -507,7 +569,8 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
             evidence=attested.evidence, policy=attested.policy, verdict=attested.verdict, release=release,
             receipt_public_key=signer.public_bytes, started=started, ended=datetime.now(timezone.utc),
             metrics=outcome.metrics, teardown=record, error=error,
-            subjects=file_subjects(_output_files(out_dir)), close_audit_entry_sha256=closed)
+            subjects={str(p.relative_to(out_dir)): sha256_file(p) for p in _output_files(out_dir)},
+            close_audit_entry_sha256=closed)
         envelope = signer.sign(statement)
         rank = rank_zero_only.rank
         path = write_receipt(envelope, out_dir, name="receipt.dsse.json" if rank == 0 else f"receipt.rank{rank}.dsse.json")

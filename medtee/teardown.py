@@ -20,6 +20,7 @@ class Teardown:
     def __init__(self) -> None:
         self._keys: dict[str, SecretBuffer] = {}
         self._data: dict[str, Callable[[], int]] = {}
+        self._destroyed: dict[str, int] = {}  # examples already destroyed under a name (a sweep's earlier trials)
         self._dropped: dict[str, str] = {}
         self._record: dict | None = None
 
@@ -31,7 +32,10 @@ class Teardown:
         return buffer
 
     def data(self, name: str, destroy: Callable[[], int]) -> None:
-        """Register decrypted data: `destroy()` overwrites and drops it and returns how many examples it held."""
+        """Register decrypted data: `destroy()` overwrites and drops it and returns how many examples it held. A new
+        holder under a registered name (the next trial of a sweep) destroys the one it replaces now."""
+        if name in self._data:
+            self._destroyed[name] = self._destroyed.get(name, 0) + self._data[name]()
         self._data[name] = destroy
 
     def dropped(self, name: str, how: str) -> None:
@@ -49,7 +53,8 @@ class Teardown:
             for name, buffer in self._keys.items():
                 buffer.wipe()
                 keys[name] = f"overwritten with zeros ({len(buffer)} bytes)"
-            data = {name: f"token arrays overwritten with zeros and dropped ({destroy()} examples)"
+            data = {name: f"token arrays overwritten with zeros and dropped "
+                          f"({destroy() + self._destroyed.get(name, 0)} examples)"
                     for name, destroy in self._data.items()}
             self._keys, self._data = {}, {}
             self._record = {"keys": keys, "decrypted_data": data, "dropped": dict(sorted(self._dropped.items()))}

@@ -147,7 +147,12 @@ def test_every_field_medtee_reads_is_in_the_digest_but_the_documented_machine_lo
     base = config.compose(["recipe=demo"])
     digest = config.recipe_digest(base)
     assert digest == config.recipe_digest(config.compose(["recipe=demo"]))
-    sections = {f.name for f in dataclasses.fields(config.MedteeConfig)}
+    sections = {f.name for f in dataclasses.fields(config.MedteeConfig) if base[f.name] is not None}
+    assert sections == {f.name for f in dataclasses.fields(config.MedteeConfig)} - {"sweep"}  # empty without one
+    swept = config.compose(["recipe=demo", "sweep=demo_lr_rank"])
+    assert config.recipe_digest(swept) != digest  # a sweep's space is attested with the recipe
+    assert config.recipe_digest(config.compose(["recipe=demo", "sweep=demo_lr_rank", "sweep.n_trials=9"])) != \
+        config.recipe_digest(swept)
     covered, same = set(), []
     for path in _leaves(base):
         changed = base.copy()

@@ -1,6 +1,3 @@
-"""The sweep tests import their helpers (the fake runner and worker, the checks) from this directory."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+"""The sweep tests' helpers (the fake runner and worker, the checks) are modules of this directory, imported as
+`from sweep import sweep_checks, sweep_worker` (tests/ is on the path; no sys.path change, so `conftest` stays the
+suite's own)."""

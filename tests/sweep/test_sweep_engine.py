@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import sweep_checks
-import sweep_worker
+from sweep import sweep_checks
+from sweep import sweep_worker
 from optuna.trial import TrialState
 
 from medtee.schema import ConfigError

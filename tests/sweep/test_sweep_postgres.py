@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import sweep_checks
-import sweep_worker
+from sweep import sweep_checks
+from sweep import sweep_worker
 
 PG_BIN = Path("/usr/local/bin")
 PORT = "54329"  # names the socket file only: the server listens on no TCP address

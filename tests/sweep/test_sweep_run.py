@@ -1,0 +1,72 @@
+"""`medtee sweep` as a user runs it on the demo recipe: one attestation and key release serve every trial, a trial
+that fails is recorded by its exception type and the sweep goes on, a second run resumes the study, MLflow holds one
+parent and one child per trial, and the receipt covers every trial's outputs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FAST = ["sweep=demo_lr_rank", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=5",
+        "data.n_synthetic=60", "data.val_fraction=0.34"]
+
+#: `medtee sweep` in this process, with the second trial's training made to fail (what a broken trial does).
+FAILING_SECOND_TRIAL = r"""
+import sys
+from medtee import cli, run
+fit = run._fit
+def _fit(cfg, session):
+    if session.recipe.endswith("-trial-1"):
+        raise RuntimeError("a message that must not be stored")
+    return fit(cfg, session)
+run._fit = _fit
+sys.exit(cli.main(["sweep", *sys.argv[1:]]))
+"""
+
+
+def _sweep(cwd, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FAILING_SECOND_TRIAL, *FAST, *extra], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_a_sweep_survives_a_failing_trial_and_resumes(tmp_path):
+    first = _sweep(tmp_path, "sweep.n_trials=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count("data key released") == 1, "one attestation and key release for every trial"
+    assert "3 complete, 1 failed trials (done)" in first.stderr
+    db = sqlite3.connect(tmp_path / "optuna.db")
+    states = [s for (s,) in db.execute("select state from trials order by number")]
+    errors = [v for (v,) in db.execute("select value_json from trial_user_attributes where key='error'")]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"] and errors == ['"RuntimeError"']
+    stored = "\n".join(str(row) for table in ("trial_user_attributes", "trial_system_attributes", "study_user_attributes")
+                       for row in db.execute(f"select * from {table}"))
+    assert "must not be stored" not in stored
+    db.close()
+
+    again = _sweep(tmp_path, "sweep.n_trials=4")  # n_trials is the total: only the missing trial runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 complete, 1 failed trials (done)" in again.stderr
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    roles = dict(con.execute("select value, count(*) from tags where key='medtee.sweep.role' group by value"))
+    trials = [v for (v,) in con.execute("select value from tags where key='medtee.sweep.trial'")]
+    running = con.execute("select count(*) from runs where status='RUNNING'").fetchone()[0]
+    con.close()
+    assert roles == {"parent": 1, "trial": 5} and sorted(trials) == ["0", "1", "2", "3", "4"] and running == 0
+    [receipt] = [p for p in tmp_path.glob("outputs/*/*/receipt.dsse.json")
+                 if (p.parent / "trial-0004").is_dir()]
+    import base64
+
+    subjects = {s["name"] for s in json.loads(base64.b64decode(json.loads(receipt.read_text())["payload"]))["subject"]}
+    assert "trial-0004/adapter.sealed" in subjects and "trial-0004/adapter.safetensors.enc" in subjects
+
+
+def test_medtee_sweep_needs_a_sweep(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "medtee", "sweep"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "choose one, e.g. sweep=demo_lr_rank" in res.stderr
