@@ -48,8 +48,18 @@ the study (trials a killed worker left are re-run), and several processes may wo
   medtee sweep sweep=demo_lr_rank data=sealed data.path=DIR
 """
 
-_HELP = {"train": _TRAIN_HELP, "eval": _EVAL_HELP, "sweep": _SWEEP_HELP}
-_COMMAND = {"train": "train", "eval": "eval run", "sweep": "sweep"}
+_GENERATE_HELP = """\
+usage: medtee generate [recipe=NAME] evaluation.adapter=FILE evaluation.study_recipient=STUDY.pub [KEY=VALUE ...]
+
+Writes the rating packet of a blinded clinician study, inside the same attested flow as `medtee train`: for up to
+evaluation.max_items held-out dialogues of the dataset the adapter was trained on, the context and both models'
+answers (base and tuned) under labels A and B in a random order per item. The packet holds patient text, so it is
+written only encrypted to the study owner's key (rating_packet.sealed); the blinding (which label is which model)
+is sealed to the same key separately (blinding.sealed). Then: `medtee eval packet`, the raters, `medtee eval ratings`.
+"""
+
+_HELP = {"train": _TRAIN_HELP, "eval": _EVAL_HELP, "generate": _GENERATE_HELP, "sweep": _SWEEP_HELP}
+_COMMAND = {"train": "train", "eval": "eval run", "generate": "generate", "sweep": "sweep"}
 
 
 def _train(argv: list[str], *, mode: str = "train") -> int:
@@ -167,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medtee {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="run a recipe (default: the demo); arguments are Hydra overrides", add_help=False)
+    sub.add_parser("generate", help="write a blinded clinician study's encrypted rating packet (attested); "
+                                    "`medtee generate --help`", add_help=False)
     sub.add_parser("sweep", help="run a recipe's hyperparameter sweep (Optuna, resumable); `medtee sweep --help`",
                    add_help=False)
 
@@ -205,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(argv[1:])
     if argv[:2] == ["eval", "run"]:
         return _train(argv[2:], mode="eval")
-    if argv and argv[0] == "sweep":
-        return _train(argv[1:], mode="sweep")
+    if argv and argv[0] in ("sweep", "generate"):
+        return _train(argv[1:], mode=argv[0])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -78,7 +78,8 @@ NOT_IN_DIGEST = ("data.path", "tracking.run_name", "broker.dir")
 
 #: Fields that name a file: the digest covers the file's content (sha256), not its path, so replacing the file
 #: changes the digest. (The pretrained weights enter it through `digest_input(weights=...)`.)
-FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"), ("evaluation", "adapter"))
+FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"), ("evaluation", "adapter"),
+                   ("evaluation", "study_recipient"))
 
 #: Keys that moved, old -> new. An override with the old key still works (with a deprecation message); a recipe
 #: file with the old key is refused with a message naming the new one.
@@ -399,7 +400,10 @@ def check_runnable(cfg, *, mode: str = "train") -> None:
     if mode == "sweep" and cfg.sweep is None:
         problems.append("medtee sweep runs the recipe's sweep: choose one, e.g. sweep=demo_lr_rank "
                         "(conf/sweep/*.yaml)")
-    if mode == "eval":
+    if mode == "generate" and not cfg.evaluation.study_recipient:
+        problems.append("medtee generate encrypts the rating packet to the study owner: pass "
+                        "evaluation.study_recipient=PATH/NAME.pub (`medtee keys new`)")
+    if mode in ("eval", "generate"):
         adapter = cfg.evaluation.adapter
         if not adapter:
             problems.append("medtee eval run compares the base model with an adapter: pass "

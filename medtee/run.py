@@ -129,7 +129,7 @@ def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
         raise config.ConfigError(str(exc)) from None
     digest = config.recipe_digest(cfg, weights=weights or None)
     say(f"recipe {recipe}, digest {digest}")
-    work = {"train": _fit, "eval": _evaluate, "sweep": _sweep}[mode]
+    work = {"train": _fit, "eval": _evaluate, "generate": _generate, "sweep": _sweep}[mode]
     return attested_run(cfg, recipe=recipe, digest=digest, out_dir=out_dir, weights=weights, work=work)
 
 
@@ -432,15 +432,12 @@ def _audit(cfg, session: Session, *, model, tokenizer, datamodule, logger, step:
     return verdict
 
 
-def _evaluate(cfg, session: Session) -> int:
-    """`medtee eval run`: the base model and the sealed adapter on the held-out dialogues, paired per dialogue;
-    aggregates with 95% bootstrap intervals through the guard, and a self-contained HTML report."""
+def _held_out_and_adapter(cfg, session: Session):
+    """(tokenizer, held-out split, the peft model with the sealed adapter loaded, device) of an evaluation run."""
     import torch
 
     from medtee.crypto.stream import StreamError
     from medtee.evaluation import compare
-    from medtee.files import write_atomic
-    from medtee.tracking.logger import open_run, run_tags
     from medtee.training.model import build_model, build_tokenizer
     from medtee.training.output import open_sealed_adapter
 
@@ -458,6 +455,55 @@ def _evaluate(cfg, session: Session) -> int:
                                  f"was sealed by a training run on another dataset (or altered); evaluate it with "
                                  f"the data.path it was trained on") from None
     compare.load_adapter(model, tensors)
+    return tokenizer, held_out, model, device
+
+
+def _generate(cfg, session: Session) -> int:
+    """`medtee generate`: the rating packet of a blinded clinician study. For held-out dialogues, the context and
+    both models' answers under labels A/B in a random order per item, encrypted to the study owner; the blinding
+    sealed to the same key, separately. Nothing from it goes to MLflow; the receipt names both files."""
+    import secrets
+
+    from medtee.evaluation import compare, packet
+    from medtee.evaluation.ratings import make_blinding, seal_blinding
+
+    e = cfg.evaluation
+    tokenizer, held_out, model, device = _held_out_and_adapter(cfg, session)
+    replies = [r for r in (compare.last_reply(ids, labels) for ids, labels in compare.examples(held_out)) if r]
+    replies = replies[:e.max_items]
+    answers = {side: compare.generate(model, replies, eos_id=tokenizer.convert_tokens_to_ids("<end_of_turn>"),
+                                      pad_id=tokenizer.pad_token_id, device=device, base=side == "base", cfg=e)
+               for side in ("base", "tuned")}
+    ids = [f"item-{i:04d}" for i in range(len(replies))]
+    blinding = make_blinding(ids, secrets.randbits(128))
+    items = [{"item_id": item, "context": compare.readable(tokenizer, reply.prompt),
+              "answers": {label: tokenizer.decode(answers[blinding[item][label]][i], skip_special_tokens=True)
+                          for label in ("A", "B")}}
+             for i, (item, reply) in enumerate(zip(ids, replies))]
+    session.out_dir.mkdir(parents=True, exist_ok=True)
+    packet.seal_packet(items, e.study_recipient, session.out_dir / packet.PACKET_FILE)
+    seal_blinding(blinding, e.study_recipient, session.out_dir / packet.BLINDING_FILE)
+    del items, answers, blinding
+
+    def finish(receipt: dict | None) -> None:
+        say(f"done: a rating packet of {len(ids)} held-out items, encrypted to {e.study_recipient}: "
+            f"{session.out_dir / packet.PACKET_FILE}; the blinding, sealed apart: {session.out_dir / packet.BLINDING_FILE}")
+        say(f"the study owner opens it with `medtee eval packet {session.out_dir / packet.PACKET_FILE} --key KEY "
+            f"--out study/`; after the ratings, `medtee eval ratings RATINGS.csv --blinding ... --key KEY`")
+
+    session.outcome.finish = finish
+    return exits.OK
+
+
+def _evaluate(cfg, session: Session) -> int:
+    """`medtee eval run`: the base model and the sealed adapter on the held-out dialogues, paired per dialogue;
+    aggregates with 95% bootstrap intervals through the guard, and a self-contained HTML report."""
+    from medtee.evaluation import compare
+    from medtee.files import write_atomic
+    from medtee.tracking.logger import open_run, run_tags
+
+    e, hw = cfg.evaluation, cfg.hardware
+    tokenizer, held_out, model, device = _held_out_and_adapter(cfg, session)
     aggregates = compare.paired_aggregates(compare.measure(model, tokenizer, held_out, e, device=device), e)
     tags = run_tags(recipe=session.recipe, recipe_digest=session.digest, verdict=session.verdict,
                     dataset_digest=session.dataset.manifest.digest(), hardware=hw.name, model=cfg.model, mode="eval",

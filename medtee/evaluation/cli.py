@@ -29,7 +29,34 @@ def add_parser(subparsers) -> argparse._SubParsersAction:
     ratings.add_argument("--min-items", type=int, default=20,
                          help="refuse fewer rated items than this (default 20, as tracking.min_aggregate)")
     ratings.set_defaults(handler=run_ratings)
+    packet = verbs.add_parser(
+        "packet", help="the study owner's side: open a rating packet of `medtee generate` for the raters",
+        description="Decrypts rating_packet.sealed with the study owner's key and writes items.json (context and "
+                    "answers A/B per item, for the raters) and ratings_template.csv (to fill in). The packet holds "
+                    "patient text: open it only where the study's protocol allows.")
+    packet.add_argument("packet", metavar="rating_packet.sealed")
+    packet.add_argument("--key", required=True, metavar="STUDY_OWNER.key", help="the study owner's private key")
+    packet.add_argument("--out", required=True, metavar="DIR", help="directory for items.json and the ratings sheet")
+    packet.set_defaults(handler=run_packet)
     return verbs
+
+
+def run_packet(args: argparse.Namespace) -> int:
+    """Handler of `medtee eval packet`: open the packet, write the raters' files; counts only on the terminal."""
+    from pathlib import Path
+
+    from medtee import exits
+    from medtee.evaluation.packet import open_packet, write_for_raters
+
+    try:
+        items = open_packet(args.packet, args.key)
+        items_path, sheet_path = write_for_raters(items, Path(args.out))
+    except FileNotFoundError as exc:
+        return exits.fail(f"eval packet: {exc.filename or args.packet}: no such file")
+    except (ValueError, OSError) as exc:  # a wrong key is a KeyWrapError (ValueError)
+        return exits.fail(f"eval packet: {args.packet}: {getattr(exc, 'strerror', None) or exc}")
+    print(f"{len(items)} items for the raters in {items_path}; their ratings go in {sheet_path}")
+    return exits.OK
 
 
 def _print_text(summary: dict) -> None:

@@ -40,6 +40,15 @@ def last_reply(ids: np.ndarray, labels: np.ndarray) -> Reply | None:
     return Reply(prompt=ids[:start], reference=ids[start:end])
 
 
+def readable(tokenizer, prompt: np.ndarray) -> str:
+    """A dialogue's context as a rater reads it: turns marked Patient/Doctor, control tokens removed."""
+    text = tokenizer.decode(prompt, skip_special_tokens=False)
+    for marker, shown in (("<start_of_turn>user\n", "Patient: "), ("<start_of_turn>model\n", "Doctor: "),
+                          ("<end_of_turn>", ""), ("<bos>", ""), ("<start_of_turn>", "")):
+        text = text.replace(marker, shown)
+    return text.strip()
+
+
 @contextlib.contextmanager
 def adapter_off(model, base: bool):
     """The peft model with its adapter disabled (the base model) when `base`, else as it is."""

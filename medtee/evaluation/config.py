@@ -27,6 +27,9 @@ class EvalConfig:
     top_p: float = 1.0  # nucleus sampling mass (do_sample only)
     seed: int = 0  # sampling and bootstrap seed
     resamples: int = 10_000  # bootstrap resamples for each 95% confidence interval
+    # `medtee generate`: the study owner's public key (`medtee keys new`) the rating packet and its blinding are
+    # encrypted to; the digest covers its content
+    study_recipient: Optional[str] = None
 
     def problems(self) -> list[str]:
         out = below_minimums(self, "evaluation", {"max_items": 1, "max_new_tokens": 1, "resamples": 100})

@@ -63,3 +63,30 @@ def test_the_sealed_adapter_opens_only_under_its_own_dataset(trained, tmp_path):
 def test_eval_needs_an_adapter(tmp_path):
     res = run_medtee("eval", "run", cwd=tmp_path)
     assert res.returncode == 2 and "evaluation.adapter=outputs/<run>/adapter.sealed" in res.stderr
+
+
+def test_generate_writes_a_packet_only_the_study_owner_opens(trained):
+    cwd, adapter = trained
+    for name in ("study-owner", "someone-else"):
+        assert run_medtee("keys", "new", "--out", "keys", "--name", name, cwd=cwd).returncode == 0
+    res = run_medtee("generate", *DATA, f"evaluation.adapter={adapter}", "evaluation.study_recipient=keys/study-owner.pub",
+                     "evaluation.max_items=6", "evaluation.max_new_tokens=8", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [packet] = cwd.glob("outputs/*/*/rating_packet.sealed")
+    blinding = packet.parent / "blinding.sealed"
+    plaintext = [m["content"] for line in (cwd / "d.jsonl").read_text().splitlines()
+                 for m in json.loads(line)["messages"] if len(m["content"]) > 40]
+    assert not any(text.encode() in packet.read_bytes() for text in plaintext)  # encrypted, not merely renamed
+    refused = run_medtee("eval", "packet", str(packet), "--key", "keys/someone-else.key", "--out", "x", cwd=cwd)
+    assert refused.returncode == 2 and not (cwd / "x").exists()
+    opened = run_medtee("eval", "packet", str(packet), "--key", "keys/study-owner.key", "--out", "study", cwd=cwd)
+    assert opened.returncode == 0, opened.stderr
+    items = json.loads((cwd / "study/items.json").read_text())
+    assert len(items) == 6 and all(set(i["answers"]) == {"A", "B"} and i["context"] for i in items)
+    from medtee.evaluation.ratings import open_blinding
+
+    assignment = open_blinding(blinding, cwd / "keys/study-owner.key")
+    assert set(assignment) == {i["item_id"] for i in items}
+    assert all(sorted(v.values()) == ["base", "tuned"] for v in assignment.values())
+    rows = (cwd / "study/ratings_template.csv").read_text().splitlines()
+    assert rows[0].startswith("rater_id,item_id,label") and len(rows) == 1 + 2 * 6

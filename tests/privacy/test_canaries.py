@@ -132,9 +132,14 @@ def test_run_killed_with_sigkill(forms, sealed_canaries, tmp_path, memory_tmp):
     assert not list(tmp_path.rglob("core*")), "no core dump"
 
 
-def test_training_then_attested_evaluation(forms, sealed_canaries, tmp_path, memory_tmp):
-    """`medtee eval run` on the canary data: per-dialogue losses, generated replies and their scores stay in memory;
-    the report, evaluation.json, MLflow and the receipt hold aggregates only."""
+def run_medtee_ok(args: list[str], cwd: Path) -> bool:
+    return subprocess.run([sys.executable, "-m", "medtee", *args], cwd=cwd, capture_output=True).returncode == 0
+
+
+def test_training_then_attested_evaluation_and_a_rating_packet(forms, sealed_canaries, tmp_path, memory_tmp):
+    """`medtee eval run` and `medtee generate` on the canary data: per-dialogue losses, generated replies and their
+    scores stay in memory; the report, evaluation.json, MLflow and the receipts hold aggregates only, and the rating
+    packet (patient text by design) exists only encrypted to the study owner."""
     audit = tmp_path / "audit"
     trained = run_harness(["train", *canary_overrides(sealed_canaries, "trainer.max_steps=4")], cwd=tmp_path,
                           tmpdir=memory_tmp, audit=audit)
@@ -145,6 +150,12 @@ def test_training_then_attested_evaluation(forms, sealed_canaries, tmp_path, mem
                                                          "evaluation.resamples=200")],
                        cwd=tmp_path, tmpdir=memory_tmp, audit=audit)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_medtee_ok(["keys", "new", "--out", str(tmp_path / "keys"), "--name", "study"], tmp_path)
+    generated = run_harness(["generate", *canary_overrides(sealed_canaries, f"evaluation.adapter={adapter}",
+                                                           f"evaluation.study_recipient={tmp_path / 'keys/study.pub'}",
+                                                           "evaluation.max_items=8", "evaluation.max_new_tokens=16")],
+                            cwd=tmp_path, tmpdir=memory_tmp, audit=audit)
+    assert generated.returncode == 0, generated.stderr[-3000:]
     [report] = tmp_path.glob("outputs/*/*/evaluation_report.html")
     from medtee.evaluation.report import shared_ngrams
 
@@ -153,5 +164,6 @@ def test_training_then_attested_evaluation(forms, sealed_canaries, tmp_path, mem
     assert not shared_ngrams(report.read_text(), texts), "no 8-word sequence of the data in the report"
     _clean(forms, sealed_canaries, [tmp_path, memory_tmp],
            {"train stdout": trained.stdout, "train stderr": trained.stderr, "stdout": proc.stdout,
-            "stderr": proc.stderr}, receipts=2)
+            "stderr": proc.stderr, "generate stdout": generated.stdout, "generate stderr": generated.stderr},
+           receipts=3)
     _no_egress(audit)
