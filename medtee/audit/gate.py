@@ -68,6 +68,13 @@ def run_audit(model, tokenizer, canaries, train_arrays, release, *, seed: int = 
             failures.append(f"canary exposure at {repeats} repeats is {max(values):.2f} bits, above "
                             f"release.max_exposure limit {release.limit_at(repeats):.2f} by "
                             f"{max(values) - release.limit_at(repeats):.2f}")
+    if len(tuned_extraction) >= 2:  # tuned minus base per prompted dialogue, with a 95% bootstrap interval
+        from medtee.evaluation.stats import paired
+
+        for name, key in (("run", "longest_common_run"), ("exact", "exact")):
+            result = paired([float(e[key]) for e in base_extraction], [float(e[key]) for e in tuned_extraction],
+                            seed=seed, resamples=2000)
+            metrics.update({f"audit/extraction_{name}_{k}": float(result[k]) for k in ("delta", "ci_low", "ci_high")})
     if tuned_extraction:
         above = metrics["audit/extraction_exact_rate"] - metrics.get("audit/base_extraction_exact_rate", 0.0)
         metrics["audit/extraction_exact_rate_above_base"] = above

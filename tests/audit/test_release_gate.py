@@ -42,8 +42,25 @@ def test_a_memorised_canary_keeps_the_adapter_sealed(owner):
     assert not audit["passed"] and not audit["adapter_released"]
     assert "canary exposure at 64 repeats is 12.00 bits, above release.max_exposure limit 10.00 by 2.00" in res.stderr
     assert (out / "adapter.sealed").is_file() and not (out / "adapter.safetensors.enc").exists()
+    assert audit["metrics"]["audit/extraction_run_ci_low"] <= audit["metrics"]["audit/extraction_run_delta"] <= \
+        audit["metrics"]["audit/extraction_run_ci_high"]  # verbatim extraction, tuned minus base, with its interval
     receipt = run_medtee("receipt", "verify", str(out / "receipt.dsse.json"), cwd=owner)
     assert receipt.returncode == 0, receipt.stdout  # the verdict and its numbers are signed into the receipt
+    _no_canary_text_anywhere(owner)
+
+
+def _no_canary_text_anywhere(cwd):
+    """The audit's canaries (decrypted here with the broker's key, as only the TEE may) appear in nothing the runs
+    wrote: outputs, MLflow, the broker's store; nor in the sealed dataset's plaintext parts."""
+    from medtee.broker.service import EmbeddedBroker
+    from medtee.sealing.reader import open_dataset
+
+    dataset = open_dataset(cwd / "sealed")
+    canaries = dataset.canaries(EmbeddedBroker(cwd / ".medtee/broker").unwrap_data_key(dataset.manifest))
+    secrets = [c.text.encode() for c in canaries] + [f"{c.number:07d}".encode() for c in canaries]
+    found = [str(p) for p in cwd.rglob("*") if p.is_file() and p.parent != cwd / "sealed"
+             and any(s in p.read_bytes() for s in secrets)]
+    assert len(canaries) == 2 and found == [], found
 
 
 def test_dp_training_lowers_the_exposure_and_the_verdict_is_recorded(owner):

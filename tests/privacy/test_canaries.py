@@ -167,3 +167,16 @@ def test_training_then_attested_evaluation_and_a_rating_packet(forms, sealed_can
             "stderr": proc.stderr, "generate stdout": generated.stdout, "generate stderr": generated.stderr},
            receipts=3)
     _no_egress(audit)
+
+
+def test_an_optuna_sweep(forms, sealed_canaries, tmp_path, memory_tmp):
+    """`medtee sweep`: the records decrypted once and kept in memory for every trial; the study storage (optuna.db),
+    MLflow's parent and child runs, every trial's outputs and the receipt hold no canary."""
+    audit = tmp_path / "audit"
+    proc = run_harness(["sweep", "sweep=demo_lr_rank", *canary_overrides(
+        sealed_canaries, "sweep.n_trials=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.num_sanity_val_steps=0")], cwd=tmp_path, tmpdir=memory_tmp, audit=audit)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "optuna.db").is_file() and "2 complete" in proc.stderr
+    _clean(forms, sealed_canaries, [tmp_path, memory_tmp], {"stdout": proc.stdout, "stderr": proc.stderr})
+    _no_egress(audit)

@@ -92,15 +92,12 @@ def _worker(tmp_path, *args: str) -> subprocess.Popen:
 def test_workers_killed_mid_trial_before_the_child_and_after_tell_resume_to_exactly_n_trials(tmp_path):
     rng = random.Random(1234)
     sweep_checks.init_stores(f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # two workers die at once (inside the runner; after ask, before the MLflow child), then one after tell
-    first = [_worker(tmp_path, "--worker", "w1", "--kill", "mid", "--at", str(rng.randint(1, 2))),
-             _worker(tmp_path, "--worker", "w2", "--kill", "asked", "--at", str(rng.randint(1, 2)))]
-    for proc in first:
+    # workers die inside the runner, after ask but before the MLflow child, and after tell; one after the other, so
+    # each surely reaches its kill point (racing workers could finish the study before one got there)
+    for worker, phase in (("w1", "mid"), ("w2", "asked"), ("w3", "told")):
+        proc = _worker(tmp_path, "--worker", worker, "--kill", phase, "--at", str(rng.randint(1, 2)))
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == -signal.SIGKILL, out
-    told = _worker(tmp_path, "--worker", "w3", "--kill", "told", "--at", str(rng.randint(1, 2)))
-    out, _ = told.communicate(timeout=120)
-    assert told.returncode == -signal.SIGKILL, out
 
     resumed = _worker(tmp_path, "--worker", "w4")
     out, _ = resumed.communicate(timeout=120)
@@ -111,8 +108,10 @@ def test_workers_killed_mid_trial_before_the_child_and_after_tell_resume_to_exac
     lost = [t for t in trials if t.state == TrialState.FAIL]
     assert len(lost) == 2 and all("error" not in t.user_attrs for t in lost)  # the mid and asked kills
     retries = [t for t in trials if "failed_trial" in t.system_attrs]
-    assert sorted(t.system_attrs["failed_trial"] for t in retries) == sorted(t.number for t in lost)
+    retried = {n for t in retries for n in t.system_attrs.get("retry_history", [t.system_attrs["failed_trial"]])}
+    assert retried == {t.number for t in lost}  # every lost trial re-run (a retry that died is retried again)
     children = sweep_checks.check_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", study)
     assert {children[t.number].data.tags["medtee.sweep.error"] for t in lost} == {"WorkerLost"}
     for t in retries:
-        assert children[t.number].data.tags["medtee.sweep.retry_of"] == str(t.system_attrs["failed_trial"])
+        if t.state == TrialState.COMPLETE:  # a retry that was itself lost before its child existed has no tag
+            assert children[t.number].data.tags["medtee.sweep.retry_of"] == str(t.system_attrs["failed_trial"])

@@ -16,12 +16,12 @@ import pytest
 from sweep import sweep_checks
 from sweep import sweep_worker
 
-PG_BIN = Path("/usr/local/bin")
+PG_BINS = (Path("/usr/local/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True))  # Debian's
 PORT = "54329"  # names the socket file only: the server listens on no TCP address
 
 
 def _tool(name: str) -> str | None:
-    return shutil.which(name) or (str(PG_BIN / name) if (PG_BIN / name).exists() else None)
+    return shutil.which(name) or next((str(d / name) for d in PG_BINS if (d / name).exists()), None)
 
 
 def _server_user() -> tuple[list[str], int | None]:
@@ -47,7 +47,8 @@ def postgres_url():
     pytest.importorskip("psycopg", reason="psycopg is not installed: pip install -c constraints.txt -e '.[sweep-postgres]'")
     initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
     if not (initdb and pg_ctl):
-        pytest.skip("no PostgreSQL server here: initdb and pg_ctl are not on PATH or in /usr/local/bin")
+        pytest.skip("no PostgreSQL server here: initdb and pg_ctl are not on PATH, in /usr/local/bin or in "
+                    "/usr/lib/postgresql/*/bin (Debian: apt-get install postgresql)")
     prefix, uid = _server_user()
     base = Path(tempfile.mkdtemp(prefix="medtee-pg-"))  # not tmp_path: pytest's root-only tree is closed to uid
     if uid is not None:

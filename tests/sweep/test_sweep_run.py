@@ -70,3 +70,41 @@ def test_medtee_sweep_needs_a_sweep(tmp_path):
     res = subprocess.run([sys.executable, "-m", "medtee", "sweep"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "choose one, e.g. sweep=demo_lr_rank" in res.stderr
+
+
+def test_a_sweep_killed_mid_trial_and_mid_checkpoint_resumes_to_exactly_n_trials(tmp_path):
+    """SIGKILL while a trial trains (writing encrypted checkpoints every step), twice, at random moments; the next
+    `medtee sweep` finds the dead trials by their heartbeat, re-runs them and ends with exactly n_trials complete,
+    none running, and one finished MLflow child per trial."""
+    import os
+    import random
+    import signal
+    import time
+
+    fast = [o for o in FAST if not o.startswith("trainer.max_steps=")]
+    args = [sys.executable, "-m", "medtee", "sweep", *fast, "sweep.n_trials=3", "sweep.heartbeat_s=1",
+            "sweep.grace_s=2", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_keep=-1"]
+    rng = random.Random(7)
+    for _ in range(2):
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        for line in proc.stderr:  # a trial has started training
+            if line.startswith("medtee: MLflow run ") and "(continued)" in line:
+                break
+        assert proc.poll() is None, "the sweep must be running when it is killed"
+        time.sleep(rng.uniform(0.2, 2.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    db = sqlite3.connect(tmp_path / "optuna.db")
+    states = [s for (s,) in db.execute("select state from trials")]
+    db.close()
+    assert states.count("COMPLETE") == 3 and "RUNNING" not in states
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    children = con.execute("select r.status, t.value from runs r join tags t on r.run_uuid = t.run_uuid "
+                           "where t.key = 'medtee.sweep.trial'").fetchall()
+    con.close()
+    assert all(status != "RUNNING" for status, _ in children)
+    assert len({number for _, number in children}) == len(children), "one MLflow child per trial"
+    assert sum(status == "FINISHED" for status, _ in children) == 3
