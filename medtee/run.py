@@ -602,7 +602,8 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
     say(f"teardown: {teardown.summary()}")
     release = attested.release
     try:
-        closed = broker.close_release(release.release_id, record=record)
+        closed = broker.close_release(release.release_id, record=record, receipt_public_key=signer.public_bytes,
+                                      signature=signer.sign_close(release.release_id, record))
         say(f"key release {release.release_id[:16]} closed at the key broker")
     except Exception as exc:  # the run's result stands; the receipt says the close is not on the broker's record
         closed = None

@@ -155,8 +155,9 @@ class HttpBroker:
         return (self._bytes(body, "wrapped_key", MAX_WRAPPED_KEY_BYTES),
                 ReleaseRecord(self._digest(body, "release_id"), self._digest(body, "audit_entry_sha256")))
 
-    def close_release(self, release_id: str, *, record: dict) -> str:
-        request = {"release_id": release_id, "record": check_close_record(record)}
+    def close_release(self, release_id: str, *, record: dict, receipt_public_key: bytes, signature: bytes) -> str:
+        request = {"release_id": release_id, "record": check_close_record(record),
+                   "receipt_public_key": _b64(receipt_public_key), "signature": _b64(signature)}
         body = self._ok(*self._call("POST", "/v1/release/close", request), "close", not_found=UnknownReleaseError)
         return self._digest(body, "audit_entry_sha256")
 

@@ -81,6 +81,10 @@ class UnknownReleaseError(LookupError):
     """No release with this id was recorded by the broker (HTTP 404)."""
 
 
+class CloseNotAuthorized(PermissionError):
+    """A close request not signed by the receipt key of the release it names (HTTP 403)."""
+
+
 class ReleaseClosedError(RuntimeError):
     """The release was already closed (HTTP 409): a release is closed once."""
 
@@ -169,9 +173,11 @@ class KeyBroker(Protocol):
         """The data key wrapped to `ephemeral_public_key` (info `release_info`) and the release's record, or
         KeyReleaseDenied. The expected REPORT_DATA covers `receipt_public_key` when one is given."""
 
-    def close_release(self, release_id: str, *, record: dict) -> str:
+    def close_release(self, release_id: str, *, record: dict, receipt_public_key: bytes, signature: bytes) -> str:
         """Record the end of a release with the run's teardown record (only its digest is kept); the close entry's
-        hash. UnknownReleaseError for an id never released, ReleaseClosedError for one already closed."""
+        hash. The request is signed (`signature` over `close_message`) by the receipt key the release bound: only
+        the attested process closes its release. UnknownReleaseError for an id never released, ReleaseClosedError
+        for one already closed, CloseNotAuthorized for any other signer."""
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
@@ -330,10 +336,40 @@ def check_close_record(record: object) -> dict:
     return record
 
 
-def parse_close_request(doc: object) -> tuple[str, dict]:
-    """The release id and teardown record of a close request `{"release_id", "record"}`, or RequestError."""
-    doc = _object(doc, "close request", ("release_id", "record"))
-    return check_digest(doc["release_id"], "release_id"), check_close_record(doc["record"])
+CLOSE_TAG = b"medtee/release-close/v1\n"
+RECEIPT_KEY_BYTES, SIGNATURE_BYTES = 32, 64  # Ed25519
+
+
+def close_message(release_id: str, record: dict) -> bytes:
+    """What the receipt key signs to close a release: a domain tag, the release id and the record's digest."""
+    return CLOSE_TAG + check_digest(release_id, "release_id").encode() + b"\n" + record_digest(record).encode()
+
+
+def check_close_signature(release_id: str, record: dict, receipt_public_key: bytes, signature: bytes,
+                          receipt_key_id: str | None) -> None:
+    """CloseNotAuthorized unless `receipt_public_key` is the one the release audited (`receipt_key_id`, its SHA-256
+    hex) and `signature` is its Ed25519 signature of `close_message`."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if not receipt_key_id or hashlib.sha256(bytes(receipt_public_key)).hexdigest() != receipt_key_id:
+        raise CloseNotAuthorized(f"release {release_id[:16]}... is closed only by the receipt key it was released "
+                                 f"with; this request names another key")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes(receipt_public_key)).verify(bytes(signature),
+                                                                             close_message(release_id, record))
+    except (InvalidSignature, ValueError):
+        raise CloseNotAuthorized(f"the close request for release {release_id[:16]}... is not signed by its receipt "
+                                 f"key") from None
+
+
+def parse_close_request(doc: object) -> tuple[str, dict, bytes, bytes]:
+    """(release id, teardown record, receipt public key, signature) of a close request `{"release_id", "record",
+    "receipt_public_key", "signature"}` (both base64), or RequestError."""
+    doc = _object(doc, "close request", ("release_id", "record", "receipt_public_key", "signature"))
+    key = decode_b64(doc["receipt_public_key"], "receipt_public_key", RECEIPT_KEY_BYTES, RECEIPT_KEY_BYTES)
+    signature = decode_b64(doc["signature"], "signature", SIGNATURE_BYTES, SIGNATURE_BYTES)
+    return check_digest(doc["release_id"], "release_id"), check_close_record(doc["record"]), key, signature
 
 
 # -- the TEE's side --------------------------------------------------------------------------------------------------

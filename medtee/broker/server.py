@@ -9,9 +9,9 @@ Wire protocol v1 (JSON bodies, binary values base64; every error body is `{"erro
                       [, "receipt_public_key"]}
                                      200 {"wrapped_key", "release_id", "audit_entry_sha256"}
                                      | 403 {"error", "verdict"} listing every check
-  POST /v1/release/close {"release_id", "record"}
+  POST /v1/release/close {"release_id", "record", "receipt_public_key", "signature"} (signed by the receipt key)
                                      200 {"release_id", "audit_entry_sha256"} (of the close entry)
-                                     | 404 unknown release | 409 already closed
+                                     | 403 not the release's receipt key | 404 unknown release | 409 already closed
 Bodies are validated by `medtee.broker.protocol` (exact field sets, sizes, digests as 64 lowercase hex characters).
 Status codes: 400 malformed request (JSON, schema, Content-Length, a body cut short), 403 refused, 404 unknown dataset
 or path (or release, on close), 405 wrong method, 408 body not received within `Limits.body_timeout_s`, 413 body over
@@ -241,8 +241,9 @@ def build_app(broker: EmbeddedBroker, limits: Limits = Limits(), *, quiet: bool 
                            "audit_entry_sha256": record.audit_entry_sha256})
 
     async def close_release(request: Request):
-        release_id, record = parse_close_request(await body_json(request))
-        entry_hash = await call(broker.close_release, release_id, record=record, client=client(request))
+        release_id, record, key, signature = parse_close_request(await body_json(request))
+        entry_hash = await call(broker.close_release, release_id, record=record, receipt_public_key=key,
+                                signature=signature, client=client(request))
         return _json(200, {"release_id": release_id, "audit_entry_sha256": entry_hash})
 
     routes = [Route("/v1/health", _endpoint(health), methods=["GET"]),

@@ -426,27 +426,37 @@ class EmbeddedBroker:
                                   ephemeral_key=hpke.key_id(eph_scheme, bytes(ephemeral_public_key)))
         return wrapped, ReleaseRecord(release_id=entry["hash"], audit_entry_sha256=entry["hash"])
 
-    def close_release(self, release_id: str, *, record: dict, client: str = LOCAL_CLIENT) -> str:
+    def close_release(self, release_id: str, *, record: dict, receipt_public_key: bytes, signature: bytes,
+                      client: str = LOCAL_CLIENT) -> str:
         """Append a `close` entry (release id, dataset id, the record's digest) for an open release; its hash.
 
-        UnknownReleaseError when no `release` entry has this id, ReleaseClosedError when it was closed already; the
-        check and the append hold the audit log's lock, so a release is closed once even across processes."""
-        from medtee.broker.protocol import ReleaseClosedError, UnknownReleaseError, check_close_record, record_digest
+        The request must be signed by the receipt key the release bound (`protocol.check_close_signature`):
+        CloseNotAuthorized otherwise. UnknownReleaseError when no `release` entry has this id, ReleaseClosedError
+        when it was closed already; the check and the append hold the audit log's lock, so a release is closed once
+        even across processes."""
+        from medtee.broker.protocol import (
+            ReleaseClosedError,
+            UnknownReleaseError,
+            check_close_record,
+            check_close_signature,
+            record_digest,
+        )
 
         release_id = check_digest(release_id, "release_id")
         digest = record_digest(check_close_record(record))
 
         def open_release(entries) -> dict:
-            dataset_id = None
+            released = None
             for e in entries:
                 if e.get("event") == "release" and e.get("hash") == release_id:
-                    dataset_id = e["dataset_id"]
+                    released = e
                 elif e.get("event") == "close" and e.get("release_id") == release_id:
                     raise ReleaseClosedError(f"release {release_id[:16]}... is already closed; a release closes once")
-            if dataset_id is None:
+            if released is None:
                 raise UnknownReleaseError(f"no release {release_id[:16]}... in the audit log of the broker at "
                                           f"{self.store_dir}; close a release id this broker returned")
-            return {"dataset_id": dataset_id}
+            check_close_signature(release_id, record, receipt_public_key, signature, released.get("receipt_key"))
+            return {"dataset_id": released["dataset_id"]}
 
         return self.audit.append_checked("close", open_release, release_id=release_id, client=client,
                                          record_sha256=digest)["hash"]

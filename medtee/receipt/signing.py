@@ -34,13 +34,13 @@ def sslib_key(public_bytes: bytes):
 class ReceiptSigner:
     """An in-memory Ed25519 receipt key: not printable, not picklable, no export method."""
 
-    __slots__ = ("_public", "_signer")
+    __slots__ = ("_private", "_public", "_signer")
 
     def __init__(self) -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         from securesystemslib.signer import CryptoSigner
 
-        private = Ed25519PrivateKey.generate()
+        private = self._private = Ed25519PrivateKey.generate()
         self._public = private.public_key().public_bytes_raw()
         self._signer = CryptoSigner(private, sslib_key(self._public))
 
@@ -53,6 +53,13 @@ class ReceiptSigner:
     def key_id(self) -> str:
         """SHA-256 hex of `public_bytes`."""
         return key_id(self._public)
+
+    def sign_close(self, release_id: str, record: dict) -> bytes:
+        """The Ed25519 signature that closes release `release_id` with `record` at the broker (only this key,
+        which the release bound, can)."""
+        from medtee.broker.protocol import close_message
+
+        return self._private.sign(close_message(release_id, record))
 
     def sign(self, statement: dict) -> dict:
         """The DSSE envelope (JSON-ready dict) of `statement`, which must name this key as its receipt key."""

@@ -21,6 +21,8 @@ from medtee.broker.protocol import (
     UnknownReleaseError,
     obtain_data_key,
     parse_release_request,
+    CloseNotAuthorized,
+    close_message,
     record_digest,
 )
 from medtee.crypto.secret import SecretBuffer
@@ -28,7 +30,10 @@ from medtee.sealing.reader import open_dataset
 
 from .conftest import RECIPE, call, simulated_evidence
 
-RECEIPT_KEY = bytes(range(1, 33))
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+RECEIPT_PRIVATE = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+RECEIPT_KEY = RECEIPT_PRIVATE.public_key().public_bytes_raw()
 TEARDOWN = {"wiped": ["data_key", "checkpoint_key"], "temp_files_removed": 3, "note": "TEARDOWN-MARKER"}
 
 
@@ -44,6 +49,19 @@ def release(client, manifest, **kwargs) -> Release:
     kwargs = {"evidence_for": receipt_bound(), "receipt_public_key": RECEIPT_KEY, **kwargs}
     return obtain_data_key(client, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
                            recipe_digest=RECIPE, **kwargs)
+
+
+def signed(release_id: str, record: dict, private=RECEIPT_PRIVATE) -> dict:
+    """The arguments that close `release_id`: the receipt key and its signature of the close message."""
+    return {"record": record, "receipt_public_key": private.public_key().public_bytes_raw(),
+            "signature": private.sign(close_message(release_id, record))}
+
+
+def close_body(release_id: str, record: dict, private=RECEIPT_PRIVATE) -> dict:
+    args = signed(release_id, record, private)
+    return {"release_id": release_id, "record": record,
+            "receipt_public_key": base64.b64encode(args["receipt_public_key"]).decode(),
+            "signature": base64.b64encode(args["signature"]).decode()}
 
 
 def entries(broker) -> list[dict]:
@@ -111,7 +129,7 @@ def test_release_request_parses_an_optional_32_byte_receipt_key(sealed):
 def test_close_is_audited_with_ids_and_a_digest_only(sealed, broker):
     _, manifest, _, _ = sealed
     got = release(broker, manifest)
-    close_hash = broker.close_release(got.release_id, record=TEARDOWN)
+    close_hash = broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     last = entries(broker)[-1]
     assert last["hash"] == close_hash and last["event"] == "close"
     assert {k: last[k] for k in ("release_id", "dataset_id", "record_sha256")} == {
@@ -124,14 +142,14 @@ def test_unknown_and_double_closes_are_refused(sealed, broker):
     _, manifest, _, _ = sealed
     got = release(broker, manifest)
     with pytest.raises(UnknownReleaseError, match="no release"):
-        broker.close_release("0" * 64, record={})
+        broker.close_release("0" * 64, **signed("0" * 64, {}))
     deny_hash = next(e["hash"] for e in entries(broker) if e["event"] == "register")
     with pytest.raises(UnknownReleaseError):  # an audit entry that is not a release
-        broker.close_release(deny_hash, record={})
-    broker.close_release(got.release_id, record=TEARDOWN)
+        broker.close_release(deny_hash, **signed(deny_hash, {}))
+    broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     n = len(entries(broker))
     with pytest.raises(ReleaseClosedError, match="already closed"):
-        broker.close_release(got.release_id, record=TEARDOWN)
+        broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     assert len(entries(broker)) == n  # a refused close appends nothing
 
 
@@ -142,7 +160,7 @@ def test_unknown_and_double_closes_are_refused(sealed, broker):
 ])
 def test_malformed_closes_are_refused(broker, release_id, record, word):
     with pytest.raises(RequestError, match=word):
-        broker.close_release(release_id, record=record)
+        broker.close_release(release_id, record=record, receipt_public_key=RECEIPT_KEY, signature=bytes(64))
 
 
 @pytest.mark.slow
@@ -152,24 +170,50 @@ def test_close_over_http(sealed, broker, serve, tmp_path):
     client = HttpBroker(server.url, store_dir=tmp_path / "unused")
     got = release(client, manifest)
     assert got.release_id == entries(broker)[-1]["hash"]
-    assert client.close_release(got.release_id, record=TEARDOWN) == entries(broker)[-1]["hash"]
+    assert client.close_release(got.release_id, **signed(got.release_id, TEARDOWN)) == entries(broker)[-1]["hash"]
     with pytest.raises(ReleaseClosedError):
-        client.close_release(got.release_id, record=TEARDOWN)
+        client.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     with pytest.raises(UnknownReleaseError):
-        client.close_release("1" * 64, record={})
+        client.close_release("1" * 64, **signed("1" * 64, {}))
     other = release(broker, manifest)  # released by another broker instance over the same store
-    status, body = call(server, "/v1/release/close", {"release_id": other.release_id, "record": {"n": 1}})
+    status, body = call(server, "/v1/release/close", close_body(other.release_id, {"n": 1}))
     assert status == 200 and body == {"release_id": other.release_id, "audit_entry_sha256": entries(broker)[-1]["hash"]}
-    assert call(server, "/v1/release/close", {"release_id": other.release_id, "record": {}})[0] == 409
+    assert call(server, "/v1/release/close", close_body(other.release_id, {}))[0] == 409
+    forged = release(broker, manifest)
+    status, body = call(server, "/v1/release/close", close_body(forged.release_id, {}, Ed25519PrivateKey.generate()))
+    assert status == 403 and "receipt key" in body["error"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("doc, word", [
-    ({"release_id": "0" * 64}, "missing field"), ({"release_id": "0" * 64, "record": {}, "x": 1}, "unknown field"),
-    ({"release_id": "0" * 64, "record": "text"}, "record must be a JSON object"),
-    ({"release_id": "zz", "record": {}}, "release_id must be 64 lowercase hex"), ([], "must be a JSON object"),
-    ({"release_id": "0" * 64, "record": {"x": "y" * MAX_CLOSE_RECORD_BYTES}}, "at most"),
+    ({"release_id": "0" * 64}, "missing field"), ({**close_body("0" * 64, {}), "x": 1}, "unknown field"),
+    ({**close_body("0" * 64, {}), "record": "text"}, "record must be a JSON object"),
+    ({**close_body("0" * 64, {}), "release_id": "zz"}, "release_id must be 64 lowercase hex"), ([], "must be a JSON object"),
+    ({**close_body("0" * 64, {}), "record": {"x": "y" * MAX_CLOSE_RECORD_BYTES}}, "at most"),
+    ({**close_body("0" * 64, {}), "signature": base64.b64encode(b"s" * 63).decode()}, "signature must be base64 of 64"),
+    ({**close_body("0" * 64, {}), "receipt_public_key": "!"}, "receipt_public_key must be base64"),
 ])
 def test_malformed_close_bodies_are_400(serve, doc, word):
     status, body = call(serve(), "/v1/release/close", doc)
     assert status == 400 and word in body["error"]
+
+
+@pytest.mark.parametrize("who", ["another key", "a signature of another record", "a release without receipt key"])
+def test_only_the_releases_receipt_key_closes_it(sealed, broker, who):
+    """A close is the attested process's own record: anyone else who learns a release id cannot write it."""
+    _, manifest, _, _ = sealed
+    got = release(broker, manifest)
+    if who == "another key":
+        args = signed(got.release_id, TEARDOWN, Ed25519PrivateKey.generate())
+    elif who == "a signature of another record":
+        args = {**signed(got.release_id, {"other": 1}), "record": TEARDOWN}
+    else:
+        got = obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
+                              recipe_digest=RECIPE, evidence_for=simulated_evidence())
+        args = signed(got.release_id, TEARDOWN)
+    n = len(entries(broker))
+    with pytest.raises(CloseNotAuthorized, match="receipt key"):
+        broker.close_release(got.release_id, **args)
+    assert len(entries(broker)) == n
+    if who != "a release without receipt key":
+        broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))  # its own key still can
