@@ -14,9 +14,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from medtee import recipe_guard
 from medtee.audit.config import ReleaseConfig

@@ -28,7 +28,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from medtee.crypto.hpke import DEFAULT_SCHEME, EphemeralKey, Scheme
