@@ -341,6 +341,11 @@ def check(cfg) -> None:
     problems += PrivacyConfig.problems(cfg.privacy) + ReleaseConfig.problems(cfg.release)
     if cfg.sweep is not None and not problems:
         problems += check_parameters(from_section(cfg.sweep), cfg)
+    if cfg.sweep is not None and cfg.privacy.dp.enabled:
+        problems.append("a sweep with privacy.dp.enabled=true would spend the privacy budget once per trial on the "
+                        "same records (and release every trial's adapter): sweep without DP, then train the chosen "
+                        "recipe once with DP")
+
     problems += dp_problems(cfg.privacy, cfg.data, cfg.trainer, cfg.hardware, model=cfg.model, qlora=cfg.qlora)
     problems += _production_problems(cfg)
     problems += _engine_problems(cfg.trainer, cfg.hardware, cfg.qlora, cfg.model)
@@ -399,6 +404,11 @@ def check_runnable(cfg, *, mode: str = "train") -> None:
     if mode == "sweep" and cfg.sweep is None:
         problems.append("medtee sweep runs the recipe's sweep: choose one, e.g. sweep=demo_lr_rank "
                         "(conf/sweep/*.yaml)")
+    e = cfg.evaluation
+    if mode == "eval" and e.generate and e.max_items < cfg.tracking.min_aggregate:
+        problems.append(f"evaluation.max_items={e.max_items} is below tracking.min_aggregate="
+                        f"{cfg.tracking.min_aggregate}: the generated replies' scores would be aggregates of too few "
+                        f"dialogues; raise it, or set evaluation.generate=false")
     if mode == "generate" and not cfg.evaluation.study_recipient:
         problems.append("medtee generate encrypts the rating packet to the study owner: pass "
                         "evaluation.study_recipient=PATH/NAME.pub (`medtee keys new`)")

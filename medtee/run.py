@@ -547,7 +547,8 @@ def _sweep(cfg, session: Session) -> int:
 
     space = from_section(cfg.sweep)
     records = list(session.records())  # decrypted once, in memory only, for every trial
-    session.teardown.data("decrypted records of the sweep", lambda: (len(records), records.clear())[0])
+    session.teardown.dropped("decrypted records of the sweep", f"{len(records)} records held as Python strings "
+                                                               f"between trials: dropped, not overwritable")
     session.teardown.wipe("data key")
     d, t = cfg.data, cfg.trainer
     guard = Guard(cfg.tracking.metrics, cfg.tracking.min_aggregate)
@@ -575,8 +576,11 @@ def _sweep(cfg, session: Session) -> int:
             return trial.outcome.metrics
 
     worker = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:64]
-    result = run_sweep(space, Trials(), storage_url=space.storage or default_storage(cfg.tracking.tracking_uri),
-                       worker_id=worker, guard=guard, tracker=tracker)
+    try:
+        result = run_sweep(space, Trials(), storage_url=space.storage or default_storage(cfg.tracking.tracking_uri),
+                           worker_id=worker, guard=guard, tracker=tracker)
+    finally:
+        records.clear()
     if result.best_value is not None:
         session.outcome.metrics = {space.objective: float(result.best_value)}
 
@@ -624,11 +628,14 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
         say(f"receipt: {path} (signed by the attested process; check it offline: `medtee receipt verify {path}`)")
     except Exception as exc:
         if error is None:
+            if outcome.logger:
+                outcome.logger.fail(None)  # never left RUNNING
             raise
         say(f"warning: no receipt written ({type(exc).__name__})")  # the run's own failure is what is reported
     if error is not None:
         if outcome.logger:
-            outcome.logger.fail(envelope)
+            with contextlib.suppress(Exception):  # the run's own failure is what is reported, not the tracker's
+                outcome.logger.fail(envelope)
     elif outcome.finish:
         outcome.finish(envelope)
 

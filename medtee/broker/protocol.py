@@ -51,8 +51,8 @@ RECEIPT_KEY_BYTES = 32  # a raw Ed25519 public key (medtee.attestation.binding.R
 MAX_CLOSE_RECORD_BYTES = 16 << 10  # canonical JSON of a teardown record
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PROVIDER = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_QUOTE_OR_ESCAPE = re.compile(r'["\\]')
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
 class KeyReleaseDenied(Exception):
@@ -180,6 +180,27 @@ class KeyBroker(Protocol):
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
+def _outside_strings(text: str) -> list[tuple[int, int]]:
+    """The (start, end) spans of `text` outside JSON string literals, in one linear pass over its quotes and
+    backslashes (a regex over the strings would be quadratic on an unterminated one)."""
+    spans, start, in_string, skip = [], 0, False, -1
+    for match in _QUOTE_OR_ESCAPE.finditer(text):
+        i = match.start()
+        if i < skip:
+            continue
+        if in_string and match.group() == "\\":
+            skip = i + 2  # the escaped character
+        elif match.group() == '"':
+            if in_string:
+                start = i + 1
+            else:
+                spans.append((start, i))
+            in_string = not in_string
+    if not in_string:
+        spans.append((start, len(text)))
+    return spans
+
+
 def parse_json(body: bytes | bytearray, what: str = "body") -> object:
     """A JSON document nested at most MAX_JSON_DEPTH deep with at most MAX_JSON_SKELETON bytes outside its strings
     (so parsing it needs bounded memory and no recursion), or RequestError."""
@@ -187,14 +208,15 @@ def parse_json(body: bytes | bytearray, what: str = "body") -> object:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError(f"{what} is not UTF-8") from None
-    skeleton = _JSON_STRING.sub("", text)
-    if len(skeleton) > MAX_JSON_SKELETON:
+    gaps = _outside_strings(text)
+    if sum(end - start for start, end in gaps) > MAX_JSON_SKELETON:
         raise RequestError(f"{what} holds too many JSON values (over {MAX_JSON_SKELETON} bytes outside strings)")
     depth = 0
-    for bracket in _NOT_BRACKET.sub("", skeleton):
-        depth += 1 if bracket in "[{" else -1
-        if depth > MAX_JSON_DEPTH:
-            raise RequestError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    for start, end in gaps:
+        for bracket in _BRACKET.finditer(text, start, end):
+            depth += 1 if bracket.group() in "[{" else -1
+            if depth > MAX_JSON_DEPTH:
+                raise RequestError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         return json.loads(text)
     except (ValueError, RecursionError):

@@ -404,7 +404,11 @@ class EmbeddedBroker:
             raise deny(_denial("broker.request", "a well-formed release request", str(e), policy_name)) from None
         if manifest_digest != manifest.digest():
             raise deny(_denial("broker.manifest_digest", manifest.digest(), manifest_digest, policy_name))
-        policy = self._policy(policy_name)
+        try:
+            policy = self._policy(policy_name)
+        except ValueError as e:  # a store policy removed or broken since registration: a denial, audited
+            raise deny(_denial("broker.policy", f"release policy '{policy_name}' loadable", type(e).__name__,
+                               policy_name)) from None
         try:
             expected = report_data(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
                                    gpu_evidence_digests=evidence.gpu_evidence_digests(),

@@ -100,7 +100,7 @@ def parse_envelope(data: bytes):
         raise UnusableInput("receipt: not a DSSE envelope (needs payload, payloadType, signatures)")
     try:
         envelope = Envelope.from_dict(copy.deepcopy(doc))
-    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error, RecursionError) as exc:
         raise UnusableInput(f"receipt: malformed DSSE envelope ({type(exc).__name__})") from None
     if envelope.payload_type != PAYLOAD_TYPE:
         raise UnusableInput(f"receipt: payloadType must be {PAYLOAD_TYPE}")
@@ -134,13 +134,30 @@ def resolve_policy(spec: str) -> AttestationPolicy:
         raise ValueError(f"policy file {spec} cannot be read ({type(exc).__name__})") from None
 
 
-def _recorded_policy(predicate: dict) -> AttestationPolicy:
-    from medtee.attestation.policy import policy_from_mapping
+def _named_policy(predicate: dict) -> AttestationPolicy:
+    """The shipped policy of the name the receipt records: the verifier's own copy, never the receipt's content (a
+    receipt can record any policy it likes)."""
+    from medtee.attestation.policy import load_policy
 
+    name = _field(predicate, "attestation.policy.name", str)
     try:
-        return policy_from_mapping(_field(predicate, "attestation.policy.content"), "recorded in the receipt")
-    except ValueError as exc:
-        raise UnusableInput(f"receipt: {exc}") from None
+        return load_policy(name)
+    except ValueError:
+        raise UnusableInput(f"receipt: it names the policy {name!r}, which this medtee does not ship; pass the "
+                            f"policy you trust: --policy NAME|FILE") from None
+
+
+def _recorded_policy_check(predicate: dict, policy: AttestationPolicy, *, chosen: bool) -> ReceiptCheck:
+    """Whether the policy the run recorded is the one appraised here. Without --policy (`chosen`) they must be the
+    same: a receipt that records its own variant of a shipped policy's name fails. With --policy the verifier's
+    policy decides and a difference is only reported."""
+    from medtee.receipt.statement import policy_content
+
+    recorded = _field(predicate, "attestation.policy.content")
+    if recorded == policy_content(policy):
+        return ReceiptCheck("policy", True, f"the run applied policy '{policy.name}', as verified here")
+    return ReceiptCheck("policy", chosen, f"the run recorded a policy named '{predicate['attestation']['policy']['name']}' "
+                                          f"whose content differs from the policy '{policy.name}' verified here")
 
 
 def _signature(envelope, receipt_key: bytes) -> ReceiptCheck:
@@ -251,7 +268,8 @@ def _evidence(predicate: dict) -> Evidence:
 def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: AttestationPolicy | None = None,
                    now: datetime | None = None) -> ReceiptVerification:
     """Verify the receipt `data` (receipt.dsse.json's bytes) and `files` against it, under `policy` (default: the
-    receipt's recorded policy) as of `now` (default: the current time). UnusableInput for unreadable input."""
+    shipped policy of the name the receipt records, never the content it records) as of `now` (default: the current
+    time). UnusableInput for unreadable input."""
     from medtee.attestation.appraise import appraise
 
     envelope, statement = parse_envelope(data)
@@ -262,9 +280,11 @@ def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: Att
     if _field(predicate, "run.outcome", str) not in OUTCOMES:
         raise UnusableInput(f"receipt: predicate.run.outcome must be one of {', '.join(OUTCOMES)}")
     evidence = _evidence(predicate)
-    policy = policy or _recorded_policy(predicate)
+    chosen = policy is not None
+    policy = policy or _named_policy(predicate)
     expected_rd, expected_gpu = _expected(predicate, receipt_key, evidence)
     verdict = appraise(evidence, policy, expected_report_data=expected_rd, expected_gpu_nonce=expected_gpu, now=now)
     checks = [_signature(envelope, receipt_key), _binding(verdict), _attestation(verdict),
-              _authenticity(predicate, evidence, policy), _recipe_digest(predicate), *_files(statement, files)]
+              _authenticity(predicate, evidence, policy), _recorded_policy_check(predicate, policy, chosen=chosen),
+              _recipe_digest(predicate), *_files(statement, files)]
     return ReceiptVerification(tuple(checks), policy=policy.name, simulated=evidence.simulated, verdict=verdict)

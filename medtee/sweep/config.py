@@ -194,6 +194,8 @@ def _grid_problems(space: SweepConfig) -> list[str]:
 
 def storage_problems(url: str) -> list[str]:
     """Why `url` may not hold a study (scheme, password, query options), or nothing."""
+    if "#" in url:  # urlsplit would call the rest a fragment; SQLAlchemy reads its query options from it
+        return ["sweep.storage may not contain '#': write the URL without a fragment"]
     parts = urlsplit(url)
     if parts.scheme not in STORAGE_SCHEMES:
         return [f"sweep.storage={_display(url)!r}: studies live in sqlite:///FILE or "

@@ -85,8 +85,9 @@ def test_a_store_policy_must_not_shadow_a_shipped_one(sealed, broker, tmp_path):
     (broker.store_dir / "policies" / "simulated.yaml").write_text(dev_policy("simulated", [OTHER]))  # by hand
     with pytest.raises(ValueError, match="shadows the shipped policy .* rename it"):
         broker.set_policy("test-ds", "simulated")
-    with pytest.raises(ValueError, match="shadows the shipped policy"):
-        failed(broker, sealed[1])
+    assert failed(broker, sealed[1]) == ["broker.policy"]  # a release under it is denied, and audited
+    last = json.loads((broker.store_dir / "audit.log").read_text().splitlines()[-1])
+    assert last["event"] == "deny" and last["failed"] == ["broker.policy"]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -95,3 +95,12 @@ def test_digest_and_base64_rules():
     for bad in (_b64(b"abcd"), "", "a b c", 7, "é" * 4):
         with pytest.raises(RequestError):
             decode_b64(bad, "f", 3)
+
+
+def test_an_unterminated_string_of_escaped_quotes_is_refused_in_linear_time():
+    """A regex over the strings was quadratic here (a 256 KiB body took minutes, holding the GIL): one pass now."""
+    from medtee.broker.protocol import RequestError, parse_json
+
+    with pytest.raises(RequestError, match="not valid JSON"):
+        parse_json(('"' + '\\"' * 500_000).encode())  # a second or less; the quadratic scan would take hours
+    assert parse_json(b'{"a": "x\\\\", "b": [1, {"c": "]]]{{{"}]}') == {"a": "x\\", "b": [1, {"c": "]]]{{{"}]}

@@ -90,3 +90,14 @@ def test_generate_writes_a_packet_only_the_study_owner_opens(trained):
     assert all(sorted(v.values()) == ["base", "tuned"] for v in assignment.values())
     rows = (cwd / "study/ratings_template.csv").read_text().splitlines()
     assert rows[0].startswith("rater_id,item_id,label") and len(rows) == 1 + 2 * 6
+
+
+def test_generated_scores_must_aggregate_enough_dialogues(tmp_path):
+    from medtee import config
+
+    adapter = tmp_path / "adapter.sealed"
+    adapter.write_bytes(b"x")
+    with pytest.raises(config.ConfigError, match="evaluation.max_items=1 is below tracking.min_aggregate=20"):
+        config.check_runnable(config.compose(["evaluation.max_items=1", f"evaluation.adapter={adapter}"]), mode="eval")
+    config.check_runnable(config.compose(["evaluation.max_items=1", "evaluation.generate=false",
+                                          f"evaluation.adapter={adapter}"]), mode="eval")

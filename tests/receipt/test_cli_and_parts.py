@@ -147,3 +147,10 @@ def test_a_policy_that_pins_measurements_rejects_a_receipt_whose_evidence_has_an
         assert main(["receipt", "verify", str(run.receipt), "--policy", str(policy), "--json"]) == code
         checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
         assert ("policy.measurement" in checks["attestation"]["reason"]) == (code == 1), checks["attestation"]
+
+
+def test_a_deeply_nested_envelope_is_unusable_not_a_traceback(tmp_path, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text('{"payload": "e30=", "payloadType": "x", "signatures": ' + "[" * 3000 + "]" * 3000 + "}")
+    assert main(["receipt", "verify", str(path)]) == 2
+    assert "Traceback" not in capsys.readouterr().err

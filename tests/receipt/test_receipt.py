@@ -43,7 +43,7 @@ def with_payload(doc: dict, payload: bytes) -> dict:
 def test_receipt_verifies_under_its_recorded_simulated_policy(run):
     result = verify_receipt(run.receipt.read_bytes(), files=[run.adapter])
     assert result.ok, result.failures()
-    assert [c.name for c in result.checks] == ["signature", "binding", "attestation", "authenticity",
+    assert [c.name for c in result.checks] == ["signature", "binding", "attestation", "authenticity", "policy",
                                                "recipe.digest", f"file {run.adapter}"]
     assert result.simulated and result.policy == "simulated"
     assert next(c for c in result.checks if c.name == "authenticity").reason.startswith("SIMULATED:")
@@ -231,3 +231,29 @@ def test_the_signer_keeps_its_key_to_itself(run):
         pickle.dumps(signer)
     with pytest.raises(ValueError, match="another receipt_public_key"):
         ReceiptSigner().sign(run.statement)
+
+
+def test_a_receipt_cannot_bring_its_own_policy(run, tmp_path):
+    """Without --policy the verifier appraises under its own shipped policy of the recorded name, never the content
+    the receipt records: a forged receipt recording a lax policy under a production name fails."""
+    import base64
+    import json
+
+    from medtee.receipt.signing import ReceiptSigner
+    from medtee.receipt.verify import UnusableInput
+
+    envelope = json.loads(run.receipt.read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    signer = ReceiptSigner()
+    statement["predicate"]["binding"]["receipt_public_key"] = base64.b64encode(signer.public_bytes).decode()
+    for name, outcome in (("snp_h200", "rejected"), ("my_own_policy", "unusable")):
+        forged = json.loads(json.dumps(statement))
+        forged["predicate"]["attestation"]["policy"]["name"] = name  # the content still allows simulated evidence
+        data = json.dumps(signer.sign(forged)).encode()
+        if outcome == "unusable":
+            with pytest.raises(UnusableInput, match="pass the policy you trust"):
+                verify_receipt(data)
+            continue
+        result = verify_receipt(data)
+        failed = {c.name for c in result.failures()}
+        assert not result.ok and {"authenticity", "policy"} <= failed, failed

@@ -135,3 +135,14 @@ def test_the_schema_module_imports_nothing_heavy():
             "'lightning', 'omegaconf', 'hydra') if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_fragment_cannot_smuggle_query_options_past_the_check():
+    """urlsplit calls what follows '#' a fragment, SQLAlchemy reads query options from it."""
+    assert storage_problems("postgresql+psycopg://u@h/db#?options=-csearch_path%3Devil&plugin=x") == [
+        "sweep.storage may not contain '#': write the URL without a fragment"]
+
+
+def test_a_dp_sweep_is_refused():
+    with pytest.raises(ConfigError, match="spend the privacy budget once per trial"):
+        compose(["sweep=demo_lr_rank", "privacy.dp.enabled=true", "data.packing=false"])
