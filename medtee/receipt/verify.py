@@ -2,11 +2,13 @@
 
 Checks: `signature` (DSSE, by the receipt key the predicate names), `binding` (REPORT_DATA and each GPU nonce
 recomputed from the predicate's binding inputs, recipe digest and the evidence's GPU digests equal the evidence's),
-`attestation` (the evidence appraised by `medtee.attestation.appraise` under a policy: the receipt's own recorded
-one unless given another), `authenticity` (SIMULATED evidence passes only a policy that allows it and is never
-production), `recipe.digest` (the recorded recipe hashes to its digest) and `file <path>` for each file given
+`attestation` (the evidence appraised by `medtee.attestation.appraise` under the verifier's policy: the one given,
+or the shipped policy of the name the receipt records, never the content it records), `authenticity` (SIMULATED
+evidence passes only a policy that allows it and is never production), `policy` (the recorded policy is the one
+appraised here), `recipe.digest` (the recorded recipe hashes to its digest) and `file <path>` for each file given
 (its SHA-256 must equal a subject's). Input that cannot be read as a receipt raises UnusableInput, distinct from a
-receipt that reads but is rejected. Nothing here opens a network connection (the policy's KDS fetching is off).
+receipt that reads but is rejected. With the shipped policies nothing here opens a network connection (their KDS
+fetching is off).
 """
 
 from __future__ import annotations
