@@ -96,13 +96,15 @@ def load_adapter(model, tensors: dict) -> None:
     """Put a saved adapter's tensors (as peft saves them) into the peft model; refuse one that does not fit."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, tensors)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
-        from medtee.schema import ConfigError
+    from medtee.schema import ConfigError
 
-        raise ConfigError(f"evaluation.adapter holds {len(unexpected)} LoRA tensors this recipe's model has no place "
-                          f"for: evaluate with the qlora and model settings the adapter was trained with")
+    try:
+        result = set_peft_model_state_dict(model, tensors)
+    except RuntimeError:  # a tensor of another shape (another rank or model)
+        result = None
+    if result is None or any("lora_" in k for k in getattr(result, "unexpected_keys", [])):
+        raise ConfigError("evaluation.adapter does not fit this recipe's model: evaluate it with the qlora and model "
+                          "settings it was trained with")
 
 
 def measure(model, tokenizer, held_out, cfg, *, device: str) -> dict[str, list[float]]:

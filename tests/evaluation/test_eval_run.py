@@ -101,3 +101,9 @@ def test_generated_scores_must_aggregate_enough_dialogues(tmp_path):
         config.check_runnable(config.compose(["evaluation.max_items=1", f"evaluation.adapter={adapter}"]), mode="eval")
     config.check_runnable(config.compose(["evaluation.max_items=1", "evaluation.generate=false",
                                           f"evaluation.adapter={adapter}"]), mode="eval")
+
+
+def test_an_adapter_of_another_rank_is_refused_naming_the_fix(trained):
+    cwd, adapter = trained
+    res = run_medtee("eval", "run", *DATA, f"evaluation.adapter={adapter}", "qlora.rank=4", cwd=cwd)
+    assert res.returncode == 2 and "settings it was trained with" in res.stderr and "Traceback" not in res.stderr
