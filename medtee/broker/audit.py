@@ -50,18 +50,21 @@ class AuditLog:
 
     def append(self, event: str, **fields: object) -> dict:
         """Append one entry (`event` plus JSON-ready `fields`) and return it."""
-        return self.append_checked(event, None, **fields)
+        return self.append_decided(lambda _entries: (event, fields))
 
-    def append_checked(self, event: str, check: Callable[[Iterator[dict]], dict] | None, **fields: object) -> dict:
-        """As `append`, but first, under the same locks, `check(entries)` reads the entries so far (oldest first)
-        and returns further fields for the new entry, or raises so that nothing is appended."""
+    def append_decided(self, decide: Callable[[Iterator[dict]], tuple[str, dict] | dict]) -> dict:
+        """Under the same locks as `append`, `decide(entries)` reads the entries so far (oldest first, lazily) and
+        returns either `(event, fields)` to append or an existing entry to append nothing; an exception from it
+        appends nothing. Returns the appended entry or that existing one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                if check is not None:
-                    f.seek(0)
-                    fields = {**fields, **check(json.loads(line) for line in f if line.strip())}
+                f.seek(0)
+                decision = decide(json.loads(line) for line in f if line.strip())
+                if isinstance(decision, dict):
+                    return decision
+                event, fields = decision
                 last = _last_line(f)
                 prev = json.loads(last) if last else None
                 entry = {

@@ -19,12 +19,12 @@ from medtee.broker.protocol import (
     MAX_NONCE_BYTES,
     MAX_PUBLIC_KEY_BYTES,
     MIN_NONCE_BYTES,
+    CloseNotAuthorized,
     KeyReleaseDenied,
     ReleaseClosedError,
     ReleaseRecord,
     RequestError,
     UnknownDatasetError,
-    UnknownReleaseError,
     check_close_record,
     check_digest,
     decode_b64,
@@ -97,12 +97,12 @@ class HttpBroker:
             reason = getattr(e, "reason", e)
             raise BrokerError(f"key broker at {self.url} is unreachable ({reason}); is `medtee broker serve` running?") from None
 
-    def _ok(self, status: int, body: dict, what: str, not_found: type[LookupError] = UnknownDatasetError) -> dict:
+    def _ok(self, status: int, body: dict, what: str) -> dict:
         if status in (200, 201):
             return body
         message = str(body.get("error", "no detail"))
         if status == 404:
-            raise not_found(message)
+            raise UnknownDatasetError(message)
         if status == 409:
             raise ReleaseClosedError(message)
         if status == 403:
@@ -158,8 +158,11 @@ class HttpBroker:
     def close_release(self, release_id: str, *, record: dict, receipt_public_key: bytes, signature: bytes) -> str:
         request = {"release_id": release_id, "record": check_close_record(record),
                    "receipt_public_key": _b64(receipt_public_key), "signature": _b64(signature)}
-        body = self._ok(*self._call("POST", "/v1/release/close", request), "close", not_found=UnknownReleaseError)
-        return self._digest(body, "audit_entry_sha256")
+        status, body = self._call("POST", "/v1/release/close", request)
+        if status == 403:  # the broker's one answer for every cause (protocol.CLOSE_REFUSED)
+            raise CloseNotAuthorized(f"key broker at {self.url} refused to close release {release_id[:16]}...: "
+                                     f"{body.get('error', 'no detail')}")
+        return self._digest(self._ok(status, body, "close"), "audit_entry_sha256")
 
     def _verdict(self, v: dict) -> Verdict:
         from medtee.attestation.verdict import Check, Verdict

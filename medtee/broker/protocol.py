@@ -76,16 +76,14 @@ class ChallengeRefused(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
-class UnknownReleaseError(LookupError):
-    """No release with this id was recorded by the broker (HTTP 404)."""
-
-
 class CloseNotAuthorized(PermissionError):
-    """A close request not signed by the receipt key of the release it names (HTTP 403)."""
+    """A close request refused before the broker says anything about the release (HTTP 403): the same message,
+    `CLOSE_REFUSED`, whether the id names no release, a release without receipt key, or the key or signature is not
+    the release's."""
 
 
 class ReleaseClosedError(RuntimeError):
-    """The release was already closed (HTTP 409): a release is closed once."""
+    """The release was closed already with another record (HTTP 409); told only to its receipt key's holder."""
 
 
 class RequestError(ValueError):
@@ -175,8 +173,9 @@ class KeyBroker(Protocol):
     def close_release(self, release_id: str, *, record: dict, receipt_public_key: bytes, signature: bytes) -> str:
         """Record the end of a release with the run's teardown record (only its digest is kept); the close entry's
         hash. The request is signed (`signature` over `close_message`) by the receipt key the release bound: only
-        the attested process closes its release. UnknownReleaseError for an id never released, ReleaseClosedError
-        for one already closed, CloseNotAuthorized for any other signer."""
+        the attested process closes its release. CloseNotAuthorized, the same for every cause, unless that
+        signature verifies; then a repeat with the same record returns the existing close entry's hash and one
+        with another record is ReleaseClosedError."""
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
@@ -366,22 +365,25 @@ def close_message(release_id: str, record: dict) -> bytes:
     return CLOSE_TAG + check_digest(release_id, "release_id").encode() + b"\n" + record_digest(record).encode()
 
 
-def check_close_signature(release_id: str, record: dict, receipt_public_key: bytes, signature: bytes,
-                          receipt_key_id: str | None) -> None:
-    """CloseNotAuthorized unless `receipt_public_key` is the one the release audited (`receipt_key_id`, its SHA-256
-    hex) and `signature` is its Ed25519 signature of `close_message`."""
+#: The one answer to every close refused for lack of authority (`CloseNotAuthorized`, HTTP 403): it names each
+#: possible cause and the fix, never which one applied (the audit log's `close_refused` entry does).
+CLOSE_REFUSED = ("close refused: release_id names no release of this broker, or one made without a receipt key "
+                 "(it cannot be closed), or receipt_public_key is not the key the release bound, or signature is not "
+                 "that key's Ed25519 signature of close_message(release_id, record); sign close_message with the "
+                 "receipt key given to the release of this release_id")
+
+
+def close_signature_valid(release_id: str, record: dict, receipt_public_key: bytes, signature: bytes) -> bool:
+    """Whether `signature` is `receipt_public_key`'s Ed25519 signature of `close_message(release_id, record)`."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    if not receipt_key_id or hashlib.sha256(bytes(receipt_public_key)).hexdigest() != receipt_key_id:
-        raise CloseNotAuthorized(f"release {release_id[:16]}... is closed only by the receipt key it was released "
-                                 f"with; this request names another key")
     try:
         Ed25519PublicKey.from_public_bytes(bytes(receipt_public_key)).verify(bytes(signature),
                                                                              close_message(release_id, record))
     except (InvalidSignature, ValueError):
-        raise CloseNotAuthorized(f"the close request for release {release_id[:16]}... is not signed by its receipt "
-                                 f"key") from None
+        return False
+    return True
 
 
 def parse_close_request(doc: object) -> tuple[str, dict, bytes, bytes]:

@@ -10,15 +10,17 @@ Wire protocol v1 (JSON bodies, binary values base64; every error body is `{"erro
                                      200 {"wrapped_key", "release_id", "audit_entry_sha256"}
                                      | 403 {"error", "verdict"} listing every check
   POST /v1/release/close {"release_id", "record", "receipt_public_key", "signature"} (signed by the receipt key)
-                                     200 {"release_id", "audit_entry_sha256"} (of the close entry)
-                                     | 403 not the release's receipt key | 404 unknown release | 409 already closed
+                                     200 {"release_id", "audit_entry_sha256"} (of the close entry; a repeat with
+                                     the same record answers the same) | 403 one answer for an unknown release,
+                                     one without receipt key, another key or a bad signature | 409 closed already
+                                     with another record (only to the receipt key's holder)
 Bodies are validated by `medtee.broker.protocol` (exact field sets, sizes, digests as 64 lowercase hex characters).
 Status codes: 400 malformed request (JSON, schema, Content-Length, a body cut short), 403 refused, 404 unknown dataset
-or path (or release, on close), 405 wrong method, 408 body not received within `Limits.body_timeout_s`, 413 body over
-`Limits.max_body_bytes` (declared or streamed), 409 a release closed twice, 429 too many outstanding challenges for the dataset or the client
-(with Retry-After), 503 connection limit or large-body memory cap reached; 500 only for a fault of the broker itself
-(its log names the exception type, never a message). An answer sent before the whole body was read closes the
-connection, so the rest of that body is never parsed as a request.
+or path, 405 wrong method, 408 body not received within `Limits.body_timeout_s`, 409 a release closed again with
+another record, 413 body over `Limits.max_body_bytes` (declared or streamed), 429 too many outstanding challenges for
+the dataset or the client (with Retry-After), 503 connection limit or large-body memory cap reached; 500 only for a
+fault of the broker itself (its log names the exception type, never a message). An answer sent before the whole
+body was read closes the connection, so the rest of that body is never parsed as a request.
 
 Connections: h11 parses requests (headers up to 16 KiB); each request's headers must arrive within
 `Limits.idle_timeout_s` of the connection opening or of the previous answer, its body within `body_timeout_s`; at
@@ -58,7 +60,6 @@ from medtee.broker.protocol import (
     RequestError,
     ReleaseClosedError,
     UnknownDatasetError,
-    UnknownReleaseError,
     parse_challenge_request,
     parse_close_request,
     parse_json,
@@ -177,7 +178,7 @@ def _endpoint(fn):
             raise
         except KeyReleaseDenied as e:
             return _json(403, {"error": "key release denied", "verdict": e.verdict.to_json()})
-        except (UnknownDatasetError, UnknownReleaseError) as e:
+        except UnknownDatasetError as e:
             return _error(404, e)
         except ReleaseClosedError as e:
             return _error(409, e)

@@ -434,36 +434,65 @@ class EmbeddedBroker:
                       client: str = LOCAL_CLIENT) -> str:
         """Append a `close` entry (release id, dataset id, the record's digest) for an open release; its hash.
 
-        The request must be signed by the receipt key the release bound (`protocol.check_close_signature`):
-        CloseNotAuthorized otherwise. UnknownReleaseError when no `release` entry has this id, ReleaseClosedError
-        when it was closed already; the check and the append hold the audit log's lock, so a release is closed once
-        even across processes."""
+        Authority first: unless the release exists, bound a receipt key, `receipt_public_key` is that key and
+        `signature` its signature of `protocol.close_message`, the answer is CloseNotAuthorized with the one message
+        `CLOSE_REFUSED` whatever the cause, and a `close_refused` entry records the cause. To that key's holder
+        only: a repeat with the same record returns the existing close entry's hash (nothing appended), one with
+        another record is ReleaseClosedError (audited `close_refused`, reason `closed`). The check and the append
+        hold the audit log's lock, so a release is closed once even across processes."""
+        import hashlib
+
         from medtee.broker.protocol import (
+            CLOSE_REFUSED,
+            CloseNotAuthorized,
             ReleaseClosedError,
-            UnknownReleaseError,
             check_close_record,
-            check_close_signature,
+            close_signature_valid,
             record_digest,
         )
 
         release_id = check_digest(release_id, "release_id")
         digest = record_digest(check_close_record(record))
+        signature_ok = close_signature_valid(release_id, record, receipt_public_key, signature)  # whatever the id
+        key_id = hashlib.sha256(bytes(receipt_public_key)).hexdigest()
 
-        def open_release(entries) -> dict:
-            released = None
+        def decide(entries) -> tuple[str, dict] | dict:
+            released = closed = None
             for e in entries:
                 if e.get("event") == "release" and e.get("hash") == release_id:
                     released = e
                 elif e.get("event") == "close" and e.get("release_id") == release_id:
-                    raise ReleaseClosedError(f"release {release_id[:16]}... is already closed; a release closes once")
-            if released is None:
-                raise UnknownReleaseError(f"no release {release_id[:16]}... in the audit log of the broker at "
-                                          f"{self.store_dir}; close a release id this broker returned")
-            check_close_signature(release_id, record, receipt_public_key, signature, released.get("receipt_key"))
-            return {"dataset_id": released["dataset_id"]}
+                    closed = e
+            reason = _close_refusal(released, key_id, signature_ok)
+            if reason is None and closed is None:
+                return "close", {"release_id": release_id, "dataset_id": released["dataset_id"], "client": client,
+                                 "record_sha256": digest}
+            if reason is None and closed.get("record_sha256") == digest:
+                return closed  # a retry after a lost answer
+            return "close_refused", {"release_id": release_id, "client": client, "reason": reason or "closed"}
 
-        return self.audit.append_checked("close", open_release, release_id=release_id, client=client,
-                                         record_sha256=digest)["hash"]
+        entry = self.audit.append_decided(decide)
+        if entry["event"] == "close":
+            return entry["hash"]
+        if entry["reason"] == "closed":
+            raise ReleaseClosedError(f"release {release_id[:16]}... is closed already, with another teardown record: "
+                                     f"a release closes once; a retry must send the record it was closed with")
+        raise CloseNotAuthorized(CLOSE_REFUSED)
+
+
+def _close_refusal(released: dict | None, key_id: str, signature_ok: bool) -> str | None:
+    """Why a close naming the `release` entry `released` (None: no such entry) by the key `key_id` (SHA-256 hex) is
+    refused, as audited (`unknown`, `no_receipt_key`, `wrong_key`, `bad_signature`); None when it is authorized."""
+    import hmac
+
+    if released is None:
+        return "unknown"
+    bound = released.get("receipt_key")
+    if not bound:
+        return "no_receipt_key"
+    if not hmac.compare_digest(bound, key_id):
+        return "wrong_key"
+    return None if signature_ok else "bad_signature"
 
 
 def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Scheme | str | None = None) -> list[Manifest]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -13,18 +14,19 @@ from medtee.attestation.simulated import SimulatedProvider
 from medtee.broker import audit
 from medtee.broker.client import HttpBroker
 from medtee.broker.protocol import (
+    CLOSE_REFUSED,
     MAX_CLOSE_RECORD_BYTES,
+    CloseNotAuthorized,
     KeyReleaseDenied,
     Release,
     ReleaseClosedError,
     RequestError,
-    UnknownReleaseError,
+    close_message,
     obtain_data_key,
     parse_release_request,
-    CloseNotAuthorized,
-    close_message,
     record_digest,
 )
+from medtee.broker.service import EmbeddedBroker
 from medtee.crypto.secret import SecretBuffer
 from medtee.sealing.reader import open_dataset
 
@@ -138,19 +140,126 @@ def test_close_is_audited_with_ids_and_a_digest_only(sealed, broker):
     assert audit.verify(broker.store_dir / "audit.log").ok
 
 
-def test_unknown_and_double_closes_are_refused(sealed, broker):
+CAUSES = ["unknown", "not a release", "no_receipt_key", "wrong_key", "bad_signature"]
+
+
+def refused_close(broker, manifest, cause: str) -> tuple[str, dict]:
+    """A release id and close arguments refused for `cause`; the audited reason is `cause` ("unknown" for an audit
+    entry that is not a release)."""
+    if cause == "unknown":
+        return "0" * 64, signed("0" * 64, TEARDOWN)
+    if cause == "not a release":
+        register = next(e["hash"] for e in entries(broker) if e["event"] == "register")
+        return register, signed(register, TEARDOWN)
+    if cause == "no_receipt_key":
+        got = obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
+                              recipe_digest=RECIPE, evidence_for=simulated_evidence())
+        return got.release_id, signed(got.release_id, TEARDOWN)
+    got = release(broker, manifest)
+    if cause == "wrong_key":
+        return got.release_id, signed(got.release_id, TEARDOWN, Ed25519PrivateKey.generate())
+    return got.release_id, {**signed(got.release_id, {"other": 1}), "record": TEARDOWN}  # bad_signature
+
+
+def reason_of(cause: str) -> str:
+    return "unknown" if cause == "not a release" else cause
+
+
+@pytest.mark.parametrize("cause", CAUSES)
+def test_every_refused_close_gets_the_same_answer_and_is_audited_with_its_cause(sealed, broker, cause):
+    """Nobody without the release's receipt key learns whether a release id exists, bound a key, or is closed."""
+    _, manifest, _, _ = sealed
+    release_id, args = refused_close(broker, manifest, cause)
+    n = len(entries(broker))
+    with pytest.raises(CloseNotAuthorized) as err:
+        broker.close_release(release_id, **args, client="192.0.2.7")
+    assert type(err.value) is CloseNotAuthorized and str(err.value) == CLOSE_REFUSED
+    log = entries(broker)
+    assert len(log) == n + 1
+    assert {k: v for k, v in log[-1].items() if k not in ("seq", "time", "prev", "hash")} == {
+        "event": "close_refused", "release_id": release_id, "client": "192.0.2.7", "reason": reason_of(cause)}
+    assert audit.verify(broker.store_dir / "audit.log").ok
+
+
+def test_the_refusal_names_every_cause_and_the_fix():
+    for part in ("no release", "without a receipt key", "not the key the release bound", "signature",
+                 "sign close_message with the receipt key"):
+        assert part in CLOSE_REFUSED
+
+
+def test_a_closed_release_refuses_outsiders_as_an_unknown_one(sealed, broker):
     _, manifest, _, _ = sealed
     got = release(broker, manifest)
-    with pytest.raises(UnknownReleaseError, match="no release"):
-        broker.close_release("0" * 64, **signed("0" * 64, {}))
-    deny_hash = next(e["hash"] for e in entries(broker) if e["event"] == "register")
-    with pytest.raises(UnknownReleaseError):  # an audit entry that is not a release
-        broker.close_release(deny_hash, **signed(deny_hash, {}))
     broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
+    for args in (signed(got.release_id, TEARDOWN, Ed25519PrivateKey.generate()),
+                 {**signed(got.release_id, {"other": 1}), "record": TEARDOWN}):
+        with pytest.raises(CloseNotAuthorized) as err:  # not ReleaseClosedError: that would say it exists
+            broker.close_release(got.release_id, **args)
+        assert str(err.value) == CLOSE_REFUSED
+    assert [e["reason"] for e in entries(broker)[-2:]] == ["wrong_key", "bad_signature"]
+
+
+def test_a_retried_close_returns_the_same_hash_and_appends_nothing(sealed, broker):
+    _, manifest, _, _ = sealed
+    got = release(broker, manifest)
+    first = broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     n = len(entries(broker))
-    with pytest.raises(ReleaseClosedError, match="already closed"):
-        broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
-    assert len(entries(broker)) == n  # a refused close appends nothing
+    again = EmbeddedBroker(broker.store_dir)  # e.g. the broker restarted in between
+    assert again.close_release(got.release_id, **signed(got.release_id, dict(reversed(TEARDOWN.items())))) == first
+    assert len(entries(broker)) == n
+
+
+def test_another_record_after_the_close_is_refused_as_closed_to_the_key_holder_only(sealed, broker):
+    _, manifest, _, _ = sealed
+    got = release(broker, manifest)
+    first = broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
+    with pytest.raises(ReleaseClosedError, match="closed already, with another teardown record"):
+        broker.close_release(got.release_id, **signed(got.release_id, {"other": 1}), client="192.0.2.8")
+    last = entries(broker)[-1]
+    assert (last["event"], last["reason"], last["client"]) == ("close_refused", "closed", "192.0.2.8")
+    assert [e["hash"] for e in entries(broker) if e["event"] == "close"] == [first]
+    assert broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN)) == first  # still idempotent
+
+
+def test_refused_attempts_never_stop_the_legitimate_close(sealed, broker):
+    _, manifest, _, _ = sealed
+    got = release(broker, manifest)
+    attempts = [signed(got.release_id, TEARDOWN, Ed25519PrivateKey.generate()),
+                {**signed(got.release_id, {"other": 1}), "record": TEARDOWN},
+                {**signed(got.release_id, TEARDOWN), "signature": bytes(64)}]
+    for args in attempts:
+        with pytest.raises(CloseNotAuthorized):
+            broker.close_release(got.release_id, **args)
+    close_hash = broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
+    log = entries(broker)
+    assert [e["event"] for e in log[-4:]] == ["close_refused"] * 3 + ["close"] and log[-1]["hash"] == close_hash
+    assert log[-1]["record_sha256"] == record_digest(TEARDOWN)
+    assert audit.verify(broker.store_dir / "audit.log").ok
+
+
+def test_concurrent_closes_close_a_release_once(sealed, broker):
+    """Brokers over one store (separate locks, one audit file): one close entry; the same record always gets its
+    hash, another record is refused as closed."""
+    _, manifest, _, _ = sealed
+    got = release(broker, manifest)
+    brokers = [EmbeddedBroker(broker.store_dir) for _ in range(4)]
+
+    def close(i: int):
+        record = TEARDOWN if i % 2 else {"attempt": i}
+        try:
+            return brokers[i % 4].close_release(got.release_id, **signed(got.release_id, record))
+        except ReleaseClosedError:
+            return "409"
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(close, range(32)))
+    closes = [e for e in entries(broker) if e["event"] == "close"]
+    assert len(closes) == 1
+    winner = closes[0]["record_sha256"]
+    for i, answer in enumerate(answers):
+        record = TEARDOWN if i % 2 else {"attempt": i}
+        assert answer == (closes[0]["hash"] if record_digest(record) == winner else "409"), i
+    assert audit.verify(broker.store_dir / "audit.log").ok
 
 
 @pytest.mark.parametrize("release_id, record, word", [
@@ -170,18 +279,41 @@ def test_close_over_http(sealed, broker, serve, tmp_path):
     client = HttpBroker(server.url, store_dir=tmp_path / "unused")
     got = release(client, manifest)
     assert got.release_id == entries(broker)[-1]["hash"]
-    assert client.close_release(got.release_id, **signed(got.release_id, TEARDOWN)) == entries(broker)[-1]["hash"]
-    with pytest.raises(ReleaseClosedError):
-        client.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
-    with pytest.raises(UnknownReleaseError):
+    first = client.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
+    assert first == entries(broker)[-1]["hash"]
+    n = len(entries(broker))
+    assert client.close_release(got.release_id, **signed(got.release_id, TEARDOWN)) == first  # a retry
+    assert len(entries(broker)) == n
+    with pytest.raises(ReleaseClosedError, match="closed already"):
+        client.close_release(got.release_id, **signed(got.release_id, {"other": 1}))
+    with pytest.raises(CloseNotAuthorized, match="refused to close release 1111111111111111") as err:
         client.close_release("1" * 64, **signed("1" * 64, {}))
+    assert CLOSE_REFUSED in str(err.value)
     other = release(broker, manifest)  # released by another broker instance over the same store
     status, body = call(server, "/v1/release/close", close_body(other.release_id, {"n": 1}))
     assert status == 200 and body == {"release_id": other.release_id, "audit_entry_sha256": entries(broker)[-1]["hash"]}
+    assert call(server, "/v1/release/close", close_body(other.release_id, {"n": 1})) == (200, body)
     assert call(server, "/v1/release/close", close_body(other.release_id, {}))[0] == 409
-    forged = release(broker, manifest)
-    status, body = call(server, "/v1/release/close", close_body(forged.release_id, {}, Ed25519PrivateKey.generate()))
-    assert status == 403 and "receipt key" in body["error"]
+    assert call(server, "/v1/release/close", close_body(other.release_id, {}, Ed25519PrivateKey.generate())) == (
+        403, {"error": CLOSE_REFUSED})
+
+
+@pytest.mark.slow
+def test_every_refused_close_over_http_is_the_same_403_and_audited_with_the_client(sealed, broker, serve):
+    _, manifest, _, _ = sealed
+    server = serve()
+    answers = []
+    for cause in CAUSES:
+        release_id, args = refused_close(broker, manifest, cause)
+        answers.append(call(server, "/v1/release/close", {
+            "release_id": release_id, "record": args["record"],
+            "receipt_public_key": base64.b64encode(args["receipt_public_key"]).decode(),
+            "signature": base64.b64encode(args["signature"]).decode()}, source="127.0.0.2"))
+        last = entries(broker)[-1]
+        assert (last["event"], last["release_id"], last["client"], last["reason"]) == (
+            "close_refused", release_id, "127.0.0.2", reason_of(cause))
+    assert answers == [(403, {"error": CLOSE_REFUSED})] * len(CAUSES)
+    assert audit.verify(broker.store_dir / "audit.log").ok
 
 
 @pytest.mark.slow
@@ -211,9 +343,8 @@ def test_only_the_releases_receipt_key_closes_it(sealed, broker, who):
         got = obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
                               recipe_digest=RECIPE, evidence_for=simulated_evidence())
         args = signed(got.release_id, TEARDOWN)
-    n = len(entries(broker))
     with pytest.raises(CloseNotAuthorized, match="receipt key"):
         broker.close_release(got.release_id, **args)
-    assert len(entries(broker)) == n
+    assert "close" not in [e["event"] for e in entries(broker)]
     if who != "a release without receipt key":
         broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))  # its own key still can
