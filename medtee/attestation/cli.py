@@ -1,4 +1,5 @@
-"""`medtee attest verify`: appraise evidence files under a named policy (exit 0 pass, 1 rejected, 2 unusable input)."""
+"""`medtee attest verify`: appraise evidence files under a policy, shipped or a YAML file (exit 0 pass, 1 rejected, 2
+unusable input)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> None:
     verify.add_argument("--nonce", metavar="HEX", help="expected REPORT_DATA (64 bytes hex; shorter is zero-padded)")
     verify.add_argument("--gpu-nonce", metavar="HEX", help="expected 32-byte GPU nonce (hex)")
     verify.add_argument("--at", metavar="ISO-TIME", help="verify as of this time (default: now; naive = UTC)")
-    verify.add_argument("--policy", required=True, help="policy name in conf/attestation/ (e.g. authenticity)")
+    verify.add_argument("--policy", required=True, metavar="NAME|FILE",
+                        help="a policy name in conf/attestation/ (e.g. authenticity) or a policy YAML file")
     verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
     verify.set_defaults(handler=run_verify)
 
@@ -52,10 +54,10 @@ def _load(args: argparse.Namespace):
     from medtee.attestation.certs import parse_certificates
     from medtee.attestation.evidence import Evidence, EvidenceFormatError, GpuEvidence
     from medtee.attestation.nvidia import parse_hex_report, parse_spdm
-    from medtee.attestation.policy import load_policy
+    from medtee.attestation.policy import resolve_policy
     from medtee.attestation.snp import SnpReport
 
-    policy = load_policy(args.policy)
+    policy = resolve_policy(args.policy)
     if not args.snp_report and not args.gpu_report:
         raise ValueError("give --snp-report (the raw 1184-byte SEV-SNP report), --gpu-report with --gpu-certs, or both")
     if (args.snp_cert or args.nonce) and not args.snp_report:

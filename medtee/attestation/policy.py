@@ -1,15 +1,22 @@
-"""Appraisal policies: the schema of the `attestation` config group and its YAML files in conf/attestation/."""
+"""Appraisal policies: the schema of the `attestation` config group and its YAML files in conf/attestation/; the
+one reader of policy files and resolver of `--policy NAME|FILE` (`read_policy_file`, `resolve_policy`)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import List, Optional
 
 from medtee.paths import conf_dir
 
+#: A policy name: the file stem of a shipped policy or of one in a broker's store.
+POLICY_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+MAX_POLICY_FILE_BYTES = 64 << 10  # of a policy YAML file
+_FIELDS_DOC = "the fields and their types: AttestationPolicy in medtee/attestation/policy.py"
 
 
 class Provider(str, Enum):
@@ -126,15 +133,21 @@ class AttestationPolicy:
 def policy_from_mapping(data: object, source: str) -> AttestationPolicy:
     """Validate a mapping (a YAML file or a composed config group) against the schema."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     if isinstance(data, Mapping) and data.get("provider") == Provider.sev_snp.value:
         data = {**data, "provider": Provider.sev_snp.name}  # policy files written before providers were an enum
     try:
         merged = OmegaConf.merge(OmegaConf.structured(AttestationPolicy), data)
         policy = OmegaConf.to_object(merged)
+    except ConfigKeyError as exc:
+        raise ValueError(f"attestation policy {source}: unknown key '{exc.full_key}'; correct its spelling or remove "
+                         f"it ({_FIELDS_DOC})") from None
     except OmegaConfBaseException as exc:
-        raise ValueError(f"attestation policy {source}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        key = getattr(exc, "full_key", "")
+        what = str(getattr(exc, "msg", exc)).splitlines()[0]
+        raise ValueError(f"attestation policy {source}: {f'key {key!r}: ' if key else ''}{what}; fix its value "
+                         f"({_FIELDS_DOC})") from None
     problems = policy.problems()
     if problems:
         raise ValueError(f"attestation policy {source}: " + "; ".join(problems))
@@ -152,21 +165,74 @@ def policy_document(data: bytes, source: str):
     try:
         doc = OmegaConf.load(io.BytesIO(data))
     except (yaml.YAMLError, OSError) as e:  # OSError: a document that is a bare scalar
-        raise ValueError(f"attestation policy {source}: not a YAML mapping ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        what = f"{e.problem}, line {mark.line + 1}" if mark and getattr(e, "problem", None) else str(e).splitlines()[0]
+        raise ValueError(f"attestation policy {source}: not a YAML mapping ({what}); write a mapping of policy "
+                         f"fields") from None
     if not isinstance(doc, DictConfig):
         raise ValueError(f"attestation policy {source}: is a YAML list; write a mapping of policy fields")
     policy_from_mapping(doc, source)
     return doc
 
 
+@dataclass(frozen=True)
+class PolicyFile:
+    """A policy YAML file as read: its path, bytes and validated policy."""
+
+    path: Path
+    data: bytes
+    policy: AttestationPolicy
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def read_policy_file(path: Path | str, *, name: str | None = None) -> PolicyFile:
+    """Read and validate a policy file (at most MAX_POLICY_FILE_BYTES, a regular file). The policy is named `name`
+    (then the file's own `name`, if set, must be it: shipped and store files are named by their stem), else by the
+    file's `name`, else by its stem. ValueError naming the file, the problem and the fix."""
+    from omegaconf import OmegaConf
+
+    from medtee.files import NotRegularFile, read_regular
+
+    path = Path(path)
+    try:
+        data = read_regular(path, MAX_POLICY_FILE_BYTES)
+    except FileNotFoundError:
+        raise ValueError(f"policy file {path} does not exist; give a policy YAML file or a policy name "
+                         f"(e.g. one in conf/attestation/)") from None
+    except NotRegularFile as exc:
+        raise ValueError(f"policy file {path} {exc}; give a policy YAML file") from None
+    except OSError as exc:
+        raise ValueError(f"policy file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    doc = policy_document(data, str(path))
+    own = doc.get("name")
+    if name is not None and own not in (None, name):
+        raise ValueError(f"attestation policy {path}: says name '{own}' but is read as '{name}'; set name: {name} in "
+                         f"it or remove that key")
+    policy = policy_from_mapping(OmegaConf.merge(doc, {"name": name or own or path.stem}), str(path))
+    return PolicyFile(path=path, data=data, policy=policy)
+
+
+def is_policy_path(spec: str) -> bool:
+    """Whether a `--policy NAME|FILE` value is a FILE: it ends in .yaml / .yml or has a directory part."""
+    return Path(spec).suffix in (".yaml", ".yml") or "/" in spec
+
+
 def load_policy(name: str) -> AttestationPolicy:
     """Read and validate conf/attestation/<name>.yaml."""
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name or ""):
-        raise ValueError(f"attestation policy name '{name}' must be a file stem of conf/attestation/ (letters, digits, _ -)")
+    if not isinstance(name, str) or not POLICY_NAME.fullmatch(name):
+        raise ValueError(f"attestation policy name '{name}' must be a file stem of conf/attestation/ (1-64 letters, "
+                         f"digits, _ -)")
     path = conf_dir() / "attestation" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (conf_dir() / "attestation").glob("*.yaml"))
         raise ValueError(f"no attestation policy '{name}' ({path}); known: {', '.join(known)}")
-    from omegaconf import OmegaConf
+    return read_policy_file(path, name=name).policy
 
-    return policy_from_mapping(OmegaConf.load(path), str(path))
+
+def resolve_policy(spec: str) -> AttestationPolicy:
+    """The policy `--policy NAME|FILE` gives: a FILE (`read_policy_file`) or a shipped NAME (`load_policy`).
+    ValueError naming the problem and the fix."""
+    return read_policy_file(spec).policy if is_policy_path(spec) else load_policy(spec)

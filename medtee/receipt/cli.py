@@ -45,8 +45,9 @@ def run_verify(args: argparse.Namespace) -> int:
     import json
 
     from medtee import exits
+    from medtee.attestation.policy import resolve_policy
     from medtee.files import NotRegularFile, read_regular
-    from medtee.receipt.verify import UnusableInput, resolve_policy, verify_receipt
+    from medtee.receipt.verify import UnusableInput, verify_receipt
 
     try:
         now = _at(args.at)

@@ -119,23 +119,6 @@ def parse_envelope(data: bytes):
     return envelope, statement
 
 
-def resolve_policy(spec: str) -> AttestationPolicy:
-    """A shipped policy by NAME (conf/attestation/NAME.yaml) or a policy YAML FILE; ValueError naming the problem."""
-    from medtee.attestation.policy import load_policy, policy_from_mapping
-
-    path = Path(spec)
-    if path.suffix not in (".yaml", ".yml") and "/" not in spec:
-        return load_policy(spec)
-    from omegaconf import OmegaConf
-
-    if not path.is_file():
-        raise ValueError(f"policy file {spec} does not exist; give a file or a name in conf/attestation/")
-    try:
-        return policy_from_mapping(OmegaConf.load(path), str(path))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"policy file {spec} cannot be read ({type(exc).__name__})") from None
-
-
 def _named_policy(predicate: dict) -> AttestationPolicy:
     """The shipped policy of the name the receipt records: the verifier's own copy, never the receipt's content (a
     receipt can record any policy it likes)."""

@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medtee import exits
 from medtee.broker.protocol import DEFAULT_BROKER_DIR
 from medtee.crypto.hpke import DEFAULT_SCHEME, Scheme
 from medtee.sealing.seal import DEFAULT_ROWS_PER_SHARD
+
+if TYPE_CHECKING:
+    from medtee.attestation.policy import AttestationPolicy, PolicyFile
 
 SCHEMES = tuple(s.value for s in Scheme)
 
@@ -41,6 +45,61 @@ def _summary(manifest, path: Path) -> str:
     return "\n".join(lines)
 
 
+def _policy_first(args: argparse.Namespace) -> PolicyFile | None:
+    """`--policy` checked before anything is written: a FILE read and validated (returned); a NAME
+    only the shipped policies can hold (a remote broker, or no embedded store yet) loaded. ValueError with the fix."""
+    from medtee.attestation.policy import POLICY_NAME, is_policy_path, load_policy, read_policy_file
+
+    remote = args.broker != "embedded"
+    if is_policy_path(args.policy):
+        if remote:
+            raise ValueError(f"--policy {args.policy}: a remote broker enforces only the policies in its own store, "
+                             f"which cannot be written from here; on the broker's host run `medtee broker policy add "
+                             f"NAME {args.policy}`, seal under a shipped policy, then run `medtee broker policy set "
+                             f"DATASET_ID NAME` there")
+        file = read_policy_file(args.policy)
+        if not POLICY_NAME.fullmatch(file.policy.name):
+            raise ValueError(f"policy file {file.path}: its name '{file.policy.name}' (its name: key, else the file "
+                             f"stem) is what the manifest records and must be 1-64 letters, digits, _ or -; set name: "
+                             f"in it")
+        return file
+    if remote or not (Path(args.broker_dir) / "broker.key").is_file():
+        try:
+            load_policy(args.policy)
+        except ValueError as e:
+            fix = ("a remote broker's store cannot be read from here: seal under a shipped policy, then run `medtee "
+                   "broker policy set DATASET_ID NAME` on the broker's host") if remote else \
+                f"the broker store {args.broker_dir} does not exist yet: give the policy's YAML file (--policy FILE)"
+            raise ValueError(f"{e}; {fix}") from None
+    return None
+
+
+def _release_policy(broker, args: argparse.Namespace, file: PolicyFile | None) -> tuple[AttestationPolicy, Path]:
+    """The policy the embedded `broker` enforces for `--policy` (a NAME as it resolves names at release: its store,
+    then shipped; a FILE added to its store under the file's name unless the store or shipped policy of that name
+    is that policy already) and the file it reads it from. A different policy of that name is never replaced."""
+    from medtee.attestation.policy import read_policy_file
+
+    if file is None:
+        path = broker.policy_file(args.policy)[0]
+        return read_policy_file(path, name=args.policy).policy, path
+    name = file.policy.name
+    if name not in {n for n, _ in broker.policies()}:
+        broker.add_policy(name, file.path)
+        return file.policy, broker.policy_file(name)[0]
+    path, stored = broker.policy_file(name)
+    held = read_policy_file(path, name=name)
+    if stored and held.data != file.data:
+        raise ValueError(f"policy file {file.path} is named '{name}', but the broker store holds another policy of "
+                         f"that name ({path}), which datasets sealed under it use; set another name: in the file, or "
+                         f"replace the stored one with `medtee broker policy add {name} {file.path} --broker-dir "
+                         f"{args.broker_dir}`")
+    if not stored and held.policy != file.policy:
+        raise ValueError(f"policy file {file.path} is named '{name}', a shipped policy ({path}) that it differs from; "
+                         f"set name: in it to your own, e.g. {name}-site")
+    return file.policy, path
+
+
 def _seal(args: argparse.Namespace) -> int:
     from medtee.audit.canaries import parse_repeats, plan_canaries
     from medtee.broker import connect
@@ -50,9 +109,7 @@ def _seal(args: argparse.Namespace) -> int:
     if args.rows_per_shard < 1:
         return exits.fail(f"--rows-per-shard must be at least 1 (got {args.rows_per_shard})")
     try:
-        from medtee.attestation import load_policy
-
-        load_policy(args.policy)
+        file = _policy_first(args)
         check_out_dir(args.out)
         records = read_input(args.input, args.format)  # the file, its header and first record: before any output
         plan = None
@@ -70,7 +127,13 @@ def _seal(args: argparse.Namespace) -> int:
                              f"change it with `medtee keys rotate --broker-dir {args.broker_dir} --scheme {args.scheme}`")
         else:
             broker = connect(args.broker, store_dir=args.broker_dir)
-        manifest = seal_located(records, args.out, broker=broker, policy=args.policy, dataset_id=args.dataset_id,
+        if args.broker == "embedded":
+            policy, source = _release_policy(broker, args, file)
+        else:
+            from medtee.attestation import load_policy
+
+            policy, source = load_policy(args.policy), None
+        manifest = seal_located(records, args.out, broker=broker, policy=policy.name, dataset_id=args.dataset_id,
                                 rows_per_shard=args.rows_per_shard, classification=args.classification,
                                 dua_id=args.dua_id, tokenizer=args.tokenizer, canaries=plan)
     except (KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:  # InputError, OutputError, DataError
@@ -79,11 +142,13 @@ def _seal(args: argparse.Namespace) -> int:
         return exits.fail(str(e), exits.REFUSED)
     except RuntimeError as e:  # an unreachable or failing remote broker
         return exits.fail(str(e), exits.REFUSED)
-    if manifest.release_policy == "simulated":
-        print("WARNING: release policy 'simulated' releases the key to SIMULATED attestation; it protects nothing. "
-              "Use a production policy (e.g. --policy snp_h100) for real data.", file=sys.stderr)
+    if policy.allow_simulated:
+        print(f"WARNING: release policy '{policy.name}' releases the key to SIMULATED attestation; it protects "
+              "nothing. Use a production policy (e.g. --policy snp_h100) for real data.", file=sys.stderr)
     print(f"sealed {manifest.record_count} records into {args.out}")
     print(_summary(manifest, Path(args.out)))
+    if source is not None:
+        print(f"the broker enforces release policy '{policy.name}' as {source}")
     return exits.OK
 
 
@@ -149,12 +214,14 @@ def add_parsers(subparsers) -> None:
     seal = subparsers.add_parser("seal", help="encrypt chat dialogues into a sealed dataset (data owner)")
     seal.add_argument("input", help="chat JSONL, CSV transcript (id + Doctor:/Patient: lines) or plain Parquet")
     seal.add_argument("--out", required=True, help="new (or empty) directory for the sealed dataset")
-    seal.add_argument("--policy", default="simulated",
-                      help="attestation policy the broker requires before releasing the key (default: simulated, "
-                           "development only)")
+    seal.add_argument("--policy", default="simulated", metavar="NAME|FILE",
+                      help="attestation policy the broker requires before releasing the key: a shipped name, a name "
+                           "in the --broker-dir store, or a policy YAML file (added to that store under its name); "
+                           "default: simulated, development only")
     seal.add_argument("--broker", default="embedded", help="'embedded' (default) or the URL of `medtee broker serve`")
     seal.add_argument("--broker-dir", default=DEFAULT_BROKER_DIR,
-                      help=f"broker store / owner signing key directory (default {DEFAULT_BROKER_DIR})")
+                      help=f"broker store / owner signing key directory; its policies/ hold the store policies "
+                           f"--policy can name (default {DEFAULT_BROKER_DIR})")
     seal.add_argument("--scheme", choices=SCHEMES, default=None,
                       help="key scheme of a NEW embedded broker store (default hybrid post-quantum)")
     seal.add_argument("--dataset-id", default=None, help="dataset id (default: random ds-XXXXXXXXXXXX)")

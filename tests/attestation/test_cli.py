@@ -1,8 +1,10 @@
 import argparse
+import json
 
 import pytest
 
 from medtee.attestation.cli import add_parser
+from medtee.paths import conf_dir
 
 
 def run(*argv):
@@ -55,3 +57,49 @@ def test_unusable_input_exits_2(vectors, capsys, extra):
 
 def test_unknown_policy_exits_2(capsys):
     assert run("--snp-report", "x", "--policy", "nope") == 2
+
+
+def _file(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_policy_file_accepts_genuine_evidence(vectors, tmp_path, capsys):
+    text = (conf_dir() / "attestation" / "authenticity.yaml").read_text().replace("name: authenticity\n", "")
+    rc = run("--snp-report", str(vectors / "snp/automata/report.bin"),
+             "--snp-cert", str(vectors / "snp/automata/vek_cert.der"),
+             "--policy", _file(tmp_path, "auditor.yaml", text), "--json")
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["ok"] and doc["policy"] == "auditor"  # a file without name: is named by its stem
+
+
+def test_policy_file_content_decides(vectors, tmp_path, capsys):
+    evidence = ["--snp-report", str(vectors / "snp/go-sev-guest/attestation.bin"),
+                "--snp-cert", str(vectors / "snp/go-sev-guest/vcek.testcer")]
+    strict = (conf_dir() / "attestation" / "snp_h100.yaml").read_text().replace("name: snp_h100", "name: site")
+    assert run(*evidence, "--policy", _file(tmp_path, "strict.yaml", strict)) == 1
+    assert "policy.debug: expected DEBUG=0, got DEBUG=1" in capsys.readouterr().out
+    lax = strict.replace("allow_debug: false", "allow_debug: true")
+    assert run(*evidence, "--policy", _file(tmp_path, "lax.yaml", lax), "--json") == 1
+    failed = [c["name"] for c in json.loads(capsys.readouterr().out)["checks"] if not c["ok"]]
+    assert failed and "policy.debug" not in failed
+
+
+@pytest.mark.parametrize("text, words", [
+    ("authenticity_onyl: true\n", ["unknown key 'authenticity_onyl'", "correct its spelling"]),
+    ("min_guest_svn: many\n", ["key 'min_guest_svn'", "fix its value"]),
+    ("provider: [file\n", ["not a YAML mapping", "line 2"]),
+    ("vmpl: 0\nvmpl: 1\n", ["found duplicate key vmpl, line 2"]),
+], ids=["unknown key", "wrong type", "yaml syntax", "duplicate key"])
+def test_malformed_policy_file_exits_2_naming_key_and_fix(vectors, tmp_path, capsys, text, words):
+    path = _file(tmp_path, "bad.yaml", text)
+    assert run("--snp-report", str(vectors / "snp/automata/report.bin"), "--policy", path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medtee: attest verify: attestation policy {path}: ") and err.count("\n") == 1
+    assert all(w in err for w in words), err
+
+
+def test_missing_policy_file_exits_2(capsys, tmp_path):
+    assert run("--snp-report", "x", "--policy", str(tmp_path / "none.yaml")) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 import pytest
 
 from medtee.attestation import AttestationPolicy, load_policy, policy_from_mapping
+from medtee.attestation.policy import MAX_POLICY_FILE_BYTES, is_policy_path, read_policy_file, resolve_policy
 from medtee.paths import conf_dir
 
 NAMES = sorted(p.stem for p in (conf_dir() / "attestation").glob("*.yaml"))
@@ -80,3 +81,30 @@ def test_rim_check_without_signxml_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "signxml", None)  # import signxml now raises ImportError
     checks = rim_checks({}, str(tmp_path), [], datetime(2026, 1, 1, tzinfo=timezone.utc), "gpu")
     assert [(c.name, c.ok) for c in checks] == [("gpu.rim.verifier", False)]
+
+
+@pytest.mark.parametrize("spec, is_file", [("snp_h200", False), ("mine.yaml", True), ("mine.yml", True),
+                                           ("dir/mine", True), ("./snp_h200", True)])
+def test_a_policy_spec_is_a_file_by_its_suffix_or_a_directory_part(spec, is_file):
+    assert is_policy_path(spec) is is_file
+
+
+def test_a_policy_file_is_named_by_its_name_key_else_its_stem(tmp_path):
+    shipped = (conf_dir() / "attestation" / "simulated.yaml").read_text()
+    (tmp_path / "copy.yaml").write_text(shipped)
+    (tmp_path / "nameless.yaml").write_text(shipped.replace("name: simulated\n", ""))
+    assert resolve_policy(str(tmp_path / "copy.yaml")) == load_policy("simulated")
+    nameless = read_policy_file(tmp_path / "nameless.yaml")
+    assert nameless.policy.name == "nameless" and nameless.data == (tmp_path / "nameless.yaml").read_bytes()
+    assert read_policy_file(tmp_path / "nameless.yaml", name="site").policy.name == "site"
+    with pytest.raises(ValueError, match="says name 'simulated' but is read as 'site'; set name: site in it"):
+        read_policy_file(tmp_path / "copy.yaml", name="site")
+
+
+def test_a_policy_file_is_bounded_and_regular(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * MAX_POLICY_FILE_BYTES + "\n")
+    with pytest.raises(ValueError, match=f"policy file {big} has .* bytes; at most {MAX_POLICY_FILE_BYTES}"):
+        resolve_policy(str(big))
+    with pytest.raises(ValueError, match="is not a regular file|give a policy YAML file"):
+        resolve_policy(str(tmp_path))

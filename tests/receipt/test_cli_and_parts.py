@@ -40,6 +40,25 @@ def test_cli_json_and_policy_file(run, capsys, tmp_path):
     assert doc["ok"] and doc["simulated"] and {c["name"] for c in doc["checks"]} >= {"signature", "binding"}
 
 
+def test_cli_policy_file_without_a_name_is_named_by_its_stem(run, capsys, tmp_path):
+    text = (conf_dir() / "attestation" / "simulated.yaml").read_text().replace("name: simulated\n", "")
+    (tmp_path / "site-dev.yaml").write_text(text)
+    assert main(["receipt", "verify", str(run.receipt), "--policy", str(tmp_path / "site-dev.yaml")]) == 0
+    assert "under policy 'site-dev'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, words", [
+    ("provider: [file\n", ["not a YAML mapping", "line 2"]),
+    ("allow_simulatd: true\n", ["unknown key 'allow_simulatd'", "correct its spelling"]),
+], ids=["yaml syntax", "unknown key"])
+def test_cli_malformed_policy_file_exits_2_naming_the_problem(run, capsys, tmp_path, text, words):
+    (tmp_path / "bad.yaml").write_text(text)
+    assert main(["receipt", "verify", str(run.receipt), "--policy", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medtee: receipt verify: unusable input: attestation policy ") and err.count("\n") == 1
+    assert all(w in err for w in words), err
+
+
 def test_cli_at_selects_the_appraisal_time(vectors, run, capsys):
     receipt = str(vector_run(vectors, run))
     assert main(["receipt", "verify", receipt, "--at", VLEK_TIME.isoformat(), "--json"]) == 1

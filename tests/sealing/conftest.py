@@ -47,3 +47,17 @@ def sealed(tmp_path, broker):
     manifest = seal_records(records, out, broker=broker, policy="simulated", dataset_id="test-ds", rows_per_shard=10,
                             row_group_rows=4)
     return out, manifest, records, broker.unwrap_data_key(manifest)
+
+
+JSONL_RECORDS = 30
+
+
+@pytest.fixture
+def jsonl(tmp_path, monkeypatch):
+    """`JSONL_RECORDS` marked records in tmp_path/in.jsonl, with tmp_path as the working directory."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(JSONL_RECORDS)))
+    return path

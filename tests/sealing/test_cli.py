@@ -2,21 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
 from medtee.cli import main
-
-from .conftest import make_records
-
-
-@pytest.fixture
-def jsonl(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(30)))
-    return path
 
 
 def test_seal_inspect_rotate_audit(jsonl, tmp_path, capsys):

@@ -1,0 +1,145 @@
+"""`medtee seal --policy NAME|FILE`: a shipped name, a name in the --broker-dir store, or a policy YAML file (put
+into that store), each enforced by the embedded broker at release; bad files refused with exit 2 and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from medtee.attestation import collect_evidence
+from medtee.attestation.simulated import SIMULATED_MEASUREMENT
+from medtee.broker.protocol import KeyReleaseDenied, obtain_data_key
+from medtee.broker.service import EmbeddedBroker
+from medtee.cli import main
+from medtee.paths import conf_dir
+from medtee.sealing.reader import open_dataset
+
+from .conftest import JSONL_RECORDS
+
+SIMULATED = (conf_dir() / "attestation" / "simulated.yaml").read_text()
+OTHER = "0f" * 48  # a measurement the simulated evidence does not have
+RECIPE = "ab" * 32
+
+
+def dev_policy(name: str | None, measurements=()) -> str:
+    """The shipped simulated policy named `name` (no name key for None), pinning `measurements`."""
+    head = f"name: {name}" if name else ""
+    return SIMULATED.replace("name: simulated", head) + f"measurements: {json.dumps(list(measurements))}\n"
+
+
+def release(store, out: str):
+    """One release of the dataset in `out` from the broker store `store` (simulated evidence): the number of records
+    the released key decrypts, or the names of the failed checks."""
+    ds = open_dataset(out)
+    def evidence(nonce, eph):
+        return collect_evidence("simulated", None, nonce=nonce, ephemeral_public_key=eph, recipe_digest=RECIPE)
+
+    try:
+        got = obtain_data_key(EmbeddedBroker(store), dataset_id=ds.manifest.dataset_id, evidence_for=evidence,
+                              manifest_digest=ds.manifest.digest(), recipe_digest=RECIPE)
+    except KeyReleaseDenied as e:
+        return [c.name for c in e.verdict.failures()]
+    return len(ds.read_records(got.data_key))
+
+
+def audit(store) -> list[dict]:
+    return [json.loads(line) for line in (store / "audit.log").read_text().splitlines()]
+
+
+def test_a_policy_file_is_stored_and_its_content_is_what_the_broker_enforces(jsonl, tmp_path, capsys):
+    store = tmp_path / ".medtee" / "broker"
+    ok = tmp_path / "site-dev.yaml"
+    ok.write_text(dev_policy(None, [SIMULATED_MEASUREMENT.hex()]))  # named by its stem
+    assert main(["seal", str(jsonl), "--out", "a", "--policy", str(ok), "--dataset-id", "file-a"]) == 0
+    out = capsys.readouterr().out
+    assert "release policy site-dev" in out and "policies/site-dev.yaml" in out
+    assert open_dataset("a").manifest.release_policy == "site-dev"
+    assert (store / "policies" / "site-dev.yaml").read_bytes() == ok.read_bytes()
+    added = [e for e in audit(store) if e["event"] == "policy-add"]
+    assert [(e["policy"], e["digest"]) for e in added] == [("site-dev", hashlib.sha256(ok.read_bytes()).hexdigest())]
+    assert release(store, "a") == JSONL_RECORDS
+
+    pinned = tmp_path / "pinned.yaml"
+    pinned.write_text(dev_policy("site-pinned", [OTHER]))
+    assert main(["seal", str(jsonl), "--out", "b", "--policy", str(pinned), "--dataset-id", "file-b"]) == 0
+    assert release(store, "b") == ["policy.measurement"]  # the file's pin, not the shipped simulated policy
+
+    assert main(["seal", str(jsonl), "--out", "c", "--policy", str(ok), "--dataset-id", "file-c"]) == 0  # same bytes
+    assert len([e for e in audit(store) if e["event"] == "policy-add"]) == 2 and release(store, "c") == JSONL_RECORDS
+
+
+def test_a_store_policy_name_is_sealed_and_released_under_that_policy(jsonl, tmp_path, capsys):
+    store = tmp_path / "owner-store"
+    source = tmp_path / "p.yaml"
+    source.write_text(dev_policy("site-pinned", [OTHER]))
+    EmbeddedBroker(store).add_policy("site-pinned", source)
+    assert main(["seal", str(jsonl), "--out", "ds", "--policy", "site-pinned", "--dataset-id", "store-ds"]) == 2
+    assert "does not exist yet: give the policy's YAML file" in capsys.readouterr().err  # default store: none there
+    assert not (tmp_path / "ds").exists() and not (tmp_path / ".medtee").exists()
+
+    assert main(["seal", str(jsonl), "--out", "ds", "--policy", "site-pinned", "--broker-dir", str(store),
+                 "--dataset-id", "store-ds"]) == 0
+    assert "release policy site-pinned" in capsys.readouterr().out
+    assert release(store, "ds") == ["policy.measurement"]
+    source.write_text(dev_policy("site-pinned", [SIMULATED_MEASUREMENT.hex()]))
+    assert main(["broker", "policy", "add", "site-pinned", str(source), "--broker-dir", str(store)]) == 0
+    assert release(store, "ds") == JSONL_RECORDS  # the store's current content decides, as for `policy set`
+    assert main(["seal", str(jsonl), "--out", "ds2", "--policy", "nope", "--broker-dir", str(store)]) == 2
+    assert "broker policy add nope FILE" in capsys.readouterr().err
+
+
+def test_a_file_never_replaces_another_policy_of_its_name(jsonl, tmp_path, capsys):
+    store = tmp_path / ".medtee" / "broker"
+    first = tmp_path / "first.yaml"
+    first.write_text(dev_policy("site", [SIMULATED_MEASUREMENT.hex()]))
+    assert main(["seal", str(jsonl), "--out", "a", "--policy", str(first)]) == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(dev_policy("site", [OTHER]))
+    capsys.readouterr()
+    assert main(["seal", str(jsonl), "--out", "b", "--policy", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "the broker store holds another policy of that name" in err and "broker policy add site" in err
+    assert (store / "policies" / "site.yaml").read_bytes() == first.read_bytes() and not (tmp_path / "b").exists()
+
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(dev_policy("snp_h200"))
+    assert main(["seal", str(jsonl), "--out", "b", "--policy", str(variant)]) == 2
+    assert "a shipped policy" in capsys.readouterr().err and "snp_h200-site" not in str(list(store.rglob("*")))
+    shipped = conf_dir() / "attestation" / "snp_h200.yaml"
+    assert main(["seal", str(jsonl), "--out", "b", "--policy", str(shipped)]) == 0  # the shipped file itself
+    assert open_dataset("b").manifest.release_policy == "snp_h200" and not (store / "policies" / "snp_h200.yaml").exists()
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("typo.yaml", "provider: simulated\nallow_simulatd: true\n", ["unknown key 'allow_simulatd'", "spelling"]),
+    ("type.yaml", "vmpl: zero\n", ["key 'vmpl'", "fix its value"]),
+    ("syntax.yaml", "provider: [file\n", ["not a YAML mapping"]),
+    ("list.yaml", "- provider\n", ["is a YAML list", "write a mapping"]),
+    ("prod.yaml", "production: true\nprovider: simulated\n", ["production policies need provider sev_snp"]),
+    ("my.policy.yaml", "provider: simulated\n", ["its name 'my.policy'", "set name: in it"]),
+    ("missing.yaml", None, ["does not exist", "give a policy YAML file"]),
+    ("adir.yaml", "", ["give a policy YAML file"]),
+], ids=["unknown key", "wrong type", "yaml syntax", "list", "inconsistent", "bad name", "missing", "directory"])
+def test_a_bad_policy_file_is_refused_with_exit_2_before_anything_is_written(jsonl, tmp_path, capsys, name, text,
+                                                                             words):
+    path = tmp_path / name
+    if name == "adir.yaml":
+        path.mkdir()
+    elif text is not None:
+        path.write_text(text)
+    assert main(["seal", str(jsonl), "--out", "ds", "--policy", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medtee: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err and all(w in err for w in words), err
+    assert not (tmp_path / "ds").exists() and not (tmp_path / ".medtee").exists()
+
+
+def test_a_remote_broker_takes_no_policy_file(jsonl, tmp_path, capsys):
+    path = tmp_path / "site.yaml"
+    path.write_text(dev_policy("site"))
+    assert main(["seal", str(jsonl), "--out", "ds", "--policy", str(path), "--broker", "https://127.0.0.1:9"]) == 2
+    assert "medtee broker policy add NAME" in capsys.readouterr().err
+    assert main(["seal", str(jsonl), "--out", "ds", "--policy", "site", "--broker", "https://127.0.0.1:9"]) == 2
+    assert "a remote broker's store cannot be read from here" in capsys.readouterr().err
