@@ -6,7 +6,8 @@ supervised). The baseline is `../shared/bench/peer_qlora_baseline.py` run as wri
 bitsandbytes by hand: fp32 upcast of the non-quantized weights, reentrant checkpointing, full logits, paged 8-bit
 AdamW). medtee's side is its own training path: `training.model.build_model` and `training.module.CausalLMModule`
 (loss, optimizer) under bf16 autocast with gradient clipping, as the Lightning trainer runs them, configured only by
-recipe files: `conf/model/<model conf>.yaml`, `conf/qlora/nf4_gpu.yaml`, `conf/trainer/gpu.yaml`.
+recipe files, composed by medtee.config: `conf/model/<model conf>.yaml`, `conf/qlora/nf4_gpu.yaml`,
+`conf/trainer/gpu.yaml` (`benchmarks/train_vs_module.py` checks that `medtee train` computes the same losses).
 
 Like the baseline, each side runs two layer counts and extrapolates s/step and peak memory linearly to 62 layers
 (or `--direct` runs 62 layers as is). Prints one JSON line per run and per extrapolation (a side that fails, e.g.
@@ -20,8 +21,8 @@ out of memory, prints its error and the others still run), a ratio per further m
     python benchmarks/qlora_gpu.py --direct                     # 62 layers, no extrapolation (~55 GB of weights)
     python benchmarks/qlora_gpu.py --tiny --no-quant --seq 256 --batch 2 --steps 2  # CPU smoke run
 
-Imports torch, transformers, peft, bitsandbytes, lightning, PyYAML, and medtee.training's model/module/loss (with
-medtee.data.chat's label constant) only.
+Needs torch, transformers, peft, bitsandbytes, lightning, and for medtee.config hydra-core, omegaconf and
+cryptography (`benchmarks/device/` carries them to a GPU machine).
 """
 
 from __future__ import annotations
@@ -35,38 +36,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-class Choice(str):
-    """A recipe enum value as medtee.config's schemas give it: compares as a string, has `.value`."""
+def recipe_sections(model_conf: str, *, weights: str, no_quant: bool, max_steps: int):
+    """(model, qlora, trainer) as medtee.config composes them from conf/ for `model_conf` (NAME or
+    NAME:field=value,...) over the weights at `weights`, with qlora=nf4_gpu (or unquantized) and trainer=gpu."""
+    from medtee import config
 
-    @property
-    def value(self) -> str:
-        return str(self)
-
-
-#: Fields that medtee.config's schemas type as enums (the rest stay plain values, as OmegaConf gives them).
-ENUM_FIELDS = {"source", "dtype", "quantization", "compute_dtype", "optimizer", "precision", "strategy"}
-
-
-def recipe_group(group: str, option: str, **overrides) -> SimpleNamespace:
-    """conf/<group>/<option>.yaml as the attribute object medtee.training reads (strings become Choice)."""
-    import yaml
-
-    data = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text())
-    data.update(overrides)
-    return SimpleNamespace(**{k: Choice(v) if k in ENUM_FIELDS else v for k, v in data.items()})
-
-
-def yaml_value(text: str):
-    """A command-line override value read as YAML (`3` -> 3, `true` -> True)."""
-    import yaml
-
-    return yaml.safe_load(text)
+    name, _, settings = model_conf.partition(":")
+    cfg = config.compose(["recipe=demo", f"model={name}", "model.source=pretrained", f"model.id={weights}",
+                          f"qlora={'unquantized' if no_quant else 'nf4_gpu'}", "trainer=gpu",
+                          f"trainer.max_steps={max_steps}", *(f"model.{item}" for item in settings.split(",") if item)])
+    return cfg.model, cfg.qlora, cfg.trainer
 
 
 def make_weights(dims: dict, layers: int, workdir: str, device: str) -> str:
@@ -97,12 +81,8 @@ def run_medtee(layers: int, args, dims: dict, workdir: str, model_conf: str, mat
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
     path = make_weights(dims, layers, workdir, device)
-    name, _, settings = model_conf.partition(":")
-    overrides = dict(item.split("=", 1) for item in settings.split(",") if item)
-    model_cfg = recipe_group("model", name, source=Choice("pretrained"), id=path, revision=None,
-                             **{k: yaml_value(v) for k, v in overrides.items()})
-    qlora_cfg = recipe_group("qlora", "nf4_gpu", **({"quantization": "none"} if args.no_quant else {}))
-    trainer_cfg = recipe_group("trainer", "gpu", max_steps=args.warmup + args.steps)
+    model_cfg, qlora_cfg, trainer_cfg = recipe_sections(model_conf, weights=path, no_quant=args.no_quant,
+                                                        max_steps=args.warmup + args.steps)
     model = build_model(model_cfg, qlora_cfg, vocab_size=dims["vocab_size"], device=device)
     t_load = time.time() - t0
     module = CausalLMModule(model, trainer_cfg)

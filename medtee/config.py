@@ -359,10 +359,19 @@ def check(cfg) -> None:
 
 
 def _production_problems(cfg) -> list[str]:
-    """What a production hardware profile demands of the other groups."""
+    """What a production hardware profile demands of the other groups; a development profile, of the policy."""
     hw, att = cfg.hardware, cfg.attestation
+    if att.authenticity_only:
+        return [f"attestation policy '{att.name}' only appraises evidence for audits (`medtee attest verify "
+                f"--policy {att.name}`) and releases no key: a run needs attestation=simulated on a development "
+                f"profile, or a production policy such as attestation=snp_h200"]
     if not hw.production:
-        return []
+        if att.provider == "simulated" or att.allow_simulated:
+            return []
+        return [f"hardware profile '{hw.name}' is a development profile (no TEE: its evidence is SIMULATED), so it "
+                f"pairs only with a development attestation policy such as attestation=simulated; policy "
+                f"'{att.name}' accepts hardware evidence only: choose a production hardware profile for it, e.g. "
+                f"hardware=h200_sev_snp"]
     problems = []
     if att.allow_simulated or att.provider == "simulated" or not att.production:
         problems.append(f"hardware profile '{hw.name}' is a production profile but attestation policy "

@@ -55,7 +55,9 @@ def mismatches(profile) -> list[str]:
         import torch
 
         if not torch.cuda.is_available():
-            problems.append(f"hardware profile '{profile.name}' needs CUDA GPUs and torch sees none")
+            fix = "" if profile.production else " (on a machine without one, use hardware=cpu_dev)"
+            problems.append(f"hardware profile '{profile.name}' needs CUDA GPUs and torch sees none: run it where "
+                            f"torch.cuda.is_available() is true (an NVIDIA GPU and a CUDA build of torch){fix}")
         else:
             count = torch.cuda.device_count()
             if count < profile.devices:

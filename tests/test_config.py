@@ -247,7 +247,12 @@ def test_plain_http_broker_on_loopback_is_allowed():
 @pytest.mark.parametrize("group, option", [(g, o) for g, options in config.group_options().items() for o in options])
 def test_every_option_of_every_group_composes(group, option):
     """Each shipped option composes against its schema (over the demo, or over the production recipe for options
-    that need a production counterpart) and yields a digest."""
+    that need a production counterpart) and yields a digest; the audit-only policy is refused by every run."""
+    if (group, option) == ("attestation", "authenticity"):
+        for base in ("demo", "medgemma27b_h200_sev_snp"):
+            with pytest.raises(ConfigError, match="only appraises evidence for audits .* releases no key"):
+                config.compose([f"recipe={base}", "attestation=authenticity"])
+        return
     for base in ("demo", "medgemma27b_h200_sev_snp"):
         try:
             cfg = config.compose([f"recipe={base}", f"{group}={option}"])
@@ -324,3 +329,33 @@ def test_a_recipe_file_with_a_moved_key_names_the_new_one(tmp_path):
     path.write_text("# @package _global_\nencryption:\n  broker: https://broker.example\n")
     with pytest.raises(ConfigError, match=r"key 'encryption.broker' has moved: write 'broker.url'"):
         config.compose(config.use_recipe_files([f"recipe={path}"]))
+
+
+@pytest.mark.parametrize("hardware", ["cpu_dev", "gpu_dev"])
+@pytest.mark.parametrize("policy", ["snp_h100", "snp_h200"])
+def test_development_hardware_pairs_only_with_development_policies(hardware, policy):
+    with pytest.raises(ConfigError) as err:
+        config.compose(["recipe=demo", f"hardware={hardware}", f"attestation={policy}"])
+    assert f"hardware profile '{hardware}' is a development profile" in str(err.value)
+    assert "attestation=simulated" in str(err.value)
+
+
+def test_gpu_dev_is_cpu_dev_on_cuda():
+    cpu, gpu = (config.compose(["recipe=demo", f"hardware={h}"]).hardware for h in ("cpu_dev", "gpu_dev"))
+    assert gpu.accelerator == "cuda" and cpu.accelerator == "cpu"
+    assert not gpu.production and not gpu.require_sev_snp and not gpu.require_gpu_cc
+    assert {k: v for k, v in gpu.items() if k not in ("name", "accelerator")} == \
+        {k: v for k, v in cpu.items() if k not in ("name", "accelerator")}
+
+
+def test_num_layers_cuts_random_models_only():
+    with pytest.raises(ConfigError, match=r"model.num_layers=2 cuts the depth of a random-weight model only: add "
+                                          r"model.source=random"):
+        config.compose(["recipe=demo", "model.num_layers=2"])
+    with pytest.raises(ConfigError, match="model.num_layers=63 exceeds the 62 decoder layers"):
+        config.compose(["recipe=medgemma27b_random_gpu_dev", "model.num_layers=63"])
+    with pytest.raises(ConfigError, match="model.architecture.*gemma3_27b"):
+        config.compose(["recipe=medgemma27b_random_gpu_dev", "model.architecture=gemma3_1b"])
+    with pytest.raises(ConfigError, match="model.num_layers=35 exceeds the 34 decoder layers of "
+                                          "model.architecture=gemma3_4b"):
+        config.compose(["recipe=medgemma27b_random_gpu_dev", "model.architecture=gemma3_4b", "model.num_layers=35"])

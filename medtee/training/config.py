@@ -52,7 +52,26 @@ class Attention(str, Enum):  # transformers attention backends (a fixed set: a h
 
 class ModelSource(str, Enum):
     tiny = "tiny"  # a small Gemma 3 built from `tiny` with random weights (tests, the demo)
+    random = "random"  # the real shape of `architecture` with random weights: the real recipe, no download
     pretrained = "pretrained"  # weights loaded by Hugging Face id or local path
+
+
+class Architecture(str, Enum):
+    gemma3_27b = "gemma3_27b"  # Gemma 3 27B, the shape of MedGemma 27B text
+    gemma3_4b = "gemma3_4b"  # Gemma 3 4B's language model, the shape of MedGemma 4B's
+
+
+#: Gemma3TextConfig arguments of each architecture (source=random). Only the shape: the other settings keep
+#: transformers' defaults, exactly as the peer baseline (`../shared/bench/peer_qlora_baseline.py`) builds its model,
+#: so a benchmark and `medtee train` on the same batches compare loss for loss.
+ARCHITECTURES = {
+    Architecture.gemma3_27b: dict(vocab_size=262208, hidden_size=5376, intermediate_size=21504,
+                                  num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                                  query_pre_attn_scalar=168, sliding_window=1024, max_position_embeddings=131072),
+    Architecture.gemma3_4b: dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                                 sliding_window=1024, max_position_embeddings=131072),
+}
 
 
 @dataclass
@@ -98,9 +117,21 @@ class ModelConfig:
     compile_layers: bool = False  # torch.compile each decoder layer (fuses element-wise ops; slow first steps)
     offline: bool = True  # never contact the model hub (weights must be local or cached)
     tiny: TinyGemma3 = field(default_factory=TinyGemma3)  # architecture when source=tiny
+    architecture: Architecture = Architecture.gemma3_27b  # shape built when source=random
+    num_layers: Optional[int] = None  # source=random: decoder layers to build (None: all, 62 for gemma3_27b)
+    init_seed: int = 0  # source=random: seed of the random weights (drawn on the training device)
 
     def problems(self) -> list[str]:
-        return below_minimums(self, "model", {"checkpoint_every_n_layers": 1}) + TinyGemma3.problems(self.tiny)
+        out = below_minimums(self, "model", {"checkpoint_every_n_layers": 1, "num_layers": 1})
+        if self.num_layers is not None:
+            depth = ARCHITECTURES[Architecture(self.architecture)]["num_hidden_layers"]
+            if self.source != ModelSource.random:
+                out.append(f"model.num_layers={self.num_layers} cuts the depth of a random-weight model only: add "
+                           f"model.source=random (for source=tiny, set model.tiny.num_hidden_layers)")
+            elif self.num_layers > depth:
+                out.append(f"model.num_layers={self.num_layers} exceeds the {depth} decoder layers of "
+                           f"model.architecture={Architecture(self.architecture).value}: use 1 to {depth}")
+        return out + TinyGemma3.problems(self.tiny)
 
 
 class Optimizer(str, Enum):

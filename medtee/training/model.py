@@ -18,10 +18,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def build_tokenizer(model_cfg):
-    """The demo tokenizer for tiny models (built offline, trained on synthetic text only); else the model's own."""
+    """The demo tokenizer for random-weight models (built offline, trained on synthetic text only); else the model's
+    own."""
     from medtee.data.tokenizer import DEMO, load_tokenizer
 
-    if model_cfg.source == "tiny":
+    if model_cfg.source in ("tiny", "random"):
         return load_tokenizer(DEMO)
     try:
         return load_tokenizer(model_cfg.id, revision=model_cfg.revision, offline=model_cfg.offline)
@@ -41,6 +42,54 @@ def _tiny_config(model_cfg, vocab_size: int):
     )
 
 
+def random_config(model_cfg, vocab_size: int):
+    """Gemma3TextConfig of `model.architecture` cut to `model.num_layers` (source=random).
+
+    `vocab_size` (the tokenizer's) must fit the architecture's own vocabulary, which the model keeps, so the
+    embedding and output layer have their real shape."""
+    from transformers import Gemma3TextConfig
+
+    from medtee.training.config import ARCHITECTURES, Architecture
+
+    dims = dict(ARCHITECTURES[Architecture(model_cfg.architecture)])
+    if vocab_size > dims["vocab_size"]:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens, more than model.architecture="
+                         f"{Architecture(model_cfg.architecture).value}'s {dims['vocab_size']}")
+    if model_cfg.num_layers is not None:
+        dims["num_hidden_layers"] = model_cfg.num_layers
+    return Gemma3TextConfig(**dims)
+
+
+def _random_model(config, *, seed: int, dtype: torch.dtype, device: str):
+    """A model of `config` with weights drawn straight in `dtype` on `device`, as the peer baseline draws its own."""
+    from transformers import Gemma3ForCausalLM
+
+    if device == "cuda":
+        device = f"cuda:{_local_gpu()}"
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Gemma3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _local_gpu() -> int:
+    """This process's GPU: torchrun sets LOCAL_RANK, srun SLURM_LOCALID."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
+def _scratch_dir(size: int) -> str | None:
+    """/dev/shm when it holds `size` bytes twice over (random weights, never patient data), else the temp dir."""
+    import shutil
+
+    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size:
+        return "/dev/shm"
+    return None
+
+
 def _quantization_config(qlora_cfg, *, storage: torch.dtype):
     if qlora_cfg.quantization == "none":
         return None
@@ -53,7 +102,8 @@ def _quantization_config(qlora_cfg, *, storage: torch.dtype):
 
 
 def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, sharded: bool = False):
-    """The frozen base model: a random tiny Gemma 3, or pretrained weights by id/path at a pinned revision."""
+    """The frozen base model: random weights (a tiny Gemma 3, or a real architecture's shape), or pretrained weights
+    by id/path at a pinned revision."""
     from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -65,16 +115,24 @@ def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, shard
     kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation.value)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if device == "cuda":  # this process's GPU: torchrun sets LOCAL_RANK, srun SLURM_LOCALID
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))}
-    if model_cfg.source == "tiny":
-        torch.manual_seed(model_cfg.tiny.seed)
-        model = Gemma3ForCausalLM(_tiny_config(model_cfg, vocab_size)).to(dtype)
+        if device == "cuda":
+            kwargs["device_map"] = {"": _local_gpu()}
+    if model_cfg.source in ("tiny", "random"):
+        if model_cfg.source == "tiny":
+            torch.manual_seed(model_cfg.tiny.seed)
+            model = Gemma3ForCausalLM(_tiny_config(model_cfg, vocab_size)).to(dtype)
+        else:
+            model = _random_model(random_config(model_cfg, vocab_size), seed=model_cfg.init_seed, dtype=dtype,
+                                  device=device)
         if quant is None:
             return model.to(device)
         # bitsandbytes quantizes while loading: round-trip the random (non-patient) weights through a temp dir.
-        with tempfile.TemporaryDirectory(prefix="medtee-tiny-model-") as tmp:
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        with tempfile.TemporaryDirectory(prefix="medtee-random-model-", dir=_scratch_dir(size)) as tmp:
             model.save_pretrained(tmp)
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
             return AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
     # recipes are data: no code from the model's repository, and no pickled weights (unpickling runs code)
     model = AutoModelForCausalLM.from_pretrained(model_cfg.id, revision=model_cfg.revision,
@@ -102,7 +160,7 @@ def disable_cpu_4bit_inference_path(model) -> int:
 
 
 def weight_digests(model_cfg) -> dict[str, str]:
-    """sha256 of every weight file of a pretrained model ({file name: hex}); {} for the tiny random model.
+    """sha256 of every weight file of a pretrained model ({file name: hex}); {} for random-weight models.
 
     Resolves `id` as a local directory or a Hugging Face snapshot at `revision` (local cache only when offline).
     """
@@ -133,17 +191,27 @@ def weight_digests(model_cfg) -> dict[str, str]:
         return dict(zip((p.name for p in files), pool.map(sha256_file, files)))
 
 
-def _save_matmul_and_attention_outputs(ctx, op, *args, **kwargs):
-    """Selective-checkpointing policy: keep the outputs of large matmuls and attention, recompute the rest."""
+def _save_matmul_and_attention_outputs(ctx, op, *args, four_bit: frozenset = frozenset(), **kwargs):
+    """Selective-checkpointing policy: keep the outputs of the base-weight matmuls (bitsandbytes' fused 4-bit matmul,
+    or a plain matmul over at least 256 inputs) and of attention; recompute the rest."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if op in _ATTENTION_OPS:
+    if op in _ATTENTION_OPS or op in four_bit:
         return CheckpointPolicy.MUST_SAVE
     if op in _MATMUL_OPS:
         a = args[1] if op is torch.ops.aten.addmm.default else args[0]
         if a.shape[-1] >= 256:  # base-weight matmuls; LoRA's rank-r products are cheaper to recompute than to keep
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def four_bit_matmul_ops() -> frozenset:
+    """bitsandbytes' 4-bit matmul op (dequantize and matmul fused in one kernel), once bitsandbytes has registered
+    it; empty before (an unquantized model)."""
+    try:
+        return frozenset({torch.ops.bitsandbytes.gemm_4bit.default})
+    except AttributeError:
+        return frozenset()
 
 
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
@@ -174,8 +242,8 @@ def enable_activation_checkpointing(model, *, every_n_layers: int, selective: bo
     if every_n_layers < 1:
         raise ValueError(f"model.checkpoint_every_n_layers must be >= 1, got {every_n_layers}")
     full = partial(checkpoint, use_reentrant=False)
-    sac = partial(checkpoint, use_reentrant=False,
-                  context_fn=partial(create_selective_checkpoint_contexts, _save_matmul_and_attention_outputs))
+    policy = partial(_save_matmul_and_attention_outputs, four_bit=four_bit_matmul_ops())
+    sac = partial(checkpoint, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, policy))
     counts = {"full": 0, "selective": 0, "none": 0}
     for index, layer in enumerate(decoder_layers(model)):
         mode = "full" if index % every_n_layers == 0 else "selective" if selective else "none"

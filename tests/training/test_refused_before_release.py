@@ -119,3 +119,15 @@ def test_a_key_broker_that_is_down_is_a_refusal(tmp_path):
     assert res.returncode == 1, res.stderr[-2000:]
     assert "unreachable" in res.stderr and RELEASED not in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("recipe", ["demo_gpu", "medgemma27b_random_gpu_dev"])
+def test_a_gpu_development_recipe_on_a_machine_without_cuda_is_refused_before_anything(recipe, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the recipe would run (see tests/training/test_gpu_dev_cuda.py)")
+    res = run_medtee("train", f"recipe={recipe}", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "hardware profile 'gpu_dev' needs CUDA GPUs" in res.stderr and "hardware=cpu_dev" in res.stderr
+    assert RELEASED not in res.stderr and "Traceback" not in res.stderr and list(tmp_path.iterdir()) == []
