@@ -13,18 +13,21 @@ training run, composed and guarded by the caller), and tells Optuna the objectiv
   gives back (to WAITING, unsampled) a trial that a concurrent worker made surplus; Optuna hands each trial to one
   worker only, so no trial runs twice.
 
-Residual: a worker killed in the milliseconds between Optuna creating a trial and its first heartbeat leaves a
-RUNNING trial that Optuna's heartbeat cannot see; it never counts as COMPLETE (see docs/sweeps.md).
+- a worker killed between Optuna creating a trial and its first heartbeat leaves a RUNNING trial that Optuna's
+  heartbeat cannot see and that no worker claimed (no `worker` user attr, set right after the first heartbeat):
+  once it started `sweep.grace()` seconds ago it is failed and retried the same way.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import optuna
@@ -140,7 +143,7 @@ def run_sweep(space: SweepConfig, runner: TrialRunner, *, storage_url: str, work
 def _loop(space, study, storage, runner, guard, tracker, worker_id) -> str:
     deadline = time.monotonic() + space.timeout_s if space.timeout_s else None
     while True:
-        if _fail_stale(study) and tracker:
+        if _fail_stale(study, space.grace()) and tracker:
             tracker.reconcile(study)
         trials = study.get_trials(deepcopy=False)
         complete = _count(trials, TrialState.COMPLETE)
@@ -175,7 +178,7 @@ def _surplus(study, number: int, n_trials: int) -> bool:
 
 
 def _run_trial(space, study, trial, runner, guard, tracker, worker_id, retry_of) -> None:
-    trial.set_user_attr("worker", checked("worker", worker_id, TRIAL_ATTRS))
+    trial.set_user_attr("worker", checked("worker", worker_id, TRIAL_ATTRS))  # the claim `_fail_stale` reads
     params = {key: _suggest(trial, key, d) for key, d in space.parameters.items()}
     overrides = to_overrides(params)
     if tracker:
@@ -219,10 +222,21 @@ def _suggest(trial, key: str, d) -> Any:
     return trial.suggest_float(key, float(d.low), float(d.high), step=d.step, log=d.log)
 
 
-def _fail_stale(study) -> bool:
-    """Fail the trials whose heartbeat stopped (their retries queued); whether any was failed by this worker."""
+def _fail_stale(study, grace_s: int) -> bool:
+    """Fail the trials whose heartbeat stopped, and those no worker claimed within `grace_s` seconds of their start
+    (killed before the first heartbeat); their retries are queued. Whether any was failed by this worker."""
     before = _count(study.get_trials(deepcopy=False), TrialState.FAIL)
     optuna.storages.fail_stale_trials(study)
+    storage, cutoff = study._storage, datetime.now() - timedelta(seconds=grace_s)
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" in t.user_attrs or t.datetime_start is None or t.datetime_start > cutoff:
+            continue
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL) and retry is not None:
+                retry(study, copy.deepcopy(storage.get_trial(t._trial_id)))
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            pass
     return _count(study.get_trials(deepcopy=False), TrialState.FAIL) > before
 
 

@@ -88,6 +88,24 @@ def _worker(tmp_path, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def test_a_trial_no_worker_claimed_is_failed_after_the_grace_and_retried(tmp_path):
+    """A worker killed between Optuna's ask and its first heartbeat: the trial never heartbeats, so Optuna's own
+    stale check cannot see it; it used to keep the other workers waiting until their timeout."""
+    import time
+
+    from medtee.sweep.engine import open_storage, open_study
+
+    space = sweep_worker.space(n_trials=2, timeout_s=30)
+    orphan = open_study(space, open_storage(space, f"sqlite:///{tmp_path / 'optuna.db'}"), "dead").ask()
+    time.sleep(space.grace() + 1)
+    result, study, _ = _sweep(tmp_path, sweep_worker.FakeRunner(), n_trials=2, timeout_s=30)
+    assert result.stopped == "done" and result.complete == 2
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[orphan.number].state == TrialState.FAIL
+    [retry] = [t for t in trials.values() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert retry.state == TrialState.COMPLETE and trials[orphan.number].params == {}  # killed before sampling
+
+
 @pytest.mark.slow
 def test_workers_killed_mid_trial_before_the_child_and_after_tell_resume_to_exactly_n_trials(tmp_path):
     rng = random.Random(1234)
