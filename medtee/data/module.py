@@ -16,6 +16,8 @@ Imports torch and lightning: only the training code imports this module, never t
   dialogue boundary. The model must be called without a KV cache (`use_cache=False`), as in training.
 - Each epoch shuffles the training items by (seed, epoch); data-parallel ranks take disjoint strided shares of equal
   size (the `len % world_size` remainder sits the epoch out; it changes from epoch to epoch).
+- `poisson=True` (DP-SGD, `privacy.dp`): each training batch is instead a Poisson sample of the training dialogues
+  (`PoissonBatches`, Opacus's sampler), the sampling DP-SGD's accountant assumes; validation is unchanged.
 - The training loader is stateful (epoch and batches served): Lightning saves it in checkpoints and restores it on
   resume, and `DialogueDataModule.state_dict()` exposes the same state.
 """
@@ -23,6 +25,7 @@ Imports torch and lightning: only the training code imports this module, never t
 from __future__ import annotations
 
 import bisect
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -129,6 +132,8 @@ class Batches:
     is a permutation by (seed, epoch) when `shuffle`; this rank takes every `world_size`-th item from `rank`.
     """
 
+    SAMPLING: str | None = None  # how batches are drawn, when not by shuffling (in the state: resume checks it)
+
     def __init__(self, data: TokenizedRecords, items: list[np.ndarray], *, batch_size: int, packed: bool,
                  pad_id: int, seed: int, shuffle: bool, rank: int, world_size: int):
         self._data, self._items, self._packed, self._pad_id = data, items, packed, pad_id
@@ -150,6 +155,10 @@ class Batches:
         return {"epoch": self.epoch, "position": self.position, **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("sampling") != self.SAMPLING:
+            raise ValueError(f"cannot resume the data position: the checkpoint's batches were drawn by "
+                             f"{state.get('sampling') or 'shuffling'}, this run's by {self.SAMPLING or 'shuffling'} "
+                             f"(resume with the privacy.dp.enabled setting of the run that wrote it)")
         expected = self._fingerprint()
         changed = [key for key, value in expected.items() if state.get(key) != value]
         if changed:
@@ -178,8 +187,9 @@ class Batches:
             yield batch
 
     def _collate(self, rows: list[np.ndarray]) -> dict:
+        """Padded (or packed) tensors of `rows`; no row (a Poisson sample may draw none): tensors of shape (0, 0)."""
         data = self._data
-        width = max(int(self._lengths[row].sum()) for row in rows)
+        width = max((int(self._lengths[row].sum()) for row in rows), default=0)
         input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         if self._packed:
@@ -205,11 +215,53 @@ class Batches:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+class PoissonBatches(Batches):
+    """DP-SGD's training batches: each holds every training dialogue independently with probability
+    `sample_rate` = min(1, batch_size / n), drawn by Opacus's `UniformWithReplacementSampler` (the sampling its RDP
+    accountant assumes), so sizes vary around batch_size and a batch may have no row.
+
+    The sampler's generator is seeded from the OS, not from `seed`: the recipe is public, and which dialogues a
+    step saw must not be reproducible from it. An epoch is Opacus's int(1 / sample_rate) steps. The state (epoch,
+    batches served) keeps epoch boundaries across a resume; the draws after it are fresh.
+    """
+
+    SAMPLING = "poisson"
+
+    def __init__(self, data: TokenizedRecords, *, batch_size: int, pad_id: int, seed: int):
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        super().__init__(data, [np.asarray([i]) for i in range(len(data))], batch_size=batch_size, packed=False,
+                         pad_id=pad_id, seed=seed, shuffle=False, rank=0, world_size=1)
+        self.sample_rate = min(1.0, batch_size / len(data))
+        generator = torch.Generator()
+        generator.manual_seed(secrets.randbits(63))
+        self._sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=self.sample_rate,
+                                                      generator=generator)
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+    def _fingerprint(self) -> dict:
+        return {**super()._fingerprint(), "sampling": self.SAMPLING}
+
+    def __iter__(self) -> Iterator[dict]:
+        total = len(self)
+        for number, indices in zip(range(self.position, total), self._sampler):
+            batch = self._collate([self._items[k] for k in indices])
+            if number + 1 == total:
+                self.epoch, self.position = self.epoch + 1, 0
+            else:
+                self.position = number + 1
+            yield batch
+
+
 class DialogueDataModule(LightningDataModule):
-    """Chat records (in memory) to training and validation batches; see the module docstring."""
+    """Chat records (in memory) to training and validation batches; see the module docstring. `poisson`: training
+    batches are Poisson samples (`PoissonBatches`, for DP-SGD; one process, no packing)."""
 
     def __init__(self, records: Iterable[dict] | Callable[[], Iterable[dict]], tokenizer, *, max_length: int,
-                 batch_size: int, val_fraction: float, seed: int, packing: bool = False, num_workers: int = 0):
+                 batch_size: int, val_fraction: float, seed: int, packing: bool = False, num_workers: int = 0,
+                 poisson: bool = False):
         super().__init__()
         if max_length < 2 or batch_size < 1:
             raise ValueError(f"max_length must be >= 2 and batch_size >= 1 (got {max_length}, {batch_size})")
@@ -218,11 +270,14 @@ class DialogueDataModule(LightningDataModule):
         if num_workers != 0:
             raise ValueError("num_workers must be 0: batches are cut from in-memory arrays in the training process, "
                              "and worker processes would only copy the decrypted data into more processes")
+        if poisson and packing:
+            raise ValueError("Poisson sampling (DP-SGD) samples dialogues, and a packed row holds several: set "
+                             "packing=False")
         check_chat_template(tokenizer)  # the text trained on is the text the model's own template serves
         self._records = records
         self._tokenizer = tokenizer
         self._max_length, self._batch_size, self._val_fraction = max_length, batch_size, val_fraction
-        self._seed, self._packing = seed, packing
+        self._seed, self._packing, self._poisson = seed, packing, poisson
         self._train: TokenizedRecords | None = None
         self._val: TokenizedRecords | None = None
         self._counts: dict[str, int] = {}
@@ -269,9 +324,20 @@ class DialogueDataModule(LightningDataModule):
                        pad_id=self._tokenizer.pad_token_id, seed=self._seed, shuffle=shuffle, rank=rank,
                        world_size=world_size)
 
+    def _train_batches(self, world_size: int | None = None) -> Batches:
+        if not self._poisson:
+            return self._batches(self._train, shuffle=True, world_size=world_size)
+        if self._train is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        if (world_size or self._rank_world()[1]) != 1:
+            raise ValueError("Poisson sampling (DP-SGD) draws every batch from the whole training split in one "
+                             "process: run on one device (hardware.devices=1, hardware.num_nodes=1)")
+        return PoissonBatches(self._train, batch_size=self._batch_size, pad_id=self._tokenizer.pad_token_id,
+                              seed=self._seed)
+
     def train_dataloader(self) -> Batches:
         state = self._pending_state or (self._train_loader.state_dict() if self._train_loader is not None else None)
-        self._train_loader = self._batches(self._train, shuffle=True)
+        self._train_loader = self._train_batches()
         if state:  # a new loader (e.g. dataloaders reloaded by Lightning) continues where the last one stopped
             self._train_loader.load_state_dict(state)
         self._pending_state = None
@@ -298,7 +364,7 @@ class DialogueDataModule(LightningDataModule):
     def resume_problem(self, state: dict, *, world_size: int) -> str | None:
         """Why a saved training position cannot resume with this data on `world_size` processes, or None."""
         try:
-            self._batches(self._train, shuffle=True, world_size=world_size).load_state_dict(state)
+            self._train_batches(world_size).load_state_dict(state)
         except ValueError as exc:  # medtee's own message: names settings, never data
             return str(exc)
         return None

@@ -6,13 +6,15 @@
   and the saved adapter are unchanged.
 - One sample is one batch row, i.e. one dialogue record (packing is refused: `config.dp_problems`). The loss of a
   batch is the mean of each dialogue's own mean token loss, so no dialogue's gradient depends on another's.
+- Sampling: each step's batch is a Poisson sample, every training dialogue in it independently with probability
+  q = min(1, batch_size / n_train) (`medtee.data.module.PoissonBatches`, Opacus's `UniformWithReplacementSampler`):
+  exactly what the RDP accountant's bound is for. Batch sizes vary; a batch may be empty (`dialogue_losses`).
 - `DPOptimizer` clips each dialogue's gradient to `max_grad_norm`, adds N(0, (noise_multiplier * max_grad_norm)^2)
-  noise to the sum and divides by the batch size. The noise multiplier is Opacus's for (target_epsilon,
-  target_delta) after `trainer.max_steps` steps at sample rate batch_size / n_train (RDP accountant).
-- Sampling: medtee's loader serves fixed-size batches of an epoch-wise shuffled permutation, which the accountant
-  treats as Poisson sampling at that rate (see SAMPLING and docs/training.md: an approximation, not a proof).
-- Noise comes from a generator seeded from the OS (never the recipe's seed): the recipe is public, the noise must
-  not be reproducible from it.
+  noise to the sum and divides by the expected batch size q * n_train, as after Opacus's own `DPDataLoader`: the
+  hooks (`loss_reduction="mean"`) undo the mean over the batch's actual rows, whatever their number. The noise
+  multiplier is Opacus's for (target_epsilon, target_delta) after `trainer.max_steps` steps at rate q.
+- Noise and sampling come from generators seeded from the OS (never the recipe's seed): the recipe is public, neither
+  must be reproducible from it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
                                           "module outputs", category=UserWarning)
 
 ACCOUNTANT = "rdp"
-SAMPLING = "shuffled fixed-size batches, accounted as Poisson sampling at sample_rate = batch_size / n_train"
+SAMPLING = ("Poisson: each training dialogue in each step's batch independently with probability sample_rate "
+            "(Opacus's UniformWithReplacementSampler), as the accountant assumes")
 
 
 class PrivateTraining:
@@ -49,6 +52,7 @@ class PrivateTraining:
         self.cfg = dp_cfg
         self.batch_size, self.steps = batch_size, steps
         self.sample_rate = min(1.0, batch_size / dataset_size)
+        self.expected_batch_size = min(batch_size, dataset_size)  # sample_rate * dataset_size, exactly
         self.noise_multiplier = float(get_noise_multiplier(
             target_epsilon=dp_cfg.target_epsilon, target_delta=dp_cfg.target_delta, sample_rate=self.sample_rate,
             steps=steps, accountant=ACCOUNTANT))
@@ -63,7 +67,7 @@ class PrivateTraining:
         generator = torch.Generator(device=device)
         generator.manual_seed(secrets.randbits(63))
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
-                                   max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.batch_size,
+                                   max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.expected_batch_size,
                                    loss_reduction="mean", generator=generator)
         dp_optimizer.attach_step_hook(self._account)
         return dp_optimizer
@@ -80,10 +84,19 @@ class PrivateTraining:
         return {"epsilon": self.spent_epsilon(), "delta": self.cfg.target_delta,
                 "target_epsilon": self.cfg.target_epsilon, "noise_multiplier": self.noise_multiplier,
                 "max_grad_norm": self.cfg.max_grad_norm, "sample_rate": self.sample_rate,
-                "steps": self.accounted_steps(), "accountant": ACCOUNTANT, "sampling": SAMPLING}
+                "expected_batch_size": self.expected_batch_size, "steps": self.accounted_steps(),
+                "accountant": ACCOUNTANT, "sampling": SAMPLING}
 
     def accounted_steps(self) -> int:
         return sum(steps for _, _, steps in self.accountant.history)
+
+    def check_sampling(self, loader) -> None:
+        """Refuse a training loader that does not Poisson-sample at this run's rate: the guarantee would not hold."""
+        rate = getattr(loader, "sample_rate", None)
+        if getattr(loader, "SAMPLING", None) != "poisson" or rate is None or abs(rate - self.sample_rate) > 1e-12:
+            raise ValueError(f"privacy.dp: the training batches are not Poisson samples at the accounted rate "
+                             f"q={self.sample_rate:.6g}, so the accountant's epsilon would not bound them: build the "
+                             f"data module with DialogueDataModule(poisson=True) and the same batch_size")
 
     def state_dict(self) -> dict:
         """The accountant's history (checkpointed: a resumed run keeps counting what was spent)."""
@@ -94,9 +107,16 @@ class PrivateTraining:
 
 
 def dialogue_losses(causal_lm, batch: dict, *, chunk_tokens: int) -> torch.Tensor:
-    """Each batch row's mean token loss, shape (batch,), by the chunked loss (`chunk_tokens` 0: a row per chunk)."""
+    """Each batch row's mean token loss, shape (batch,), by the chunked loss (`chunk_tokens` 0: a row per chunk).
+
+    A batch without rows (Poisson sampling drew no dialogue) gives one zero loss over a data-independent stand-in
+    row: Opacus's hooks still fire (the model cannot run on zero rows), its per-sample gradient is zero, and the
+    step adds noise and is accounted like any other."""
     from medtee.training.loss import chunked_causal_lm_loss
 
+    if batch["input_ids"].shape[0] == 0:
+        stand_in = torch.zeros((1, 1), dtype=torch.long, device=batch["input_ids"].device)
+        return causal_lm.model(input_ids=stand_in).last_hidden_state.sum(dim=(1, 2)) * 0.0
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     hidden = causal_lm.model(**inputs).last_hidden_state
     labels = batch["labels"]

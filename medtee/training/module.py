@@ -29,9 +29,11 @@ class CausalLMModule(L.LightningModule):
     Checkpoints hold the trainable (LoRA) parameters only, plus the RNG states and `run_info` (e.g. the MLflow run
     id); the frozen base is rebuilt from the recipe on resume.
 
-    `dp` (a DPConfig, enabled): DP-SGD (medtee.training.dp) over `dataset_size` training dialogues in batches of
-    `batch_size`; the accountant's state is checkpointed, `train/epsilon` logged each epoch, `dp_summary()` the
-    run's record. Per-dialogue clipping replaces the trainer's gradient clipping.
+    `dp` (a DPConfig, enabled): DP-SGD (medtee.training.dp) over `dataset_size` training dialogues in Poisson-sampled
+    batches of expected size `batch_size` (training refuses a loader that samples otherwise); the accountant's state
+    is checkpointed, `train/epsilon` logged each epoch, `dp_summary()` the run's record. Per-dialogue clipping
+    replaces the trainer's gradient clipping. An empty batch is a step like any other (noise only). Under DP no
+    `train/loss` is logged (nor kept as the run's first loss): the DP guarantee covers the adapter, not raw losses.
     """
 
     PREFIX = "model."  # of the peft model's entries in this module's state dict
@@ -114,6 +116,8 @@ class CausalLMModule(L.LightningModule):
             self.dp.load_state_dict(saved.get("dp_accountant", {"history": []}))
 
     def on_train_start(self) -> None:
+        if self.dp is not None:
+            self.dp.check_sampling(self.trainer.train_dataloader)
         if self._rng_to_restore is not None:  # after the sanity pass, exactly where the checkpointed run stood
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
@@ -121,9 +125,12 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self._train_loss(batch)
         n = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
-        if self.first_loss is None:
-            self.first_loss = float(loss.detach())
+        # under DP no training loss leaves the step: it is the raw loss of as few as one sampled dialogue, which
+        # the DP guarantee does not cover (a membership signal for whoever reads the dashboard)
+        if n and self.dp is None:
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+            if self.first_loss is None:
+                self.first_loss = float(loss.detach())
         self._tokens += int(batch["input_ids"].numel())
         return loss
 

@@ -1,6 +1,7 @@
 """The release gate as a user runs it, on CPU with the demo model: a canary the data owner sealed 64 times is
 memorised by plain LoRA training (exposure at the maximum: the gate refuses, the adapter stays sealed to the
-release), a never-inserted canary is not, and the same training under DP-SGD shows clearly lower exposure."""
+release), a never-inserted canary is not, and the same training under DP-SGD (Poisson-sampled, as accounted) keeps
+the canary from being ranked first."""
 
 from __future__ import annotations
 
@@ -67,9 +68,12 @@ def test_dp_training_lowers_the_exposure_and_the_verdict_is_recorded(owner):
     res, summary, out = _run(owner, "privacy.dp.enabled=true", "privacy.dp.target_epsilon=1",
                              "privacy.dp.target_delta=1e-3")
     exposure = summary["audit"]["metrics"]["audit/exposure_max_64x"]
-    # seen on CPU: 8.1 to 9.2 bits under DP (the noise is drawn from the OS) against 12.0 (the maximum) without
-    assert exposure < 11.0, f"DP at epsilon 1 should clearly lower the 64x canary's exposure (got {exposure})"
-    assert summary["privacy"]["dp"]["epsilon"] <= 1.02
+    # seen on CPU with Poisson-sampled batches: 7.7 to 10.4 bits (rank 3 to 20 of 4096, median 9.3) over twelve runs
+    # (sampling and noise are drawn from the OS), against 12.0 (the maximum, rank 1) without DP. Rank 3
+    # came up twice, so rank 2 (11.0 bits) is within reach of chance: the test asks that DP never ranks it first
+    assert exposure < 12.0, f"DP at epsilon 1 should lower the 64x canary's exposure below rank 1 (got {exposure})"
+    dp = summary["privacy"]["dp"]
+    assert dp["epsilon"] <= 1.0 and dp["sampling"].startswith("Poisson") and dp["expected_batch_size"] == 4
     passed = summary["audit"]["passed"]  # the gate's verdict is recorded either way
     assert res.returncode == (0 if passed else 1), res.stderr[-3000:]
     assert (out / "adapter.safetensors.enc").is_file() == passed

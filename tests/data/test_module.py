@@ -223,6 +223,44 @@ def test_resume_refuses_other_settings():
         other.load_state_dict(state)
 
 
+def test_poisson_batches_are_drawn_anew_whatever_the_seed_and_validation_is_unchanged():
+    records = _records(40)
+    draws = [_module(records, poisson=True) for _ in range(2)]  # the same recipe seed twice
+    epochs = [[_rows([b]) for b in module.train_dataloader()] for module in draws]
+    assert epochs[0] != epochs[1]  # the sampler's generator is seeded from the OS
+    assert len(epochs[0]) == len(draws[0].train_dataloader()) == 9  # Opacus's epoch: int(1 / q), q = 4 / 36
+    shuffled = _module(records)
+    assert _rows(draws[0].val_dataloader()) == _rows(shuffled.val_dataloader())
+    assert draws[0].stats() == shuffled.stats()
+
+
+def test_poisson_resume_keeps_the_epoch_position_and_refuses_the_other_sampling():
+    records = _records(40)
+    module = _module(records, poisson=True)
+    stream = iter(module.train_dataloader())
+    for _ in range(3):
+        next(stream)
+    state = module.state_dict()
+    assert state["sampling"] == "poisson" and state["epoch"] == 0 and state["position"] == 3
+    resumed = _module(records, poisson=True)
+    assert resumed.resume_problem(state, world_size=1) is None
+    resumed.load_state_dict(state)
+    assert sum(1 for _ in resumed.train_dataloader()) == 9 - 3  # the rest of the epoch, freshly drawn
+    assert "hardware.devices=1" in resumed.resume_problem(state, world_size=2)
+    shuffled = _module(records)
+    next(iter(shuffled.train_dataloader()))
+    assert "drawn by poisson, this run's by shuffling" in shuffled.resume_problem(state, world_size=1)
+    assert "drawn by shuffling, this run's by poisson" in resumed.resume_problem(shuffled.state_dict(),
+                                                                                 world_size=1)
+    assert "privacy.dp.enabled" in resumed.resume_problem(shuffled.state_dict(), world_size=1)
+
+
+def test_poisson_sampling_refuses_packing():
+    with pytest.raises(ValueError, match="packing=False"):
+        DialogueDataModule(_records(4), TOKENIZER, max_length=64, batch_size=1, val_fraction=0.0, seed=0,
+                           packing=True, poisson=True)
+
+
 def test_ranks_get_disjoint_shares_covering_the_set():
     records = _records(41)  # 37 training dialogues: one sits each epoch out, so that shares stay equal
     whole = _rows(_module(records).train_dataloader())
