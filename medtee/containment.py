@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -232,10 +233,17 @@ def _no_core_dumps() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+def _terminated(signum, frame):
+    """SIGTERM (a scheduler, `timeout`, `docker stop`) ends the run as an exception would: the teardown, the release's
+    close, the receipt and the removal of the temporary directory all run."""
+    print("medtee: terminated (SIGTERM): ending the run", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def contained():
     """The containment of one run: no core dumps, offline libraries, scrubbed logs, warnings and uncaught
-    exceptions, and a private (0700) temporary directory in memory, removed when the run ends."""
+    exceptions, a private (0700) temporary directory in memory, removed when the run ends, also on SIGTERM."""
     _no_core_dumps()
     os.environ.update(OFFLINE_ENV)
     _install_record_factory()
@@ -248,9 +256,13 @@ def contained():
     private = Path(tempfile.mkdtemp(prefix="medtee-", dir=base))
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = tempfile.tempdir = str(private)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         yield private
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if saved[0] is None:
             os.environ.pop("TMPDIR", None)
         else:

@@ -1,5 +1,6 @@
 """Writing files so that a reader sees the old content or the new, never half of either; reading files a user
-names without blocking on a FIFO or reading a device without end; hashing files."""
+names without blocking on a FIFO or reading a device without end; hashing files; finding the YAML anchors and
+aliases that let a small file expand without bound."""
 
 from __future__ import annotations
 
@@ -61,3 +62,14 @@ def sha256_file(path: Path | str) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def yaml_alias_line(text: str | bytes) -> int | None:
+    """The 1-based line of the first YAML anchor or alias in `text` (they let a few hundred bytes expand without
+    bound: "billion laughs"), or None. yaml.YAMLError when `text` is not YAML."""
+    import yaml
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            return event.start_mark.line + 1
+    return None

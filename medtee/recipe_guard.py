@@ -127,7 +127,7 @@ def read_recipe_text(path) -> str:
     (which let a small file expand without bound: "billion laughs")."""
     import yaml
 
-    from medtee.files import NotRegularFile, read_regular
+    from medtee.files import NotRegularFile, read_regular, yaml_alias_line
 
     try:
         data = read_regular(path, MAX_RECIPE_BYTES)
@@ -140,13 +140,12 @@ def read_recipe_text(path) -> str:
     except UnicodeDecodeError as exc:
         raise RecipeRuleError(f"recipe file {path}: not UTF-8 text (byte {exc.start})") from None
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                line = event.start_mark.line + 1
-                raise RecipeRuleError(f"recipe file {path}, line {line}: YAML anchors and aliases are not allowed "
-                                      "in recipes (write the values out)")
+        line = yaml_alias_line(text)
     except yaml.YAMLError as exc:
         raise RecipeRuleError(f"recipe file {path} is not valid YAML: {exc}") from None
+    if line is not None:
+        raise RecipeRuleError(f"recipe file {path}, line {line}: YAML anchors and aliases are not allowed in recipes "
+                              "(write the values out)")
     return text
 
 

@@ -303,7 +303,8 @@ def read_records(cfg, session: Session, tokenizer):
 
     d = cfg.data
     datamodule = DialogueDataModule(session.records, tokenizer, max_length=d.max_length, batch_size=d.batch_size,
-                                    val_fraction=d.val_fraction, seed=d.seed, packing=d.packing)
+                                    val_fraction=d.val_fraction, seed=d.seed, packing=d.packing,
+                                    poisson=cfg.privacy.dp.enabled)  # DP-SGD's accountant assumes Poisson sampling
     session.records = None
     session.teardown.data("decrypted records", datamodule.destroy)
     datamodule.setup("fit")
@@ -366,6 +367,7 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
     to this release, and to the recipient unless a required audit failed), the recorded recipe and the summary; the
     MLflow run is closed by `finish`, after the receipt."""
     from medtee.tracking.config import TrackingConfig
+    from medtee.training.config import weights_label
     from medtee.training.engine import build_trainer
     from medtee.training.output import write_outputs
 
@@ -395,7 +397,7 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
     if audit is not None:
         summary["audit"] = {**audit.to_json(), "required": cfg.release.require_audit, "adapter_released": released}
     written = write_outputs(module.model, adapter=adapter, recipient=cfg.output.recipient if released else None,
-                            scheme=cfg.encryption.scheme, base_model=cfg.model.id or cfg.model.name,
+                            scheme=cfg.encryption.scheme, base_model=weights_label(cfg.model),
                             release_key=session.adapter_key, summary=summary, recorded_recipe=session.recorded,
                             out_dir=out_dir)
 

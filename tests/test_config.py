@@ -359,3 +359,23 @@ def test_num_layers_cuts_random_models_only():
     with pytest.raises(ConfigError, match="model.num_layers=35 exceeds the 34 decoder layers of "
                                           "model.architecture=gemma3_4b"):
         config.compose(["recipe=medgemma27b_random_gpu_dev", "model.architecture=gemma3_4b", "model.num_layers=35"])
+
+
+@pytest.mark.parametrize("override, key", [("model.init_seed=18446744073709551616", "model.init_seed"),
+                                           ("model.init_seed=-1", "model.init_seed"),
+                                           ("model.tiny.seed=18446744073709551616", "model.tiny.seed")])
+def test_a_seed_torch_cannot_take_is_refused_at_compose_time(override, key):
+    """It used to fail in torch.manual_seed, after the data key was released."""
+    with pytest.raises(ConfigError, match=rf"{key}=.* must be in 0 \.\.\. 2\^64 - 1"):
+        config.compose(["recipe=demo", "model.source=random", override])
+
+
+def test_random_weights_take_no_revision_and_are_labelled_as_random():
+    from medtee.training.config import weights_label
+
+    with pytest.raises(ConfigError, match="model.revision=abc pins pretrained weights, but model.source=random"):
+        config.compose(["recipe=medgemma27b_random_gpu_dev", "model.revision=abc"])
+    cfg = config.compose(["recipe=medgemma27b_random_gpu_dev"])
+    assert cfg.model.id is None
+    assert weights_label(cfg.model) == "random gemma3_27b weights, 4 layers (model.init_seed=0)"
+    assert weights_label(config.compose(["recipe=medgemma27b_h200_sev_snp"]).model) == "google/medgemma-27b-text-it"

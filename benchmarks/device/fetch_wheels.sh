@@ -15,9 +15,11 @@ while read -r line; do
   [ -z "$line" ] && continue
   if [[ $line == \[*\] ]]; then group=${line:1:-1}; mkdir -p ".device/wheels-$group"; continue; fi
   dest=".device/wheels-$group"
-  if ! python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      "${platforms[@]}" -d "$dest" "$line" 2>/dev/null; then
-    python3 -m pip wheel -q --no-deps -w "$dest" "$line"  # a pure-Python sdist (antlr4-python3-runtime)
+  if [[ $line == antlr4-python3-runtime==* ]]; then  # published as a pure-Python sdist only: built here
+    python3 -m pip wheel -q --no-deps -w "$dest" "$line"
+  else
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      "${platforms[@]}" -d "$dest" "$line"
   fi
 done < benchmarks/device/wheels.txt
 mkdir -p .device/bench

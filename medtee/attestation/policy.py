@@ -162,7 +162,13 @@ def policy_document(data: bytes, source: str):
     import yaml
     from omegaconf import DictConfig, OmegaConf
 
+    from medtee.files import yaml_alias_line
+
     try:
+        line = yaml_alias_line(data)
+        if line is not None:
+            raise ValueError(f"attestation policy {source}, line {line}: YAML anchors and aliases are not allowed in "
+                             f"policy files (write the values out)")
         doc = OmegaConf.load(io.BytesIO(data))
     except (yaml.YAMLError, OSError) as e:  # OSError: a document that is a bare scalar
         mark = getattr(e, "problem_mark", None)
@@ -233,6 +239,18 @@ def load_policy(name: str) -> AttestationPolicy:
 
 
 def resolve_policy(spec: str) -> AttestationPolicy:
-    """The policy `--policy NAME|FILE` gives: a FILE (`read_policy_file`) or a shipped NAME (`load_policy`).
-    ValueError naming the problem and the fix."""
-    return read_policy_file(spec).policy if is_policy_path(spec) else load_policy(spec)
+    """The policy `--policy NAME|FILE` gives: a FILE (`read_policy_file`, `check_not_shipped_lookalike`) or a
+    shipped NAME (`load_policy`). ValueError naming the problem and the fix."""
+    if not is_policy_path(spec):
+        return load_policy(spec)
+    return check_not_shipped_lookalike(read_policy_file(spec)).policy
+
+
+def check_not_shipped_lookalike(file: PolicyFile) -> PolicyFile:
+    """`file`, unless it takes a shipped policy's name without being that policy (a verdict or a dataset under it
+    would read as under the shipped one): ValueError with the fix then."""
+    shipped = conf_dir() / "attestation" / f"{file.policy.name}.yaml"
+    if shipped.is_file() and load_policy(file.policy.name) != file.policy:
+        raise ValueError(f"policy file {file.path} is named '{file.policy.name}', a shipped policy ({shipped}) that it "
+                         f"differs from; set name: in it to your own, e.g. {file.policy.name}-site")
+    return file

@@ -16,6 +16,7 @@ only once it has passed validation, anything else as the fixed marker `INVALID`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import threading
@@ -43,6 +44,8 @@ from medtee.crypto.signing import load_or_create_signing_key, load_public
 from medtee.files import write_atomic
 from medtee.sealing.manifest import Manifest, SealedDataError, check_dataset_id, data_key_info
 
+log = logging.getLogger("medtee.broker")
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 BROKER_KEY_NAME = "broker"
 DEFAULT_MAX_CHALLENGES_PER_DATASET = 1024
 DEFAULT_MAX_CHALLENGES_PER_CLIENT = 256
+MAX_COUNTED_CLIENTS = 10_000  # clients whose refused closes of unknown ids are counted (then the count restarts)
 LOCAL_CLIENT = "local"  # the client of in-process calls
 INVALID = "(invalid)"  # audited in place of a field that failed validation
 
@@ -105,6 +109,7 @@ class EmbeddedBroker:
         self._nonces: OrderedDict[bytes, tuple[str, str, float]] = OrderedDict()  # issue order = expiry order
         self._per_dataset: Counter[str] = Counter()
         self._per_client: Counter[str] = Counter()
+        self._unknown_closes: Counter[str] = Counter()  # refused closes naming no release, per client
         self._lock = threading.Lock()
         self._policies: dict[str, tuple[tuple, object]] = {}
 
@@ -205,21 +210,60 @@ class EmbeddedBroker:
 
     def add_policy(self, name: str, source: Path | str) -> str:
         """Validate the policy file `source` as shipped ones are validated and store it as `policies/<name>.yaml`
-        (atomic, audited `policy-add`); returns the SHA-256 of the stored bytes."""
+        (atomic, audited `policy-add`; the owner's verb: it replaces a stored policy of that name, auditing the
+        digest it replaced); returns the SHA-256 of the stored bytes."""
+        return self._store_policy(name, self._read_policy_file(Path(source)), str(source), replace=True)[0]
+
+    def claim_policy(self, name: str, data: bytes, source: str) -> bool:
+        """Store the policy bytes `data` as `name` unless the store holds exactly them already (False); ValueError
+        when it holds another policy of that name, which is never replaced (datasets sealed under it rely on it).
+        Checked and written under the audit log's lock: two seals cannot both claim one name."""
+        return self._store_policy(name, data, source, replace=False)[1]
+
+    def withdraw_policy(self, name: str, data: bytes) -> None:
+        """Undo `claim_policy` after a seal failed: remove policy `name` (audited `policy-remove`) if the store still
+        holds exactly `data` and no registered dataset names it; else keep it."""
+        import hashlib
+
+        store, _ = self._policy_paths(name)
+
+        def decide(_entries) -> tuple[str, dict] | dict:
+            if not store.is_file() or store.read_bytes() != data or name in self._registered_policies():
+                return {"event": "kept"}
+            store.unlink()
+            return "policy-remove", {"policy": name, "digest": hashlib.sha256(data).hexdigest()}
+
+        self.audit.append_decided(decide)
+
+    def _store_policy(self, name: str, data: bytes, source: str, *, replace: bool) -> tuple[str, bool]:
+        """(SHA-256 of `data`, whether it was written) for `add_policy` (replace) and `claim_policy`."""
         import hashlib
 
         store, shipped = self._policy_paths(name)
         if shipped.is_file():
             raise ValueError(f"policy name '{name}' is a shipped policy ({shipped}); a store policy must not shadow "
                              f"it: add yours under another name, e.g. {name}-site")
-        data = self._read_policy_file(Path(source))
-        self._parse_store_policy(name, data, str(source))
-        previous = hashlib.sha256(store.read_bytes()).hexdigest() if store.is_file() else None
-        store.parent.mkdir(mode=0o700, exist_ok=True)
-        write_atomic(store, data, mode=0o600)
+        self._parse_store_policy(name, data, source)
         digest = hashlib.sha256(data).hexdigest()
-        self.audit.append("policy-add", policy=name, digest=digest, replaced=previous)
-        return digest
+
+        def decide(_entries) -> tuple[str, dict] | dict:
+            previous = store.read_bytes() if store.is_file() else None
+            if previous is not None and not replace:
+                if previous == data:
+                    return {"event": "held"}
+                raise ValueError(f"the broker store holds another policy named '{name}' ({store}), which datasets "
+                                 f"sealed under it use; give yours another name (its name: key), or replace the "
+                                 f"stored one deliberately with `medtee broker policy add {name} FILE`")
+            store.parent.mkdir(mode=0o700, exist_ok=True)
+            write_atomic(store, data, mode=0o600)
+            return "policy-add", {"policy": name, "digest": digest,
+                                  "replaced": hashlib.sha256(previous).hexdigest() if previous is not None else None}
+
+        return digest, self.audit.append_decided(decide)["event"] == "policy-add"
+
+    def _registered_policies(self) -> set[str]:
+        """The policy names the registered datasets are set to."""
+        return {json.loads(p.read_text()).get("policy") for p in (self.store_dir / "datasets").glob("*.json")}
 
     def policies(self) -> list[tuple[str, str]]:
         """(name, "store" or "shipped") of every policy file a dataset can be set to, by name."""
@@ -436,7 +480,8 @@ class EmbeddedBroker:
 
         Authority first: unless the release exists, bound a receipt key, `receipt_public_key` is that key and
         `signature` its signature of `protocol.close_message`, the answer is CloseNotAuthorized with the one message
-        `CLOSE_REFUSED` whatever the cause, and a `close_refused` entry records the cause. To that key's holder
+        `CLOSE_REFUSED` whatever the cause, and a `close_refused` entry records the cause, unless the id names no
+        release at all (anyone can send those: they are counted per client, not appended). To that key's holder
         only: a repeat with the same record returns the existing close entry's hash (nothing appended), one with
         another record is ReleaseClosedError (audited `close_refused`, reason `closed`). The check and the append
         hold the audit log's lock, so a release is closed once even across processes."""
@@ -464,6 +509,8 @@ class EmbeddedBroker:
                 elif e.get("event") == "close" and e.get("release_id") == release_id:
                     closed = e
             reason = _close_refusal(released, key_id, signature_ok)
+            if reason == "unknown":
+                return {"event": "close_refused", "reason": reason}  # not appended: it concerns no release
             if reason is None and closed is None:
                 return "close", {"release_id": release_id, "dataset_id": released["dataset_id"], "client": client,
                                  "record_sha256": digest}
@@ -474,7 +521,15 @@ class EmbeddedBroker:
         entry = self.audit.append_decided(decide)
         if entry["event"] == "close":
             return entry["hash"]
-        if entry["reason"] == "closed":
+        if entry["reason"] == "unknown":
+            if len(self._unknown_closes) >= MAX_COUNTED_CLIENTS:
+                self._unknown_closes.clear()
+            self._unknown_closes[client] += 1
+            count = self._unknown_closes[client]
+            if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: a flood is seen without a line per request
+                log.warning("broker: close refused for a release id this broker never issued, from %s (%d so far)",
+                            client, count)
+        elif entry["reason"] == "closed":
             raise ReleaseClosedError(f"release {release_id[:16]}... is closed already, with another teardown record: "
                                      f"a release closes once; a retry must send the record it was closed with")
         raise CloseNotAuthorized(CLOSE_REFUSED)

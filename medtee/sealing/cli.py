@@ -46,9 +46,16 @@ def _summary(manifest, path: Path) -> str:
 
 
 def _policy_first(args: argparse.Namespace) -> PolicyFile | None:
-    """`--policy` checked before anything is written: a FILE read and validated (returned); a NAME
-    only the shipped policies can hold (a remote broker, or no embedded store yet) loaded. ValueError with the fix."""
-    from medtee.attestation.policy import POLICY_NAME, is_policy_path, load_policy, read_policy_file
+    """`--policy` decided before anything is written or any store is made: a FILE read once and validated
+    (returned; one named like a shipped policy must be that policy); a NAME only the shipped policies can hold (a
+    remote broker, or no embedded store yet) loaded. ValueError with the fix."""
+    from medtee.attestation.policy import (
+        POLICY_NAME,
+        check_not_shipped_lookalike,
+        is_policy_path,
+        load_policy,
+        read_policy_file,
+    )
 
     remote = args.broker != "embedded"
     if is_policy_path(args.policy):
@@ -58,11 +65,11 @@ def _policy_first(args: argparse.Namespace) -> PolicyFile | None:
                              f"NAME {args.policy}`, seal under a shipped policy, then run `medtee broker policy set "
                              f"DATASET_ID NAME` there")
         file = read_policy_file(args.policy)
-        if not POLICY_NAME.fullmatch(file.policy.name):
-            raise ValueError(f"policy file {file.path}: its name '{file.policy.name}' (its name: key, else the file "
-                             f"stem) is what the manifest records and must be 1-64 letters, digits, _ or -; set name: "
-                             f"in it")
-        return file
+        name = file.policy.name
+        if not POLICY_NAME.fullmatch(name):
+            raise ValueError(f"policy file {file.path}: its name '{name}' (its name: key, else the file stem) is what "
+                             f"the manifest records and must be 1-64 letters, digits, _ or -; set name: in it")
+        return check_not_shipped_lookalike(file)
     if remote or not (Path(args.broker_dir) / "broker.key").is_file():
         try:
             load_policy(args.policy)
@@ -74,30 +81,21 @@ def _policy_first(args: argparse.Namespace) -> PolicyFile | None:
     return None
 
 
-def _release_policy(broker, args: argparse.Namespace, file: PolicyFile | None) -> tuple[AttestationPolicy, Path]:
-    """The policy the embedded `broker` enforces for `--policy` (a NAME as it resolves names at release: its store,
-    then shipped; a FILE added to its store under the file's name unless the store or shipped policy of that name
-    is that policy already) and the file it reads it from. A different policy of that name is never replaced."""
+def _release_policy(broker, args: argparse.Namespace, file: PolicyFile | None) -> tuple[AttestationPolicy, Path, bool]:
+    """(the policy the embedded `broker` enforces for `--policy`, the file it reads it from, whether this seal added
+    it to the store). A NAME resolves as at release (the store, then shipped); a FILE is the shipped policy of its
+    name, or is claimed in the store under its name with the bytes read once (`claim_policy`: never replacing
+    another policy of that name)."""
     from medtee.attestation.policy import read_policy_file
 
     if file is None:
         path = broker.policy_file(args.policy)[0]
-        return read_policy_file(path, name=args.policy).policy, path
+        return read_policy_file(path, name=args.policy).policy, path, False
     name = file.policy.name
-    if name not in {n for n, _ in broker.policies()}:
-        broker.add_policy(name, file.path)
-        return file.policy, broker.policy_file(name)[0]
-    path, stored = broker.policy_file(name)
-    held = read_policy_file(path, name=name)
-    if stored and held.data != file.data:
-        raise ValueError(f"policy file {file.path} is named '{name}', but the broker store holds another policy of "
-                         f"that name ({path}), which datasets sealed under it use; set another name: in the file, or "
-                         f"replace the stored one with `medtee broker policy add {name} {file.path} --broker-dir "
-                         f"{args.broker_dir}`")
-    if not stored and held.policy != file.policy:
-        raise ValueError(f"policy file {file.path} is named '{name}', a shipped policy ({path}) that it differs from; "
-                         f"set name: in it to your own, e.g. {name}-site")
-    return file.policy, path
+    if any(n == name and where == "shipped" for n, where in broker.policies()):
+        return file.policy, broker.policy_file(name)[0], False
+    added = broker.claim_policy(name, file.data, str(file.path))
+    return file.policy, broker.policy_file(name)[0], added
 
 
 def _seal(args: argparse.Namespace) -> int:
@@ -128,14 +126,19 @@ def _seal(args: argparse.Namespace) -> int:
         else:
             broker = connect(args.broker, store_dir=args.broker_dir)
         if args.broker == "embedded":
-            policy, source = _release_policy(broker, args, file)
+            policy, source, added = _release_policy(broker, args, file)
         else:
             from medtee.attestation import load_policy
 
-            policy, source = load_policy(args.policy), None
-        manifest = seal_located(records, args.out, broker=broker, policy=policy.name, dataset_id=args.dataset_id,
-                                rows_per_shard=args.rows_per_shard, classification=args.classification,
-                                dua_id=args.dua_id, tokenizer=args.tokenizer, canaries=plan)
+            policy, source, added = load_policy(args.policy), None, False
+        try:
+            manifest = seal_located(records, args.out, broker=broker, policy=policy.name, dataset_id=args.dataset_id,
+                                    rows_per_shard=args.rows_per_shard, classification=args.classification,
+                                    dua_id=args.dua_id, tokenizer=args.tokenizer, canaries=plan)
+        except BaseException:
+            if added:  # a refused seal leaves the store as it found it
+                broker.withdraw_policy(policy.name, file.data)
+            raise
     except (KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:  # InputError, OutputError, DataError
         return exits.fail(str(e))
     except PermissionError as e:

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from medtee.training.config import weights_label
+
 from medtee import containment
 from medtee.schema import ConfigError
 from medtee.tracking.guard import PARAM_ALLOW_LIST, REPORT_ARTIFACT, Guard
@@ -303,7 +305,7 @@ def run_tags(*, recipe: str, recipe_digest: str, dataset_digest: str, verdict, h
         "medtee.dataset_manifest_digest": dataset_digest,
         "medtee.hardware": hardware,
         "medtee.model": model.name,
-        "medtee.model.id": model.id or f"random tiny Gemma 3 (model.tiny.seed={model.tiny.seed})",
+        "medtee.model.id": weights_label(model),
         "medtee.model.revision": model.revision or "none",
         "medtee.model.weights_sha256": (combined_weights_digest(weight_digests) if weight_digests
                                         else "none: random weights"),

@@ -100,7 +100,15 @@ class TinyGemma3:
             out.append(f"model.tiny.init_std={self.init_std} must be positive, e.g. 0.1")
         if self.head_dim % 2:
             out.append(f"model.tiny.head_dim={self.head_dim} must be even (rotary position embeddings rotate pairs)")
-        return out
+        return out + seed_problems(self.seed, "model.tiny.seed")
+
+
+#: torch.manual_seed takes 0 ... 2^64 - 1.
+MAX_SEED = 2**64 - 1
+
+
+def seed_problems(seed: int, key: str) -> list[str]:
+    return [] if 0 <= seed <= MAX_SEED else [f"{key}={seed} must be in 0 ... 2^64 - 1 (what torch.manual_seed takes)"]
 
 
 @dataclass
@@ -123,6 +131,10 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         out = below_minimums(self, "model", {"checkpoint_every_n_layers": 1, "num_layers": 1})
+        out += seed_problems(self.init_seed, "model.init_seed")
+        if self.revision and self.source != ModelSource.pretrained:
+            out.append(f"model.revision={self.revision} pins pretrained weights, but model.source="
+                       f"{ModelSource(self.source).value} draws random ones: drop it, or set model.source=pretrained")
         if self.num_layers is not None:
             depth = ARCHITECTURES[Architecture(self.architecture)]["num_hidden_layers"]
             if self.source != ModelSource.random:
@@ -132,6 +144,17 @@ class ModelConfig:
                 out.append(f"model.num_layers={self.num_layers} exceeds the {depth} decoder layers of "
                            f"model.architecture={Architecture(self.architecture).value}: use 1 to {depth}")
         return out + TinyGemma3.problems(self.tiny)
+
+
+def weights_label(model) -> str:
+    """What a run's weights are, for tags and the adapter's base model: the pretrained id, or the random source."""
+    if model.source == ModelSource.pretrained:
+        return model.id
+    if model.source == ModelSource.tiny:
+        return f"random tiny Gemma 3 (model.tiny.seed={model.tiny.seed})"
+    arch = Architecture(model.architecture)
+    layers = model.num_layers or ARCHITECTURES[arch]["num_hidden_layers"]
+    return f"random {arch.value} weights, {layers} layers (model.init_seed={model.init_seed})"
 
 
 class Optimizer(str, Enum):

@@ -81,15 +81,6 @@ def _local_gpu() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
-def _scratch_dir(size: int) -> str | None:
-    """/dev/shm when it holds `size` bytes twice over (random weights, never patient data), else the temp dir."""
-    import shutil
-
-    if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * size:
-        return "/dev/shm"
-    return None
-
-
 def _quantization_config(qlora_cfg, *, storage: torch.dtype):
     if qlora_cfg.quantization == "none":
         return None
@@ -126,9 +117,9 @@ def load_base_model(model_cfg, qlora_cfg, *, vocab_size: int, device: str, shard
                                   device=device)
         if quant is None:
             return model.to(device)
-        # bitsandbytes quantizes while loading: round-trip the random (non-patient) weights through a temp dir.
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        with tempfile.TemporaryDirectory(prefix="medtee-random-model-", dir=_scratch_dir(size)) as tmp:
+        # bitsandbytes quantizes while loading: round-trip the random (non-patient) weights through a temp dir (in
+        # a run, inside its private in-memory directory, removed at the run's end whatever happens)
+        with tempfile.TemporaryDirectory(prefix="medtee-random-model-") as tmp:
             model.save_pretrained(tmp)
             del model
             if device == "cuda":

@@ -108,3 +108,31 @@ def test_a_policy_file_is_bounded_and_regular(tmp_path):
         resolve_policy(str(big))
     with pytest.raises(ValueError, match="is not a regular file|give a policy YAML file"):
         resolve_policy(str(tmp_path))
+
+
+def test_a_policy_file_of_nested_aliases_is_refused_at_once(tmp_path):
+    """519 bytes of nested anchors expand to 10^9 nodes; they used to hang seal, attest verify and receipt verify."""
+    from medtee.attestation.policy import read_policy_file
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines + ["provider: simulated"]) + "\n")
+    with pytest.raises(ValueError, match="line 1: YAML anchors and aliases are not allowed in policy files"):
+        read_policy_file(path)
+
+
+def test_a_policy_file_named_like_a_shipped_one_must_be_it(tmp_path):
+    """A loosened copy named by its stem `snp_h200.yaml` used to verify receipts "under policy 'snp_h200'"."""
+    from medtee.attestation.policy import resolve_policy
+    from medtee.paths import conf_dir
+
+    text = (conf_dir() / "attestation" / "simulated.yaml").read_text().replace("name: simulated\n", "")
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "snp_h200.yaml").write_text(text)
+    with pytest.raises(ValueError, match="named 'snp_h200', a shipped policy .* differs from; set name: in it"):
+        resolve_policy(str(tmp_path / "evil" / "snp_h200.yaml"))
+    shipped = conf_dir() / "attestation" / "snp_h200.yaml"
+    assert resolve_policy(str(shipped)) == resolve_policy("snp_h200")
+    (tmp_path / "mine.yaml").write_text(text)
+    assert resolve_policy(str(tmp_path / "mine.yaml")).name == "mine"

@@ -16,7 +16,7 @@ from medtee.cli import main
 from medtee.paths import conf_dir
 from medtee.sealing.reader import open_dataset
 
-from .conftest import JSONL_RECORDS
+from .conftest import JSONL_RECORDS, make_records
 
 SIMULATED = (conf_dir() / "attestation" / "simulated.yaml").read_text()
 OTHER = "0f" * 48  # a measurement the simulated evidence does not have
@@ -100,7 +100,7 @@ def test_a_file_never_replaces_another_policy_of_its_name(jsonl, tmp_path, capsy
     capsys.readouterr()
     assert main(["seal", str(jsonl), "--out", "b", "--policy", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "the broker store holds another policy of that name" in err and "broker policy add site" in err
+    assert "the broker store holds another policy named 'site'" in err and "broker policy add site" in err
     assert (store / "policies" / "site.yaml").read_bytes() == first.read_bytes() and not (tmp_path / "b").exists()
 
     variant = tmp_path / "variant.yaml"
@@ -143,3 +143,76 @@ def test_a_remote_broker_takes_no_policy_file(jsonl, tmp_path, capsys):
     assert "medtee broker policy add NAME" in capsys.readouterr().err
     assert main(["seal", str(jsonl), "--out", "ds", "--policy", "site", "--broker", "https://127.0.0.1:9"]) == 2
     assert "a remote broker's store cannot be read from here" in capsys.readouterr().err
+
+
+def test_concurrent_seals_cannot_both_claim_a_policy_name(tmp_path):
+    """The check and the write hold the audit log's lock: of two seals claiming 'site' with different policies, one
+    stores its policy and the other is refused (before, the second could overwrite the first's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    brokers = [EmbeddedBroker(tmp_path / "store") for _ in range(2)]
+    texts = [dev_policy("site", [SIMULATED_MEASUREMENT.hex()]).encode(), dev_policy("site", [OTHER]).encode()]
+
+    def claim(i):
+        try:
+            return brokers[i].claim_policy("site", texts[i], f"file{i}")
+        except ValueError as exc:
+            return str(exc)
+
+    for _ in range(5):
+        (tmp_path / "store" / "policies" / "site.yaml").unlink(missing_ok=True)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(claim, range(2)))
+        assert sorted(map(type, results), key=str) == [bool, str] and True in results, results
+        winner = results.index(True)
+        assert (tmp_path / "store" / "policies" / "site.yaml").read_bytes() == texts[winner]
+
+
+def test_the_policy_stored_is_the_one_read_and_checked(jsonl, tmp_path, monkeypatch):
+    """The file is read once: changing it after the check changes nothing the broker enforces."""
+    from medtee.attestation import policy as policy_module
+
+    path = tmp_path / "site.yaml"
+    checked = dev_policy("site", [OTHER])
+    path.write_text(checked)
+    read = policy_module.read_policy_file
+
+    def read_then_swap(*args, **kwargs):
+        result = read(*args, **kwargs)
+        path.write_text(dev_policy("site"))  # what an attacker with write access to the file swaps in
+        return result
+
+    monkeypatch.setattr(policy_module, "read_policy_file", read_then_swap)
+    assert main(["seal", str(jsonl), "--out", "a", "--policy", str(path)]) == 0
+    stored = tmp_path / ".medtee" / "broker" / "policies" / "site.yaml"
+    assert stored.read_text() == checked
+
+
+def test_a_refused_seal_takes_back_the_policy_it_added(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    records = make_records(12)
+    records[7]["messages"][0]["role"] = "doctor"  # refused when the seal reaches it, after the policy was added
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = tmp_path / "site.yaml"
+    path.write_text(dev_policy("site", [OTHER]))
+    assert main(["seal", str(bad), "--out", "a", "--policy", str(path)]) == 2
+    store = tmp_path / ".medtee" / "broker"
+    assert not (store / "policies" / "site.yaml").exists() and not (tmp_path / "a").exists()
+    assert [e["event"] for e in audit(store) if e["event"].startswith("policy")] == ["policy-add", "policy-remove"]
+    path.write_text(dev_policy("site", [SIMULATED_MEASUREMENT.hex()]))  # corrected, and sealed again
+    assert main(["seal", str(_good(tmp_path)), "--out", "a", "--policy", str(path)]) == 0
+
+
+def _good(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in make_records(12)))
+    return good
+
+
+def test_a_policy_file_differing_from_the_shipped_one_of_its_name_makes_no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "simulated.yaml"
+    path.write_text(dev_policy(None, [OTHER]))  # named by its stem: the shipped 'simulated', but another policy
+    assert main(["seal", str(_good(tmp_path)), "--out", "a", "--policy", str(path)]) == 2
+    assert not (tmp_path / ".medtee").exists() and not (tmp_path / "a").exists()

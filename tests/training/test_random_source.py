@@ -6,6 +6,7 @@ path a GPU run takes (tests/training/test_model.py checks the real shape)."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -40,6 +41,9 @@ def test_train_on_random_weights_of_an_architecture(tmp_path):
     recorded = json.loads((tmp_path / summary["dir"] / "recipe.json").read_text())["model"]
     assert (recorded["source"], recorded["architecture"], recorded["num_layers"], recorded["init_seed"]) == \
         ("random", "gemma3_27b", 2, 3)
+    [tag] = sqlite3.connect(tmp_path / "mlflow.db").execute(
+        "select value from tags where key='medtee.model.id'").fetchone()
+    assert tag == "random gemma3_27b weights, 2 layers (model.init_seed=3)"
     weights = adapter_weights(summary["dir"], tmp_path)
     layers = {name.split(".layers.")[1].split(".")[0] for name in weights}
     assert layers == {"0", "1"}

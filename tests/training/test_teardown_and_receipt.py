@@ -129,3 +129,33 @@ def test_the_teardown_overwrites_keys_and_token_arrays_in_place():
     assert t.destroy() is record  # once
     with pytest.raises(TypeError, match="SecretBuffer"):
         Teardown().key("plain", bytearray(32))
+
+
+#: `medtee train` in this process, SIGTERMed (as a scheduler or `timeout` would) when it starts building the model.
+SIGTERMED = r"""
+import os, signal, sys, tempfile
+from medtee import cli
+from medtee.training import model
+
+def build_model(*args, **kwargs):
+    print("PRIVATE_TMP", tempfile.gettempdir(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("SIGTERM did not end the run")
+
+model.build_model = build_model
+sys.exit(cli.main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_sigterm_ends_the_run_with_teardown_close_receipt_and_no_temporary_files(tmp_path):
+    res = subprocess.run([sys.executable, "-c", SIGTERMED, *FAST], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 128 + 15, res.stderr[-3000:]
+    assert "terminated (SIGTERM)" in res.stderr and "Traceback" not in res.stderr
+    assert "medtee: teardown: data key, checkpoint key, adapter key overwritten" in res.stderr
+    [private] = [line.split(" ", 1)[1] for line in res.stdout.splitlines() if line.startswith("PRIVATE_TMP ")]
+    assert not Path(private).exists()
+    [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
+    predicate = _payload(receipt)["predicate"]
+    assert predicate["run"]["outcome"] == "failed" and predicate["run"]["error_type"] == "SystemExit"
+    assert [e["event"] for e in _audit(tmp_path / ".medtee/broker")][-2:] == ["release", "close"]
