@@ -73,3 +73,19 @@ def mismatches(profile) -> list[str]:
         if profile.cpu_threads > available:
             problems.append(f"hardware.cpu_threads={profile.cpu_threads} but only {available} CPUs are available")
     return problems
+
+
+def free_memory(profile) -> int | None:
+    """Bytes free where the profile's model lives: the first CUDA device's, or the host's available memory; None
+    when unknown."""
+    if profile.accelerator == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else None
+    try:  # MemAvailable counts the page cache the kernel would give back
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

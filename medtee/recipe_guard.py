@@ -78,6 +78,17 @@ def _check_flag_combination(flags: list[str], overrides: list[str]) -> None:
         raise RecipeRuleError("--hydra-help takes no other argument")
 
 
+#: Fields that name the option chosen in their group: they are labels the run records (tags, receipts), so only
+#: choosing another option changes them (a development profile may not call itself h200_sev_snp).
+OPTION_LABELS = ("hardware.name", "attestation.name")
+
+
+def _label_refusal(key: str, source: str) -> str:
+    group = key.split(".")[0]
+    return (f"{source}: {key} names the chosen {group} option and cannot be set; choose another option with "
+            f"{group}=NAME")
+
+
 def check_overrides(overrides: list[str], *, groups: dict[str, list[str] | None], fields: list[str],
                     multirun: bool = True) -> None:
     """Each override, given once and holding no resolver, chooses a shipped option of a group in `groups` (group ->
@@ -105,6 +116,8 @@ def check_overrides(overrides: list[str], *, groups: dict[str, list[str] | None]
                                   f"KEY=VALUE (every key a recipe can have is in its schema)")
         if o.package is not None:
             raise RecipeRuleError(f"'{o.input_line}': '@package' overrides are not allowed")
+        if key in OPTION_LABELS:
+            raise RecipeRuleError(_label_refusal(key, f"'{o.input_line}'"))
         if key in groups:
             if groups[key] is None:  # the options are checked later (recipe files)
                 continue
@@ -161,6 +174,10 @@ def check_recipe_node(node: Any, source: str, *, groups: dict[str, list[str]], f
             raise RecipeRuleError(f"{source}: unknown top-level key '{key}'. Valid keys: defaults, "
                                   f"{', '.join(fields)}")
     _check_defaults(node.get("defaults", []), source, groups)
+    for key in OPTION_LABELS:
+        group, field = key.split(".")
+        if isinstance(node.get(group), dict) and field in node[group]:
+            raise RecipeRuleError(_label_refusal(key, source))
     check_values({k: v for k, v in node.items() if k != "defaults"}, source)
 
 

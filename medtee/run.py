@@ -137,11 +137,32 @@ def preflight(cfg) -> None:
     """Check the machine against the hardware profile and the evidence providers; raise Refused listing why."""
     from medtee import attestation
 
-    problems = hardware.mismatches(cfg.hardware)
+    problems = hardware.mismatches(cfg.hardware) + _random_weights_problems(cfg)
     att = cfg.attestation
     problems += attestation.unavailable_reasons(att.provider.value, att.gpu_provider and att.gpu_provider.value)
     if problems:
         raise Refused("; ".join(problems))
+
+
+def _random_weights_problems(cfg) -> list[str]:
+    """Whether the device can hold the random weights `model.source=random` draws whole in `model.dtype` before
+    quantizing them (an out-of-memory kill after the key release would skip the teardown)."""
+    if cfg.model.source != "random" or cfg.hardware.production:
+        return []
+    from medtee.training.config import ARCHITECTURES, Architecture, random_parameter_count
+
+    m = cfg.model
+    size = random_parameter_count(m) * {"float32": 4}.get(m.dtype.value, 2)
+    free = hardware.free_memory(cfg.hardware)
+    if free is None or size <= free:
+        return []
+    dims = ARCHITECTURES[Architecture(m.architecture)]
+    per_layer = (random_parameter_count(m) - dims["vocab_size"] * dims["hidden_size"]) / (
+        m.num_layers or dims["num_hidden_layers"])
+    return [f"model.source=random draws {random_parameter_count(m) / 1e9:.1f}e9 parameters in {m.dtype.value} "
+            f"({size / 2**30:.1f} GiB) on {cfg.hardware.accelerator.value}, which has {free / 2**30:.1f} GiB free: "
+            f"cut the depth with model.num_layers=N (each {m.architecture.value} layer is "
+            f"{per_layer * size / random_parameter_count(m) / 2**30:.2f} GiB)"]
 
 
 @dataclass(frozen=True)

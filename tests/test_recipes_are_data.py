@@ -312,3 +312,18 @@ def test_files_a_recipe_names_enter_the_digest_by_content(tmp_path):
     digests.add(config.recipe_digest(cfg, weights={"model.safetensors": "ab" * 32}))
     digests.add(config.recipe_digest(cfg, weights={"model.safetensors": "cd" * 32}))
     assert len(digests) == 5
+
+
+@pytest.mark.parametrize("key", ["hardware.name", "attestation.name"])
+def test_the_label_of_a_chosen_option_cannot_be_set(key, tmp_path):
+    """A development run could otherwise call its profile h200_sev_snp or its policy snp_h200 in tags and receipts."""
+    from medtee import config
+    from medtee.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key} names the chosen .* option and cannot be set"):
+        config.compose(["recipe=demo", "hardware=gpu_dev", f"{key}=h200_sev_snp"])
+    group, field = key.split(".")
+    recipe = tmp_path / "labelled.yaml"
+    recipe.write_text(f"# @package _global_\n{group}:\n  {field}: snp_h200\n")
+    with pytest.raises(ConfigError, match=f"{key} names the chosen .* option and cannot be set"):
+        config.compose(config.use_recipe_files([f"recipe={recipe}"]))

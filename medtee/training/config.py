@@ -146,6 +146,14 @@ class ModelConfig:
         return out + TinyGemma3.problems(self.tiny)
 
 
+def random_parameter_count(model) -> int:
+    """Parameters of the model `source=random` draws (decoder layers, norms, the tied embedding)."""
+    dims = ARCHITECTURES[Architecture(model.architecture)]
+    h, heads, kv, d = dims["hidden_size"], dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
+    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * dims["intermediate_size"] + 4 * h + 2 * d
+    return (model.num_layers or dims["num_hidden_layers"]) * per_layer + dims["vocab_size"] * h + h
+
+
 def weights_label(model) -> str:
     """What a run's weights are, for tags and the adapter's base model: the pretrained id, or the random source."""
     if model.source == ModelSource.pretrained:

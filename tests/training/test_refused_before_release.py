@@ -131,3 +131,16 @@ def test_a_gpu_development_recipe_on_a_machine_without_cuda_is_refused_before_an
     assert res.returncode == 1, res.stderr[-2000:]
     assert "hardware profile 'gpu_dev' needs CUDA GPUs" in res.stderr and "hardware=cpu_dev" in res.stderr
     assert RELEASED not in res.stderr and "Traceback" not in res.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_random_weights_the_device_cannot_hold_are_refused_before_the_key_is_released(monkeypatch):
+    """Drawing all 62 layers of gemma3_27b on a 2-core CI machine used to end in an out-of-memory kill after the key
+    was released (no teardown, no close)."""
+    from medtee import config, hardware, run
+
+    cfg = config.compose(["recipe=demo", "model=medgemma_27b", "model.source=random", "model.compile_layers=false"])
+    monkeypatch.setattr(hardware, "free_memory", lambda profile: 16 * 2**30)
+    with pytest.raises(run.Refused, match=r"draws 27\.0e9 parameters in bfloat16 \(50\.3 GiB\) on cpu, which has "
+                                          r"16\.0 GiB free: cut the depth with model.num_layers=N"):
+        run.preflight(cfg)
+    run.preflight(config.compose(["recipe=demo", "model=medgemma_27b", "model.source=random", "model.num_layers=4"]))
