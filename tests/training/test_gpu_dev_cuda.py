@@ -13,19 +13,45 @@ from conftest import run_medtee
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_demo_gpu_runs_the_whole_chain_on_cuda(tmp_path):
-    res = run_medtee("train", "recipe=demo_gpu", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                     "trainer.limit_val_batches=5", cwd=tmp_path)
+DATA = ["recipe=demo_gpu", "data=sealed", "data.path=sealed", "data.val_fraction=0.2"]  # 120 dialogues: 24 held out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """120 synthetic dialogues sealed (simulated policy) and trained on with recipe=demo_gpu: (cwd, run directory)."""
+    cwd = tmp_path_factory.mktemp("cuda")
+    assert run_medtee("synth", "--n", "120", "--seed", "5", "--out", "d.jsonl", cwd=cwd).returncode == 0
+    assert run_medtee("seal", "d.jsonl", "--out", "sealed", "--policy", "simulated", cwd=cwd).returncode == 0
+    res = run_medtee("train", *DATA, "trainer.max_steps=6", "trainer.val_check_interval=3", cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SIMULATED" in res.stderr
-    [summary_file] = tmp_path.glob("outputs/*/*/summary.json")
-    summary = json.loads(summary_file.read_text())
-    assert summary["steps"] == 6
-    out = summary_file.parent
+    [summary] = cwd.glob("outputs/*/*/summary.json")
+    return cwd, summary.parent
+
+
+def test_demo_gpu_runs_the_whole_chain_on_cuda(trained):
+    cwd, out = trained
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
     assert (out / "adapter.safetensors.enc").is_file() and (out / "adapter.sealed").is_file()
-    assert (out / "receipt.dsse.json").is_file()
-    verified = run_medtee("receipt", "verify", str(out / "receipt.dsse.json"), "--policy", "simulated", cwd=tmp_path)
+    verified = run_medtee("receipt", "verify", str(out / "receipt.dsse.json"), cwd=cwd)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_eval_run_on_cuda(trained):
+    cwd, out = trained
+    res = run_medtee("eval", "run", *DATA, f"evaluation.adapter={out / 'adapter.sealed'}", "evaluation.max_items=20",
+                     "evaluation.max_new_tokens=16", "evaluation.resamples=1000", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "done: evaluated 24 held-out dialogues" in res.stderr
+
+
+def test_dp_under_bf16_autocast_on_cuda(trained):
+    cwd, _ = trained
+    res = run_medtee("train", *DATA, "data.packing=false", "privacy.dp.enabled=true", "privacy.dp.target_delta=1e-3",
+                     "trainer.max_steps=6", "trainer.val_check_interval=3", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(sorted(cwd.glob("outputs/*/*/summary.json"))[-1].read_text())
+    assert summary["privacy"]["dp"]["steps"] == 6 and summary["privacy"]["dp"]["epsilon"] <= 8.0
 
 
 def test_selective_checkpointing_keeps_the_cuda_4bit_matmul_outputs():
