@@ -229,6 +229,7 @@ def compose(overrides: list[str] | None = None):
         with _hydra_context():
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
             shipped = _shipped_hydra_settings()
+            changed = _changed_production_options(cfg, dict(cfg.hydra.runtime.choices))
         recipe_guard.check_hydra_settings(OmegaConf.to_container(cfg.hydra, resolve=False), shipped)
         with open_dict(cfg):
             del cfg["hydra"]
@@ -237,8 +238,40 @@ def compose(overrides: list[str] | None = None):
         raise ConfigError(str(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(explain_compose_error(exc)) from None
+    if changed:
+        raise ConfigError("; ".join(changed))
     check(cfg)
     return cfg
+
+
+#: Fields of a production hardware profile a recipe may set: how many of the machines it names a run uses.
+OPERATIONAL_HARDWARE = ("devices", "num_nodes", "cpu_threads")
+_SHIPPED_OPTIONS: dict[tuple[str, str], dict] = {}  # (group, option) -> the option's content as shipped
+
+
+def _changed_production_options(cfg, choices: dict) -> list[str]:
+    """A production hardware profile or attestation policy used as shipped, or why not: its name labels the run's
+    tags and receipt, so it may not be weakened into something else under that name (e.g. a CPU run labelled
+    h200_sev_snp, or simulated evidence passing "snp_h200"). Needs Hydra initialised (inside `compose`)."""
+    from hydra import compose as hydra_compose
+    from omegaconf import OmegaConf
+
+    problems = []
+    for group, allowed in (("hardware", OPERATIONAL_HARDWARE), ("attestation", ())):
+        option = choices.get(group)
+        if (group, option) not in _SHIPPED_OPTIONS:
+            _SHIPPED_OPTIONS[group, option] = OmegaConf.to_container(hydra_compose("config", [f"{group}={option}"])[group])
+        shipped = _SHIPPED_OPTIONS[group, option]
+        if not shipped.get("production"):
+            continue
+        ours = OmegaConf.to_container(cfg[group])
+        keys = sorted(f"{group}.{k}" for k in shipped if k not in allowed and ours.get(k) != shipped[k])
+        if keys:
+            only = f" (only {', '.join(f'{group}.{k}' for k in allowed)} may change)" if allowed else ""
+            problems.append(f"{group}={option} is a production option and the run is labelled with its name: "
+                            f"{', '.join(keys)} cannot be changed from it{only}; use it as shipped, or choose a "
+                            f"development option (hardware=gpu_dev, attestation=simulated)")
+    return problems
 
 
 def _hydra_context():

@@ -233,11 +233,38 @@ def _no_core_dumps() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+_SIGTERM = {"received": False, "deferred": 0}  # this run's SIGTERM state (`_terminated`, `sigterm_at_step_ends`)
+
+
 def _terminated(signum, frame):
     """SIGTERM (a scheduler, `timeout`, `docker stop`) ends the run as an exception would: the teardown, the release's
-    close, the receipt and the removal of the temporary directory all run."""
-    print("medtee: terminated (SIGTERM): ending the run", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
+    close, the receipt and the removal of the temporary directory all run. Only the first one: a second, e.g. from a
+    process-group signal or torchrun forwarding it, must not cut the run's end short. While Lightning trains, it
+    stops the run itself at the next step (`sigterm_at_step_ends`)."""
+    if _SIGTERM["received"]:
+        return
+    _SIGTERM["received"] = True
+    os.write(2, b"medtee: terminated (SIGTERM): ending the run\n")  # no print: this may interrupt a write to stderr
+    if not _SIGTERM["deferred"]:
+        raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_at_step_ends():
+    """Around Lightning's fit/validate: a SIGTERM stops the run at the next step on every process (Lightning's own
+    stop, synchronised across data-parallel ranks), not wherever it lands; one that came during the block, without
+    Lightning stopping, ends the run after it."""
+    _SIGTERM["deferred"] += 1
+    try:
+        yield
+    except SystemExit:  # Lightning's SIGTERMException carries no exit status: the run must not end as a success
+        if not _SIGTERM["received"]:
+            raise
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        _SIGTERM["deferred"] -= 1
+    if _SIGTERM["received"]:
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -257,6 +284,7 @@ def contained():
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = tempfile.tempdir = str(private)
     main = threading.current_thread() is threading.main_thread()
+    _SIGTERM.update(received=False, deferred=0)
     previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         yield private

@@ -75,17 +75,31 @@ def mismatches(profile) -> list[str]:
     return problems
 
 
-def free_memory(profile) -> int | None:
-    """Bytes free where the profile's model lives: the first CUDA device's, or the host's available memory; None
-    when unknown."""
-    if profile.accelerator == "cuda":
-        import torch
+def free_gpu_memory() -> int | None:
+    """Bytes free on this process's GPU (torchrun's LOCAL_RANK, srun's SLURM_LOCALID); None without CUDA."""
+    import torch
 
-        return torch.cuda.mem_get_info(0)[0] if torch.cuda.is_available() else None
-    try:  # MemAvailable counts the page cache the kernel would give back
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))[0]
+
+
+def free_host_memory() -> int | None:
+    """Bytes the host can still give this process: MemAvailable (the page cache the kernel would give back
+    included), or less under a cgroup v2 memory limit; None when unknown."""
+    free = None
+    try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free

@@ -80,7 +80,7 @@ def _check_flag_combination(flags: list[str], overrides: list[str]) -> None:
 
 #: Fields that name the option chosen in their group: they are labels the run records (tags, receipts), so only
 #: choosing another option changes them (a development profile may not call itself h200_sev_snp).
-OPTION_LABELS = ("hardware.name", "attestation.name")
+OPTION_LABELS = ("hardware.name", "attestation.name", "model.name")
 
 
 def _label_refusal(key: str, source: str) -> str:

@@ -145,24 +145,34 @@ def preflight(cfg) -> None:
 
 
 def _random_weights_problems(cfg) -> list[str]:
-    """Whether the device can hold the random weights `model.source=random` draws whole in `model.dtype` before
-    quantizing them (an out-of-memory kill after the key release would skip the teardown)."""
+    """Whether this machine can hold the random weights `model.source=random` draws whole in `model.dtype` on the
+    training device, then writes to the temporary directory to load them quantized (an out-of-memory kill after
+    the key release would skip the teardown)."""
     if cfg.model.source != "random" or cfg.hardware.production:
         return []
+    import shutil
+    import tempfile
+
     from medtee.training.config import ARCHITECTURES, Architecture, random_parameter_count
 
-    m = cfg.model
-    size = random_parameter_count(m) * {"float32": 4}.get(m.dtype.value, 2)
-    free = hardware.free_memory(cfg.hardware)
-    if free is None or size <= free:
+    m, cuda = cfg.model, cfg.hardware.accelerator == "cuda"
+    count = random_parameter_count(m)
+    size = count * {"float32": 4}.get(m.dtype.value, 2)
+    temp = tempfile.gettempdir()
+    host_need = size if cuda else 2 * size  # the drawn model (on CPU) and its copy in a memory temp dir
+    needs = [("the GPU", size, hardware.free_gpu_memory())] if cuda else []
+    needs += [("the host", host_need, hardware.free_host_memory()), (f"the temporary directory {temp}", size,
+                                                                      shutil.disk_usage(temp).free)]
+    short = [f"{where} needs {need / 2**30:.1f} GiB and has {free / 2**30:.1f} GiB free"
+             for where, need, free in needs if free is not None and need > free]
+    if not short:
         return []
     dims = ARCHITECTURES[Architecture(m.architecture)]
-    per_layer = (random_parameter_count(m) - dims["vocab_size"] * dims["hidden_size"]) / (
-        m.num_layers or dims["num_hidden_layers"])
-    return [f"model.source=random draws {random_parameter_count(m) / 1e9:.1f}e9 parameters in {m.dtype.value} "
-            f"({size / 2**30:.1f} GiB) on {cfg.hardware.accelerator.value}, which has {free / 2**30:.1f} GiB free: "
-            f"cut the depth with model.num_layers=N (each {m.architecture.value} layer is "
-            f"{per_layer * size / random_parameter_count(m) / 2**30:.2f} GiB)"]
+    layers = m.num_layers or dims["num_hidden_layers"]
+    per_layer = (count - dims["vocab_size"] * dims["hidden_size"]) / layers * size / count
+    return [f"model.source=random draws {count / 1e9:.1f}e9 parameters in {m.dtype.value} ({size / 2**30:.1f} GiB) "
+            f"and copies them once to load them quantized: {'; '.join(short)}; cut the depth with "
+            f"model.num_layers=N (each {m.architecture.value} layer is {per_layer / 2**30:.2f} GiB)"]
 
 
 @dataclass(frozen=True)
@@ -387,6 +397,7 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
     """Fit (or validate), audit the adapter when the dataset has canaries, then write the encrypted adapter (sealed
     to this release, and to the recipient unless a required audit failed), the recorded recipe and the summary; the
     MLflow run is closed by `finish`, after the receipt."""
+    from medtee import containment
     from medtee.tracking.config import TrackingConfig
     from medtee.training.config import weights_label
     from medtee.training.engine import build_trainer
@@ -397,10 +408,11 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
                             model=module.model, logger=logger, out_dir=out_dir, checkpoint_io=checkpoint_io)
     module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
     started = time.time()
-    if t.validate_only:  # an evaluation run: the held-out split only, no adapter
-        trainer.validate(module, datamodule=datamodule, ckpt_path=t.resume_from, verbose=False)
-    else:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=t.resume_from)
+    with containment.sigterm_at_step_ends():
+        if t.validate_only:  # an evaluation run: the held-out split only, no adapter
+            trainer.validate(module, datamodule=datamodule, ckpt_path=t.resume_from, verbose=False)
+        else:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=t.resume_from)
     # every process takes part: under FSDP this gathers the adapter's shards to rank 0 (the others get nothing)
     adapter = None if t.validate_only else module.adapter_state(trainer.strategy.lightning_module_state_dict())
     if not rank_zero:

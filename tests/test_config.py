@@ -265,9 +265,31 @@ def test_every_option_of_every_group_composes(group, option):
 
 
 def test_a_profile_that_requires_gpu_cc_needs_a_policy_that_proves_it():
+    """No shipped pair breaks this rule, and a production policy cannot be changed by a recipe (below): the rule
+    still holds for a composed config however it came about."""
+    from omegaconf import OmegaConf
+
+    cfg = config.compose(["recipe=medgemma27b_h200_sev_snp"])
+    OmegaConf.update(cfg, "attestation.gpu.required", False)
     with pytest.raises(ConfigError) as err:
-        config.compose(["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.required=false"])
+        config.check(cfg)
     assert "confidential-computing mode" in str(err.value) and "gpu.required=true" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, changed", [
+    (["hardware=h200_sev_snp", "hardware.production=false", "hardware.accelerator=cpu",
+      "hardware.require_sev_snp=false", "hardware.require_gpu_cc=false"], "hardware.accelerator, hardware.production"),
+    (["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.required=false"], "attestation.gpu"),
+    (["recipe=medgemma27b_h200_sev_snp", "attestation.allow_simulated=true", "attestation.provider=simulated"],
+     "attestation.allow_simulated, attestation.provider"),
+])
+def test_a_production_option_cannot_be_weakened_under_its_name(overrides, changed):
+    """A CPU run labelled h200_sev_snp, or simulated evidence passing as "snp_h200", used to compose."""
+    with pytest.raises(ConfigError) as err:
+        config.compose(overrides)
+    assert f"{changed}" in str(err.value) and "is a production option and the run is labelled with its name" in \
+        str(err.value)
+    assert config.compose(["recipe=medgemma27b_h200_sev_snp", "hardware.devices=2"]).hardware.devices == 2
 
 
 def test_merged_weights_are_not_an_option():

@@ -314,7 +314,7 @@ def test_files_a_recipe_names_enter_the_digest_by_content(tmp_path):
     assert len(digests) == 5
 
 
-@pytest.mark.parametrize("key", ["hardware.name", "attestation.name"])
+@pytest.mark.parametrize("key", ["hardware.name", "attestation.name", "model.name"])
 def test_the_label_of_a_chosen_option_cannot_be_set(key, tmp_path):
     """A development run could otherwise call its profile h200_sev_snp or its policy snp_h200 in tags and receipts."""
     from medtee import config

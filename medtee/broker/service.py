@@ -127,19 +127,37 @@ class EmbeddedBroker:
         keys += [load_public(p).public_bytes_raw() for p in sorted((self.store_dir / "trusted-owners").glob("*.pub"))]
         return keys
 
-    def register(self, manifest: Manifest) -> None:
+    def register(self, manifest: Manifest, *, policy_sha256: str | None = None) -> None:
         """Register a dataset; the manifest must be signed by a trusted owner and wrapped to this broker's key.
 
-        A refused registration naming an already registered dataset is audited (`refuse-register`)."""
+        `policy_sha256`: the digest of the policy file its sealer checked; the registration is refused unless the
+        file the broker reads the release policy from still holds exactly that (checked and written under the audit
+        log's lock, as policies are stored: no seal registers under a policy changed or removed meanwhile). A
+        refused registration naming an already registered dataset is audited (`refuse-register`)."""
+        import hashlib
+
         path = self._registration_path(manifest.dataset_id)
         try:
             self._check_registration(manifest, path)
         except (PermissionError, ValueError, FileExistsError) as e:
             self._refused_registration(manifest.dataset_id, e, manifest.owner_key_id())
             raise
-        _write_registration(path, manifest, manifest.release_policy)
-        self.audit.append("register", dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
-                          policy=manifest.release_policy, owner_key=manifest.owner_key_id())
+        name = manifest.release_policy
+
+        def decide(_entries) -> tuple[str, dict]:
+            if policy_sha256 is not None:
+                try:
+                    held = hashlib.sha256(self.policy_file(name)[0].read_bytes()).hexdigest()
+                except (ValueError, OSError):
+                    held = None
+                if held != policy_sha256:
+                    raise ValueError(f"release policy '{name}' was changed or removed while the dataset was sealed, "
+                                     f"so it is not the policy that was checked; nothing was registered: seal again")
+            _write_registration(path, manifest, name)
+            return "register", {"dataset_id": manifest.dataset_id, "manifest_digest": manifest.digest(),
+                                "policy": name, "owner_key": manifest.owner_key_id()}
+
+        self.audit.append_decided(decide)
 
     def register_json(self, doc: object) -> Manifest:
         """Register the manifest of a registration request's JSON (as `register`, malformed ones audited too)."""

@@ -17,7 +17,7 @@ from medtee.crypto.hpke import DEFAULT_SCHEME, Scheme
 from medtee.sealing.seal import DEFAULT_ROWS_PER_SHARD
 
 if TYPE_CHECKING:
-    from medtee.attestation.policy import AttestationPolicy, PolicyFile
+    from medtee.attestation.policy import PolicyFile
 
 SCHEMES = tuple(s.value for s in Scheme)
 
@@ -81,21 +81,20 @@ def _policy_first(args: argparse.Namespace) -> PolicyFile | None:
     return None
 
 
-def _release_policy(broker, args: argparse.Namespace, file: PolicyFile | None) -> tuple[AttestationPolicy, Path, bool]:
-    """(the policy the embedded `broker` enforces for `--policy`, the file it reads it from, whether this seal added
-    it to the store). A NAME resolves as at release (the store, then shipped); a FILE is the shipped policy of its
-    name, or is claimed in the store under its name with the bytes read once (`claim_policy`: never replacing
-    another policy of that name)."""
-    from medtee.attestation.policy import read_policy_file
+def _release_policy(broker, args: argparse.Namespace, file: PolicyFile | None) -> tuple[PolicyFile, bool]:
+    """(the policy file the embedded `broker` enforces for `--policy`, as read, whether this seal added it to the
+    store). A NAME resolves as at release (the store, then shipped); a FILE is the shipped policy of its name, or
+    is claimed in the store under its name with the bytes read once (`claim_policy`: never replacing another
+    policy of that name). The broker registers the dataset only if that file still holds these bytes then."""
+    from medtee.attestation.policy import PolicyFile, read_policy_file
 
     if file is None:
-        path = broker.policy_file(args.policy)[0]
-        return read_policy_file(path, name=args.policy).policy, path, False
+        return read_policy_file(broker.policy_file(args.policy)[0], name=args.policy), False
     name = file.policy.name
     if any(n == name and where == "shipped" for n, where in broker.policies()):
-        return file.policy, broker.policy_file(name)[0], False
+        return read_policy_file(broker.policy_file(name)[0], name=name), False
     added = broker.claim_policy(name, file.data, str(file.path))
-    return file.policy, broker.policy_file(name)[0], added
+    return PolicyFile(path=broker.policy_file(name)[0], data=file.data, policy=file.policy), added
 
 
 def _seal(args: argparse.Namespace) -> int:
@@ -126,15 +125,17 @@ def _seal(args: argparse.Namespace) -> int:
         else:
             broker = connect(args.broker, store_dir=args.broker_dir)
         if args.broker == "embedded":
-            policy, source, added = _release_policy(broker, args, file)
+            enforced, added = _release_policy(broker, args, file)
+            policy, source, digest = enforced.policy, enforced.path, enforced.sha256
         else:
             from medtee.attestation import load_policy
 
-            policy, source, added = load_policy(args.policy), None, False
+            policy, source, digest, added = load_policy(args.policy), None, None, False
         try:
             manifest = seal_located(records, args.out, broker=broker, policy=policy.name, dataset_id=args.dataset_id,
                                     rows_per_shard=args.rows_per_shard, classification=args.classification,
-                                    dua_id=args.dua_id, tokenizer=args.tokenizer, canaries=plan)
+                                    dua_id=args.dua_id, tokenizer=args.tokenizer, canaries=plan,
+                                    policy_sha256=digest)
         except BaseException:
             if added:  # a refused seal leaves the store as it found it
                 broker.withdraw_policy(policy.name, file.data)

@@ -396,9 +396,11 @@ def seal_located(
     dua_id: str = "",
     tokenizer: str | None = None,
     canaries: CanaryPlan | None = None,
+    policy_sha256: str | None = None,
 ) -> Manifest:
     """Seal validated `records` (`(where, record)` pairs, as `read_input` yields them) into `out_dir` under a fresh
-    data key wrapped to `broker`'s key; register it with the broker.
+    data key wrapped to `broker`'s key; register it with the broker (an embedded one given `policy_sha256`, the
+    digest of the policy file the sealer checked, refuses unless it still holds exactly that).
 
     `policy` names the attestation policy the broker must apply before releasing the key. The manifest is signed
     with `signing_key` (default: the data owner's key the broker object keeps, `broker.owner_signing_key()`).
@@ -482,11 +484,14 @@ def seal_located(
         ).signed(signing_key)
         with _writing(out_dir):
             (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        broker.register(manifest)
-        with _writing(out_dir):
             if out_dir.exists():
                 out_dir.rmdir()  # empty (checked above); rename needs it gone
             os.rename(tmp, out_dir)
+        try:  # registered only once the dataset is in place: a seal refused on the way registers nothing
+            broker.register(manifest, **({"policy_sha256": policy_sha256} if policy_sha256 else {}))
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
     return manifest
 
 

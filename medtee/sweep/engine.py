@@ -189,7 +189,10 @@ def _run_trial(space, study, trial, runner, guard, tracker, worker_id, retry_of)
             raise ObjectiveMissing()
     except BaseException as exc:
         _tell_failure(study, trial, type(exc).__name__, tracker)
-        if not isinstance(exc, Exception):
+        if not isinstance(exc, Exception):  # the worker is stopping (SIGTERM, Ctrl-C): the trial runs again elsewhere
+            retry = study._storage.get_heartbeat_stale_trial_callback()
+            if retry is not None:
+                retry(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))
             raise
         log.warning("sweep %s: trial %d failed (%s)", space.name, trial.number, type(exc).__name__)
         return

@@ -33,7 +33,8 @@ class CausalLMModule(L.LightningModule):
     batches of expected size `batch_size` (training refuses a loader that samples otherwise); the accountant's state
     is checkpointed, `train/epsilon` logged each epoch, `dp_summary()` the run's record. Per-dialogue clipping
     replaces the trainer's gradient clipping. An empty batch is a step like any other (noise only). Under DP no
-    `train/loss` is logged (nor kept as the run's first loss): the DP guarantee covers the adapter, not raw losses.
+    `train/loss` (nor the run's first loss) and no `train/tokens_per_s` is logged: the guarantee covers the adapter,
+    not what a step's batch says directly.
     """
 
     PREFIX = "model."  # of the peft model's entries in this module's state dict
@@ -141,7 +142,7 @@ class CausalLMModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        if elapsed > 0:
+        if elapsed > 0 and self.dp is None:  # under DP, its steps would tell each sampled batch's longest dialogue
             self.log("train/tokens_per_s", self._tokens / elapsed, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self):

@@ -216,3 +216,22 @@ def test_a_policy_file_differing_from_the_shipped_one_of_its_name_makes_no_store
     path.write_text(dev_policy(None, [OTHER]))  # named by its stem: the shipped 'simulated', but another policy
     assert main(["seal", str(_good(tmp_path)), "--out", "a", "--policy", str(path)]) == 2
     assert not (tmp_path / ".medtee").exists() and not (tmp_path / "a").exists()
+
+
+def test_no_dataset_is_registered_under_a_policy_changed_while_it_was_sealed(jsonl, tmp_path, monkeypatch, capsys):
+    """Another seal's failure (withdrawing the policy) or the owner's `policy add` while this seal writes: the dataset
+    would have been registered under content its sealer never checked."""
+    path = tmp_path / "site.yaml"
+    path.write_text(dev_policy("site", [OTHER]))
+    register = EmbeddedBroker.register
+
+    def changed_meanwhile(self, manifest, **kwargs):
+        (self.store_dir / "policies" / "site.yaml").write_text(dev_policy("site"))  # no measurement pinned
+        return register(self, manifest, **kwargs)
+
+    monkeypatch.setattr(EmbeddedBroker, "register", changed_meanwhile)
+    assert main(["seal", str(jsonl), "--out", "a", "--policy", str(path)]) == 2
+    assert "was changed or removed while the dataset was sealed" in capsys.readouterr().err
+    store = tmp_path / ".medtee" / "broker"
+    assert not (tmp_path / "a").exists() and not list((store / "datasets").glob("*.json"))
+    assert "register" not in [e["event"] for e in audit(store)]

@@ -133,3 +133,21 @@ def test_workers_killed_mid_trial_before_the_child_and_after_tell_resume_to_exac
     for t in retries:
         if t.state == TrialState.COMPLETE:  # a retry that was itself lost before its child existed has no tag
             assert children[t.number].data.tags["medtee.sweep.retry_of"] == str(t.system_attrs["failed_trial"])
+
+
+def test_a_trial_stopped_by_its_worker_stopping_is_queued_again_with_its_parameters(tmp_path):
+    """SIGTERM (or Ctrl-C) reaches the runner as a BaseException: the worker stops, and the trial is retried with the
+    same parameters by the next worker, as a trial whose worker was killed is."""
+    class Stopping(sweep_worker.FakeRunner):
+        def run(self, overrides, trial_number):
+            raise SystemExit(143)
+
+    with pytest.raises(SystemExit):
+        _sweep(tmp_path, Stopping(), n_trials=2)
+    result, study, _ = _sweep(tmp_path, sweep_worker.FakeRunner(), n_trials=2)
+    assert result.stopped == "done" and result.complete == 2
+    trials = {t.number: t for t in study.get_trials()}
+    stopped = trials[0]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"] == "SystemExit"
+    [retry] = [t for t in trials.values() if t.system_attrs.get("failed_trial") == 0]
+    assert retry.state == TrialState.COMPLETE and retry.params == stopped.params

@@ -139,8 +139,17 @@ def test_random_weights_the_device_cannot_hold_are_refused_before_the_key_is_rel
     from medtee import config, hardware, run
 
     cfg = config.compose(["recipe=demo", "model=medgemma_27b", "model.source=random", "model.compile_layers=false"])
-    monkeypatch.setattr(hardware, "free_memory", lambda profile: 16 * 2**30)
-    with pytest.raises(run.Refused, match=r"draws 27\.0e9 parameters in bfloat16 \(50\.3 GiB\) on cpu, which has "
-                                          r"16\.0 GiB free: cut the depth with model.num_layers=N"):
+    import collections
+    import shutil
+
+    monkeypatch.setattr(hardware, "free_host_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("U", "total used free")(0, 0, 2**40))
+    with pytest.raises(run.Refused, match=r"draws 27\.0e9 parameters in bfloat16 \(50\.3 GiB\) and copies them once "
+                                          r"to load them quantized: the host needs 100\.6 GiB and has 64\.0 GiB free"
+                                          r".*cut the depth with model.num_layers=N \(each gemma3_27b layer is 0\.77"):
         run.preflight(cfg)
-    run.preflight(config.compose(["recipe=demo", "model=medgemma_27b", "model.source=random", "model.num_layers=4"]))
+    four = config.compose(["recipe=demo", "model=medgemma_27b", "model.source=random", "model.num_layers=4"])
+    run.preflight(four)  # 5.7 GiB, twice over: fits
+    monkeypatch.setattr(hardware, "free_host_memory", lambda: 8 * 2**30)
+    with pytest.raises(run.Refused, match=r"the host needs 11\.4 GiB and has 8\.0 GiB free"):
+        run.preflight(four)

@@ -159,3 +159,35 @@ def test_sigterm_ends_the_run_with_teardown_close_receipt_and_no_temporary_files
     predicate = _payload(receipt)["predicate"]
     assert predicate["run"]["outcome"] == "failed" and predicate["run"]["error_type"] == "SystemExit"
     assert [e["event"] for e in _audit(tmp_path / ".medtee/broker")][-2:] == ["release", "close"]
+
+
+#: `medtee train` in this process, SIGTERMed twice during its second training step (a process-group signal, or
+#: torchrun forwarding it, delivers it twice): Lightning stops at the step's end, and the second changes nothing.
+SIGTERMED_IN_FIT = r"""
+import os, signal, sys
+from medtee import cli
+from medtee.training.module import CausalLMModule
+
+step = CausalLMModule.training_step
+
+def training_step(self, batch, batch_idx):
+    if batch_idx == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(self, batch, batch_idx)
+
+CausalLMModule.training_step = training_step
+sys.exit(cli.main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_sigterm_during_training_stops_at_the_step_and_ends_the_run_as_failed(tmp_path):
+    res = subprocess.run([sys.executable, "-c", SIGTERMED_IN_FIT, "trainer.max_steps=6", *FAST[1:]], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 128 + 15, res.stderr[-3000:]  # never 0: Lightning's own stop carries no status
+    assert res.stderr.count("terminated (SIGTERM)") == 1 and "Traceback" not in res.stderr
+    assert "medtee: teardown: data key, checkpoint key, adapter key overwritten" in res.stderr
+    [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
+    assert _payload(receipt)["predicate"]["run"]["error_type"] == "SystemExit"
+    assert [e["event"] for e in _audit(tmp_path / ".medtee/broker")][-2:] == ["release", "close"]
+    assert not list(tmp_path.glob("outputs/*/*/adapter.safetensors.enc"))
