@@ -246,31 +246,52 @@ def compose(overrides: list[str] | None = None):
 
 #: Fields of a production hardware profile a recipe may set: how many of the machines it names a run uses.
 OPERATIONAL_HARDWARE = ("devices", "num_nodes", "cpu_threads")
+#: Fields of a production attestation policy a recipe may set: where this machine keeps what appraisal reads.
+LOCAL_ATTESTATION = ("cert_cache_dir", "gpu.ocsp_cache", "gpu.rim_store")
+#: ... and requirements a recipe may add where the shipped policy has none (each value at least as strict).
+TIGHTENINGS = {"measurements": [], "products": [], "host_data": None, "vmpl": None, "require_single_socket": False,
+               "allow_smt": True, "gpu.allowed_rim_ids": [], "gpu.require_rim_match": False}
 _SHIPPED_OPTIONS: dict[tuple[str, str], dict] = {}  # (group, option) -> the option's content as shipped
+
+
+def _flat(section: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _changed_production_options(cfg, choices: dict) -> list[str]:
     """A production hardware profile or attestation policy used as shipped, or why not: its name labels the run's
-    tags and receipt, so it may not be weakened into something else under that name (e.g. a CPU run labelled
-    h200_sev_snp, or simulated evidence passing "snp_h200"). Needs Hydra initialised (inside `compose`)."""
+    tags and receipt, so it may not be changed into something else under that name (e.g. a CPU run labelled
+    h200_sev_snp, or simulated evidence passing "snp_h200"). Allowed: a profile's OPERATIONAL_HARDWARE; a policy's
+    LOCAL_ATTESTATION paths and TIGHTENINGS where the shipped policy sets none. Needs Hydra initialised."""
     from hydra import compose as hydra_compose
     from omegaconf import OmegaConf
 
     problems = []
-    for group, allowed in (("hardware", OPERATIONAL_HARDWARE), ("attestation", ())):
+    for group in ("hardware", "attestation"):
         option = choices.get(group)
         if (group, option) not in _SHIPPED_OPTIONS:
             _SHIPPED_OPTIONS[group, option] = OmegaConf.to_container(hydra_compose("config", [f"{group}={option}"])[group])
-        shipped = _SHIPPED_OPTIONS[group, option]
+        shipped = _flat(_SHIPPED_OPTIONS[group, option])
         if not shipped.get("production"):
             continue
-        ours = OmegaConf.to_container(cfg[group])
-        keys = sorted(f"{group}.{k}" for k in shipped if k not in allowed and ours.get(k) != shipped[k])
+        ours = _flat(OmegaConf.to_container(cfg[group]))
+        if group == "hardware":
+            free, note = set(OPERATIONAL_HARDWARE), f"only {', '.join(f'hardware.{k}' for k in OPERATIONAL_HARDWARE)}"
+        else:
+            free = set(LOCAL_ATTESTATION) | {k for k, neutral in TIGHTENINGS.items() if shipped.get(k) == neutral}
+            note = (f"only the local paths {', '.join(f'attestation.{k}' for k in LOCAL_ATTESTATION)} and requirements "
+                    f"it leaves open ({', '.join(f'attestation.{k}' for k in TIGHTENINGS)})")
+        keys = sorted(f"{group}.{k}" for k in shipped if k not in free and ours.get(k) != shipped[k])
         if keys:
-            only = f" (only {', '.join(f'{group}.{k}' for k in allowed)} may change)" if allowed else ""
             problems.append(f"{group}={option} is a production option and the run is labelled with its name: "
-                            f"{', '.join(keys)} cannot be changed from it{only}; use it as shipped, or choose a "
-                            f"development option (hardware=gpu_dev, attestation=simulated)")
+                            f"{', '.join(keys)} cannot be changed from it ({note} may be set); use it as shipped, or "
+                            f"choose a development option (hardware=gpu_dev, attestation=simulated)")
     return problems
 
 

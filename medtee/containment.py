@@ -233,36 +233,47 @@ def _no_core_dumps() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-_SIGTERM = {"received": False, "deferred": 0}  # this run's SIGTERM state (`_terminated`, `sigterm_at_step_ends`)
+_SIGTERM = {"received": False, "deferred": 0}  # this run's SIGTERM state (`_terminated`)
 
 
 def _terminated(signum, frame):
     """SIGTERM (a scheduler, `timeout`, `docker stop`) ends the run as an exception would: the teardown, the release's
     close, the receipt and the removal of the temporary directory all run. Only the first one: a second, e.g. from a
-    process-group signal or torchrun forwarding it, must not cut the run's end short. While Lightning trains, it
-    stops the run itself at the next step (`sigterm_at_step_ends`)."""
+    process-group signal or torchrun forwarding it, must not cut the run's end short. Recorded only (the run ends
+    when it can) while the run's end is under way (`sigterm_deferred`), or while Lightning's own SIGTERM handler is
+    in place and calls this one: it then stops at the next step, on every rank (`lightning_sigterm`)."""
     if _SIGTERM["received"]:
         return
     _SIGTERM["received"] = True
     os.write(2, b"medtee: terminated (SIGTERM): ending the run\n")  # no print: this may interrupt a write to stderr
-    if not _SIGTERM["deferred"]:
+    if not _SIGTERM["deferred"] and signal.getsignal(signal.SIGTERM) is _terminated:
         raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
-def sigterm_at_step_ends():
-    """Around Lightning's fit/validate: a SIGTERM stops the run at the next step on every process (Lightning's own
-    stop, synchronised across data-parallel ranks), not wherever it lands; one that came during the block, without
-    Lightning stopping, ends the run after it."""
+def sigterm_deferred():
+    """A block a SIGTERM must not cut short (the run's end: teardown, close, receipt); one that came meanwhile ends
+    the run after it (exit 143), unless an exception is on its way out already."""
     _SIGTERM["deferred"] += 1
     try:
         yield
-    except SystemExit:  # Lightning's SIGTERMException carries no exit status: the run must not end as a success
+    finally:
+        _SIGTERM["deferred"] -= 1
+    if _SIGTERM["received"]:
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def lightning_sigterm():
+    """Around Lightning's fit/validate: a SIGTERM before Lightning installs its handler ends the run at once; after,
+    Lightning stops at the next step (its SIGTERMException carries no exit status, so it becomes 143 here); one
+    Lightning let the loop finish through ends the run after it."""
+    try:
+        yield
+    except SystemExit:
         if not _SIGTERM["received"]:
             raise
         raise SystemExit(128 + signal.SIGTERM) from None
-    finally:
-        _SIGTERM["deferred"] -= 1
     if _SIGTERM["received"]:
         raise SystemExit(128 + signal.SIGTERM)
 

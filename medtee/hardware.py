@@ -86,7 +86,7 @@ def free_gpu_memory() -> int | None:
 
 def free_host_memory() -> int | None:
     """Bytes the host can still give this process: MemAvailable (the page cache the kernel would give back
-    included), or less under a cgroup v2 memory limit; None when unknown."""
+    included), or less under a cgroup v2 memory limit on this process's cgroup or any above it; None when unknown."""
     free = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -94,12 +94,42 @@ def free_host_memory() -> int | None:
                 free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            left = int(limit) - int((cgroup / "memory.current").read_text())
-            free = left if free is None else min(free, left)
-    except (OSError, ValueError):
-        pass
-    return free
+    left = _cgroup_memory_left()
+    return left if free is None else free if left is None else min(free, left)
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: (line prefix in /proc/self/cgroup, mount, limit, usage, reclaimable cache key in memory.stat): cgroup v2, then v1
+_CGROUPS = (("0::", CGROUP_ROOT, "memory.max", "memory.current", "inactive_file"),
+            ("memory:", CGROUP_ROOT / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+             "total_inactive_file"))
+
+
+def _cgroup_memory_left(lines: list[str] | None = None, cgroups=_CGROUPS) -> int | None:
+    """The least memory left under any memory limit from this process's cgroup (`lines` of /proc/self/cgroup) up to
+    its hierarchy's root (v2 or v1): the limit, less what is charged, plus the reclaimable file cache; None without
+    a limit."""
+    if lines is None:
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+    left = None
+    for prefix, root, limit_file, usage_file, cache_key in cgroups:
+        own = next((x for x in lines if x.startswith(prefix) or f":{prefix}" in x), None)
+        if own is None:
+            continue
+        node = root / own.split(":", 2)[2].strip().lstrip("/")
+        while True:
+            try:
+                limit = (node / limit_file).read_text().strip()
+                if limit != "max" and int(limit) < 2**62:  # v1 writes "no limit" as a huge number
+                    stat = dict(x.split() for x in (node / "memory.stat").read_text().splitlines() if " " in x)
+                    here = int(limit) - int((node / usage_file).read_text()) + int(stat.get(cache_key, 0))
+                    left = here if left is None else min(left, here)
+            except (OSError, ValueError):
+                pass
+            if node == root or root not in node.parents:
+                break
+            node = node.parent
+    return left

@@ -272,6 +272,7 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
                  work: Callable[[object, Session], int]) -> int:
     """Release the data key, run `work(cfg, session)`, and end (success or failure) with the teardown, the release
     closed at the broker and the signed receipt."""
+    from medtee import containment
     from medtee.broker import connect
     from medtee.crypto.secret import SecretBuffer
     from medtee.crypto.stream import derive_key
@@ -319,8 +320,10 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
         error = exc
         raise
     finally:
-        _end(cfg, outcome=outcome, error=error, teardown=teardown, broker=broker, attested=attested, signer=signer,
-             started=started, recorded=recorded, digest=digest, weights=weights, dataset=dataset, out_dir=out_dir)
+        with containment.sigterm_deferred():
+            _end(cfg, outcome=outcome, error=error, teardown=teardown, broker=broker, attested=attested,
+                 signer=signer, started=started, recorded=recorded, digest=digest, weights=weights, dataset=dataset,
+                 out_dir=out_dir)
 
 
 def _decrypted_records(dataset, data_key: bytes):
@@ -408,7 +411,7 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
                             model=module.model, logger=logger, out_dir=out_dir, checkpoint_io=checkpoint_io)
     module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
     started = time.time()
-    with containment.sigterm_at_step_ends():
+    with containment.lightning_sigterm():
         if t.validate_only:  # an evaluation run: the held-out split only, no adapter
             trainer.validate(module, datamodule=datamodule, ckpt_path=t.resume_from, verbose=False)
         else:

@@ -279,7 +279,9 @@ def test_a_profile_that_requires_gpu_cc_needs_a_policy_that_proves_it():
 @pytest.mark.parametrize("overrides, changed", [
     (["hardware=h200_sev_snp", "hardware.production=false", "hardware.accelerator=cpu",
       "hardware.require_sev_snp=false", "hardware.require_gpu_cc=false"], "hardware.accelerator, hardware.production"),
-    (["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.required=false"], "attestation.gpu"),
+    (["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.required=false"], "attestation.gpu.required"),
+    (["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.revocation=off", "attestation.allow_debug=true"],
+     "attestation.allow_debug, attestation.gpu.revocation"),
     (["recipe=medgemma27b_h200_sev_snp", "attestation.allow_simulated=true", "attestation.provider=simulated"],
      "attestation.allow_simulated, attestation.provider"),
 ])
@@ -290,6 +292,16 @@ def test_a_production_option_cannot_be_weakened_under_its_name(overrides, change
     assert f"{changed}" in str(err.value) and "is a production option and the run is labelled with its name" in \
         str(err.value)
     assert config.compose(["recipe=medgemma27b_h200_sev_snp", "hardware.devices=2"]).hardware.devices == 2
+
+
+def test_a_production_policy_takes_this_machines_paths_and_stricter_requirements():
+    """Without its OCSP cache the shipped snp_h200 rejects every GPU (revocation fail_closed): it must stay settable."""
+    pin = "ab" * 48
+    cfg = config.compose(["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.ocsp_cache=/var/cache/ocsp",
+                          "attestation.cert_cache_dir=/var/cache/kds", "attestation.gpu.rim_store=/etc/rims",
+                          "attestation.gpu.require_rim_match=true", f"attestation.measurements=[{pin}]",
+                          "attestation.vmpl=0"])
+    assert cfg.attestation.gpu.ocsp_cache == "/var/cache/ocsp" and list(cfg.attestation.measurements) == [pin]
 
 
 def test_merged_weights_are_not_an_option():

@@ -137,14 +137,10 @@ class EmbeddedBroker:
         import hashlib
 
         path = self._registration_path(manifest.dataset_id)
-        try:
-            self._check_registration(manifest, path)
-        except (PermissionError, ValueError, FileExistsError) as e:
-            self._refused_registration(manifest.dataset_id, e, manifest.owner_key_id())
-            raise
         name = manifest.release_policy
 
         def decide(_entries) -> tuple[str, dict]:
+            self._check_registration(manifest, path)  # under the lock: two seals of one dataset id register once
             if policy_sha256 is not None:
                 try:
                     held = hashlib.sha256(self.policy_file(name)[0].read_bytes()).hexdigest()
@@ -157,7 +153,11 @@ class EmbeddedBroker:
             return "register", {"dataset_id": manifest.dataset_id, "manifest_digest": manifest.digest(),
                                 "policy": name, "owner_key": manifest.owner_key_id()}
 
-        self.audit.append_decided(decide)
+        try:
+            self.audit.append_decided(decide)
+        except (PermissionError, ValueError, FileExistsError) as e:
+            self._refused_registration(manifest.dataset_id, e, manifest.owner_key_id())
+            raise
 
     def register_json(self, doc: object) -> Manifest:
         """Register the manifest of a registration request's JSON (as `register`, malformed ones audited too)."""

@@ -188,10 +188,10 @@ def _run_trial(space, study, trial, runner, guard, tracker, worker_id, retry_of)
         if space.objective not in metrics:
             raise ObjectiveMissing()
     except BaseException as exc:
-        _tell_failure(study, trial, type(exc).__name__, tracker)
+        failed = _tell_failure(study, trial, type(exc).__name__, tracker)
         if not isinstance(exc, Exception):  # the worker is stopping (SIGTERM, Ctrl-C): the trial runs again elsewhere
             retry = study._storage.get_heartbeat_stale_trial_callback()
-            if retry is not None:
+            if retry is not None and failed:  # not when a stale check failed (and queued) it already
                 retry(study, copy.deepcopy(study._storage.get_trial(trial._trial_id)))
             raise
         log.warning("sweep %s: trial %d failed (%s)", space.name, trial.number, type(exc).__name__)
@@ -207,14 +207,17 @@ def _run_trial(space, study, trial, runner, guard, tracker, worker_id, retry_of)
         tracker.finish_trial(trial.number, "COMPLETE", value=value, best=_best(study))
 
 
-def _tell_failure(study, trial, error: str, tracker) -> None:
+def _tell_failure(study, trial, error: str, tracker) -> bool:
+    """Tell the trial FAIL; False when it had been failed already (taken for stale meanwhile)."""
+    failed = True
     try:
         trial.set_user_attr("error", checked("error", error, TRIAL_ATTRS))
         study.tell(trial, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
-        error = WORKER_LOST
+        error, failed = WORKER_LOST, False
     if tracker:
         tracker.finish_trial(trial.number, "FAIL", error=error)
+    return failed
 
 
 def _suggest(trial, key: str, d) -> Any:

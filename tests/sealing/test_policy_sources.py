@@ -235,3 +235,35 @@ def test_no_dataset_is_registered_under_a_policy_changed_while_it_was_sealed(jso
     store = tmp_path / ".medtee" / "broker"
     assert not (tmp_path / "a").exists() and not list((store / "datasets").glob("*.json"))
     assert "register" not in [e["event"] for e in audit(store)]
+
+
+def test_two_seals_of_one_dataset_id_register_it_once(tmp_path, monkeypatch):
+    """The "registered for other data" check runs under the audit log's lock: two seals racing with one id used to
+    both succeed, leaving one of them a dataset that can never be released."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medtee.sealing.seal import seal_records
+
+    check = EmbeddedBroker._check_registration
+
+    def slow_check(self, manifest, path):
+        check(self, manifest, path)
+        time.sleep(0.3)  # the other seal reaches its check meanwhile
+
+    monkeypatch.setattr(EmbeddedBroker, "_check_registration", slow_check)
+    brokers = [EmbeddedBroker(tmp_path / "store") for _ in range(2)]
+
+    def seal(i):
+        try:
+            return seal_records(make_records(6, tag=f"T{i}"), tmp_path / f"out{i}", broker=brokers[i],
+                                policy="simulated", dataset_id="ds-same")
+        except FileExistsError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(seal, range(2)))
+    assert sorted(type(r).__name__ for r in results) == ["FileExistsError", "Manifest"], results
+    loser = next(i for i, r in enumerate(results) if isinstance(r, FileExistsError))
+    assert not (tmp_path / f"out{loser}").exists()
+    assert [e["event"] for e in audit(tmp_path / "store")].count("register") == 1

@@ -151,3 +151,26 @@ def test_a_trial_stopped_by_its_worker_stopping_is_queued_again_with_its_paramet
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["error"] == "SystemExit"
     [retry] = [t for t in trials.values() if t.system_attrs.get("failed_trial") == 0]
     assert retry.state == TrialState.COMPLETE and retry.params == stopped.params
+
+
+def test_a_stopping_worker_does_not_queue_again_a_trial_already_failed_and_queued_as_stale(tmp_path):
+    """Taken for stale (and queued) by another worker while this one stops: one retry, never two."""
+    import copy
+
+    from medtee.sweep.engine import open_storage
+
+    space = sweep_worker.space(n_trials=2)
+
+    class StaleThenStopping(sweep_worker.FakeRunner):
+        def run(self, overrides, trial_number):
+            storage = open_storage(space, f"sqlite:///{tmp_path / 'optuna.db'}")
+            study = sweep_checks.load(f"sqlite:///{tmp_path / 'optuna.db'}")
+            trial = study.trials[trial_number]
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # what another worker's check does
+            storage.get_heartbeat_stale_trial_callback()(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+            raise SystemExit(143)
+
+    with pytest.raises(SystemExit):
+        _sweep(tmp_path, StaleThenStopping(), n_trials=2)
+    study = sweep_checks.load(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]

@@ -191,3 +191,46 @@ def test_sigterm_during_training_stops_at_the_step_and_ends_the_run_as_failed(tm
     assert _payload(receipt)["predicate"]["run"]["error_type"] == "SystemExit"
     assert [e["event"] for e in _audit(tmp_path / ".medtee/broker")][-2:] == ["release", "close"]
     assert not list(tmp_path.glob("outputs/*/*/adapter.safetensors.enc"))
+
+
+#: SIGTERM at `on_fit_start` (before Lightning installs its own handler) and again inside the release's close.
+SIGTERMED_EARLY_AND_IN_CLOSE = r"""
+import os, signal, sys
+from medtee import cli
+from medtee.broker.service import EmbeddedBroker
+from medtee.training.module import CausalLMModule
+
+CausalLMModule.on_fit_start = lambda self: os.kill(os.getpid(), signal.SIGTERM)
+close = EmbeddedBroker.close_release
+
+def close_release(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return close(self, *args, **kwargs)
+
+EmbeddedBroker.close_release = close_release
+sys.exit(cli.main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_sigterm_before_the_first_step_stops_at_once_and_one_in_the_close_does_not_skip_it(tmp_path):
+    res = subprocess.run([sys.executable, "-c", SIGTERMED_EARLY_AND_IN_CLOSE, "trainer.max_steps=50", *FAST[1:]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 128 + 15, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "closed at the key broker" in res.stderr
+    [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
+    predicate = _payload(receipt)["predicate"]
+    assert predicate["run"]["error_type"] == "SystemExit" and predicate["release"]["close_audit_entry_sha256"]
+    assert [e["event"] for e in _audit(tmp_path / ".medtee/broker")][-2:] == ["release", "close"]
+    assert "train/loss" not in res.stderr.split("terminated (SIGTERM)")[1]  # no step ran after it
+
+
+def test_a_first_sigterm_during_the_close_lets_the_close_and_the_receipt_finish(tmp_path):
+    script = SIGTERMED_EARLY_AND_IN_CLOSE.replace(
+        "CausalLMModule.on_fit_start = lambda self: os.kill(os.getpid(), signal.SIGTERM)\n", "")
+    res = subprocess.run([sys.executable, "-c", script, *FAST], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 128 + 15, res.stderr[-3000:]
+    assert "closed at the key broker" in res.stderr and "Traceback" not in res.stderr
+    [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
+    assert _payload(receipt)["predicate"]["release"]["close_audit_entry_sha256"]
+    assert [e["event"] for e in _audit(tmp_path / ".medtee/broker")][-2:] == ["release", "close"]
