@@ -55,6 +55,22 @@ def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
         raise
 
 
+def write_new(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
+    """Create `path` holding `data`, atomically: a reader sees no file or all of it (a temporary sibling, fsynced,
+    then linked into place). FileExistsError when `path` exists: it is never overwritten."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def sha256_file(path: Path | str) -> str:
     """Hex sha256 of a file's content, read in blocks (hashlib releases the GIL, so threads hash in parallel)."""
     digest = hashlib.sha256()

@@ -8,13 +8,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from medtee.files import write_new
+
 OWNER_KEY_NAME = "owner-signing"
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def load_or_create_signing_key(directory: Path | str) -> Ed25519PrivateKey:
@@ -26,8 +22,8 @@ def load_or_create_signing_key(directory: Path | str) -> Ed25519PrivateKey:
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         try:
-            _write_new(private_path, pem, 0o600)
-            _write_new(directory / f"{OWNER_KEY_NAME}.pub", public_pem(key.public_key()), 0o644)
+            write_new(private_path, pem, mode=0o600)  # a concurrent reader sees no key or all of it
+            write_new(directory / f"{OWNER_KEY_NAME}.pub", public_pem(key.public_key()))
         except FileExistsError:  # another process created it first: use theirs
             pass
     if os.stat(private_path).st_mode & 0o077:

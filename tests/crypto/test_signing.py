@@ -41,3 +41,26 @@ def test_owner_key_and_signature_written_before_still_verify(tmp_path, golden):
     public = load_public(tmp_path / f"{OWNER_KEY_NAME}.pub")
     assert public_pem(public) == public_pem(key.public_key())
     public.verify((golden / f"{OWNER_KEY_NAME}.sig").read_bytes(), b"medtee golden manifest body")
+
+
+def test_concurrent_first_use_creates_one_owner_key_and_every_caller_reads_it_whole(tmp_path):
+    """Two seals on a fresh store used to race: one read the other's half-written PEM (MalformedFraming)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cryptography.hazmat.primitives import serialization
+
+    from medtee.crypto.signing import load_or_create_signing_key
+
+    for attempt in range(5):
+        directory = tmp_path / f"store{attempt}"
+        start = threading.Barrier(8)
+
+        def first_use(_):
+            start.wait()
+            return load_or_create_signing_key(directory).public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+        with ThreadPoolExecutor(8) as pool:
+            keys = set(pool.map(first_use, range(8)))
+        assert len(keys) == 1 and not list(directory.glob(".*.tmp"))
