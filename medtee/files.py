@@ -39,9 +39,8 @@ def read_regular(path: Path | str, max_bytes: int) -> bytes:
     return data
 
 
-def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
-    """Write `data` to a unique temporary sibling (created with `mode`), fsync it, then rename it over `path`."""
-    path = Path(path)
+def _temporary_sibling(path: Path, data: bytes, mode: int) -> Path:
+    """A unique temporary sibling of `path` holding `data` (created with `mode`), fsynced."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -49,9 +48,20 @@ def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
+    """Write `data` to a unique temporary sibling (created with `mode`), fsync it, then rename it over `path`."""
+    path = Path(path)
+    tmp = _temporary_sibling(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -59,16 +69,11 @@ def write_new(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
     """Create `path` holding `data`, atomically: a reader sees no file or all of it (a temporary sibling, fsynced,
     then linked into place). FileExistsError when `path` exists: it is never overwritten."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temporary_sibling(path, data, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.link(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path | str) -> str:

@@ -25,3 +25,14 @@ def run_medtee(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "medtee", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def seal_and_train(cwd: Path, *train_args: str) -> tuple[Path, str]:
+    """120 synthetic dialogues (seed 5) sealed in `cwd` under the simulated policy, then `medtee train` with
+    `train_args`: (the run's directory, its stderr)."""
+    assert run_medtee("synth", "--n", "120", "--seed", "5", "--out", "d.jsonl", cwd=cwd).returncode == 0
+    assert run_medtee("seal", "d.jsonl", "--out", "sealed", "--policy", "simulated", cwd=cwd).returncode == 0
+    res = run_medtee("train", *train_args, cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [summary] = cwd.glob("outputs/*/*/summary.json")
+    return summary.parent, res.stderr

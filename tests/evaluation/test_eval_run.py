@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from conftest import run_medtee
+from conftest import run_medtee, seal_and_train
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +18,8 @@ DATA = ["data=sealed", "data.path=sealed", "data.val_fraction=0.2"]  # 120 dialo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("eval")
-    assert run_medtee("synth", "--n", "120", "--seed", "5", "--out", "d.jsonl", cwd=cwd).returncode == 0
-    assert run_medtee("seal", "d.jsonl", "--out", "sealed", "--policy", "simulated", cwd=cwd).returncode == 0
-    res = run_medtee("train", *DATA, "trainer.max_steps=20", "trainer.val_check_interval=10", cwd=cwd)
-    assert res.returncode == 0, res.stderr[-3000:]
-    [adapter] = cwd.glob("outputs/*/*/adapter.sealed")
-    return cwd, adapter
+    out, _ = seal_and_train(cwd, *DATA, "trainer.max_steps=20", "trainer.val_check_interval=10")
+    return cwd, out / "adapter.sealed"
 
 
 def test_eval_compares_base_and_adapter_with_intervals(trained):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_medtee
+from conftest import run_medtee, seal_and_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,13 +20,9 @@ DATA = ["recipe=demo_gpu", "data=sealed", "data.path=sealed", "data.val_fraction
 def trained(tmp_path_factory):
     """120 synthetic dialogues sealed (simulated policy) and trained on with recipe=demo_gpu: (cwd, run directory)."""
     cwd = tmp_path_factory.mktemp("cuda")
-    assert run_medtee("synth", "--n", "120", "--seed", "5", "--out", "d.jsonl", cwd=cwd).returncode == 0
-    assert run_medtee("seal", "d.jsonl", "--out", "sealed", "--policy", "simulated", cwd=cwd).returncode == 0
-    res = run_medtee("train", *DATA, "trainer.max_steps=6", "trainer.val_check_interval=3", cwd=cwd)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "SIMULATED" in res.stderr
-    [summary] = cwd.glob("outputs/*/*/summary.json")
-    return cwd, summary.parent
+    out, stderr = seal_and_train(cwd, *DATA, "trainer.max_steps=6", "trainer.val_check_interval=3")
+    assert "SIMULATED" in stderr
+    return cwd, out
 
 
 def test_demo_gpu_runs_the_whole_chain_on_cuda(trained):
