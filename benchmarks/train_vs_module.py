@@ -105,7 +105,9 @@ def main() -> None:
     if not 0 <= args.skip < steps - 1:
         ap.error(f"--skip must leave at least two of trainer.max_steps={steps} steps")
     given = {o.split("=", 1)[0] for o in args.overrides}
-    defaults = {"qlora.dropout": 0.0, "trainer.log_every_n_steps": 1, "trainer.enable_progress_bar": "false",
+    # every step logged as its own window (tracking.min_aggregate=1; medtee's default pools 20 dialogues per value)
+    defaults = {"qlora.dropout": 0.0, "trainer.log_every_n_steps": 1, "tracking.min_aggregate": 1,
+                "trainer.enable_progress_bar": "false",
                 "trainer.val_check_interval": steps, "trainer.num_sanity_val_steps": 0,
                 "trainer.checkpoint_every_n_steps": 0}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in defaults.items() if k not in given)]

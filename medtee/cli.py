@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 refusal (e.g. attestation rejected); 2 bad configuratio
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,16 @@ written only encrypted to the study owner's key (rating_packet.sealed); the blin
 is sealed to the same key separately (blinding.sealed). Then: `medtee eval packet`, the raters, `medtee eval ratings`.
 """
 
+_DIGEST_HELP = """\
+usage: medtee recipes digest [recipe=NAME] [KEY=VALUE ...] [--mode train|eval|sweep|generate] [--json]
+
+Prints the digest a run of this recipe and these overrides binds into its attestation evidence, as `medtee train`
+(--mode train, the default), `medtee eval run` (eval), `medtee sweep` or `medtee generate` computes it (pretrained
+weights enter it by content: they are hashed from model.id, a local directory or the Hugging Face cache). A data
+owner approves recipes by listing digests in a release policy's recipe.digests; --json also prints what the digest
+covers, for review (the release request sends the broker exactly that).
+"""
+
 _HELP = {"train": _TRAIN_HELP, "eval": _EVAL_HELP, "generate": _GENERATE_HELP, "sweep": _SWEEP_HELP}
 _COMMAND = {"train": "train", "eval": "eval run", "generate": "generate", "sweep": "sweep"}
 
@@ -86,8 +97,21 @@ def _train(argv: list[str], *, mode: str = "train") -> int:
     from medtee.paths import conf_dir
 
     codes: list[int] = []
+    sweep_files: list[Path] = []
 
     def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            # Hydra's BasicSweeper saves the whole config, the overrides (data.path) included, as multirun.yaml before
+            # it starts the first job, and no setting stops it: every job removes it first (medtee records its recipe
+            # itself, without machine-local fields)
+            written = Path(hc.sweep.dir) / "multirun.yaml"
+            written.unlink(missing_ok=True)
+            if written not in sweep_files:
+                sweep_files.append(written)
         codes.append(run.main(cfg, mode=mode))
 
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(task)
@@ -97,7 +121,55 @@ def _train(argv: list[str], *, mode: str = "train") -> int:
         app()
     finally:
         sys.argv = saved
+        for written in sweep_files:
+            written.unlink(missing_ok=True)
+            try:
+                written.parent.rmdir()  # the sweep's directory, when no job left an output in it
+            except OSError:
+                pass
     return max(codes, default=exits.OK)
+
+
+def _digest(argv: list[str]) -> int:
+    """`medtee recipes digest`: the run's recipe digest, and with --json what it covers."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(_DIGEST_HELP)
+        return exits.OK
+    import json
+
+    from medtee import config
+    from medtee.attestation.policy import RUN_MODES
+    from medtee.training.model import weight_digests
+
+    as_json, mode, rest = False, "train", list(argv)
+    while "--json" in rest:
+        rest.remove("--json")
+        as_json = True
+    if "--mode" in rest:
+        at = rest.index("--mode")
+        if at + 1 == len(rest) or rest[at + 1] not in RUN_MODES:
+            return exits.fail(f"--mode takes one of {', '.join(RUN_MODES)}")
+        mode = rest.pop(at + 1)
+        rest.pop(at)
+    try:
+        flags, overrides = config.split_argv(rest)
+        if flags:
+            raise config.ConfigError(f"`medtee recipes digest` takes recipe overrides and --json, not {flags[0]}")
+        cfg = config.compose(config.use_recipe_files(overrides))
+        config.check(cfg)
+        config.check_runnable(cfg, mode=mode)
+        weights = weight_digests(cfg.model)
+    except config.ConfigError as exc:
+        return exits.fail(f"configuration error: {exc}")
+    except FileNotFoundError as exc:
+        return exits.fail(str(exc))
+    digest = config.recipe_digest(cfg, weights=weights or None, mode=mode)
+    if as_json:
+        covers = config.digest_input(config.resolved(cfg), weights=weights or None, mode=mode)
+        print(json.dumps({"digest": digest, "covers": covers}, indent=1, sort_keys=True))
+    else:
+        print(digest)
+    return exits.OK
 
 
 def _recipes(args: argparse.Namespace) -> int:
@@ -121,41 +193,83 @@ def _recipes(args: argparse.Namespace) -> int:
         try:
             config.recipe_file(name)
             cfg = config.compose([f"recipe={name}"])
-            print(f"ok      {name}  digest {config.recipe_digest(cfg)[:16]}")
+            digest = (f"digest {config.recipe_digest(cfg, mode='train')[:16]}" if cfg.model.source != "pretrained" else
+                      f"digest: `medtee recipes digest recipe={name}` (it hashes the weights)")
+            print(f"ok      {name}  {digest}")
         except config.ConfigError as exc:
             failed += 1
             print(f"INVALID {name}: {exc}")
     return exits.BAD_INPUT if failed else exits.OK
 
 
+# `medtee synth --n`'s bound. The dialogues are templated (a few dozen conditions), so more adds no variety; a
+# million is about 1.4 GB and a minute of writing. For more, write several files with different --seed values.
+SYNTH_MAX_N = 1_000_000
+_SYNTH_BYTES_PER_DIALOGUE = 1500  # the JSON line's mean is about 1400 bytes: the free-space check's estimate
+
+
 def _synth(args: argparse.Namespace) -> int:
-    from medtee.data.synthetic import generate_dialogues, write_jsonl
+    import shutil
+
+    from medtee.data.synthetic import iter_dialogues, write_jsonl
 
     if args.n < 1:
         return exits.fail(f"--n must be at least 1 (got {args.n})")
-    write_jsonl(generate_dialogues(args.n, seed=args.seed), args.out)
-    print(f"wrote {args.n} synthetic dialogues (no real people) to {args.out}")
+    if args.n > SYNTH_MAX_N:
+        return exits.fail(f"--n must be at most {SYNTH_MAX_N} (got {args.n}); for more, write several files with "
+                          f"different --seed values")
+    out = Path(args.out)
+    parent = out.parent
+    if out.is_dir():
+        return exits.fail(f"--out {out} is a directory; name a file such as {out / 'dialogues.jsonl'}")
+    if out.exists() or out.is_symlink():
+        return exits.fail(f"--out {out} already exists; remove it or name a new file (synth never overwrites)")
+    if not parent.is_dir():
+        what = f"{parent} is a file, not a directory" if parent.exists() else f"directory {parent} does not exist"
+        return exits.fail(f"--out {out}: {what}; create the directory first or name a file in an existing one")
+    needed = args.n * _SYNTH_BYTES_PER_DIALOGUE
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        return exits.fail(f"--out {out}: {args.n} dialogues need about {needed / 1e6:.0f} MB and {parent} has "
+                          f"{free / 1e6:.0f} MB free; lower --n or write elsewhere")
+    try:
+        write_jsonl(iter_dialogues(args.n, seed=args.seed), out, new=True)
+    except FileExistsError:
+        return exits.fail(f"--out {out} already exists; remove it or name a new file (synth never overwrites)")
+    except OSError as exc:
+        return exits.fail(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__}); nothing was "
+                          f"written")
+    print(f"wrote {args.n} synthetic dialogues (no real people) to {out}")
     return exits.OK
 
 
 def _adapter_open(args: argparse.Namespace) -> int:
-    from medtee.crypto.hpke import KeyWrapError
-    from medtee.training.output import open_adapter
+    from medtee.crypto.hpke import KeyWrapError, load_private_key
+    from medtee.training.output import adapter_file_problem, open_adapter, out_dir_problem
 
-    for path in (args.encrypted, args.key):
-        if not Path(path).is_file():
-            return exits.fail(f"{path}: no such file")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return exits.fail(f"--out {out} is a file; name a directory (it is created if missing)")
-    if any(p.exists() and not p.is_dir() for p in out.parents):
-        return exits.fail(f"--out {out}: a parent of it is a file; name a directory")
+    encrypted, key, out = Path(args.encrypted), Path(args.key), Path(args.out)
+    if key.is_dir():
+        return exits.fail(f"--key {key} is a directory; name the private key file in it (NAME.key from "
+                          f"`medtee keys new`)")
+    if not key.is_file():
+        return exits.fail(f"--key {key}: no such file")
+    problem = adapter_file_problem(encrypted) or out_dir_problem(out)
+    if problem:
+        return exits.fail(problem)
     try:
-        out = open_adapter(Path(args.encrypted), Path(args.key), out)
+        load_private_key(key)  # its kind and mode, before anything is decrypted
+    except (KeyWrapError, PermissionError) as exc:
+        return exits.fail(f"--key {key}: {exc}")
+    try:
+        out = open_adapter(encrypted, key, out)
     except KeyWrapError as exc:
         return exits.fail(f"{args.encrypted}: cannot decrypt with {args.key}: {exc}")
-    except OSError as exc:
-        return exits.fail(f"--out {out}: cannot write the adapter there ({exc.strerror or type(exc).__name__})")
+    except FileExistsError as exc:
+        return exits.fail(f"--out {out}: {exc}; name a new or empty directory")
+    except (OSError, ValueError) as exc:  # ValueError: files.NotRegularFile, the adapter over its size limit
+        where = getattr(exc, "filename", None) or encrypted
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return exits.fail(f"{where}: cannot decrypt the adapter into --out {out} ({detail}); nothing was overwritten")
     print(f"decrypted adapter written to {out}")
     return exits.OK
 
@@ -182,15 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep", help="run a recipe's hyperparameter sweep (Optuna, resumable); `medtee sweep --help`",
                    add_help=False)
 
-    rec = sub.add_parser("recipes", help="list, show or validate the shipped recipes")
-    rec.add_argument("action", choices=["list", "show", "validate"])
+    rec = sub.add_parser("recipes", help="list, show or validate the shipped recipes; digest: a run's recipe digest "
+                                         "(`medtee recipes digest --help`)")
+    rec.add_argument("action", choices=["list", "show", "validate", "digest"])
     rec.add_argument("name", nargs="?", help="recipe name (validate: all when omitted)")
     rec.set_defaults(handler=_recipes)
 
     syn = sub.add_parser("synth", help="write deterministic synthetic doctor-patient dialogues (chat JSONL)")
-    syn.add_argument("--n", type=int, default=200, help="number of dialogues (default 200)")
+    syn.add_argument("--n", type=int, default=200, help="number of dialogues, 1-1000000 (default 200)")
     syn.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    syn.add_argument("--out", required=True, help="output JSONL file")
+    syn.add_argument("--out", required=True, help="output JSONL file, a new one (never overwritten)")
     syn.set_defaults(handler=_synth)
 
     ada = sub.add_parser("adapter", help="the recipient's side: decrypt a trained adapter")
@@ -212,9 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # stdout closed early (`medtee ... | head`): end quietly, as a shell's pipeline would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "train":
         return _train(argv[1:])
+    if argv[:2] == ["recipes", "digest"]:
+        return _digest(argv[2:])
     if argv[:2] == ["eval", "run"]:
         return _train(argv[2:], mode="eval")
     if argv and argv[0] in ("sweep", "generate"):

@@ -133,7 +133,7 @@ def _load_recipe(path: Path):
         raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
     try:
         recipe_guard.check_recipe_node(OmegaConf.to_container(node, resolve=False), f"recipe file {path}",
-                                       groups=group_options(), fields=_top_fields())
+                                       groups=group_options(), fields=_top_fields(), unreferable=NOT_IN_DIGEST)
     except recipe_guard.RecipeRuleError as exc:
         raise ConfigError(str(exc)) from None
     return node
@@ -168,7 +168,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         flags, overrides = recipe_guard.split_argv(argv)
         overrides = modernize(overrides)
         recipe_guard.check_overrides(overrides, groups={**group_options(), "recipe": None}, fields=_top_fields(),
-                                     multirun="-m" in flags or "--multirun" in flags)
+                                     multirun="-m" in flags or "--multirun" in flags, unreferable=NOT_IN_DIGEST)
     except recipe_guard.RecipeRuleError as exc:
         raise ConfigError(str(exc)) from None
     except Exception as exc:  # an override Hydra's parser cannot read
@@ -196,22 +196,23 @@ def modernize(overrides: list[str]) -> list[str]:
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """One override list per value of every sweep (each sweep value checked once, the others at their first value)."""
+    """One override list per job Hydra's multirun runs: every combination of the sweeps' values (a value harmless
+    alone may not be in combination, e.g. two changes to a production option). Refused (ConfigError) over
+    recipe_guard.MAX_MULTIRUN_JOBS, counted before any value is listed."""
+    import itertools
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     if not any(o.is_sweep_override() for o in parsed):
         return [overrides]
-    first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
-             else o.input_line for o in parsed]
-    variants = [first]
-    for i, o in enumerate(parsed):
-        if o.is_sweep_override():
-            for value in list(o.sweep_string_iterator())[1:]:
-                variant = list(first)
-                variant[i] = f"{o.get_key_element()}={value}"
-                variants.append(variant)
-    return variants
+    try:
+        recipe_guard.multirun_jobs(parsed)
+    except recipe_guard.RecipeRuleError as exc:
+        raise ConfigError(str(exc)) from None
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def compose(overrides: list[str] | None = None):
@@ -225,7 +226,7 @@ def compose(overrides: list[str] | None = None):
     overrides = list(overrides or [])
     groups = {**group_options(), "recipe": sorted({*recipe_names(), *_USER_RECIPES})}
     try:
-        recipe_guard.check_overrides(overrides, groups=groups, fields=_top_fields())
+        recipe_guard.check_overrides(overrides, groups=groups, fields=_top_fields(), unreferable=NOT_IN_DIGEST)
         with _hydra_context():
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
             shipped = _shipped_hydra_settings()
@@ -233,7 +234,8 @@ def compose(overrides: list[str] | None = None):
         recipe_guard.check_hydra_settings(OmegaConf.to_container(cfg.hydra, resolve=False), shipped)
         with open_dict(cfg):
             del cfg["hydra"]
-        recipe_guard.check_values(OmegaConf.to_container(cfg, resolve=False), "the composed recipe")
+        recipe_guard.check_values(OmegaConf.to_container(cfg, resolve=False), "the composed recipe",
+                                  unreferable=NOT_IN_DIGEST)
     except recipe_guard.RecipeRuleError as exc:
         raise ConfigError(str(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
@@ -244,13 +246,35 @@ def compose(overrides: list[str] | None = None):
     return cfg
 
 
+def check_job(cfg, choices: dict) -> None:
+    """`compose`'s checks of the composed recipe again, on one job's config as Hydra hands it to the run (`choices`:
+    its hydra.runtime.choices). A multirun job composes a combination of sweep values that no single compose may
+    have seen, so each job is checked itself: production options as shipped, values plain data. (Hydra's own
+    settings cannot differ between jobs: no override or recipe may touch them.) Needs Hydra initialised, as it is
+    inside the app. Raises ConfigError."""
+    from omegaconf import OmegaConf
+
+    try:
+        recipe_guard.check_values(OmegaConf.to_container(cfg, resolve=False), "the job's recipe",
+                                  unreferable=NOT_IN_DIGEST)
+    except recipe_guard.RecipeRuleError as exc:
+        raise ConfigError(str(exc)) from None
+    changed = _changed_production_options(cfg, choices)
+    if changed:
+        raise ConfigError("; ".join(changed))
+    check(cfg)
+
+
 #: Fields of a production hardware profile a recipe may set: how many of the machines it names a run uses.
 OPERATIONAL_HARDWARE = ("devices", "num_nodes", "cpu_threads")
 #: Fields of a production attestation policy a recipe may set: where this machine keeps what appraisal reads.
-LOCAL_ATTESTATION = ("cert_cache_dir", "gpu.ocsp_cache", "gpu.rim_store")
-#: ... and requirements a recipe may add where the shipped policy has none (each value at least as strict).
+#: (Not `gpu.rim_store`: it holds the RIM root that RIM matching trusts, so a recipe naming it would supply its own
+#: trust anchor; a production policy's RIM matching is set by shipping a policy option that sets it.)
+LOCAL_ATTESTATION = ("cert_cache_dir", "gpu.ocsp_cache")
+#: ... and requirements a recipe may add where the shipped policy has none (each value at least as strict). Not
+#: `gpu.require_rim_match`/`gpu.allowed_rim_ids`: they need `gpu.rim_store`, see above.
 TIGHTENINGS = {"measurements": [], "products": [], "host_data": None, "vmpl": None, "require_single_socket": False,
-               "allow_smt": True, "gpu.allowed_rim_ids": [], "gpu.require_rim_match": False}
+               "allow_smt": True}
 _SHIPPED_OPTIONS: dict[tuple[str, str], dict] = {}  # (group, option) -> the option's content as shipped
 
 
@@ -507,7 +531,13 @@ def apply_environment(cfg) -> None:
     """Fill what a recipe leaves to the environment (tracking=mlflow_server: MLFLOW_TRACKING_URI); then check it.
 
     The operator's MLflow credentials go only to the server the operator named in MLFLOW_TRACKING_URI: a recipe
-    naming another server while they are set is refused (it would receive them)."""
+    naming another server while they are set is refused (it would receive them). That covers every setting MLflow
+    uses for a server's requests (`medtee.tracking.config.credential_sources`: the environment, ~/.mlflow/credentials,
+    ~/.netrc). Likewise the operator's PostgreSQL credentials (PGPASSWORD, ~/.pgpass, ...) go only to the study
+    storage the operator named in MEDTEE_SWEEP_STORAGE (`medtee.sweep.config.storage_credentials_problem`)."""
+    from medtee.sweep.config import storage_credentials_problem
+    from medtee.tracking.config import credential_sources
+
     env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if cfg.tracking.tracking_uri is None:
         if not env_uri:
@@ -515,12 +545,17 @@ def apply_environment(cfg) -> None:
                               "which is empty; set it, e.g. MLFLOW_TRACKING_URI=https://mlflow.example.org")
         cfg.tracking.tracking_uri = env_uri
         check(cfg)
-    credentials = [name for name in MLFLOW_CREDENTIALS if os.environ.get(name)]
     uri = cfg.tracking.tracking_uri
-    if credentials and uri.startswith(("http://", "https://")) and uri.rstrip("/") != env_uri.rstrip("/"):
-        raise ConfigError(f"tracking.tracking_uri names a server other than MLFLOW_TRACKING_URI while "
-                          f"{', '.join(credentials)} is set: MLflow would send those credentials to it. Use "
-                          f"tracking=mlflow_server (the server in MLFLOW_TRACKING_URI), or unset the credentials")
+    if uri.startswith(("http://", "https://")) and uri.rstrip("/") != env_uri.rstrip("/"):
+        credentials = [name for name in MLFLOW_CREDENTIALS if os.environ.get(name)] or credential_sources(uri)
+        if credentials:
+            raise ConfigError(f"tracking.tracking_uri names a server other than MLFLOW_TRACKING_URI while "
+                              f"{', '.join(credentials)} is set: MLflow would send those credentials to it (or use "
+                              f"those settings with it). Use tracking=mlflow_server (the server in "
+                              f"MLFLOW_TRACKING_URI), or unset the credentials")
+    problem = storage_credentials_problem(cfg.sweep.storage if cfg.sweep is not None else None)
+    if problem:
+        raise ConfigError(problem)
 
 
 # ------------------------------------------------------------------------------------------------------ the digest
@@ -533,10 +568,12 @@ def resolved(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def digest_input(resolved_recipe: dict, *, weights: dict | None = None) -> dict:
+def digest_input(resolved_recipe: dict, *, weights: dict | None = None, mode: str | None = None,
+                 files: dict[str, bytes] | None = None) -> dict:
     """The resolved recipe as the digest covers it: without the fields in NOT_IN_DIGEST, the files in
-    FILES_IN_DIGEST named by their sha256 rather than their path, and (`weights`: file -> sha256) the pretrained
-    weights the run loads."""
+    FILES_IN_DIGEST named by their sha256 rather than their path (`files`: "section.key" -> the bytes the run read
+    from that file, hashed instead of reading it again), (`weights`: file -> sha256) the pretrained weights the run
+    loads and (`mode`: train, eval, sweep, generate) what the run does with the released key."""
     data = json.loads(json.dumps(resolved_recipe))
     for dotted in NOT_IN_DIGEST:
         *parents, leaf = dotted.split(".")
@@ -547,22 +584,30 @@ def digest_input(resolved_recipe: dict, *, weights: dict | None = None) -> dict:
             node.pop(leaf, None)
     for section, key in FILES_IN_DIGEST:
         value = data.get(section, {}).get(key)
-        if value and Path(value).is_file():
+        if files and f"{section}.{key}" in files:
+            data[section][key] = "sha256:" + hashlib.sha256(files[f"{section}.{key}"]).hexdigest()
+        elif (section, key) == ("output", "recipient") and value == "dev":
+            continue  # the development key, recorded as such
+        elif value and Path(value).is_file():
             data[section][key] = "sha256:" + sha256_file(value)
     if weights is not None:
         data["model"]["weights_sha256"] = dict(sorted(weights.items()))
+    if mode is not None:
+        data["mode"] = mode
     return data
 
 
-def recipe_digest(cfg, *, weights: dict | None = None) -> str:
-    """sha256 of the canonical JSON of `digest_input(resolved(cfg), weights=weights)`."""
-    canonical = json.dumps(digest_input(resolved(cfg), weights=weights), sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False)
+def recipe_digest(cfg, *, weights: dict | None = None, mode: str | None = None,
+                  files: dict[str, bytes] | None = None) -> str:
+    """sha256 of the canonical JSON of `digest_input(resolved(cfg), weights=weights, mode=mode, files=files)`."""
+    canonical = json.dumps(digest_input(resolved(cfg), weights=weights, mode=mode, files=files), sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def recipe_file(name: str) -> Path:
+    """The file of the shipped recipe `name` (only a name `recipe_names()` lists: no path is joined in)."""
     path = recipes_dir() / f"{name}.yaml"
-    if not path.is_file():
+    if name not in recipe_names() or not path.is_file():
         raise ConfigError(f"no recipe named '{name}'. Valid recipes: {', '.join(recipe_names())}")
     return path

@@ -1,13 +1,15 @@
 """Containment: what a run does so that patient text cannot spill out of the process.
 
-No core dumps, no network egress but the tracking server and the key broker, temporary files in memory, every log
-record scrubbed when it is created and every handler filtered, exceptions and warnings reported without their
-messages, progress bars limited to allow-listed metrics. No heavy import at module level.
+No core dumps, no network egress but the tracking server, the key broker and a sweep's declared study storage,
+temporary files in memory, every log record scrubbed when it is created and every handler filtered, exceptions and
+warnings reported without their messages, progress bars limited to allow-listed metrics. No heavy import at module
+level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -22,7 +24,7 @@ import urllib.request
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 log = logging.getLogger("medtee.containment")
 
@@ -267,13 +269,16 @@ def sigterm_deferred():
 def lightning_sigterm():
     """Around Lightning's fit/validate: a SIGTERM before Lightning installs its handler ends the run at once; after,
     Lightning stops at the next step (its SIGTERMException carries no exit status, so it becomes 143 here); one
-    Lightning let the loop finish through ends the run after it."""
+    Lightning let the loop finish through ends the run after it. Lightning ends a fit that Ctrl-C interrupted with
+    `sys.exit(1)`: that is a KeyboardInterrupt again here (exit 130 once the run has ended)."""
     try:
         yield
-    except SystemExit:
-        if not _SIGTERM["received"]:
-            raise
-        raise SystemExit(128 + signal.SIGTERM) from None
+    except SystemExit as exc:
+        if _SIGTERM["received"]:
+            raise SystemExit(128 + signal.SIGTERM) from None
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
     if _SIGTERM["received"]:
         raise SystemExit(128 + signal.SIGTERM)
 
@@ -318,11 +323,12 @@ def _truthy(name: str) -> bool:
 
 
 def egress_problems(*, tracking_uri: str | None, broker_url: str, weights_id: str | None,
-                    data_path: str | None) -> list[str]:
-    """Why a production run may not start: any network egress other than the tracking server and the key broker
-    (`broker_url`), weights (`weights_id`: the pretrained model's id or directory) or a sealed dataset named by URL,
-    or a temporary directory that is not in memory."""
-    problems = []
+                    data_path: str | None, sweep_storage: str | None = None) -> list[str]:
+    """Why a production run may not start: any network egress other than the tracking server, the key broker
+    (`broker_url`) and a sweep's study storage the operator declared (`sweep_storage`: MEDTEE_SWEEP_STORAGE, see
+    `storage_egress_problems`), weights (`weights_id`: the pretrained model's id or directory) or
+    a sealed dataset named by URL, or a temporary directory that is not in memory."""
+    problems = storage_egress_problems(sweep_storage)
     uri = str(tracking_uri or "")
     endpoints = []
     scheme = urlsplit(uri).scheme
@@ -354,6 +360,77 @@ def egress_problems(*, tracking_uri: str | None, broker_url: str, weights_id: st
         problems.append(f"no memory filesystem for temporary files ({tempfile.gettempdir()} and /dev/shm are not "
                         f"tmpfs): mount one, or point TMPDIR at one")
     return problems
+
+
+# ------------------------------------------------------------------------------------------------ study storage
+
+
+#: Where the operator names the one PostgreSQL study storage that may receive the operator's credentials, and that
+#: a production sweep may connect to: `sweep.storage` must be that URL (`postgresql://` and `postgresql+psycopg://`
+#: count as the same).
+OPERATOR_STORAGE = "MEDTEE_SWEEP_STORAGE"
+
+
+def same_storage(a: str, b: str) -> bool:
+    """Whether two storage URLs are the same text, `postgresql://` read as `postgresql+psycopg://` (the engine does)."""
+    def norm(url: str) -> str:
+        return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+
+    return norm(a.strip()) == norm(b.strip())
+
+
+def storage_hosts(url: str, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The hosts a PostgreSQL storage URL names (in the URL's authority and its `host=` options; '' for none, and
+    with `environ` given, PGHOST's when the URL names none); socket directories start with '/' or '@'."""
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgresql"):
+        return []
+    hosts = [_without_port(unquote(item)) for item in parts.netloc.rpartition("@")[2].split(",")]
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "host":
+            hosts += value.split(",")
+    hosts = [h for h in hosts if h]
+    if not hosts and environ is not None:
+        hosts = [h for h in environ.get("PGHOST", "").split(",") if h]
+    return hosts or [""]
+
+
+def _without_port(item: str) -> str:
+    if item.startswith("["):  # [IPv6]:PORT
+        return item[1:].partition("]")[0]
+    return item.rpartition(":")[0] if item.count(":") == 1 else item
+
+
+def is_local_host(host: str) -> bool:
+    """A Unix socket (no host, a directory, an abstract socket) or a loopback address: no network."""
+    if host in ("", "localhost") or host.startswith(("/", "@")):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def storage_egress_problems(url: str | None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Why a production sweep may not connect to its study storage: a PostgreSQL server must be the one the operator
+    declared in MEDTEE_SWEEP_STORAGE, and one that is not on this machine must be verified (sslmode=verify-full, from
+    the URL or PGSSLMODE). A sqlite storage (the default) is a local file."""
+    environ = os.environ if environ is None else environ
+    if not url or urlsplit(url).scheme == "sqlite":
+        return []
+    hosts = storage_hosts(url, environ)
+    named = ", ".join(h or "the default socket" for h in hosts)
+    if not same_storage(url, environ.get(OPERATOR_STORAGE, "")):
+        return [f"sweep.storage connects to {named}, which the operator did not declare: production profiles "
+                f"connect only to the tracking server, the key broker and the study storage named in "
+                f"{OPERATOR_STORAGE}; set {OPERATOR_STORAGE} to the same URL, or keep the study in sqlite "
+                f"(sweep.storage=null)"]
+    remote = [h for h in hosts if not is_local_host(h)]
+    mode = dict(parse_qsl(urlsplit(url).query)).get("sslmode") or environ.get("PGSSLMODE") or "prefer"
+    if remote and mode != "verify-full":
+        return [f"sweep.storage connects to {', '.join(remote)} with sslmode={mode}: production profiles verify the "
+                f"study server's certificate; add sslmode=verify-full (and sslrootcert=CA) to the URL"]
+    return []
 
 
 # -------------------------------------------------------------------------------------------------- progress bar

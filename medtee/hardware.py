@@ -46,10 +46,43 @@ def sev_snp_guest_reason() -> str | None:
             f"{SEV_GUEST} exists")
 
 
+PROC_SWAPS = Path("/proc/swaps")
+
+
+def active_swap(swaps: Path | None = None) -> list[str] | None:
+    """The swap areas in use that lie outside this machine's memory (/proc/swaps, less zram devices, which are
+    compressed RAM); None when /proc/swaps cannot be read."""
+    try:
+        lines = (swaps or PROC_SWAPS).read_text().splitlines()[1:]  # under the header line
+    except OSError:
+        return None
+    areas = [line.split()[0] for line in lines if line.strip()]
+    return [a for a in areas if not Path(a).name.startswith("zram")]
+
+
+def swap_problem(profile) -> str | None:
+    """Why a production profile cannot run with this machine's swap: decrypted records, keys and the in-memory
+    temporary directory (tmpfs) could be paged out to a disk outside the TEE's encrypted memory. Development
+    profiles are not checked."""
+    if not profile.production:
+        return None
+    areas = active_swap()
+    if areas is None:
+        return (f"hardware profile '{profile.name}' is a production profile and {PROC_SWAPS} cannot be read, so "
+                f"swap cannot be ruled out")
+    if areas:
+        return (f"hardware profile '{profile.name}' is a production profile and swap is on ({', '.join(areas)}): "
+                f"decrypted records and keys could be paged out to it; turn it off (swapoff -a) or run on medtee's "
+                f"image, which has none")
+    return None
+
+
 def mismatches(profile) -> list[str]:
     """Every way this machine fails the hardware profile (empty when it satisfies it)."""
     problems = []
     if profile.require_sev_snp and (reason := sev_snp_guest_reason()):
+        problems.append(reason)
+    if reason := swap_problem(profile):
         problems.append(reason)
     if profile.accelerator == "cuda":
         import torch

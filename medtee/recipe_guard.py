@@ -5,9 +5,11 @@ read the environment and files through interpolation resolvers (`${oc.env:...}`)
 path, and unpickle a config (`--experimental-rerun`). medtee allows none of it from anything a user supplies:
 
 - a recipe may contain only the schema's sections and a `defaults` list of `override /GROUP: OPTION` entries naming
-  a shipped option (and `_self_`); no `hydra` section, no `_target_`-style key, no resolver interpolation;
+  a shipped option (and `_self_`); no `hydra` section, no `_target_`-style key, no resolver interpolation, and no
+  reference to a field the recipe digest leaves out (`unreferable`: it would copy e.g. the dataset's path into a
+  recorded field without changing the digest);
 - an override may only choose a shipped option of a medtee group or set a recipe field; no `hydra.*`, no `+`, `++`
-  or `~`, no `@package`;
+  or `~`, no `@package`; a multirun expands to at most MAX_MULTIRUN_JOBS jobs;
 - `medtee train` passes only `-m`, `--cfg`, `--package`, `--resolve` and `--hydra-help` on to Hydra;
 - after composition the Hydra section must equal the one medtee ships (`check_hydra_settings`), whatever route a
   change took.
@@ -89,11 +91,42 @@ def _label_refusal(key: str, source: str) -> str:
             f"{group}=NAME")
 
 
+#: Most jobs one `medtee train -m` may expand to (the product of its sweeps' sizes): each is a full run, and every
+#: job is composed and checked before the first starts. Larger searches: `medtee sweep` (Optuna, resumable).
+MAX_MULTIRUN_JOBS = 64
+
+
+def sweep_size(override, limit: int = MAX_MULTIRUN_JOBS) -> int:
+    """How many values a parsed sweep override enumerates, counted up to `limit + 1` only (`range(1,1e8)` is never
+    listed; Hydra lists a shuffled range whole, so ranges are counted from the range itself)."""
+    from itertools import islice
+
+    from hydra.core.override_parser.types import RangeSweep
+
+    value = override.value()
+    values = value.range() if isinstance(value, RangeSweep) else override.sweep_string_iterator()
+    return sum(1 for _ in islice(values, limit + 1))
+
+
+def multirun_jobs(parsed: list, limit: int = MAX_MULTIRUN_JOBS) -> int:
+    """The number of jobs Hydra's multirun runs for these parsed overrides (every combination of the sweeps'
+    values); RecipeRuleError when it exceeds `limit`."""
+    sizes = {o.key_or_group: sweep_size(o, limit) for o in parsed if o.is_sweep_override()}
+    jobs = 1
+    for size in sizes.values():
+        jobs = min(jobs * size, limit + 1)
+    if jobs > limit:
+        counts = ", ".join(f"{key} {'more than ' + str(limit) if n > limit else n}" for key, n in sizes.items())
+        raise RecipeRuleError(f"-m would run more than {limit} jobs, one per combination of the sweeps' values "
+                              f"({counts}); sweep fewer values, or search with `medtee sweep` (Optuna)")
+    return jobs
+
+
 def check_overrides(overrides: list[str], *, groups: dict[str, list[str] | None], fields: list[str],
-                    multirun: bool = True) -> None:
-    """Each override, given once and holding no resolver, chooses a shipped option of a group in `groups` (group ->
-    options, or None to leave them unchecked) or sets a field whose top level is in `fields`; sweeps only with
-    `multirun`."""
+                    multirun: bool = True, unreferable: tuple[str, ...] = ()) -> None:
+    """Each override, given once and holding no resolver nor a reference to an `unreferable` field, chooses a shipped
+    option of a group in `groups` (group -> options, or None to leave them unchecked) or sets a field whose top level
+    is in `fields`; sweeps only with `multirun`, and at most MAX_MULTIRUN_JOBS combinations of them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
@@ -104,7 +137,8 @@ def check_overrides(overrides: list[str], *, groups: dict[str, list[str] | None]
         if key in seen:
             raise RecipeRuleError(f"'{o.input_line}': {key} is given twice; give each key once")
         seen.add(key)
-        check_values({key: o.input_line}, "the command line")  # the text itself: Hydra keeps and may resolve it
+        # the text itself: Hydra keeps and may resolve it
+        check_values({key: o.input_line}, "the command line", unreferable=unreferable)
         if o.is_sweep_override() and not multirun:
             raise RecipeRuleError(f"'{o.input_line}' is a sweep: add -m to run one job per value")
         if key.split(".")[0].split("/")[0] == "hydra":
@@ -121,7 +155,9 @@ def check_overrides(overrides: list[str], *, groups: dict[str, list[str] | None]
         if key in groups:
             if groups[key] is None:  # the options are checked later (recipe files)
                 continue
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+            if o.is_sweep_override():
+                multirun_jobs([o])  # before listing its values (Hydra lists a shuffled range whole)
+            values = o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]
             for value in values:
                 if not isinstance(value, str) or value not in groups[key]:
                     raise RecipeRuleError(f"'{o.input_line}': {key} must name one of its options: "
@@ -129,6 +165,7 @@ def check_overrides(overrides: list[str], *, groups: dict[str, list[str] | None]
         elif key.split(".")[0] not in fields:
             raise RecipeRuleError(f"'{o.input_line}': unknown key '{key}'. Valid top-level keys: "
                                   f"{', '.join(fields)}; valid groups: {', '.join(groups)}")
+    multirun_jobs(parsed)
 
 
 #: Largest recipe file read (a recipe is a page of settings).
@@ -162,8 +199,10 @@ def read_recipe_text(path) -> str:
     return text
 
 
-def check_recipe_node(node: Any, source: str, *, groups: dict[str, list[str]], fields: list[str]) -> None:
-    """A recipe file's content (as loaded, unresolved): schema sections, a defaults list of shipped options, data."""
+def check_recipe_node(node: Any, source: str, *, groups: dict[str, list[str]], fields: list[str],
+                      unreferable: tuple[str, ...] = ()) -> None:
+    """A recipe file's content (as loaded, unresolved): schema sections, a defaults list of shipped options, data
+    that refers to no `unreferable` field."""
     if not isinstance(node, dict):
         raise RecipeRuleError(f"{source}: a recipe is a mapping of config sections")
     for key in node:
@@ -178,7 +217,7 @@ def check_recipe_node(node: Any, source: str, *, groups: dict[str, list[str]], f
         group, field = key.split(".")
         if isinstance(node.get(group), dict) and field in node[group]:
             raise RecipeRuleError(_label_refusal(key, source))
-    check_values({k: v for k, v in node.items() if k != "defaults"}, source)
+    check_values({k: v for k, v in node.items() if k != "defaults"}, source, unreferable=unreferable)
 
 
 def _check_defaults(defaults: Any, source: str, groups: dict[str, list[str]]) -> None:
@@ -200,8 +239,10 @@ def _check_defaults(defaults: Any, source: str, groups: dict[str, list[str]]) ->
                                   f"shipped options: {', '.join(groups[group])}")
 
 
-def check_values(node: Any, source: str) -> None:
-    """No special key and no resolver interpolation anywhere in `node` (a plain container, unresolved)."""
+def check_values(node: Any, source: str, *, unreferable: tuple[str, ...] = ()) -> None:
+    """No special key, no resolver interpolation and no reference to an `unreferable` field (dotted keys from the
+    root; a reference to one of their sections counts too) anywhere in `node` (a plain container, unresolved, its
+    keys rooted where the recipe's are)."""
     for path, key, value in _walk(node, ""):
         if key is not None and _SPECIAL_KEY.fullmatch(key):
             raise RecipeRuleError(f"{source}: key '{path}': '{key}' is a Hydra instantiation key; recipes are data "
@@ -215,6 +256,28 @@ def check_values(node: Any, source: str) -> None:
                 raise RecipeRuleError(f"{source}: key '{path}': interpolation {value!r} calls a resolver or reads "
                                       "Hydra's state; only references to other recipe values (${section.key}) "
                                       "are allowed")
+            for reference in _NODE_REFERENCE.findall(value):
+                target = _referenced_key(path, reference.strip("${} "))
+                hit = next((f for f in unreferable if target == f or f.startswith(f"{target}.")
+                            or target.startswith(f"{f}.")), None)
+                if hit:
+                    named = hit if target == hit or target.startswith(f"{hit}.") else f"{target} (it holds {hit})"
+                    raise RecipeRuleError(
+                        f"{source}: key '{path}': interpolation {value!r} refers to {named}, which the recipe digest "
+                        f"leaves out and no record may carry (a data or store path can name a patient or a study; "
+                        f"the copy would be recorded under an unchanged digest): write the value itself")
+
+
+def _referenced_key(path: str, reference: str) -> str:
+    """The dotted key from the root that `reference` (the inside of `${...}`) names, read from the value at `path`
+    (`a.b[0].c`) as OmegaConf resolves it: `.x` is a sibling, each further leading dot one level up."""
+    dots = len(reference) - len(reference.lstrip("."))
+    if not dots:
+        return reference
+    container = re.findall(r"[^.\[\]]+", path)[:-1]
+    up = dots - 1
+    base = container[:len(container) - up] if up <= len(container) else []
+    return ".".join([*base, reference[dots:]])
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, str | None, Any]]:

@@ -47,6 +47,7 @@ def main(cfg, *, mode: str = "train") -> int:
     out_dir = Path(hc.runtime.output_dir)
     recipe = hc.runtime.choices.get("recipe") or "custom"
     try:
+        config.check_job(cfg, dict(hc.runtime.choices))  # this job's own config: a multirun combines sweep values
         with _contain(cfg):
             return train(cfg, recipe=recipe, out_dir=out_dir, mode=mode)
     except config.ConfigError as exc:
@@ -64,6 +65,9 @@ def main(cfg, *, mode: str = "train") -> int:
     except containment.SafeError as exc:
         say(f"run failed: {exc}")
         return exits.FAILED
+    except KeyboardInterrupt:  # the run's end (teardown, close, receipt) has run on the way out
+        say(f"interrupted (Ctrl-C){_resume_hint(out_dir)}")
+        return exits.INTERRUPTED
     except Exception as exc:  # report where, never what: a message or repr may quote a batch
         for i, line in enumerate(containment.failure_report(exc)):
             say(f"run failed: {line}" if i == 0 else line)
@@ -96,7 +100,13 @@ def production_egress(cfg) -> list[str]:
         return []
     return containment.egress_problems(tracking_uri=cfg.tracking.tracking_uri, broker_url=cfg.broker.url,
                                        data_path=cfg.data.path,
-                                       weights_id=cfg.model.id if cfg.model.source == "pretrained" else None)
+                                       weights_id=cfg.model.id if cfg.model.source == "pretrained" else None,
+                                       sweep_storage=cfg.sweep.storage if cfg.sweep is not None else None)
+
+
+def _resume_hint(out_dir: Path) -> str:
+    latest = sorted((out_dir / "checkpoints").glob("step-*.ckpt.enc"))
+    return f": resume with trainer.resume_from={latest[-1]}" if latest else ""
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -115,22 +125,128 @@ def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
     """The checks that need no data, then the run (mode train: `_fit`; eval: `_evaluate`). Raises ConfigError,
     SealedDataError, DataError or Refused."""
     from medtee.training.model import weight_digests
-    from medtee.training.output import recipient_problem
 
     config.check(cfg)
     config.check_runnable(cfg, mode=mode)
-    problem = recipient_problem(cfg.output.recipient)
-    if problem:
-        raise config.ConfigError(problem)
+    problems = input_problems(cfg, mode)
+    if problems:
+        raise config.ConfigError("; ".join(problems))
+    keys = Keys.read(cfg, mode)
     preflight(cfg)
     try:  # pretrained weights enter the digest by content ({} for a tiny model)
         weights = weight_digests(cfg.model)
     except FileNotFoundError as exc:
         raise config.ConfigError(str(exc)) from None
-    digest = config.recipe_digest(cfg, weights=weights or None)
-    say(f"recipe {recipe}, digest {digest}")
+    digest = config.recipe_digest(cfg, weights=weights or None, mode=mode, files=keys.files(cfg))
+    say(f"recipe {recipe}, digest {digest} (mode {mode})")
     work = {"train": _fit, "eval": _evaluate, "generate": _generate, "sweep": _sweep}[mode]
-    return attested_run(cfg, recipe=recipe, digest=digest, out_dir=out_dir, weights=weights, work=work)
+    return attested_run(cfg, recipe=recipe, digest=digest, out_dir=out_dir, weights=weights, keys=keys, mode=mode,
+                        work=work)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The public keys a run's outputs are encrypted to, read once before its digest: the adapter's recipient and
+    (`medtee generate`) the study owner's key. The digest hashes exactly these bytes and the outputs are encrypted to
+    them, so a key file replaced on the host after the digest (or the release) changes nothing."""
+
+    recipient: object  # medtee.training.output.Recipient; None for output.recipient=dev (read when written)
+    study: object = None  # medtee.crypto.hpke.PublicKeyFile
+
+    @classmethod
+    def read(cls, cfg, mode: str) -> "Keys":
+        from medtee.crypto.hpke import KeyWrapError, read_public_key_file
+        from medtee.training.output import recipient
+
+        problems, study, found = [], None, None
+        try:  # the development key is made on first use, once the run has something to encrypt
+            found = None if cfg.output.recipient == "dev" else recipient(cfg.output.recipient, scheme=None)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if mode == "generate":
+            try:
+                study = read_public_key_file(cfg.evaluation.study_recipient)
+            except (OSError, KeyWrapError) as exc:
+                problems.append(f"evaluation.study_recipient={cfg.evaluation.study_recipient}: {exc}; name the study "
+                                f"owner's public key file (`medtee keys new` writes NAME.pub)")
+        if problems:
+            raise config.ConfigError("; ".join(problems))
+        return cls(recipient=found, study=study)
+
+    def files(self, cfg) -> dict[str, bytes]:
+        """The FILES_IN_DIGEST values these keys were read from -> the bytes read (the development recipient is
+        recorded as `dev`)."""
+        out = {} if self.recipient is None else {"output.recipient": self.recipient.key.data}
+        if self.study is not None:
+            out["evaluation.study_recipient"] = self.study.data
+        return out
+
+    def adapter_recipient(self, cfg):
+        """What the adapter is encrypted to: the recipient read before the digest, or the development key."""
+        from medtee.training.output import recipient
+
+        return self.recipient or recipient("dev", scheme=cfg.encryption.scheme)
+
+
+def input_problems(cfg, mode: str) -> list[str]:
+    """What the run would find wrong only after the key release, checked before it: the encrypted files it opens
+    (by their header), every file the digest names (it must exist: its content is what is recorded) and the
+    embedded broker's store a sealed dataset needs."""
+    from medtee.broker.protocol import DEFAULT_BROKER_DIR
+    from medtee.crypto.stream import header_problem
+
+    out = []
+    files = {"train": [("trainer.resume_from", cfg.trainer.resume_from, "a step-NNNNNNN.ckpt.enc from a run's "
+                                                                          "checkpoints/ directory")],
+             "eval": [("evaluation.adapter", cfg.evaluation.adapter, "the adapter.sealed a training run on this "
+                                                                       "dataset wrote")]}
+    files["generate"], files["sweep"] = files["eval"], []
+    for key, value, fix in files[mode]:
+        if not value:
+            continue
+        if not Path(value).is_file():
+            out.append(f"{key}={value} is not a regular file: name {fix}")
+        elif problem := header_problem(value):
+            out.append(f"{key}={value} {problem}: name {fix}")
+    checked = {key for key, *_ in files[mode]}
+    for section, key in config.FILES_IN_DIGEST:  # the digest names each by its content: it must be one
+        value = cfg[section][key]
+        if value and f"{section}.{key}" not in checked and not (section == "output" and value == "dev") \
+                and not Path(value).is_file():
+            out.append(f"{section}.{key}={value} is not a regular file: the recipe digest covers that file's content, "
+                       f"so name an existing file (or leave it unset)")
+    if mode == "sweep":
+        out += _sweep_problems(cfg)
+    b = cfg.broker
+    if cfg.data.source == "sealed" and str(b.url) == "embedded" and not (Path(b.dir) / "broker.key").is_file():
+        out.append(f"broker.dir={b.dir} holds no key broker (no broker.key): name the store the dataset was sealed "
+                   f"against (`medtee seal --broker-dir`; default {DEFAULT_BROKER_DIR}), or set broker.url to the "
+                   f"owner's broker")
+    return out
+
+
+def _sweep_problems(cfg) -> list[str]:
+    """A sweep whose study cannot be stored, or whose objective no trial can log, would spend every trial."""
+    from urllib.parse import urlsplit
+
+    out = []
+    s, t, d = cfg.sweep, cfg.trainer, cfg.data
+    parts = urlsplit(str(s.storage))
+    if parts.scheme == "sqlite" and parts.path.startswith("/") and not Path(parts.path[1:] or ".").parent.is_dir():
+        out.append(f"sweep.storage={s.storage}: the directory {Path(parts.path[1:]).parent} does not exist; create it "
+                   f"or store the study elsewhere")
+    if str(s.objective).startswith("val/"):
+        batches = t.max_steps * t.accumulate_grad_batches
+        if not t.limit_val_batches or t.val_check_interval > batches:
+            out.append(f"sweep.objective={s.objective} is logged at validation, which no trial reaches "
+                       f"(trainer.val_check_interval={t.val_check_interval} training batches, trainer.max_steps="
+                       f"{t.max_steps} x accumulate_grad_batches={t.accumulate_grad_batches}, limit_val_batches="
+                       f"{t.limit_val_batches}): lower trainer.val_check_interval or raise trainer.max_steps")
+        elif t.limit_val_batches * d.batch_size < cfg.tracking.min_aggregate:
+            out.append(f"sweep.objective={s.objective} covers at most limit_val_batches x batch_size = "
+                       f"{t.limit_val_batches * d.batch_size} held-out dialogues, fewer than tracking.min_aggregate="
+                       f"{cfg.tracking.min_aggregate}, so the tracking guard drops it: raise trainer.limit_val_batches")
+    return out
 
 
 def preflight(cfg) -> None:
@@ -185,7 +301,7 @@ class Attested:
     policy: object  # the recipe's attestation policy
 
 
-def release_data_key(cfg, dataset, *, broker, recipe_digest: str, receipt_public_key: bytes) -> Attested:
+def release_data_key(cfg, dataset, *, broker, recipe_digest: str, recipe: dict, receipt_public_key: bytes) -> Attested:
     """Challenge -> evidence bound to nonce, ephemeral key, recipe and receipt key -> broker appraisal -> data key in
     memory.
 
@@ -206,18 +322,24 @@ def release_data_key(cfg, dataset, *, broker, recipe_digest: str, receipt_public
                                                 **bound)
         expected = attestation.report_data(**bound, gpu_evidence_digests=evidence.gpu_evidence_digests())
         verdict = attestation.appraise(evidence, policy, expected_report_data=expected,
-                                       expected_gpu_nonce=attestation.gpu_nonce(**bound))
+                                       expected_gpu_nonce=attestation.gpu_nonce(**bound), recipe_digest=recipe_digest,
+                                       recipe=recipe)
         if not verdict.ok:
             raise Refused(f"evidence fails this recipe's attestation policy '{att.name}':\n{verdict.explain()}")
         appraised.append((evidence, verdict))
         return evidence
 
+    from medtee.broker.protocol import UnknownDatasetError
+
     try:
         release = obtain_data_key(broker, dataset_id=manifest.dataset_id, manifest_digest=manifest.digest(),
                                   recipe_digest=recipe_digest, evidence_for=evidence_for,
-                                  scheme=cfg.encryption.scheme, receipt_public_key=receipt_public_key)
+                                  scheme=cfg.encryption.scheme, receipt_public_key=receipt_public_key,
+                                  recipe=recipe)
     except KeyReleaseDenied as exc:
         raise Refused(f"the key broker denied the data key: {exc}") from None
+    except UnknownDatasetError as exc:  # sealed against another broker, or broker.dir/url names the wrong one
+        raise config.ConfigError(f"{exc} (or point broker.dir / broker.url at the broker it was sealed against)") from None
     evidence, verdict = appraised[-1]
     return Attested(release=release, evidence=evidence, verdict=verdict, policy=policy)
 
@@ -256,6 +378,7 @@ class Session:
     digest: str
     recorded: dict  # the recipe as its digest covers it
     weights: dict  # pretrained weight file -> sha256 ({} for a tiny model)
+    keys: Keys  # what the outputs are encrypted to, read before the digest
     out_dir: Path
     dataset: object
     verdict: object
@@ -268,7 +391,7 @@ class Session:
     mlflow_run_id: str | None = None  # an MLflow run to train into (a sweep trial's child run)
 
 
-def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
+def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict, keys: Keys, mode: str,
                  work: Callable[[object, Session], int]) -> int:
     """Release the data key, run `work(cfg, session)`, and end (success or failure) with the teardown, the release
     closed at the broker and the signed receipt."""
@@ -287,10 +410,10 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
         raise config.ConfigError("release.require_audit=true audits the adapter with the data owner's canaries, but "
                                  "this dataset was sealed without any: seal it with `medtee seal ... --canaries N`")
     # the recipe as its digest covers it: without data.path (a directory name can name a patient or a study)
-    recorded = config.digest_input(config.resolved(cfg), weights=weights or None)
+    recorded = config.digest_input(config.resolved(cfg), weights=weights or None, mode=mode, files=keys.files(cfg))
     signer = ReceiptSigner()  # in memory only; its public key is bound into the evidence
     started = datetime.now(timezone.utc)
-    attested = release_data_key(cfg, dataset, broker=broker, recipe_digest=digest,
+    attested = release_data_key(cfg, dataset, broker=broker, recipe_digest=digest, recipe=recorded,
                                 receipt_public_key=signer.public_bytes)
     teardown = Teardown()
     data_key = teardown.key("data key", attested.release.data_key)
@@ -303,17 +426,17 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
         manifest_digest = dataset.manifest.digest()
         # checkpoints and the sealed adapter are encrypted under keys derived from this dataset's release: opening
         # them needs the release again, i.e. attestation to pass again
-        keys = {purpose: teardown.key(f"{purpose} key", SecretBuffer(derive_key(data_key, manifest_digest, purpose)))
-                for purpose in ("checkpoint", "adapter")}
+        derived = {purpose: teardown.key(f"{purpose} key", SecretBuffer(derive_key(data_key, manifest_digest, purpose)))
+                   for purpose in ("checkpoint", "adapter")}
         verdict = attested.verdict
         say(f"attestation {verdict.policy}: {'PASS' if verdict.ok else 'FAIL'}"
             f"{' (SIMULATED)' if verdict.simulated else ''}; data key released; decrypting "
             f"{dataset.manifest.record_count} records into memory")
-        session = Session(recipe=recipe, digest=digest, recorded=recorded, weights=weights, out_dir=out_dir,
-                          dataset=dataset, verdict=verdict, teardown=teardown, outcome=outcome,
+        session = Session(recipe=recipe, digest=digest, recorded=recorded, weights=weights, keys=keys,
+                          out_dir=out_dir, dataset=dataset, verdict=verdict, teardown=teardown, outcome=outcome,
                           # decrypted one record batch at a time, straight into the data module's token arrays
                           records=functools.partial(_decrypted_records, dataset, data_key),
-                          checkpoint_key=keys["checkpoint"], adapter_key=keys["adapter"],
+                          checkpoint_key=derived["checkpoint"], adapter_key=derived["adapter"],
                           canaries=dataset.canaries(data_key))
         return work(cfg, session)
     except BaseException as exc:
@@ -324,6 +447,13 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
             _end(cfg, outcome=outcome, error=error, teardown=teardown, broker=broker, attested=attested,
                  signer=signer, started=started, recorded=recorded, digest=digest, weights=weights, dataset=dataset,
                  out_dir=out_dir)
+
+
+def _recorded_sha256(session: Session, section: str, key: str) -> str | None:
+    """The sha256 the recorded recipe (what the digest covers) names for a file setting, to check the bytes opened
+    after the release against."""
+    value = session.recorded.get(section, {}).get(key)
+    return value[len("sha256:"):] if isinstance(value, str) and value.startswith("sha256:") else None
 
 
 def _decrypted_records(dataset, data_key: bytes):
@@ -368,11 +498,13 @@ def _fit(cfg, session: Session) -> int:
     stats = datamodule.stats()
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device,
                         sharded=t.strategy == "fsdp")
-    module = CausalLMModule(model, t, dp=cfg.privacy.dp, dataset_size=stats["n_train"], batch_size=d.batch_size)
+    module = CausalLMModule(model, t, dp=cfg.privacy.dp, dataset_size=stats["n_train"], batch_size=d.batch_size,
+                            min_aggregate=cfg.tracking.min_aggregate)
     checkpoint_io = EncryptedCheckpointIO(session.checkpoint_key)
     try:
-        resumed = (resume_info(checkpoint_io, t.resume_from, module, datamodule,
-                               world_size=hw.devices * hw.num_nodes) if t.resume_from else {})
+        resumed = (resume_info(checkpoint_io, t.resume_from, module, datamodule, world_size=hw.devices * hw.num_nodes,
+                               max_steps=None if t.validate_only else t.max_steps,
+                               sha256=_recorded_sha256(session, "trainer", "resume_from")) if t.resume_from else {})
     except CheckpointError as exc:
         raise config.ConfigError(str(exc)) from None
 
@@ -432,8 +564,8 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
         summary["privacy"] = {"dp": module.dp_summary()}
     if audit is not None:
         summary["audit"] = {**audit.to_json(), "required": cfg.release.require_audit, "adapter_released": released}
-    written = write_outputs(module.model, adapter=adapter, recipient=cfg.output.recipient if released else None,
-                            scheme=cfg.encryption.scheme, base_model=weights_label(cfg.model),
+    written = write_outputs(module.model, adapter=adapter, recipient=session.keys.adapter_recipient(cfg) if released else None,
+                            base_model=weights_label(cfg.model),
                             release_key=session.adapter_key, summary=summary, recorded_recipe=session.recorded,
                             out_dir=out_dir)
 
@@ -487,7 +619,8 @@ def _held_out_and_adapter(cfg, session: Session):
     held_out = read_records(cfg, session, tokenizer).held_out()
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device)
     try:
-        tensors = open_sealed_adapter(Path(e.adapter), session.adapter_key)
+        tensors = open_sealed_adapter(Path(e.adapter), session.adapter_key,
+                                      sha256=_recorded_sha256(session, "evaluation", "adapter"))
     except StreamError:
         raise config.ConfigError(f"evaluation.adapter={e.adapter} does not open under this dataset's release: it "
                                  f"was sealed by a training run on another dataset (or altered); evaluate it with "
@@ -519,8 +652,9 @@ def _generate(cfg, session: Session) -> int:
                           for label in ("A", "B")}}
              for i, (item, reply) in enumerate(zip(ids, replies))]
     session.out_dir.mkdir(parents=True, exist_ok=True)
-    packet.seal_packet(items, e.study_recipient, session.out_dir / packet.PACKET_FILE)
-    seal_blinding(blinding, e.study_recipient, session.out_dir / packet.BLINDING_FILE)
+    study = (session.keys.study.scheme, session.keys.study.public)  # read before the digest, as it hashed them
+    packet.seal_packet(items, study, session.out_dir / packet.PACKET_FILE)
+    seal_blinding(blinding, study, session.out_dir / packet.BLINDING_FILE)
     del items, answers, blinding
 
     def finish(receipt: dict | None) -> None:
@@ -606,8 +740,11 @@ def _sweep(cfg, session: Session) -> int:
             config.apply_environment(trial_cfg)
             trial = dataclasses.replace(
                 session, recipe=f"{session.recipe}-trial-{trial_number}", outcome=Outcome(), records=records,
-                digest=config.recipe_digest(trial_cfg, weights=session.weights or None),
-                recorded=config.digest_input(config.resolved(trial_cfg), weights=session.weights or None),
+                # a trial's label: the sweep's own digest is the one attested (trials use the keys it read)
+                digest=config.recipe_digest(trial_cfg, weights=session.weights or None, mode="sweep",
+                                            files=session.keys.files(trial_cfg)),
+                recorded=config.digest_input(config.resolved(trial_cfg), weights=session.weights or None,
+                                             mode="sweep", files=session.keys.files(trial_cfg)),
                 out_dir=session.out_dir / f"trial-{trial_number:04d}", mlflow_run_id=tracker.run_id_of(trial_number))
             _fit(trial_cfg, trial)
             trial.outcome.finish(None)  # the trial's child run: its summary and recipe; the tracker records the state

@@ -60,3 +60,21 @@ def test_cfg_job_prints_the_resolved_recipe_without_running(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "qlora:" in res.stdout and "quantization: nf4" in res.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_recipes_digest_prints_what_a_run_binds_per_mode(capsys):
+    import json
+
+    from medtee import config
+    from medtee.cli import main
+
+    assert main(["recipes", "digest", "qlora.rank=8"]) == 0
+    train = capsys.readouterr().out.strip()
+    assert train == config.recipe_digest(config.compose(["qlora.rank=8"]), mode="train")
+    assert main(["recipes", "digest", "qlora.rank=8", "sweep=demo_lr_rank", "--mode", "sweep", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["covers"]["mode"] == "sweep" and doc["digest"] != train and "path" not in doc["covers"]["data"]
+    assert main(["recipes", "digest", "--mode", "exfiltrate"]) == 2
+    assert "--mode takes one of train, eval, sweep, generate" in capsys.readouterr().err
+    assert main(["recipes", "digest", "--mode", "eval"]) == 2  # what the run would refuse, before any hashing
+    assert "evaluation.adapter" in capsys.readouterr().err

@@ -298,9 +298,8 @@ def test_a_production_policy_takes_this_machines_paths_and_stricter_requirements
     """Without its OCSP cache the shipped snp_h200 rejects every GPU (revocation fail_closed): it must stay settable."""
     pin = "ab" * 48
     cfg = config.compose(["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.ocsp_cache=/var/cache/ocsp",
-                          "attestation.cert_cache_dir=/var/cache/kds", "attestation.gpu.rim_store=/etc/rims",
-                          "attestation.gpu.require_rim_match=true", f"attestation.measurements=[{pin}]",
-                          "attestation.vmpl=0"])
+                          "attestation.cert_cache_dir=/var/cache/kds", f"attestation.measurements=[{pin}]",
+                          "attestation.vmpl=0"])  # (not the RIM store: it holds RIM matching's trust anchor)
     assert cfg.attestation.gpu.ocsp_cache == "/var/cache/ocsp" and list(cfg.attestation.measurements) == [pin]
 
 

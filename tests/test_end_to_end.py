@@ -8,8 +8,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import run_medtee
+
+from medtee.paths import conf_dir
 
 pytestmark = pytest.mark.slow
 
@@ -94,11 +97,23 @@ def test_seal_train_and_open_the_adapter(tmp_path):
     assert run_medtee("synth", "--n", "60", "--seed", "3", "--out", "d.jsonl", cwd=owner).returncode == 0
     _seal(owner / "d.jsonl", owner / "sealed", owner)
     assert run_medtee("keys", "new", "--out", "keys", "--name", "model-owner", cwd=owner).returncode == 0
-    res = run_medtee("train", "data=sealed", f"data.path={owner / 'sealed'}",
-                     f"broker.dir={owner / '.medtee/broker'}",
-                     f"output.recipient={owner / 'keys/model-owner.pub'}", *FAST, cwd=tee)
+    recipe = ["data=sealed", f"data.path={owner / 'sealed'}", f"broker.dir={owner / '.medtee/broker'}",
+              f"output.recipient={owner / 'keys/model-owner.pub'}", *FAST]
+    # the data owner approves exactly this recipe: its digest, as `medtee recipes digest` computes it
+    digest = run_medtee("recipes", "digest", *recipe, cwd=owner).stdout.strip()
+    policy = yaml.safe_load((conf_dir() / "attestation" / "simulated.yaml").read_text())
+    policy.update(name="approved", recipe={**policy["recipe"], "digests": [digest]})
+    (owner / "approved.yaml").write_text(yaml.safe_dump(policy))
+    dataset_id = json.loads((owner / "sealed/manifest.json").read_text())["dataset_id"]
+    for command in (["broker", "policy", "add", "approved", "approved.yaml"],
+                    ["broker", "policy", "set", dataset_id, "approved"]):
+        assert run_medtee(*command, cwd=owner).returncode == 0
+    other = run_medtee("train", *recipe, "qlora.rank=4", cwd=tee)
+    assert other.returncode == 1 and "policy.recipe.digest" in other.stderr and not _output_dirs(tee), other.stderr[-2000:]
+    res = run_medtee("train", *recipe, cwd=tee)
     assert res.returncode == 0, res.stderr[-3000:]
     [out] = _output_dirs(tee)
+    assert json.loads((out / "summary.json").read_text())["recipe_digest"] == digest
     # the recorded recipe names no data path (a directory name can name a patient); it hashes to the digest
     recorded, summary = (json.loads((out / name).read_text()) for name in ("recipe.json", "summary.json"))
     assert "path" not in recorded["data"] and str(owner / "sealed") not in (out / "recipe.json").read_text()

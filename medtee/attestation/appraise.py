@@ -9,7 +9,7 @@ from cryptography import x509
 from medtee.attestation.amd import CertCache, chain_checks, select_key_cert
 from medtee.attestation.certs import common_name, parse_each
 from medtee.attestation.evidence import Evidence
-from medtee.attestation.policy import AttestationPolicy
+from medtee.attestation.policy import AttestationPolicy, RecipeRules
 from medtee.attestation.snp import REPORT_SIZE, ReportFormatError, SnpReport, signature_check, structure_checks
 from medtee.attestation.verdict import Check, Verdict, check
 
@@ -77,6 +77,10 @@ def snp_policy_checks(report: SnpReport, product: str | None, policy: Attestatio
         allowed = {m.lower() for m in policy.measurements}
         out.append(check("policy.measurement", report.measurement.hex() in allowed, f"one of {len(allowed)} allowed",
                          report.measurement.hex()))
+    elif policy.production:  # "any image" is no production policy: it releases nothing until the owner pins one
+        out.append(check("policy.measurement", False, "a launch MEASUREMENT the data owner approved: this production "
+                         "policy pins none (pin your image's: `medtee image measure ... --into POLICY.yaml`)",
+                         report.measurement.hex()))
     if policy.host_data is not None:
         out.append(check("policy.host_data", report.host_data.hex() == policy.host_data.lower(), policy.host_data.lower(),
                          report.host_data.hex()))
@@ -123,7 +127,8 @@ def snp_checks(evidence: Evidence, policy: AttestationPolicy, expected_report_da
 
 
 def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_data: bytes | None,
-             now: datetime | None = None, expected_gpu_nonce: bytes | None = None) -> Verdict:
+             now: datetime | None = None, expected_gpu_nonce: bytes | None = None,
+             recipe_digest: str | None = None, recipe: dict | None = None) -> Verdict:
     """Appraise evidence under a policy; every failed check is listed in the verdict. It raises for no evidence content:
     what cannot be parsed fails a check naming the part, its position and the problem.
 
@@ -131,6 +136,8 @@ def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_d
     evidence.gpu_evidence_digests()); `expected_gpu_nonce` is binding.gpu_nonce(...) when GPU evidence is expected.
     GPU evidence alone (no CPU report) is appraised only under an authenticity_only policy with no expected
     REPORT_DATA (an auditor's check); otherwise the missing report fails `snp.report`.
+    Given the `recipe_digest` bound into `expected_report_data` (a key release, or a receipt of one) and the `recipe`
+    it covers (`config.digest_input`), the policy's recipe rules are checked too.
     """
     now = now or datetime.now(timezone.utc)
     checks = [check("evidence.simulated", policy.allow_simulated or not evidence.simulated,
@@ -140,7 +147,64 @@ def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_d
     if not gpu_alone:
         checks += snp_checks(evidence, policy, expected_report_data, now)
     checks += gpu_checks(evidence, policy, expected_gpu_nonce, now)
+    if recipe_digest is not None and not policy.authenticity_only:
+        checks += recipe_checks(policy.recipe, recipe_digest, recipe)
     return Verdict.of(checks, simulated=evidence.simulated, policy=policy.name)
+
+
+def _recipe_value(recipe: dict, dotted: str) -> object:
+    node: object = recipe
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _key_digest(value: object) -> str:
+    """The sha256 hex a recipe records for a key file (`sha256:HEX`), else the value as text."""
+    return value[len("sha256:"):] if isinstance(value, str) and value.startswith("sha256:") else str(value)
+
+
+def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -> list[Check]:
+    """The policy's recipe rules on the recipe a release is for: `recipe` must hash to `recipe_digest`."""
+    import hashlib
+    import json
+
+    out = []
+    if rules.digests:
+        out.append(check("policy.recipe.digest", recipe_digest in set(rules.digests),
+                         f"one of {len(rules.digests)} approved recipe digests", recipe_digest))
+    if not rules.read_recipe():
+        return out
+    if not isinstance(recipe, dict):
+        return out + [check("policy.recipe", False, "the recipe the digest covers (sent with the release request)",
+                            "none given")]
+    try:  # the canonical JSON config.recipe_digest hashes
+        hashed = hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                           allow_nan=False).encode()).hexdigest()
+    except (TypeError, ValueError):
+        hashed = "not canonical JSON"
+    if hashed != recipe_digest:
+        return out + [check("policy.recipe", False, f"a recipe hashing to the digest {recipe_digest}", hashed)]
+    mode = _recipe_value(recipe, "mode")
+    out.append(check("policy.recipe.mode", mode in rules.modes, f"one of {rules.modes}", mode))
+    if mode == "generate" and rules.study_recipients:
+        study = _key_digest(_recipe_value(recipe, "evaluation.study_recipient"))
+        out.append(check("policy.recipe.study_recipient", study in rules.study_recipients,
+                         f"one of {len(rules.study_recipients)} approved study keys (sha256)", study))
+    if rules.output_recipients:
+        recipient = _key_digest(_recipe_value(recipe, "output.recipient"))
+        out.append(check("policy.recipe.output_recipient", recipient in rules.output_recipients,
+                         f"one of {len(rules.output_recipients)} approved recipient keys (sha256)", recipient))
+    if rules.require_audit:
+        audit = _recipe_value(recipe, "release.require_audit")
+        out.append(check("policy.recipe.require_audit", audit is True, "release.require_audit: true", audit))
+    if rules.require_dp:
+        dp = _recipe_value(recipe, "privacy.dp.enabled")
+        out.append(check("policy.recipe.require_dp", dp is True, "privacy.dp.enabled: true", dp))
+    aggregate = _recipe_value(recipe, "tracking.min_aggregate")
+    out.append(check("policy.recipe.min_aggregate", isinstance(aggregate, int) and aggregate >= rules.min_aggregate,
+                     f"tracking.min_aggregate >= {rules.min_aggregate}", aggregate))
+    return out
 
 
 def gpu_checks(evidence: Evidence, policy: AttestationPolicy, expected_nonce: bytes | None,

@@ -68,6 +68,47 @@ class GpuPolicy:
     ocsp_cache: Optional[str] = None  # directory of cached DER OCSP responses, <serial hex>.der (never fetched)
 
 
+#: The modes of a run (`medtee train`, `eval run`, `sweep`, `generate`), as its recipe digest records them.
+RUN_MODES = ("train", "eval", "sweep", "generate")
+
+
+@dataclass
+class RecipeRules:
+    """What the recipe of a run must say for the broker to release the key, checked on the recipe its digest covers
+    (the release request carries it; its digest is bound into the evidence). Empty lists mean "any"."""
+
+    digests: List[str] = field(default_factory=list)  # approved recipe digests (`medtee recipes digest`)
+    # run modes released to; `generate` writes dialogue text (a rating packet) to the study key, so it is released
+    # only when listed here, and under a production policy only to the study_recipients listed
+    modes: List[str] = field(default_factory=lambda: ["train", "eval", "sweep"])
+    study_recipients: List[str] = field(default_factory=list)  # sha256 (hex) of the study .pub files generate may use
+    output_recipients: List[str] = field(default_factory=list)  # sha256 (hex) of the .pub files an adapter may go to
+    require_audit: bool = False  # require release.require_audit: true (the memorization audit gates the adapter)
+    require_dp: bool = False  # require privacy.dp.enabled: true (DP-SGD; then no training loss is logged at all)
+    min_aggregate: int = 20  # the least tracking.min_aggregate (examples per logged aggregate) a recipe may set
+
+    def read_recipe(self) -> bool:
+        """Whether these rules look into the recipe (else only its digest is compared, if digests are listed)."""
+        return (set(self.modes) != set(RUN_MODES) or bool(self.study_recipients or self.output_recipients)
+                or self.require_audit or self.require_dp or self.min_aggregate > 1)
+
+    def problems(self, *, production: bool) -> list[str]:
+        out = [f"recipe.digests: '{d}' is not a recipe digest (64 lowercase hex characters, as `medtee recipes "
+               f"digest` prints)" for d in self.digests if not re.fullmatch(r"[0-9a-f]{64}", d)]
+        for key in ("study_recipients", "output_recipients"):
+            out += [f"recipe.{key}: '{d}' is not the sha256 of a public key file (64 lowercase hex characters, as "
+                    f"`sha256sum KEY.pub` prints)" for d in getattr(self, key) if not re.fullmatch(r"[0-9a-f]{64}", d)]
+        unknown = sorted(set(self.modes) - set(RUN_MODES))
+        if unknown:
+            out.append(f"recipe.modes: unknown {unknown}; choose from {', '.join(RUN_MODES)}")
+        if production and "generate" in self.modes and not self.study_recipients:
+            out.append("recipe.modes lists generate, whose rating packets hold dialogue text: a production policy must "
+                       "name the study keys they may be encrypted to in recipe.study_recipients")
+        if self.min_aggregate < 1:
+            out.append(f"recipe.min_aggregate={self.min_aggregate} must be at least 1")
+        return out
+
+
 @dataclass
 class AttestationPolicy:
     """An appraisal policy (also the Hydra schema of the `attestation` group). Empty lists mean "any"."""
@@ -82,7 +123,8 @@ class AttestationPolicy:
     report_versions: List[int] = field(default_factory=lambda: [2, 3, 5])  # accepted report VERSION values
     products: List[str] = field(default_factory=list)  # accepted AMD products (Milan, Genoa, Turin)
     signing_keys: List[str] = field(default_factory=lambda: ["vcek", "vlek"])  # accepted signing keys
-    measurements: List[str] = field(default_factory=list)  # allowed launch MEASUREMENTs (96 hex chars each)
+    measurements: List[str] = field(default_factory=list)  # allowed launch MEASUREMENTs (96 hex chars each);
+    # a production policy must pin at least one (`medtee image measure ... --into FILE`): with none it releases nothing
     host_data: Optional[str] = None  # required HOST_DATA (64 hex chars)
     vmpl: Optional[int] = None  # required VMPL (0 = most privileged); null = any
     min_tcb: MinimumTcb = field(default_factory=MinimumTcb)  # minimum REPORTED_TCB per component
@@ -95,6 +137,7 @@ class AttestationPolicy:
     cert_cache_dir: Optional[str] = None  # directory of cached VCEKs/VLEKs (see amd.CertCache)
     fetch_certificates: bool = False  # fetch missing VCEKs from AMD's KDS (off for offline recipes)
     gpu: GpuPolicy = field(default_factory=GpuPolicy)  # GPU requirements
+    recipe: RecipeRules = field(default_factory=RecipeRules)  # what the run's recipe must say (key release only)
 
     def problems(self) -> list[str]:
         """Inconsistencies, each naming the field and the fix (empty when the policy is usable)."""
@@ -110,6 +153,7 @@ class AttestationPolicy:
         for m in self.measurements:
             if not re.fullmatch(r"[0-9a-fA-F]{96}", m):
                 out.append(f"measurements: '{m}' is not 96 hex characters (48 bytes)")
+        out += self.recipe.problems(production=self.production)
         if self.host_data is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.host_data):
             out.append("host_data must be 64 hex characters (32 bytes)")
         if not re.fullmatch(r"\d+\.\d+\.\d+", self.min_firmware):
@@ -128,6 +172,19 @@ class AttestationPolicy:
         if self.gpu.ocsp_cache and self.gpu.revocation is Revocation.off:
             out.append("gpu.ocsp_cache is set but gpu.revocation is off: set fail_open or fail_closed, or unset it")
         return out
+
+
+def release_warning(policy: AttestationPolicy) -> str | None:
+    """What a data owner must hear before relying on `policy` to release a dataset's key, or None."""
+    if policy.allow_simulated:
+        return (f"WARNING: release policy '{policy.name}' releases the key to SIMULATED attestation; it protects "
+                f"nothing. For real data use a production policy that pins your image's launch measurement "
+                f"(docs/deployment.md).")
+    if policy.production and not policy.measurements:
+        return (f"NOTE: release policy '{policy.name}' pins no launch measurement, so the broker releases the key to "
+                f"no one until one is pinned: compute your image's (`medtee image measure ... --into FILE`), then "
+                f"`medtee broker policy add NAME FILE` and `medtee broker policy set DATASET_ID NAME`.")
+    return None
 
 
 def policy_from_mapping(data: object, source: str) -> AttestationPolicy:

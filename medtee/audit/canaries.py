@@ -29,6 +29,11 @@ CANARY_PROMPT = "Please read my medical record number back to me."  # the patien
 CANARY_ID_PREFIX = "canary-"
 CANARY_FILE = "canaries.enc"  # the encrypted side file in a sealed dataset
 DEFAULT_REPEATS = (1, 4, 16, 64)
+#: Bounds of one sealing's canaries. The audit's groups need tens of canaries each (docs/audit.md uses 10); 1000 per
+#: repeat count is far past any use and still takes about a second to draw. Each copy is an added record: at most
+#: MAX_CANARY_RECORDS of them (N x the sum of the repeat counts), so a typo cannot swell a dataset without bound.
+MAX_CANARIES_PER_REPEAT = 1000
+MAX_CANARY_RECORDS = 100_000
 _MAGIC = b"MTC1"
 _INFO = b"medtee/canaries/v1\0"
 
@@ -121,13 +126,25 @@ def parse_repeats(text: str) -> tuple[int, ...]:
     return repeats
 
 
+def check_plan_size(per_repeat: int, repeats: Sequence[int] = DEFAULT_REPEATS) -> None:
+    """ValueError naming the flag and the bound when `per_repeat` x `repeats` is outside the limits above."""
+    if per_repeat < 1:
+        raise ValueError(f"--canaries must be at least 1, got {per_repeat}")
+    if per_repeat > MAX_CANARIES_PER_REPEAT:
+        raise ValueError(f"--canaries must be at most {MAX_CANARIES_PER_REPEAT} (got {per_repeat}); the audit needs "
+                         f"tens per repeat count (docs/audit.md)")
+    records = per_repeat * sum(repeats)
+    if records > MAX_CANARY_RECORDS:
+        raise ValueError(f"--canaries {per_repeat} with --canary-repeats {','.join(map(str, repeats))} adds {records} "
+                         f"canary records; at most {MAX_CANARY_RECORDS} are allowed: lower N or the repeat counts")
+
+
 def plan_canaries(per_repeat: int, repeats: Sequence[int] = DEFAULT_REPEATS, *, real_records: int,
                   seed: int | None = None, space: CanarySpace = DEFAULT_SPACE) -> CanaryPlan:
     """`per_repeat` canaries for each repeat count, and `per_repeat` controls, all distinct, placed among
-    `real_records` records. Without `seed` the draw uses the OS's randomness (the canaries are secrets); with one
-    it is reproducible by anyone who knows the seed (tests)."""
-    if per_repeat < 1:
-        raise ValueError(f"--canaries must be at least 1, got {per_repeat}")
+    `real_records` records (within `check_plan_size`'s limits). Without `seed` the draw uses the OS's randomness
+    (the canaries are secrets); with one it is reproducible by anyone who knows the seed (tests)."""
+    check_plan_size(per_repeat, repeats)
     if real_records < 1:
         raise ValueError("canaries need at least one real record to go between")
     rng = random.Random(seed) if seed is not None else random.SystemRandom()

@@ -97,7 +97,8 @@ def verify(path: Path | str) -> AuditReport:
     """Check the whole chain of the log at `path`."""
     path = Path(path)
     if not path.exists():
-        return AuditReport(False, 0, GENESIS, f"{path} does not exist; is --store the broker's store directory?")
+        return AuditReport(False, 0, GENESIS, f"{path} does not exist (removed, or this store has recorded no "
+                           f"event yet); check the --broker-dir you passed")
     prev, n = GENESIS, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):

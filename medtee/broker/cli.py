@@ -7,6 +7,7 @@ Nothing here prints record content.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from medtee import exits
@@ -45,18 +46,71 @@ def _positive(kind: type):
     return parse
 
 
+MAX_PORT = 65535
+MAX_TLS_FILE_BYTES = 1 << 20  # a PEM chain or key is a few KB
+
+
+def _tls_problem(cert: str | None, key: str | None) -> str | None:
+    """Why `--tls-cert`/`--tls-key` cannot serve https (naming the file and the fix), or None. Read before the
+    store is opened; an encrypted key is refused here, where the TLS library would prompt for its password."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        return "TLS needs both --tls-cert and --tls-key (or neither, for plain http on loopback)"
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    from medtee.files import NotRegularFile, read_regular
+
+    data = {}
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            data[flag] = read_regular(path, MAX_TLS_FILE_BYTES)
+        except FileNotFoundError:
+            return f"{flag} {path}: no such file"
+        except NotRegularFile as e:
+            return f"{flag} {path} {e}; name a PEM file"
+        except OSError as e:
+            return f"{flag} {path}: cannot read it ({e.strerror or type(e).__name__})"
+    try:
+        chain = x509.load_pem_x509_certificates(data["--tls-cert"])
+    except ValueError:
+        return (f"--tls-cert {cert} is not a PEM certificate (no valid -----BEGIN CERTIFICATE----- block); "
+                f"pass the server's certificate chain in PEM")
+    try:
+        private = serialization.load_pem_private_key(data["--tls-key"], password=None)
+    except TypeError:
+        return f"--tls-key {key} is encrypted with a password; pass an unencrypted PEM key (protect it with chmod 600)"
+    except (ValueError, UnsupportedAlgorithm):
+        return (f"--tls-key {key} is not a PEM private key (no valid -----BEGIN ... PRIVATE KEY----- block); "
+                f"pass the private key of --tls-cert {cert}")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        return f"--tls-key {key} is not the private key of --tls-cert {cert} (its first certificate); pass the matching pair"
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    port = _given(args.port)
+    if not 0 <= port <= MAX_PORT:
+        return exits.fail(f"--port must be 0-{MAX_PORT} (got {port}); 0 picks a free port")
+    from medtee.sealing.cli import dir_problem
+
+    problem = (dir_problem("--broker-dir", args.store, "name a directory (the broker's store, created if missing)")
+               or _tls_problem(args.tls_cert, args.tls_key))
+    if problem:
+        return exits.fail(problem)
     from medtee.broker.server import Limits, serve
 
     limits = Limits(max_connections=_given(args.max_connections), idle_timeout_s=_given(args.idle_timeout),
                     body_timeout_s=_given(args.body_timeout))
-    port = _given(args.port)
     try:
         serve(args.store, host=args.host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
               nonce_ttl_s=args.nonce_ttl, max_challenges_per_dataset=args.max_challenges_per_dataset,
               max_challenges_per_client=args.max_challenges_per_client,
               announce=lambda url: print(f"medtee key broker listening on {url}", flush=True))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, OverflowError) as e:
         return exits.fail(f"cannot serve on {args.host}:{port}: {e}")
     return exits.OK
 
@@ -64,7 +118,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _audit_verify(args: argparse.Namespace) -> int:
     from medtee.broker.audit import verify
 
-    report = verify(Path(args.store) / "audit.log")
+    store = Path(args.store)
+    if store.exists() and not store.is_dir():
+        return exits.fail(f"--broker-dir {store} is a file, not a broker store; pass the store's directory "
+                          f"(default {DEFAULT_BROKER_DIR})")
+    if not (store / f"{BROKER_KEY_NAME}.key").is_file():
+        return exits.fail(f"no broker store at {store} (no {BROKER_KEY_NAME}.key); pass the store's --broker-dir "
+                          f"(default {DEFAULT_BROKER_DIR})")
+    report = verify(store / "audit.log")
     if not report.ok:
         return exits.fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}",
                           exits.REFUSED)
@@ -91,10 +152,19 @@ def _policy_verb(act):
     return handler
 
 
+def _warn_about(broker, name: str) -> None:
+    from medtee.attestation.policy import read_policy_file, release_warning
+
+    warning = release_warning(read_policy_file(broker.policy_file(name)[0], name=name).policy)
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 def _policy_add(broker, args: argparse.Namespace) -> None:
     digest = broker.add_policy(args.name, args.file)
     print(f"stored release policy '{args.name}' (sha256 {digest}) in {broker.policy_file(args.name)[0]}")
     print(f"apply it with: medtee broker policy set DATASET_ID {args.name}")
+    _warn_about(broker, args.name)
 
 
 def _policy_list(broker, _args: argparse.Namespace) -> None:
@@ -109,6 +179,7 @@ def _policy_show(broker, args: argparse.Namespace) -> None:
 def _policy_set(broker, args: argparse.Namespace) -> None:
     broker.set_policy(args.dataset_id, args.name)
     print(f"dataset {args.dataset_id}: release policy is now '{args.name}' (effective at the next release)")
+    _warn_about(broker, args.name)
 
 
 def _broker_dir_argument(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +191,7 @@ def _add_serve(broker_sub) -> None:
     srv = broker_sub.add_parser("serve", help="serve challenge/attest/release over HTTP (loopback by default)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=_ServerDefault("DEFAULT_PORT"),
-                     help="port (default %(default)s; 0 picks a free one)")
+                     help="port, 0-65535 (default %(default)s; 0 picks a free one)")
     _broker_dir_argument(srv)
     srv.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve https")
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")

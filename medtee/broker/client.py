@@ -141,13 +141,15 @@ class HttpBroker:
             raise BrokerError(f"key broker at {self.url} sent a malformed answer: {e}") from None
 
     def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
-                recipe_digest: str, manifest_digest: str,
-                receipt_public_key: bytes | None = None) -> tuple[bytes, ReleaseRecord]:
+                recipe_digest: str, manifest_digest: str, receipt_public_key: bytes | None = None,
+                recipe: dict | None = None) -> tuple[bytes, ReleaseRecord]:
         request = {"dataset_id": dataset_id, "nonce": _b64(nonce), "evidence": evidence.to_json(),
                    "ephemeral_public_key": _b64(ephemeral_public_key), "recipe_digest": recipe_digest,
                    "manifest_digest": manifest_digest}
         if receipt_public_key is not None:
             request["receipt_public_key"] = _b64(receipt_public_key)
+        if recipe is not None:
+            request["recipe"] = recipe
         status, body = self._call("POST", "/v1/release", request)
         if status == 403 and isinstance(body.get("verdict"), dict):
             raise KeyReleaseDenied(self._verdict(body["verdict"]), dataset_id)

@@ -165,10 +165,11 @@ class KeyBroker(Protocol):
         """A fresh single-use nonce for a release of `dataset_id`; it expires."""
 
     def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
-                recipe_digest: str, manifest_digest: str,
-                receipt_public_key: bytes | None = None) -> tuple[bytes, ReleaseRecord]:
+                recipe_digest: str, manifest_digest: str, receipt_public_key: bytes | None = None,
+                recipe: dict | None = None) -> tuple[bytes, ReleaseRecord]:
         """The data key wrapped to `ephemeral_public_key` (info `release_info`) and the release's record, or
-        KeyReleaseDenied. The expected REPORT_DATA covers `receipt_public_key` when one is given."""
+        KeyReleaseDenied. The expected REPORT_DATA covers `receipt_public_key` when one is given; `recipe` is what
+        `recipe_digest` covers (`config.digest_input`), for the release policy's recipe rules."""
 
     def close_release(self, release_id: str, *, record: dict, receipt_public_key: bytes, signature: bytes) -> str:
         """Record the end of a release with the run's teardown record (only its digest is kept); the close entry's
@@ -302,6 +303,22 @@ def _receipt_key(value: object) -> bytes:
     return decode_b64(value, "receipt_public_key", RECEIPT_KEY_BYTES, RECEIPT_KEY_BYTES)
 
 
+MAX_RECIPE_BYTES = 256 << 10  # of a release request's recipe, as canonical JSON
+
+
+def _recipe(value: object) -> dict:
+    """The recipe a release is for: a JSON object (its digest, checked by the broker, is the recipe_digest)."""
+    if not isinstance(value, dict):
+        raise RequestError("recipe must be a JSON object (the recipe the recipe_digest covers)")
+    try:
+        size = len(canonical_json(value))
+    except (TypeError, ValueError):
+        raise RequestError("recipe must be plain JSON (no NaN or infinity)") from None
+    if size > MAX_RECIPE_BYTES:
+        raise RequestError(f"recipe must be at most {MAX_RECIPE_BYTES} bytes as canonical JSON")
+    return value
+
+
 _RELEASE_FIELDS: dict[str, Callable[[object], object]] = {
     "dataset_id": _dataset_id,
     "nonce": lambda v: decode_b64(v, "nonce", MAX_NONCE_BYTES, MIN_NONCE_BYTES),
@@ -310,7 +327,8 @@ _RELEASE_FIELDS: dict[str, Callable[[object], object]] = {
     "recipe_digest": lambda v: check_digest(v, "recipe_digest"),
     "manifest_digest": lambda v: check_digest(v, "manifest_digest"),
 }
-_OPTIONAL_RELEASE_FIELDS: dict[str, Callable[[object], object]] = {"receipt_public_key": _receipt_key}
+_OPTIONAL_RELEASE_FIELDS: dict[str, Callable[[object], object]] = {"receipt_public_key": _receipt_key,
+                                                                   "recipe": _recipe}
 
 
 def parse_challenge_request(doc: object) -> str:
@@ -398,7 +416,7 @@ def parse_close_request(doc: object) -> tuple[str, dict, bytes, bytes]:
 # -- the TEE's side --------------------------------------------------------------------------------------------------
 def obtain_data_key(broker: KeyBroker, *, dataset_id: str, manifest_digest: str, recipe_digest: str,
                     evidence_for: Callable[[bytes, bytes], Evidence], scheme: Scheme | str = DEFAULT_SCHEME,
-                    receipt_public_key: bytes | None = None) -> Release:
+                    receipt_public_key: bytes | None = None, recipe: dict | None = None) -> Release:
     """The TEE's half of key release: challenge, ephemeral key, evidence, release, unwrap.
 
     `evidence_for(nonce, ephemeral_public_key) -> Evidence` collects evidence whose REPORT_DATA is
@@ -412,7 +430,8 @@ def obtain_data_key(broker: KeyBroker, *, dataset_id: str, manifest_digest: str,
     evidence = evidence_for(nonce, key.public_bytes)
     blob, record = broker.release(dataset_id=dataset_id, nonce=nonce, evidence=evidence,
                                   ephemeral_public_key=key.public_bytes, recipe_digest=recipe_digest,
-                                  manifest_digest=manifest_digest, receipt_public_key=receipt_public_key)
+                                  manifest_digest=manifest_digest, receipt_public_key=receipt_public_key,
+                                  recipe=recipe)
     return Release(data_key=SecretBuffer(key.unwrap(blob, info=release_info(dataset_id, nonce))),
                    release_id=record.release_id, audit_entry_sha256=record.audit_entry_sha256, nonce=bytes(nonce),
                    ephemeral_public_key=key.public_bytes)

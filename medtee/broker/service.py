@@ -130,6 +130,10 @@ class EmbeddedBroker:
     def register(self, manifest: Manifest, *, policy_sha256: str | None = None) -> None:
         """Register a dataset; the manifest must be signed by a trusted owner and wrapped to this broker's key.
 
+        A registered dataset id takes no other manifest, and registering the same manifest again changes nothing:
+        its release policy changes only through `set_policy` (the sealed directory's manifest, which the training host
+        holds, must not reset a policy the owner tightened; another trusted owner must not take over the dataset).
+
         `policy_sha256`: the digest of the policy file its sealer checked; the registration is refused unless the
         file the broker reads the release policy from still holds exactly that (checked and written under the audit
         log's lock, as policies are stored: no seal registers under a policy changed or removed meanwhile). A
@@ -139,8 +143,10 @@ class EmbeddedBroker:
         path = self._registration_path(manifest.dataset_id)
         name = manifest.release_policy
 
-        def decide(_entries) -> tuple[str, dict]:
-            self._check_registration(manifest, path)  # under the lock: two seals of one dataset id register once
+        def decide(_entries) -> tuple[str, dict] | dict:
+            if self._check_registration(manifest, path):  # under the lock: two seals of one dataset id register once
+                return {}  # this very manifest is registered already: nothing changes (a retried request)
+            self._release_policy(name)
             if policy_sha256 is not None:
                 try:
                     held = hashlib.sha256(self.policy_file(name)[0].read_bytes()).hexdigest()
@@ -177,7 +183,8 @@ class EmbeddedBroker:
         if known:
             self.audit.append("refuse-register", dataset_id=dataset_id, reason=type(error).__name__, owner_key=owner_key)
 
-    def _check_registration(self, manifest: Manifest, path: Path) -> None:
+    def _check_registration(self, manifest: Manifest, path: Path) -> bool:
+        """Whether exactly this manifest is registered already; raises if it may not be registered."""
         manifest.verify_signature(source=f"manifest of dataset {manifest.dataset_id}")
         if manifest.owner_public_key not in self.trusted_owner_keys():
             raise PermissionError(
@@ -189,12 +196,21 @@ class EmbeddedBroker:
                 f"dataset {manifest.dataset_id}: data key is wrapped to broker key {manifest.key_id}, this broker's key is "
                 f"{self._key.key_id}; seal against this broker or rotate"
             )
-        if path.exists() and self._load_registration(manifest.dataset_id)[0].key_check != manifest.key_check:
+        if not path.exists():
+            return False
+        held = self._load_registration(manifest.dataset_id)[0]
+        if held.digest() == manifest.digest():
+            return True
+        if held.key_check != manifest.key_check:
             raise FileExistsError(f"dataset id {manifest.dataset_id} is already registered for other data; pick another id")
+        raise FileExistsError(
+            f"dataset {manifest.dataset_id} is already registered with another manifest (digest {held.digest()[:16]}), "
+            f"which a registration cannot replace; to change its release policy run `medtee broker policy set "
+            f"{manifest.dataset_id} NAME` on the broker's host")
 
     def set_policy(self, dataset_id: str, policy: str) -> None:
         """Change a dataset's release policy (a store or shipped name); effective at the next release (no restart)."""
-        self._policy(policy)  # refuse a name that does not load
+        self._release_policy(policy)  # refuse a name that does not load, or releases nothing
         manifest, _ = self._load_registration(dataset_id)
         _write_registration(self._registration_path(dataset_id), manifest, policy)
         self.audit.append("policy", dataset_id=dataset_id, policy=policy)
@@ -340,7 +356,20 @@ class EmbeddedBroker:
         if doc.get("name", name) != name:
             raise ValueError(f"attestation policy {source}: says name '{doc.name}' but is stored as '{name}'; set "
                              f"name: {name} in it or store it under its own name")
-        return policy_from_mapping(OmegaConf.merge(doc, {"name": name}), source)
+        policy = policy_from_mapping(OmegaConf.merge(doc, {"name": name}), source)
+        if policy.authenticity_only:
+            raise ValueError(f"attestation policy {source} is authenticity_only: it checks only that evidence is "
+                             f"genuine, so it cannot be a release policy; set authenticity_only: false and the "
+                             f"requirements a release needs")
+        return policy
+
+    def _release_policy(self, name: str):
+        """`_policy(name)`, refused (ValueError) when it cannot release a key (authenticity_only)."""
+        policy = self._policy(name)
+        if policy.authenticity_only:
+            raise ValueError(f"attestation policy '{name}' checks only that evidence is genuine and releases no key; "
+                             f"choose a release policy (`medtee broker policy list`)")
+        return policy
 
     def _policy(self, name: str):
         """The release policy `name` (the store's, else the shipped one), re-read whenever its file changes (policy
@@ -428,17 +457,18 @@ class EmbeddedBroker:
 
     def release(self, *, dataset_id: str, nonce: bytes, evidence: Evidence, ephemeral_public_key: bytes,
                 recipe_digest: str, manifest_digest: str, receipt_public_key: bytes | None = None,
-                client: str = LOCAL_CLIENT) -> tuple[bytes, ReleaseRecord]:
+                recipe: dict | None = None, client: str = LOCAL_CLIENT) -> tuple[bytes, ReleaseRecord]:
         """The data key wrapped to `ephemeral_public_key` and the release's record (its id is the hash of its
         `release` audit entry), or KeyReleaseDenied (audited either way).
 
         The nonce is spent first, so a request refused for any reason has used it up (single use). An exception from
         the attestation verifier is a denial (`broker.evidence`, naming only the exception type), never an error.
-        A `receipt_public_key` enters the expected REPORT_DATA; the audit keeps its key id (SHA-256 hex).
+        A `receipt_public_key` enters the expected REPORT_DATA; the audit keeps its key id (SHA-256 hex). `recipe` (what
+        `recipe_digest` covers) is checked against the policy's recipe rules; the audit keeps its mode.
         """
         import hashlib
 
-        from medtee.attestation import appraise, report_data
+        from medtee.attestation import appraise, gpu_nonce, report_data
         from medtee.broker.protocol import RECEIPT_KEY_BYTES, ReleaseRecord
 
         manifest, policy_name = self._load_registration(dataset_id)
@@ -449,6 +479,10 @@ class EmbeddedBroker:
             audit["receipt_key"] = hashlib.sha256(receipt_public_key).hexdigest()
         elif receipt_public_key is not None:
             audit["receipt_key"] = INVALID
+        if recipe is not None:
+            from medtee.attestation.policy import RUN_MODES
+
+            audit["mode"] = recipe.get("mode") if recipe.get("mode") in RUN_MODES else INVALID
 
         def deny(verdict: Verdict) -> KeyReleaseDenied:
             self.audit.append("deny", **audit, failed=[c.name for c in verdict.failures()])
@@ -467,16 +501,17 @@ class EmbeddedBroker:
         if manifest_digest != manifest.digest():
             raise deny(_denial("broker.manifest_digest", manifest.digest(), manifest_digest, policy_name))
         try:
-            policy = self._policy(policy_name)
+            policy = self._release_policy(policy_name)
         except ValueError as e:  # a store policy removed or broken since registration: a denial, audited
             raise deny(_denial("broker.policy", f"release policy '{policy_name}' loadable", type(e).__name__,
                                policy_name)) from None
         try:
-            expected = report_data(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
-                                   gpu_evidence_digests=evidence.gpu_evidence_digests(),
-                                   receipt_public_key=receipt_public_key)
+            bound = dict(nonce=nonce, ephemeral_public_key=ephemeral_public_key, recipe_digest=recipe_digest,
+                         receipt_public_key=receipt_public_key)
+            expected = report_data(**bound, gpu_evidence_digests=evidence.gpu_evidence_digests())
             audit["evidence"] = evidence.digest()
-            verdict = appraise(evidence, policy, expected_report_data=expected)
+            verdict = appraise(evidence, policy, expected_report_data=expected, expected_gpu_nonce=gpu_nonce(**bound),
+                               recipe_digest=recipe_digest, recipe=recipe)
         except Exception as e:  # whatever the verifier raises on hostile evidence is a denial, not a fault
             raise deny(_denial("broker.evidence", "evidence the attestation verifier can read", type(e).__name__,
                                policy_name)) from None

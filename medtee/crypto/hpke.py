@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -244,15 +245,23 @@ def write_keypair(directory: Path | str, name: str, scheme: Scheme | str = DEFAU
     return public_path
 
 
-def _read_key_file(path: Path | str, kind: str) -> dict:
-    path = Path(path)
+def _key_file_bytes(path: Path | str) -> bytes:
     try:
-        doc = json.loads(read_regular(path, MAX_KEY_FILE_BYTES))
-        ok = isinstance(doc, dict) and doc.get("format") == _KEY_FILE_FORMAT
+        return read_regular(Path(path), MAX_KEY_FILE_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(f"key file {path} does not exist; create one with `medtee keys new`") from None
     except NotRegularFile as e:
         raise KeyWrapError(f"key file {path} {e}") from None
+
+
+def _read_key_file(path: Path | str, kind: str) -> dict:
+    return _parse_key_file(_key_file_bytes(path), Path(path), kind)
+
+
+def _parse_key_file(data: bytes, path: Path, kind: str) -> dict:
+    try:
+        doc = json.loads(data)
+        ok = isinstance(doc, dict) and doc.get("format") == _KEY_FILE_FORMAT
     except (ValueError, UnicodeDecodeError):
         ok = False
     if not ok:
@@ -266,9 +275,30 @@ def _read_key_file(path: Path | str, kind: str) -> dict:
     return doc
 
 
+@dataclass(frozen=True)
+class PublicKeyFile:
+    """A recipient's `.pub` file read once: what outputs are encrypted to, and the bytes a recipe digest hashes (so a
+    file replaced after the digest changes nothing)."""
+
+    path: str
+    scheme: Scheme
+    public: bytes
+    data: bytes
+
+
+def read_public_key_file(path: Path | str) -> PublicKeyFile:
+    """Read and parse a `.pub` file once (as :func:`load_public_key`), keeping its bytes."""
+    data = _key_file_bytes(path)
+    scheme, public = _public_of(_parse_key_file(data, Path(path), "public"), path)
+    return PublicKeyFile(path=str(path), scheme=scheme, public=public, data=data)
+
+
 def load_public_key(path: Path | str) -> tuple[Scheme, bytes]:
     """Read a `.pub` file written by :func:`write_keypair`."""
-    doc = _read_key_file(path, "public")
+    return _public_of(_read_key_file(path, "public"), path)
+
+
+def _public_of(doc: dict, path: Path | str) -> tuple[Scheme, bytes]:
     try:
         public = base64.b64decode(doc["public"], validate=True)
         _public_object(doc["scheme"], public)

@@ -3,8 +3,10 @@
 Limits, honestly: `wipe()` zeroes this buffer only. Copies are out of its reach: the `bytes` a key arrived in
 (e.g. what HPKE unwrapping returned) until the garbage collector reuses its memory, slices and `bytes(buffer)`
 (both copy), and whatever `cryptography`/OpenSSL or pyarrow copy into their own contexts (an AESGCM or HKDF
-object keeps its key until it is freed). Swap and core dumps are the containment's job (`medtee.containment`). It
-narrows how long a key stays in the process's memory; it does not make Python memory-safe.
+object keeps its key until it is freed). Nothing is locked in memory (no mlock): core dumps are turned off by the
+containment (`medtee.containment`), and a production profile refuses to run while swap is on
+(`medtee.hardware.swap_problem`, in the preflight before any key release); a development profile does not check
+swap. It narrows how long a key stays in the process's memory; it does not make Python memory-safe.
 """
 
 from __future__ import annotations

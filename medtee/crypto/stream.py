@@ -55,6 +55,22 @@ def encrypt(plaintext: bytes | memoryview, key: bytes) -> bytes:
     return b"".join((MAGIC, encryptor.update(plaintext), encryptor.finalize()))
 
 
+def header_problem(path) -> str | None:
+    """Why the regular file at `path` is not an encrypted file this medtee reads (a checkpoint, a sealed adapter),
+    from its first bytes only (no key needed), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_MAGIC_PREFIX) + 8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if head.startswith((MAGIC, MAGIC_V1)):
+        return None
+    if head.startswith(_MAGIC_PREFIX):
+        version = head[len(_MAGIC_PREFIX):].split(b"\n")[0].decode("ascii", "replace")
+        return f"is a medtee encrypted file of format {version!r}, which this medtee does not read (it reads 1 and 2)"
+    return f"is not a medtee encrypted file (no {_MAGIC_PREFIX.decode()}N header)"
+
+
 def decrypt(blob: bytes, key: bytes, *, name: str) -> bytes:
     """The plaintext of a format-1 or format-2 `blob`, once all of it is authenticated; `name` (the file) is what
     errors mention."""

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-from medtee.files import write_atomic
 
 # Obviously invented names: nobody real is described.
 _FIRST_NAMES = ("Alex", "Sam", "Robin", "Kim", "Jordan", "Casey", "Morgan", "Riley", "Taylor", "Jamie", "Avery",
@@ -285,13 +284,35 @@ def _dialogue(rng: random.Random, record_id: str) -> dict:
     return {"id": record_id, "messages": messages}
 
 
-def generate_dialogues(n: int, *, seed: int = 0) -> list[dict]:
-    """`n` synthetic dialogues in the chat schema, ids `synthetic:<seed>:<i>`; deterministic in (n, seed)."""
+def iter_dialogues(n: int, *, seed: int = 0) -> Iterator[dict]:
+    """`generate_dialogues(n, seed=seed)` one dialogue at a time (constant memory, for large `n`)."""
     if n < 0:
         raise ValueError(f"generate_dialogues: n must be >= 0, got {n}")
-    return [_dialogue(random.Random(f"medtee-synthetic:{seed}:{i}"), f"synthetic:{seed}:{i}") for i in range(n)]
+    return (_dialogue(random.Random(f"medtee-synthetic:{seed}:{i}"), f"synthetic:{seed}:{i}") for i in range(n))
 
 
-def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
-    """Write records as JSON lines, atomically: `path` keeps its old content unless every record was written."""
-    write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+def generate_dialogues(n: int, *, seed: int = 0) -> list[dict]:
+    """`n` synthetic dialogues in the chat schema, ids `synthetic:<seed>:<i>`; deterministic in (n, seed)."""
+    return list(iter_dialogues(n, seed=seed))
+
+
+def write_jsonl(records: Iterable[dict], path: str | os.PathLike, *, new: bool = False) -> None:
+    """Write records as JSON lines, atomically: `path` keeps its old content (or stays absent) unless every record
+    was written. The lines are streamed to a temporary sibling, fsynced, then renamed over `path`; with `new`, linked
+    into place instead: FileExistsError when `path` exists, which is then never overwritten."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            os.fchmod(f.fileno(), 0o644)
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from medtee.crypto.blob import open_blob, seal_blob
-from medtee.crypto.hpke import load_private_key, load_public_key
+from medtee.crypto.hpke import load_private_key
 from medtee.files import read_regular, write_atomic
 
 PACKET_INFO = b"medtee/rating-packet/v1"
@@ -20,9 +20,10 @@ TEMPLATE_COLUMNS = ("rater_id", "item_id", "label", "recommendation", "clinical_
                     "comment")
 
 
-def seal_packet(items: list[dict], study_public_key_file: Path | str, out_path: Path | str) -> None:
-    """Write `items` ({item_id, context, answers: {A, B}}) encrypted to the study owner's public key."""
-    scheme, public = load_public_key(study_public_key_file)
+def seal_packet(items: list[dict], study_key: tuple, out_path: Path | str) -> None:
+    """Write `items` ({item_id, context, answers: {A, B}}) encrypted to the study owner's public key (`study_key`:
+    (scheme, public bytes), read before the key release)."""
+    scheme, public = study_key
     payload = json.dumps({"format": PACKET_FORMAT, "items": items}, sort_keys=True, ensure_ascii=False).encode()
     write_atomic(out_path, seal_blob(payload, public, scheme=scheme, info=PACKET_INFO))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from medtee.crypto.blob import open_blob, seal_blob
-from medtee.crypto.hpke import load_private_key, load_public_key
+from medtee.crypto.hpke import load_private_key
 from medtee.evaluation.stats import alpha_ci, mean_ci, paired, share
 from medtee.files import read_regular, write_atomic
 
@@ -188,11 +188,11 @@ def make_blinding(item_ids: Iterable[str], seed: int) -> Blinding:
     return blinding
 
 
-def seal_blinding(blinding: Blinding, study_public_key_file: Path | str, out_path: Path | str) -> None:
-    """Write `blinding` to `out_path` as a sealed blob (HPKE to the key in `study_public_key_file`, from `medtee keys
-    new`), readable only with the matching private key."""
+def seal_blinding(blinding: Blinding, study_key: tuple, out_path: Path | str) -> None:
+    """Write `blinding` to `out_path` as a sealed blob (HPKE to `study_key`: (scheme, public bytes) of the study
+    owner's `medtee keys new` key), readable only with the matching private key."""
     _check_blinding(blinding)
-    scheme, public = load_public_key(study_public_key_file)
+    scheme, public = study_key
     payload = json.dumps({"format": _BLINDING_FORMAT, "items": blinding}, sort_keys=True).encode()
     write_atomic(out_path, seal_blob(payload, public, scheme=scheme, info=BLINDING_INFO))
 

@@ -49,18 +49,24 @@ def score_pair(hypothesis: str, reference: str) -> dict[str, float]:
     """`{chrf, rouge_l_f, hypothesis_words, reference_words, length_ratio}` of `hypothesis` against `reference`.
 
     chrf is on sacreBLEU's 0-100 scale, rouge_l_f on 0-1, length_ratio = hypothesis words / reference words.
-    ValueError (naming no text) if either is not a string or the reference has no word.
+    A reference with no word (a reply of "?" or an emoji) still scores: chrF compares characters as always;
+    ROUGE-L F and the length ratio count an empty word sequence like any other, so two texts without a word agree
+    (1.0 each), and a reply with words against one without has ROUGE-L F 0.0 and length ratio = its words (as
+    against a one-word reference). ValueError (naming no text) if either is not a string.
     """
     if not isinstance(hypothesis, str) or not isinstance(reference, str):
         raise ValueError("score_pair takes two strings (hypothesis, reference)")
-    ref_words = word_count(reference)
+    ref_words, hyp_words = word_count(reference), word_count(hypothesis)
     if ref_words == 0:
-        raise ValueError("the reference has no word; a reply cannot be scored against an empty reference")
-    hyp_words = word_count(hypothesis)
+        rouge_l_f = 1.0 if hyp_words == 0 else 0.0
+        length_ratio = float(hyp_words) if hyp_words else 1.0
+    else:
+        rouge_l_f = float(_rouge().score(reference, hypothesis)["rougeL"].fmeasure)
+        length_ratio = hyp_words / ref_words
     return {
         "chrf": float(_chrf().sentence_score(hypothesis, [reference]).score),
-        "rouge_l_f": float(_rouge().score(reference, hypothesis)["rougeL"].fmeasure),
+        "rouge_l_f": rouge_l_f,
         "hypothesis_words": hyp_words,
         "reference_words": ref_words,
-        "length_ratio": hyp_words / ref_words,
+        "length_ratio": length_ratio,
     }

@@ -21,7 +21,7 @@ def _image(args: argparse.Namespace):
 
     if not _HEX.fullmatch(args.guest_features):
         raise ValueError(f"--guest-features '{args.guest_features}' is not hex (1-16 hex digits, e.g. 0x1)")
-    if not re.fullmatch(r"[0-9]+", args.vcpus):
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", args.vcpus):  # a negative one is refused by its range in check_image
         raise ValueError(f"--vcpus '{args.vcpus}' is not a whole number")
     return Image(ovmf=Path(args.ovmf), kernel=Path(args.kernel), initrd=Path(args.initrd), append=args.append,
                  vcpus=int(args.vcpus), vcpu_type=args.vcpu_type, guest_features=int(args.guest_features, 16),

@@ -17,6 +17,7 @@ from medtee.attestation.policy import policy_document
 
 VMM_TYPES = {"qemu": "QEMU", "ec2": "ec2", "gce": "gce"}  # medtee's name -> sevsnpmeasure.vmm_types.VMMType member
 MAX_POLICY_BYTES = 64 << 10  # of a policy file --into accepts (as the broker's store)
+MAX_VCPUS = 4096  # KVM_MAX_VCPUS on x86 (Linux 6.x); more would only make the measurement loop long
 _HEX96 = re.compile(r"[0-9a-fA-F]{96}")
 _FLOW_MEASUREMENTS = re.compile(r"(?m)^measurements:[ \t]*\[[^\]\n#]*\][ \t]*(#.*)?$")
 
@@ -45,6 +46,8 @@ def check_image(image: Image) -> None:
             raise ValueError(f"{flag} {path}: no such file (or not a regular file)")
     if image.vcpus < 1:
         raise ValueError(f"--vcpus must be at least 1 (got {image.vcpus})")
+    if image.vcpus > MAX_VCPUS:
+        raise ValueError(f"--vcpus must be at most {MAX_VCPUS} (got {image.vcpus}), KVM's limit on x86")
     if image.vmm_type not in VMM_TYPES:
         raise ValueError(f"--vmm-type '{image.vmm_type}' is unknown: use one of {', '.join(VMM_TYPES)}")
     if image.vcpu_type is None and image.vmm_type == "qemu":

@@ -267,8 +267,13 @@ def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: Att
     evidence = _evidence(predicate)
     chosen = policy is not None
     policy = policy or _named_policy(predicate)
+    if policy.authenticity_only:
+        raise UnusableInput(f"policy '{policy.name}' checks only that evidence is genuine: no run releases a key under "
+                            f"it, so a receipt is never verified under it; pass the release policy you trust: "
+                            f"--policy NAME|FILE")
     expected_rd, expected_gpu = _expected(predicate, receipt_key, evidence)
-    verdict = appraise(evidence, policy, expected_report_data=expected_rd, expected_gpu_nonce=expected_gpu, now=now)
+    verdict = appraise(evidence, policy, expected_report_data=expected_rd, expected_gpu_nonce=expected_gpu, now=now,
+                       recipe_digest=_field(predicate, "recipe.digest", str), recipe=_field(predicate, "recipe.resolved"))
     checks = [_signature(envelope, receipt_key), _binding(verdict), _attestation(verdict),
               _authenticity(predicate, evidence, policy), _recorded_policy_check(predicate, policy, chosen=chosen),
               _recipe_digest(predicate), *_files(statement, files)]

@@ -16,10 +16,35 @@ from medtee.broker.protocol import DEFAULT_BROKER_DIR
 from medtee.crypto.hpke import DEFAULT_SCHEME, Scheme
 from medtee.sealing.seal import DEFAULT_ROWS_PER_SHARD
 
+# --rows-per-shard's bound: a shard's records are held in memory while it is sealed, so past 10 million rows one
+# shard would need gigabytes of memory
+MAX_ROWS_PER_SHARD = 10_000_000
+
 if TYPE_CHECKING:
     from medtee.attestation.policy import PolicyFile
 
 SCHEMES = tuple(s.value for s in Scheme)
+_SCHEME_HELP = f"{'|'.join(s.name for s in Scheme)} (the older spellings {', '.join(SCHEMES)} work too)"
+
+
+def _scheme(text: str) -> str:
+    """A --scheme value as the scheme's value: the enum member name (hpke_x25519, as in recipes) or the value
+    (hpke-x25519, the older spelling)."""
+    if text in Scheme.__members__:
+        return Scheme[text].value
+    if text in SCHEMES:
+        return text
+    raise argparse.ArgumentTypeError(f"unknown scheme {text!r}; use {' or '.join(Scheme.__members__)}")
+
+
+def dir_problem(flag: str, path: Path | str, fix: str = "name a directory (it is created if missing)") -> str | None:
+    """Why `path` cannot be (or become) a directory: it, or a parent of it, is a file; else None."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == path else f"is inside {p}, which is a file"
+            return f"{flag} {path} {what}; {fix}"
+    return None
 
 
 def _summary(manifest, path: Path) -> str:
@@ -98,14 +123,19 @@ def _release_policy(broker, args: argparse.Namespace, file: PolicyFile | None) -
 
 
 def _seal(args: argparse.Namespace) -> int:
-    from medtee.audit.canaries import parse_repeats, plan_canaries
+    from medtee.audit.canaries import check_plan_size, parse_repeats, plan_canaries
     from medtee.broker import connect
     from medtee.crypto.hpke import KeyWrapError
     from medtee.sealing.seal import check_out_dir, read_input, seal_located
 
-    if args.rows_per_shard < 1:
-        return exits.fail(f"--rows-per-shard must be at least 1 (got {args.rows_per_shard})")
+    if not 1 <= args.rows_per_shard <= MAX_ROWS_PER_SHARD:
+        return exits.fail(f"--rows-per-shard must be 1-{MAX_ROWS_PER_SHARD} (got {args.rows_per_shard})")
+    problem = dir_problem("--broker-dir", args.broker_dir) if args.broker == "embedded" else None
+    if problem:
+        return exits.fail(problem)
     try:
+        if args.canaries is not None:  # its bounds before anything is read or counted
+            check_plan_size(args.canaries, parse_repeats(args.canary_repeats))
         file = _policy_first(args)
         check_out_dir(args.out)
         records = read_input(args.input, args.format)  # the file, its header and first record: before any output
@@ -146,9 +176,10 @@ def _seal(args: argparse.Namespace) -> int:
         return exits.fail(str(e), exits.REFUSED)
     except RuntimeError as e:  # an unreachable or failing remote broker
         return exits.fail(str(e), exits.REFUSED)
-    if policy.allow_simulated:
-        print(f"WARNING: release policy '{policy.name}' releases the key to SIMULATED attestation; it protects "
-              "nothing. Use a production policy (e.g. --policy snp_h100) for real data.", file=sys.stderr)
+    from medtee.attestation.policy import release_warning
+
+    if release_warning(policy):
+        print(release_warning(policy), file=sys.stderr)
     print(f"sealed {manifest.record_count} records into {args.out}")
     print(_summary(manifest, Path(args.out)))
     if source is not None:
@@ -181,6 +212,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _keys_new(args: argparse.Namespace) -> int:
     from medtee.crypto import hpke
 
+    problem = dir_problem("--out", args.out)
+    if problem:
+        return exits.fail(problem)
     try:
         public = hpke.write_keypair(Path(args.out), args.name, args.scheme)
     except (FileExistsError, ValueError) as e:
@@ -197,6 +231,9 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     from medtee.broker.service import rotate
     from medtee.sealing.manifest import SealedDataError
 
+    problem = dir_problem("--broker-dir", args.broker_dir, "name the broker store the datasets were sealed with")
+    if problem:
+        return exits.fail(problem)
     if not (Path(args.broker_dir) / "broker.key").exists():
         return exits.fail(f"{args.broker_dir} holds no broker key; pass the --broker-dir the datasets were sealed with")
     try:
@@ -215,6 +252,8 @@ def _keys_rotate(args: argparse.Namespace) -> int:
 
 def add_parsers(subparsers) -> None:
     """Register seal, data and keys on the `medtee` subparsers."""
+    from medtee.audit.canaries import MAX_CANARIES_PER_REPEAT, MAX_CANARY_RECORDS
+
     seal = subparsers.add_parser("seal", help="encrypt chat dialogues into a sealed dataset (data owner)")
     seal.add_argument("input", help="chat JSONL, CSV transcript (id + Doctor:/Patient: lines) or plain Parquet")
     seal.add_argument("--out", required=True, help="new (or empty) directory for the sealed dataset")
@@ -223,15 +262,15 @@ def add_parsers(subparsers) -> None:
                            "in the --broker-dir store, or a policy YAML file (added to that store under its name); "
                            "default: simulated, development only")
     seal.add_argument("--broker", default="embedded", help="'embedded' (default) or the URL of `medtee broker serve`")
-    seal.add_argument("--broker-dir", default=DEFAULT_BROKER_DIR,
+    seal.add_argument("--broker-dir", "--store", dest="broker_dir", default=DEFAULT_BROKER_DIR, metavar="DIR",
                       help=f"broker store / owner signing key directory; its policies/ hold the store policies "
-                           f"--policy can name (default {DEFAULT_BROKER_DIR})")
-    seal.add_argument("--scheme", choices=SCHEMES, default=None,
-                      help="key scheme of a NEW embedded broker store (default hybrid post-quantum)")
+                           f"--policy can name (default {DEFAULT_BROKER_DIR}; --store is the old name)")
+    seal.add_argument("--scheme", type=_scheme, default=None, metavar="SCHEME",
+                      help=f"key scheme of a NEW embedded broker store: {_SCHEME_HELP} (default hybrid post-quantum)")
     seal.add_argument("--dataset-id", default=None, help="dataset id (default: random ds-XXXXXXXXXXXX)")
     seal.add_argument("--format", choices=("jsonl", "csv", "parquet"), default=None, help="input format (default: from suffix)")
     seal.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
-                      help=f"records per encrypted shard (default {DEFAULT_ROWS_PER_SHARD})")
+                      help=f"records per encrypted shard, 1-{MAX_ROWS_PER_SHARD} (default {DEFAULT_ROWS_PER_SHARD})")
     seal.add_argument("--classification", default="phi", help="data classification label recorded in the manifest")
     seal.add_argument("--dua-id", default="", help="data-use agreement id recorded in the manifest")
     seal.add_argument("--tokenizer", default=None,
@@ -239,7 +278,8 @@ def add_parsers(subparsers) -> None:
                            "Face tokenizer directory / cached id (never downloaded); default: not recorded")
     seal.add_argument("--canaries", type=int, default=None, metavar="N",
                       help="memorization audit: insert N random canaries per repeat count as added synthetic records "
-                           "and seal N never-inserted controls, all encrypted (docs/audit.md); default: none")
+                           f"and seal N never-inserted controls, all encrypted (docs/audit.md); N is 1-"
+                           f"{MAX_CANARIES_PER_REPEAT} and adds at most {MAX_CANARY_RECORDS} records; default: none")
     seal.add_argument("--canary-repeats", default="1,4,16,64", metavar="R,R,...",
                       help="how many times each group of N canaries is inserted (default 1,4,16,64)")
     seal.add_argument("--canary-seed", type=int, default=None,
@@ -259,10 +299,13 @@ def add_parsers(subparsers) -> None:
     new = keys_sub.add_parser("new", help="create a recipient key pair (e.g. the key the adapter is encrypted to)")
     new.add_argument("--out", required=True, help="directory for NAME.key (0600) and NAME.pub")
     new.add_argument("--name", default="recipient", help="file name stem (default recipient)")
-    new.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME.value, help="HPKE scheme (default hybrid post-quantum)")
+    new.add_argument("--scheme", type=_scheme, default=DEFAULT_SCHEME.value, metavar="SCHEME",
+                     help=f"HPKE scheme: {_SCHEME_HELP} (default hybrid post-quantum)")
     new.set_defaults(handler=_keys_new)
     rot = keys_sub.add_parser("rotate", help="new broker key; re-wrap every registered data key (no re-encryption)")
     rot.add_argument("datasets", nargs="*", help="sealed dataset directories whose manifest.json to update")
-    rot.add_argument("--broker-dir", default=DEFAULT_BROKER_DIR, help=f"broker store (default {DEFAULT_BROKER_DIR})")
-    rot.add_argument("--scheme", choices=SCHEMES, default=None, help="scheme of the new key (default: unchanged)")
+    rot.add_argument("--broker-dir", "--store", dest="broker_dir", default=DEFAULT_BROKER_DIR, metavar="DIR",
+                     help=f"broker store (default {DEFAULT_BROKER_DIR}; --store is the old name)")
+    rot.add_argument("--scheme", type=_scheme, default=None, metavar="SCHEME",
+                     help=f"scheme of the new key: {_SCHEME_HELP} (default: unchanged)")
     rot.set_defaults(handler=_keys_rotate)

@@ -9,13 +9,16 @@ other override. Imports nothing heavy.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qsl, urlsplit
 
+from medtee.containment import OPERATOR_STORAGE, is_local_host, same_storage, storage_hosts
 from medtee.schema import ConfigError, below_minimums
 from medtee.tracking.config import METRIC_ALLOW_LIST
 
@@ -26,9 +29,12 @@ IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,63}")
 #: sweep process's posture: one attestation and one key release serve every trial, so they stay fixed.
 SWEEPABLE_GROUPS = ("qlora", "model", "data", "trainer")
 
-#: Fields of those groups that choose what is trained on or from (or open the network), not how: fixed per sweep.
+#: Fields of those groups that choose what is trained on or from (or open the network), not how, and those that set
+#: what the metrics cover (trials logging windows or validation passes of other sizes could be differenced down to a
+#: few dialogues): fixed per sweep.
 NOT_SWEEPABLE = ("data.source", "data.path", "model.source", "model.id", "model.revision", "model.offline",
-                 "trainer.resume_from", "trainer.validate_only")
+                 "trainer.resume_from", "trainer.validate_only", "trainer.log_every_n_steps",
+                 "trainer.limit_val_batches", "trainer.val_check_interval")
 
 #: Study storage URL schemes: a sqlite file or a PostgreSQL server (psycopg 3; `postgresql://` means psycopg too).
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
@@ -36,6 +42,17 @@ STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 #: Query options a PostgreSQL storage URL may carry (libpq connection settings). Any other could load code, e.g.
 #: SQLAlchemy's `plugin=`, or change what the server runs, e.g. libpq's `options=`.
 STORAGE_QUERY_OPTIONS = ("host", "port", "sslmode", "sslrootcert", "connect_timeout")
+
+#: libpq's environment variables that hold credentials, point to files holding them, or choose a service whose
+#: entry may hold them: libpq would use them with whatever server a storage URL names.
+PG_CREDENTIAL_ENV = ("PGPASSWORD", "PGPASSFILE", "PGSERVICE", "PGSERVICEFILE", "PGSSLCERT", "PGSSLKEY")
+
+#: Files in the home directory libpq reads credentials from when no variable names another.
+PG_CREDENTIAL_FILES = (".pgpass", ".postgresql/postgresql.key")
+
+#: `sslmode` values that let libpq talk to a server in the clear (a man in the middle can force it); production
+#: profiles need `verify-full` for a server that is not on this machine (`containment.storage_egress_problems`).
+WEAK_SSLMODES = ("disable", "allow", "prefer")
 
 
 class ParamType(str, Enum):
@@ -125,7 +142,8 @@ def key_problems(key: str) -> list[str]:
         return [f"sweep.parameters: {key} cannot be swept; one attestation and key release serve every trial, so "
                 f"only fields of {', '.join(SWEEPABLE_GROUPS)} may vary"]
     if key in NOT_SWEEPABLE:
-        return [f"sweep.parameters: {key} chooses what is trained, not how; set it once for the whole sweep"]
+        return [f"sweep.parameters: {key} chooses what is trained, or what the metrics cover, not how: set it once "
+                f"for the whole sweep (trials whose windows differ could be differenced down to a few dialogues)"]
     return []
 
 
@@ -210,7 +228,60 @@ def storage_problems(url: str) -> list[str]:
     if parts.scheme != "sqlite" and extra:
         out.append(f"sweep.storage: query options {', '.join(extra)} are not allowed (some load code); allowed: "
                    f"{', '.join(STORAGE_QUERY_OPTIONS)}")
+    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if parts.scheme != "sqlite" and repeated:
+        out.append(f"sweep.storage: query options {', '.join(repeated)} are given twice; give each once")
+    remote = [h for h in storage_hosts(url) if not is_local_host(h)]
+    mode = dict(parse_qsl(parts.query)).get("sslmode")
+    if parts.scheme != "sqlite" and remote and mode in WEAK_SSLMODES:
+        out.append(f"sweep.storage: sslmode={mode} lets libpq talk to {', '.join(remote)} in the clear (a password "
+                   f"included): use sslmode=verify-full (or at least require)")
     return out
+
+
+def _postgres(url: str | None) -> bool:
+    return bool(url) and urlsplit(url).scheme in STORAGE_SCHEMES and urlsplit(url).scheme != "sqlite"
+
+
+def storage_credential_sources(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The operator's PostgreSQL credentials libpq would use with any server a storage URL names: the variables of
+    PG_CREDENTIAL_ENV that are set, and the files of PG_CREDENTIAL_FILES in the home directory ($HOME, or the
+    account's own: libpq versions differ in which they read)."""
+    environ = os.environ if environ is None else environ
+    found = [name for name in PG_CREDENTIAL_ENV if environ.get(name)]
+    homes = _homes(environ)
+    for name in PG_CREDENTIAL_FILES:
+        if any(os.path.lexists(Path(home) / name) for home in homes):
+            found.append(f"~/{name}")
+    return found
+
+
+def _homes(environ: Mapping[str, str]) -> list[str]:
+    """The home directories libpq may read: $HOME and the account's (from the password database)."""
+    homes = [environ.get("HOME") or ""]
+    try:
+        import pwd
+
+        homes.append(pwd.getpwuid(os.geteuid()).pw_dir)
+    except (ImportError, KeyError, OSError):
+        pass
+    return [home for home in homes if home]
+
+
+def storage_credentials_problem(url: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why the operator's PostgreSQL credentials would go to a study storage the operator did not name in
+    MEDTEE_SWEEP_STORAGE (a recipe could name any server: libpq would send it PGPASSWORD or the ~/.pgpass entry),
+    or None. A sqlite storage, or a PostgreSQL one without credentials around, needs no name."""
+    environ = os.environ if environ is None else environ
+    if not _postgres(url):
+        return None
+    sources = storage_credential_sources(environ)
+    if not sources or same_storage(url, environ.get(OPERATOR_STORAGE, "")):
+        return None
+    return (f"sweep.storage names a PostgreSQL server other than {OPERATOR_STORAGE} while {', '.join(sources)} is "
+            f"set: libpq would send those credentials to it. Set {OPERATOR_STORAGE} to the storage URL you trust "
+            f"(the same text as sweep.storage), or unset the credentials")
 
 
 def _display(url: str) -> str:

@@ -203,6 +203,11 @@ def _run_trial(space, study, trial, runner, guard, tracker, worker_id, retry_of)
         if tracker:
             tracker.finish_trial(trial.number, "FAIL", error=WORKER_LOST)
         return
+    except RuntimeError:
+        # GridSampler.after_trial calls study.stop() once the grid is done, which only an optimize loop accepts
+        # (this worker asks and tells); optuna stores the trial before that, in a `finally`
+        if not isinstance(study.sampler, optuna.samplers.GridSampler):
+            raise
     if tracker:
         tracker.finish_trial(trial.number, "COMPLETE", value=value, best=_best(study))
 

@@ -30,6 +30,14 @@ METRIC_ALLOW_LIST = (
 #: MLflow tracking URI schemes a recipe may name (any other scheme selects an MLflow store plugin: code).
 TRACKING_SCHEMES = ("sqlite", "http", "https")
 
+#: The settings MLflow reads for a tracking server's requests (`mlflow.utils.credentials.get_default_host_creds`),
+#: by the name the operator set them under; username and password also come from ~/.mlflow/credentials.
+HOST_SETTINGS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD",
+                 "token": "MLFLOW_TRACKING_TOKEN", "auth": "MLFLOW_TRACKING_AUTH",
+                 "aws_sigv4": "MLFLOW_TRACKING_AWS_SIGV4", "ignore_tls_verification": "MLFLOW_TRACKING_INSECURE_TLS",
+                 "client_cert_path": "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+                 "server_cert_path": "MLFLOW_TRACKING_SERVER_CERT_PATH"}
+
 
 @dataclass
 class TrackingConfig:
@@ -47,6 +55,10 @@ class TrackingConfig:
         if uri is not None and uri.partition(":")[0] not in TRACKING_SCHEMES:
             out.append(f"tracking.tracking_uri={uri!r}: MLflow stores are named sqlite:///FILE or "
                        f"http(s)://HOST (tracking=mlflow_server reads MLFLOW_TRACKING_URI)")
+        elif uri is not None and uri.partition(":")[0] == "sqlite" and ("?" in uri or "#" in uri):
+            # SQLAlchemy reads query options (`plugin=` loads code by entry point) after '?', even behind a '#'
+            out.append(f"tracking.tracking_uri={uri.split('?')[0].split('#')[0]!r} carries query options or a "
+                       f"fragment: a sqlite store takes none ('?', '#'); write sqlite:///FILE")
         if self.metrics is not None:
             extra = sorted(set(self.metrics) - set(METRIC_ALLOW_LIST))
             if extra:
@@ -57,3 +69,31 @@ class TrackingConfig:
     def allowed_metrics(self) -> tuple[str, ...]:
         """The metrics this run may log: the recipe's narrowing of the allow-list, or all of it."""
         return tuple(m for m in METRIC_ALLOW_LIST if self.metrics is None or m in self.metrics)
+
+
+def credential_sources(uri: str) -> list[str]:
+    """What MLflow would send to (or use with) the tracking server `uri`: the settings of HOST_SETTINGS that MLflow's
+    own reader finds (the environment, and ~/.mlflow/credentials for username and password) and a ~/.netrc entry
+    for its host (requests adds it to a request without credentials). Imports mlflow: call it only when needed."""
+    import os
+
+    try:
+        from requests.utils import get_netrc_auth
+        from mlflow.utils.credentials import get_default_host_creds
+
+        creds = vars(get_default_host_creds(uri))
+        netrc = get_netrc_auth(uri)
+    except Exception as exc:  # a malformed credentials file or boolean: MLflow could not say what it would send
+        return [f"MLflow's credential settings (unreadable: {type(exc).__name__})"]
+    found = []
+    for key, value in creds.items():
+        if key == "host" or not value:
+            continue
+        name = HOST_SETTINGS.get(key, f"MLflow's {key}")
+        if key in ("username", "password") and not os.environ.get(name):
+            name = "~/.mlflow/credentials"
+        if name not in found:
+            found.append(name)
+    if netrc:
+        found.append("NETRC" if os.environ.get("NETRC") else "~/.netrc")
+    return found

@@ -1,5 +1,5 @@
 """The privacy guard: what may leave a run for MLflow. Metric names from an allow-list, finite values, evaluation
-metrics only over enough examples, allow-listed parameters, tags and artifact kinds. A key outside the lists is
+metrics only over enough examples, training batches' metrics only over a window of enough dialogues, allow-listed parameters, tags and artifact kinds. A key outside the lists is
 dropped with a warning that names the key, never the value. Imports nothing heavy."""
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ PARAM_ALLOW_LIST = (
 
 #: Evaluation metrics: logged only when they aggregate at least `tracking.min_aggregate` examples.
 EVAL_PREFIXES = ("val/", "eval/")
+
+#: What training batches say (their loss, their throughput, their gradient): one step's value may be one dialogue's
+#: (`data.batch_size=1`), so these leave only as a window of steps covering at least `tracking.min_aggregate`
+#: dialogues (`Guard.window`; `CausalLMModule` keeps the window). The other `train/*` metrics (`train/lr`,
+#: `train/epoch`, `train/epsilon`) are functions of the step and the recipe, not of the data.
+WINDOWED_METRICS = ("train/loss", "train/tokens_per_s", "train/grad_norm")
 
 #: Lightning's own bookkeeping keys, renamed to medtee's `stage/metric` scheme.
 RENAMES = {"epoch": "train/epoch"}
@@ -86,6 +92,17 @@ class Guard:
             if math.isfinite(number):
                 out[key] = number
         return out
+
+    def window(self, metrics: Mapping[str, Any], *, dialogues: int) -> dict[str, float]:
+        """`metrics` of a window of training steps over `dialogues` dialogues: the windowed ones (WINDOWED_METRICS)
+        only when the window covers at least `tracking.min_aggregate` dialogues; the others as `metrics` decides."""
+        if dialogues < self.min_aggregate:
+            for key in metrics:
+                if key in WINDOWED_METRICS:
+                    self.dropped("metric", key, f"its window covers {dialogues} dialogues, fewer than "
+                                                f"tracking.min_aggregate={self.min_aggregate}")
+            metrics = {k: v for k, v in metrics.items() if k not in WINDOWED_METRICS}
+        return self.metrics(metrics)
 
     def evaluation_covers(self, examples: int) -> bool:
         """Whether an evaluation over this many examples is an aggregate that may be logged."""

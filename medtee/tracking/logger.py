@@ -70,6 +70,7 @@ class GuardedMLflowLogger(Logger):
 
         self.guard = guard
         self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._tracking_uri = str(tracking_uri)
         try:
             exp = self._client.get_experiment_by_name(experiment)
             self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
@@ -153,6 +154,18 @@ class GuardedMLflowLogger(Logger):
             self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step or 0) for k, v in safe.items()])
 
     @rank_zero_only
+    def log_window(self, metrics: Mapping[str, float], *, dialogues: int, step: int) -> None:
+        """Log the metrics of a window of training steps over `dialogues` dialogues (`Guard.window`): the only way
+        `train/loss` and `train/tokens_per_s` reach MLflow during training (the module logs them to Lightning for
+        its progress bar only)."""
+        from mlflow.entities import Metric
+
+        safe = self.guard.window(metrics, dialogues=dialogues)
+        if safe:
+            now = int(time.time() * 1000)
+            self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in safe.items()])
+
+    @rank_zero_only
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -174,10 +187,15 @@ class GuardedMLflowLogger(Logger):
 
     def _artifacts_allowed(self, name: str) -> bool:
         """Whether the experiment's artifact store is one this run may write to (else a warning naming `name`)."""
-        scheme = urlsplit(self._artifact_location or "").scheme
-        if scheme not in ARTIFACT_SCHEMES:
+        location = urlsplit(self._artifact_location or "")
+        if location.scheme not in ARTIFACT_SCHEMES:
             log.warning("artifact %s not logged: the experiment keeps artifacts in a '%s' store, which this run "
-                        "would contact directly; serve them through the tracking server instead", name, scheme)
+                        "would contact directly; serve them through the tracking server instead", name, location.scheme)
+            return False
+        if location.scheme == "mlflow-artifacts" and location.netloc not in ("", urlsplit(self._tracking_uri).netloc):
+            # MLflow would send the tracking server's credentials to that host
+            log.warning("artifact %s not logged: the experiment keeps artifacts on another server than the tracking "
+                        "server; serve them through the tracking server instead", name)
             return False
         return True
 

@@ -42,13 +42,17 @@ class EncryptedCheckpointIO(CheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, encrypt(buffer.getbuffer(), self._key))
 
-    def inspect(self, path) -> dict:
-        """The checkpoint at `path`, decrypted once: Lightning's next load of the same path gets this dict."""
-        checkpoint = self.load_checkpoint(path)
+    def inspect(self, path, *, sha256: str | None = None) -> dict:
+        """The checkpoint at `path`, decrypted once: Lightning's next load of the same path gets this dict. `sha256`:
+        the digest the recipe recorded of the file (CheckpointError if the bytes read now are another file's)."""
+        checkpoint = self.load_checkpoint(path, sha256=sha256)
         self._held = (Path(path), checkpoint)
         return checkpoint
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None, *,
+                        sha256: str | None = None) -> dict:
+        import hashlib
+
         import torch
 
         path = Path(path)
@@ -57,8 +61,12 @@ class EncryptedCheckpointIO(CheckpointIO):
             return checkpoint
         if not path.is_file():
             raise CheckpointError(f"trainer.resume_from={path}: no such checkpoint file")
+        data = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise CheckpointError(f"trainer.resume_from={path} is not the file the recipe digest covers: it was replaced "
+                                  f"after the run hashed it; resume again")
         try:
-            plaintext = decrypt(path.read_bytes(), self._key, name=str(path))
+            plaintext = decrypt(data, self._key, name=str(path))
         except StreamError as exc:
             raise CheckpointError(str(exc)) from None
         # Authenticated above with a key only this attested run holds: the pickled RNG states are trusted.
@@ -68,16 +76,23 @@ class EncryptedCheckpointIO(CheckpointIO):
         Path(path).unlink(missing_ok=True)
 
 
-def resume_info(io: EncryptedCheckpointIO, path: str, module, datamodule, *, world_size: int) -> dict:
+def resume_info(io: EncryptedCheckpointIO, path: str, module, datamodule, *, world_size: int,
+                max_steps: int | None = None, sha256: str | None = None) -> dict:
     """What the run that wrote the checkpoint recorded (its MLflow run id), once the checkpoint is known to fit:
-    CheckpointError when it does not open, its adapter does not fit the module (names and shapes), or its data
-    position does not fit this data and process count. Decrypts the file once for this check and Lightning's load."""
-    checkpoint = io.inspect(path)
+    CheckpointError when it does not open, its adapter does not fit the module (names and shapes), its data
+    position does not fit this data and process count, or (`max_steps`, a training run) it is at or past the last
+    step. Decrypts the file once for this check and Lightning's load."""
+    checkpoint = io.inspect(path, sha256=sha256)
     problem = module.adapter_mismatch(checkpoint)
     position = checkpoint.get(type(datamodule).__qualname__)  # where Lightning keeps the data module's state
     problem = problem or (position and datamodule.resume_problem(position, world_size=world_size))
     if problem:
         raise CheckpointError(f"trainer.resume_from={path}: {problem}")
+    step = checkpoint.get("global_step")
+    if max_steps is not None and isinstance(step, int) and step >= max_steps:
+        raise CheckpointError(f"trainer.resume_from={path} is at step {step}, so trainer.max_steps={max_steps} leaves "
+                              f"nothing to train: raise trainer.max_steps above {step}, or evaluate the checkpoint "
+                              f"with trainer.validate_only=true")
     return checkpoint.get("medtee", {}).get("run_info", {})
 
 

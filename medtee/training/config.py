@@ -6,6 +6,7 @@ groups live in medtee.config. Imports nothing heavy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
@@ -235,13 +236,17 @@ class DPConfig:
     max_grad_norm: float = 1.0  # per-sample gradient clipping norm
 
     def problems(self) -> list[str]:
+        """Checked whether or not DP is on (a recipe stays switchable): an infinite clipping norm or budget would
+        void the guarantee, and NaN passes every comparison."""
         out = []
-        if self.enabled and not self.target_epsilon > 0:
-            out.append(f"privacy.dp.target_epsilon={self.target_epsilon} must be positive")
-        if self.enabled and not 0 < self.target_delta < 1:
-            out.append(f"privacy.dp.target_delta={self.target_delta} must be in (0, 1)")
-        if self.enabled and not self.max_grad_norm > 0:
-            out.append(f"privacy.dp.max_grad_norm={self.max_grad_norm} must be positive")
+        for key, example in (("target_epsilon", "8.0"), ("max_grad_norm", "1.0")):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                out.append(f"privacy.dp.{key}={value} must be a finite positive number, e.g. "
+                           f"privacy.dp.{key}={example}")
+        if not 0 < self.target_delta < 1:  # NaN and inf fail this too
+            out.append(f"privacy.dp.target_delta={self.target_delta} must be in (0, 1), e.g. "
+                       f"privacy.dp.target_delta=1e-5")
         return out
 
 

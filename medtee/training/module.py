@@ -26,6 +26,13 @@ def lr_lambda(warmup_steps: int, max_steps: int):
 class CausalLMModule(L.LightningModule):
     """Wraps a peft model. Logs only `train/*` and `val/*` aggregates; never batch contents.
 
+    `train/loss` and `train/tokens_per_s` are window values: at a logging step (every `trainer.log_every_n_steps`
+    optimizer steps), the mean over every training batch since the last logged value, once those cover at least
+    `min_aggregate` dialogues (the run's `tracking.min_aggregate`); until then the window goes on to the
+    next logging step. They reach MLflow through the logger's `log_window` (checked by the guard) and Lightning's
+    progress bar and callback metrics (the run's final `train/loss`) only as such a window; `first_loss` is the first
+    window's. The open window is checkpointed, so a resumed run closes it where the uninterrupted one would have.
+
     Checkpoints hold the trainable (LoRA) parameters only, plus the RNG states and `run_info` (e.g. the MLflow run
     id); the frozen base is rebuilt from the recipe on resume.
 
@@ -40,7 +47,7 @@ class CausalLMModule(L.LightningModule):
     PREFIX = "model."  # of the peft model's entries in this module's state dict
 
     def __init__(self, model, trainer_cfg, *, run_info: dict | None = None, dp=None, dataset_size: int = 0,
-                 batch_size: int = 0):
+                 batch_size: int = 0, min_aggregate: int = 1):
         super().__init__()
         self.model = model
         self.cfg = trainer_cfg
@@ -49,8 +56,9 @@ class CausalLMModule(L.LightningModule):
         self.trainable = {n: tuple(p.shape) for n, p in self.named_parameters() if p.requires_grad}
         self._adapter_names = _adapter_names(model, prefix=self.PREFIX)
         self.strict_loading = False  # checkpoints carry the adapter, not the frozen base weights
-        self._t0: float | None = None
-        self._tokens = 0
+        self.min_aggregate = min_aggregate
+        self._window = _Window()
+        self._stepped = 0  # the optimizer steps seen by on_train_batch_end
         self._rng_to_restore: dict | None = None
         self.first_loss: float | None = None  # this run's first training loss (the "before" of the run's summary)
         self.dp = None
@@ -87,7 +95,12 @@ class CausalLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable}
-        checkpoint["medtee"] = {"run_info": dict(self.run_info), "rng": _rng_states()}
+        # the checkpoint callback saves at a step's end before this module's hook closes that step's window: a window
+        # about to be logged is saved closed, so a resumed run logs what the uninterrupted one did
+        step = self.trainer.global_step if self._trainer is not None else None
+        window = _Window() if step is not None and step != self._stepped and self._window_closes(step) else self._window
+        checkpoint["medtee"] = {"run_info": dict(self.run_info), "rng": _rng_states(),
+                                "train_window": window.state_dict()}
         if self.dp is not None:
             checkpoint["medtee"]["dp_accountant"] = self.dp.state_dict()
 
@@ -110,6 +123,7 @@ class CausalLMModule(L.LightningModule):
         saved = checkpoint.get("medtee", {})
         self.run_info = {**saved.get("run_info", {}), **self.run_info}
         self._rng_to_restore = saved.get("rng")
+        self._window = _Window.from_state(saved.get("train_window"))
         if self.dp is not None:
             if "dp_accountant" not in saved and checkpoint.get("global_step", 0):
                 raise ValueError("the checkpoint was written by a run without privacy.dp: its steps were never "
@@ -119,31 +133,61 @@ class CausalLMModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.dp is not None:
             self.dp.check_sampling(self.trainer.train_dataloader)
+        self._stepped = self.trainer.global_step if self._trainer is not None else 0  # (or driven by hand)
         if self._rng_to_restore is not None:  # after the sanity pass, exactly where the checkpointed run stood
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
     def training_step(self, batch, batch_idx):
         loss = self._train_loss(batch)
-        n = batch["input_ids"].shape[0]
-        # under DP no training loss leaves the step: it is the raw loss of as few as one sampled dialogue, which
-        # the DP guarantee does not cover (a membership signal for whoever reads the dashboard)
+        n = batch["input_ids"].shape[0]  # rows: one dialogue each, or several when packed (never part of one)
+        # under DP no training loss leaves the run, not even a window's: the DP guarantee covers the adapter only.
+        # Without DP, a step's loss is as few as one dialogue's (data.batch_size=1): it only joins the window.
         if n and self.dp is None:
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
-            if self.first_loss is None:
-                self.first_loss = float(loss.detach())
-        self._tokens += int(batch["input_ids"].numel())
+            self._window.add(loss.detach(), dialogues=n, tokens=int(batch["input_ids"].numel()))
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+        self._window.start()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
-        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        if elapsed > 0 and self.dp is None:  # under DP, its steps would tell each sampled batch's longest dialogue
-            self.log("train/tokens_per_s", self._tokens / elapsed, on_step=True, on_epoch=False)
+        step = self.trainer.global_step
+        if step == self._stepped:  # a batch accumulated: the optimizer has not stepped
+            return
+        self._stepped = step
+        if self._window_closes(step):
+            self._log_window(step - 1)  # Lightning's step index for this batch's metrics
+
+    def _window_closes(self, step: int) -> bool:
+        """Whether the window is logged at the end of optimizer step `step`: a logging step (Lightning's too), no DP,
+        and at least `min_aggregate` dialogues in it (else it goes on to the next logging step)."""
+        every = self.trainer.log_every_n_steps
+        return (self.dp is None and bool(every) and (step % every == 0 or self.trainer.should_stop)
+                and self._window.dialogues >= max(1, self.min_aggregate))
+
+    def _log_window(self, step: int) -> None:
+        """Log the open window (as `step`) and start a new one."""
+        w = self._window
+        loss = w.loss_sum / w.dialogues
+        values = {"train/loss": float(loss)}
+        elapsed = time.perf_counter() - w.t0 if w.t0 is not None else 0.0
+        if elapsed > 0:
+            values["train/tokens_per_s"] = w.tokens / elapsed
+        # the progress bar and the callback metrics (the run's final train/loss); never Lightning's logger path
+        self.log("train/loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                 batch_size=w.dialogues)
+        if "train/tokens_per_s" in values:
+            self.log("train/tokens_per_s", values["train/tokens_per_s"], logger=False, on_step=True, on_epoch=False)
+        for logger in self.loggers:
+            log_window = getattr(logger, "log_window", None)
+            if log_window is not None:
+                log_window(values, dialogues=w.dialogues, step=step)
+            else:  # not medtee's MLflow door (a test's recorder)
+                logger.log_metrics(values, step=step)
+        if self.first_loss is None:
+            self.first_loss = values["train/loss"]
+        self._window = _Window()
 
     def on_train_epoch_end(self):
         if self.dp is not None:
@@ -182,6 +226,32 @@ class CausalLMModule(L.LightningModule):
             opt = self.dp.optimizer(opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.warmup_steps, self.cfg.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _Window:
+    """The training batches since the last logged window: their summed loss (each batch's mean loss times its rows,
+    kept on the device: no sync per step), rows (dialogues) and tokens, and when its first batch started."""
+
+    def __init__(self, loss_sum=0.0, dialogues: int = 0, tokens: int = 0):
+        self.loss_sum, self.dialogues, self.tokens = loss_sum, dialogues, tokens
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, *, dialogues: int, tokens: int) -> None:
+        self.loss_sum = self.loss_sum + loss.float() * dialogues
+        self.dialogues += dialogues
+        self.tokens += tokens
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "dialogues": self.dialogues, "tokens": self.tokens}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "_Window":
+        state = state or {}
+        return cls(float(state.get("loss_sum", 0.0)), int(state.get("dialogues", 0)), int(state.get("tokens", 0)))
 
 
 def _adapter_names(peft_model, *, prefix: str) -> dict[str, str]:

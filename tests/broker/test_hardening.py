@@ -181,7 +181,7 @@ def test_refused_registrations_of_a_registered_dataset_are_audited(serve, sealed
 def test_a_malformed_certificate_is_a_denial(serve, sealed, broker, monkeypatch):
     _, manifest, _, _ = sealed
     server = serve()
-    broker.set_policy("test-ds", "authenticity")
+    broker.set_policy("test-ds", "snp_h100")  # hardware evidence: its certificates are parsed
     doc = _release_doc(server, manifest)
     doc["evidence"] = {**doc["evidence"], "simulated": False, "certificates": [base64.b64encode(b"\x30\x82junk").decode()]}
     entries = len(_audit_lines(broker))

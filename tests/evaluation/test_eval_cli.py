@@ -12,6 +12,7 @@ import pytest
 
 from medtee import exits
 from medtee.cli import main
+from medtee.crypto.hpke import load_public_key
 from medtee.evaluation.cli import add_parser
 from medtee.evaluation.ratings import make_blinding, seal_blinding
 from medtee.evaluation.report import external_references
@@ -23,7 +24,7 @@ from .conftest import CANARY, study_rows, write_csv
 def study(tmp_path, study_keys):
     blinding = make_blinding([f"q{i:03d}" for i in range(20)], seed=21)
     sealed = tmp_path / "blinding.sealed"
-    seal_blinding(blinding, study_keys["public"], sealed)
+    seal_blinding(blinding, load_public_key(study_keys["public"]), sealed)
     ratings = write_csv(tmp_path / "ratings.csv", study_rows(blinding))
     return {"ratings": ratings, "blinding": str(sealed), "key": str(study_keys["private"]), "dir": tmp_path}
 

@@ -103,3 +103,73 @@ def test_an_adapter_of_another_rank_is_refused_naming_the_fix(trained):
     cwd, adapter = trained
     res = run_medtee("eval", "run", *DATA, f"evaluation.adapter={adapter}", "qlora.rank=4", cwd=cwd)
     assert res.returncode == 2 and "settings it was trained with" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_generate_needs_the_owners_approval_of_the_mode_and_the_study_key(trained):
+    """The model team used to get dialogue text by naming its own key as the study owner of `medtee generate`."""
+    import hashlib
+
+    import yaml
+
+    from medtee.paths import conf_dir
+
+    cwd, adapter = trained
+    for name in ("study-owner", "someone-else"):
+        if not (cwd / f"keys/{name}.pub").exists():
+            assert run_medtee("keys", "new", "--out", "keys", "--name", name, cwd=cwd).returncode == 0
+    dataset_id = json.loads((cwd / "sealed/manifest.json").read_text())["dataset_id"]
+    study = hashlib.sha256((cwd / "keys/study-owner.pub").read_bytes()).hexdigest()
+    base = yaml.safe_load((conf_dir() / "attestation" / "simulated.yaml").read_text())
+    for name, rules in (("no-generate", {"modes": ["train", "eval", "sweep"]}),
+                        ("study-only", {"modes": ["train", "generate"], "study_recipients": [study]})):
+        (cwd / f"{name}.yaml").write_text(yaml.safe_dump({**base, "name": name, "recipe": {**base["recipe"], **rules}}))
+        assert run_medtee("broker", "policy", "add", name, f"{name}.yaml", cwd=cwd).returncode == 0
+    packets = set(cwd.glob("outputs/*/*/rating_packet.sealed"))
+    try:
+        for policy, check in (("no-generate", "policy.recipe.mode"), ("study-only", "policy.recipe.study_recipient")):
+            assert run_medtee("broker", "policy", "set", dataset_id, policy, cwd=cwd).returncode == 0
+            res = run_medtee("generate", *DATA, f"evaluation.adapter={adapter}",
+                             "evaluation.study_recipient=keys/someone-else.pub", "evaluation.max_items=6", cwd=cwd)
+            assert res.returncode == 1 and check in res.stderr, res.stderr[-2000:]
+            assert set(cwd.glob("outputs/*/*/rating_packet.sealed")) == packets
+    finally:
+        assert run_medtee("broker", "policy", "set", dataset_id, "simulated", cwd=cwd).returncode == 0
+
+
+#: `medtee generate` that replaces the study key file with another before the answers are generated.
+SWAPS_THE_STUDY_KEY = r"""
+import shutil, sys
+from medtee import cli
+from medtee.evaluation import compare
+
+generate = compare.generate
+
+def swapped(*args, **kwargs):
+    shutil.copyfile("keys/someone-else.pub", "keys/named-study.pub")
+    return generate(*args, **kwargs)
+
+compare.generate = swapped
+sys.exit(cli.main(["generate", *sys.argv[1:]]))
+"""
+
+
+def test_the_packet_goes_to_the_study_key_the_digest_hashed_even_if_the_file_is_replaced(trained):
+    import subprocess
+    import sys
+
+    cwd, adapter = trained
+    for name in ("study-owner", "someone-else"):
+        if not (cwd / f"keys/{name}.pub").exists():
+            assert run_medtee("keys", "new", "--out", "keys", "--name", name, cwd=cwd).returncode == 0
+    (cwd / "keys/named-study.pub").write_bytes((cwd / "keys/study-owner.pub").read_bytes())
+    before = set(cwd.glob("outputs/*/*/rating_packet.sealed"))
+    res = subprocess.run([sys.executable, "-c", SWAPS_THE_STUDY_KEY, *DATA, f"evaluation.adapter={adapter}",
+                          "evaluation.study_recipient=keys/named-study.pub", "evaluation.max_items=4",
+                          "evaluation.max_new_tokens=4"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (cwd / "keys/named-study.pub").read_bytes() == (cwd / "keys/someone-else.pub").read_bytes()  # swapped
+    [packet] = set(cwd.glob("outputs/*/*/rating_packet.sealed")) - before
+    assert run_medtee("eval", "packet", str(packet), "--key", "keys/someone-else.key", "--out", "x2",
+                      cwd=cwd).returncode == 2
+    assert run_medtee("eval", "packet", str(packet), "--key", "keys/study-owner.key", "--out", "study2",
+                      cwd=cwd).returncode == 0

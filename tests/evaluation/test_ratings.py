@@ -156,7 +156,7 @@ def test_blinding_is_seeded_and_balanced_per_item():
 def test_seal_and_open_the_blinding(tmp_path, study_keys):
     blinding = make_blinding(["i1", "i2", "i3"], seed=5)
     sealed = tmp_path / "blinding.sealed"
-    seal_blinding(blinding, study_keys["public"], sealed)
+    seal_blinding(blinding, load_public_key(study_keys["public"]), sealed)
     assert b"tuned" not in sealed.read_bytes() and b"i1" not in sealed.read_bytes()
     assert open_blinding(sealed, study_keys["private"]) == blinding
     with pytest.raises(KeyWrapError):

@@ -34,9 +34,17 @@ def test_scores_are_numbers_only():
     assert all(isinstance(v, (int, float)) for v in score_pair("a reply", "the reference").values())
 
 
-def test_an_empty_reference_is_refused_without_quoting_text():
-    with pytest.raises(ValueError, match="empty reference") as err:
-        score_pair("CANARY-7731 reply", "  ")
+def test_a_reference_without_a_word_scores_instead_of_failing_the_run():
+    assert score_pair("?", "?") == {"chrf": 100.0, "rouge_l_f": 1.0, "hypothesis_words": 0, "reference_words": 0,
+                                    "length_ratio": 1.0}
+    s = score_pair("take two tablets", "\N{THUMBS UP SIGN}")
+    assert s["rouge_l_f"] == 0.0 and s["length_ratio"] == 3.0 and s["reference_words"] == 0
+    assert all(isinstance(v, (int, float)) and v == v for v in score_pair("CANARY-7731 reply", "  ").values())
+
+
+def test_a_non_string_is_refused_without_quoting_text():
+    with pytest.raises(ValueError, match="two strings") as err:
+        score_pair("CANARY-7731 reply", None)
     assert "CANARY" not in str(err.value)
 
 

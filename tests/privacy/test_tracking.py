@@ -131,6 +131,18 @@ def test_artifacts_never_go_straight_to_a_cloud_store(tmp_path, caplog):
     assert "'s3' store" in caplog.text
 
 
+def test_artifacts_never_go_to_another_mlflow_artifact_server(tmp_path, caplog):
+    """MLflow sends the tracking server's credentials to the host an mlflow-artifacts:// location names."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment(
+        "t", artifact_location="mlflow-artifacts://collector.example:8443/x")
+    logger = _logger(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="medtee.tracking"):
+        logger.log_artifact("receipt", {"steps": 1})
+    assert "keeps artifacts on another server than the tracking server" in caplog.text
+
+
 def _manifest():
     from medtee.sealing.manifest import Manifest
 

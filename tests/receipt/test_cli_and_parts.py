@@ -59,11 +59,15 @@ def test_cli_malformed_policy_file_exits_2_naming_the_problem(run, capsys, tmp_p
     assert all(w in err for w in words), err
 
 
-def test_cli_at_selects_the_appraisal_time(vectors, run, capsys):
+def test_cli_at_selects_the_appraisal_time(vectors, run, capsys, tmp_path):
     receipt = str(vector_run(vectors, run))
-    assert main(["receipt", "verify", receipt, "--at", VLEK_TIME.isoformat(), "--json"]) == 1
+    site = tmp_path / "vector-site.yaml"
+    site.write_text((conf_dir() / "attestation" / "authenticity.yaml").read_text()
+                    .replace("name: authenticity", "name: vector-site").replace("authenticity_only: true", "authenticity_only: false")
+                    + "recipe:\n  modes: [train, eval, sweep, generate]\n  min_aggregate: 1\n")
+    assert main(["receipt", "verify", receipt, "--policy", str(site), "--at", VLEK_TIME.isoformat(), "--json"]) == 1
     assert [c["name"] for c in json.loads(capsys.readouterr().out)["checks"] if not c["ok"]] == ["binding"]
-    assert main(["receipt", "verify", receipt, "--at", "2026-01-01T00:00:00", "--json"]) == 1
+    assert main(["receipt", "verify", receipt, "--policy", str(site), "--at", "2026-01-01T00:00:00", "--json"]) == 1
     failed = [c for c in json.loads(capsys.readouterr().out)["checks"] if not c["ok"]]
     assert [c["name"] for c in failed] == ["binding", "attestation"] and "amd.vlek.validity" in failed[1]["reason"]
 

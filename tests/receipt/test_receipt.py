@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import pickle
 import socket
@@ -22,6 +23,14 @@ from .conftest import statement_for
 
 VLEK = ("snp/trustee/snp/test-vlek-report.bin", "snp/trustee/snp/test-vlek.der")
 VLEK_TIME = datetime(2025, 6, 1, tzinfo=timezone.utc)
+
+
+def vector_policy():
+    """A site's non-production policy the real VLEK vector meets (a receipt is never verified under authenticity)."""
+    from medtee.attestation.policy import RUN_MODES, RecipeRules
+
+    return dataclasses.replace(load_policy("authenticity"), name="vector-site", authenticity_only=False,
+                               recipe=RecipeRules(modes=list(RUN_MODES), min_aggregate=1))
 
 
 def envelope(run) -> dict:
@@ -163,12 +172,13 @@ def vector_run(vectors, run):
                         certificates=((vectors / VLEK[1]).read_bytes(),))
     release = Release(data_key=SecretBuffer(), release_id="0" * 64, audit_entry_sha256="0" * 64,
                       nonce=b"n" * 32, ephemeral_public_key=b"k" * 32)
-    statement = statement_for(evidence, release, signer, adapter=run.adapter, policy=load_policy("authenticity"))
+    statement = statement_for(evidence, release, signer, adapter=run.adapter, policy=vector_policy())
     return write_receipt(signer.sign(statement), run.dir)
 
 
 def test_real_snp_evidence_in_a_receipt_fails_binding_only(vectors, run):
-    result = verify_receipt(vector_run(vectors, run).read_bytes(), files=[run.adapter], now=VLEK_TIME)
+    result = verify_receipt(vector_run(vectors, run).read_bytes(), files=[run.adapter], policy=vector_policy(),
+                            now=VLEK_TIME)
     assert failed(result) == ["binding"] and not result.simulated
     passed = {c.name for c in result.verdict.checks if c.ok}
     assert {"amd.chain", "snp.signature", "amd.vlek.validity"} <= passed
@@ -184,7 +194,21 @@ def test_verification_needs_no_network(vectors, run, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     assert verify_receipt(receipt, files=[run.adapter]).ok
-    assert failed(verify_receipt(real, policy=load_policy("authenticity"), now=VLEK_TIME)) == ["binding"]
+    assert failed(verify_receipt(real, policy=vector_policy(), now=VLEK_TIME)) == ["binding"]
+
+
+def test_no_receipt_verifies_under_an_authenticity_only_policy(vectors, run):
+    """A receipt from any genuine SNP guest, DEBUG included, used to print VERIFIED under 'authenticity' by default."""
+    signer = ReceiptSigner()
+    evidence = Evidence(provider="file", snp_report=(vectors / VLEK[0]).read_bytes(),
+                        certificates=((vectors / VLEK[1]).read_bytes(),))
+    release = Release(data_key=SecretBuffer(), release_id="0" * 64, audit_entry_sha256="0" * 64,
+                      nonce=b"n" * 32, ephemeral_public_key=b"k" * 32)
+    data = json.dumps(signer.sign(statement_for(evidence, release, signer, adapter=run.adapter,
+                                                policy=load_policy("authenticity")))).encode()
+    for policy in (None, load_policy("authenticity")):
+        with pytest.raises(UnusableInput, match="checks only that evidence is genuine.*pass the release policy"):
+            verify_receipt(data, policy=policy, now=VLEK_TIME)
 
 
 def test_the_envelope_verifies_with_a_standard_dsse_verifier(run):
@@ -257,3 +281,12 @@ def test_a_receipt_cannot_bring_its_own_policy(run, tmp_path):
         result = verify_receipt(data)
         failed = {c.name for c in result.failures()}
         assert not result.ok and {"authenticity", "policy"} <= failed, failed
+
+
+def test_the_policy_recipe_rules_apply_to_a_receipt(run):
+    """An auditor's policy that approves only other recipes rejects the receipt (its recorded recipe is checked)."""
+    from medtee.attestation.policy import RecipeRules
+
+    mine = dataclasses.replace(load_policy("simulated"), name="site-dev", recipe=RecipeRules(digests=["cd" * 32]))
+    result = verify_receipt(run.receipt.read_bytes(), files=[run.adapter], policy=mine)
+    assert "attestation" in failed(result) and "policy.recipe.digest" in {c.name for c in result.verdict.failures()}

@@ -20,6 +20,8 @@ def test_seal_inspect_rotate_audit(jsonl, tmp_path, capsys):
     assert main(["dataset", "inspect", "ds"]) == 0
     assert "wrapped with hpke-x25519" in capsys.readouterr().out
     assert main(["broker", "policy", "set", "cli-ds", "snp_h200"]) == 0
+    assert "release policy 'snp_h200' pins no launch measurement, so the broker releases the key to no one until " \
+           "one is pinned: compute your image's (`medtee image measure" in capsys.readouterr().err
     assert main(["broker", "audit", "verify"]) == 0
     out, _ = capsys.readouterr()
     assert "audit log OK: 3 entries" in out
@@ -38,6 +40,8 @@ def test_bad_input_exit_codes_name_the_problem(jsonl, tmp_path, capsys):
     assert main(["seal", str(jsonl), "--out", "ds"]) == 0
     assert main(["seal", str(jsonl), "--out", "ds"]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["seal", str(jsonl), "--out", "ds-prod", "--policy", "snp_h100"]) == 0
+    assert "release policy 'snp_h100' pins no launch measurement" in capsys.readouterr().err
     assert main(["seal", str(jsonl), "--out", "ds2", "--scheme", "hpke-x25519"]) == 2
     assert "already uses hpke-mlkem768-x25519" in capsys.readouterr().err
     (tmp_path / "ds" / "part-00000.parquet").write_bytes(b"PAR1")

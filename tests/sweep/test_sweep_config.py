@@ -45,6 +45,8 @@ def test_the_grid_option_visits_every_point_once():
     ({"parameters": {}}, "sweep.parameters is empty"),
     ({"parameters": {"attestation.name": {"type": "categorical", "choices": ["a"]}}}, "one attestation"),
     ({"parameters": {"data.path": {"type": "categorical", "choices": ["a"]}}}, "chooses what is trained"),
+    ({"parameters": {"trainer.log_every_n_steps": {"type": "categorical", "choices": [20, 21]}}},
+     "or what the metrics cover"),
     ({"parameters": {"lr": {"low": 0, "high": 1}}}, "not a dotted recipe field"),
     ({"parameters": {"trainer.lr": {"low": 1, "high": 0}}}, "low=1.0 must be below high=0.0"),
     ({"parameters": {"trainer.lr": {"low": 0, "high": 1, "log": True}}}, "log scale needs low > 0"),

@@ -108,3 +108,18 @@ def test_a_sweep_killed_mid_trial_and_mid_checkpoint_resumes_to_exactly_n_trials
     assert all(status != "RUNNING" for status, _ in children)
     assert len({number for _, number in children}) == len(children), "one MLflow child per trial"
     assert sum(status == "FINISHED" for status, _ in children) == 3
+
+
+def test_a_finished_grid_sweep_exits_0(tmp_path):
+    """Optuna's GridSampler calls study.stop() once its grid is done, which raised outside an optimize loop: every
+    completed grid sweep ended `run failed: RuntimeError` (exit 3)."""
+    (tmp_path / "grid.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /sweep: grid_rank\nsweep:\n  n_trials: 2\n  parameters:\n"
+        "    qlora.rank: {type: int, low: 8, high: 16, step: 8}\n    qlora.dropout: {type: categorical, choices: [0.0]}\n")
+    fast = [o for o in FAST if not o.startswith(("trainer.max_steps=", "sweep="))]
+    res = subprocess.run([sys.executable, "-m", "medtee", "sweep", "recipe=./grid.yaml", *fast, "trainer.max_steps=2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "run failed" not in res.stderr, res.stderr[-3000:]
+    db = sqlite3.connect(tmp_path / "optuna.db")
+    assert [s for (s,) in db.execute("select state from trials")] == ["COMPLETE", "COMPLETE"]
+    db.close()

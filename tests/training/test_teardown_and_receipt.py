@@ -97,8 +97,10 @@ def test_a_run_closes_its_release_and_leaves_a_receipt_that_verifies(tmp_path):
 
 
 def test_a_run_that_fails_after_the_release_still_tears_down_and_signs_its_receipt(tmp_path):
-    bad = tmp_path / "not-a-checkpoint.ckpt.enc"
-    bad.write_bytes(b"\0" * 64)
+    from medtee.crypto.stream import MAGIC
+
+    bad = tmp_path / "another-datasets.ckpt.enc"  # a checkpoint's header, which only the released key can refute
+    bad.write_bytes(MAGIC + b"\0" * 64)
     res = run_medtee("train", *FAST, f"trainer.resume_from={bad}", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "medtee: teardown:" in res.stderr and "closed at the key broker" in res.stderr

@@ -1,0 +1,254 @@
+"""What a release needs beyond fresh evidence: a registration nobody but `policy set` can change, the GPU nonce
+checked by the broker itself, a pinned launch measurement under a production policy, and an approved recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+import yaml
+from attestation.conftest import vectors  # noqa: F401 (the shared vectors fixture)
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from medtee.attestation import Evidence, GpuEvidence, appraise, gpu_nonce, load_policy, report_data
+from medtee.attestation.nvidia import parse_hex_report
+from medtee.attestation.simulated import simulated_report
+from medtee.broker.protocol import KeyReleaseDenied
+from medtee.broker.service import EmbeddedBroker
+from medtee.paths import conf_dir
+
+from .conftest import RECIPE, call, simulated_evidence
+from .test_policy_store import SIMULATED, failed, policy_file
+
+NVTRUST = "nvidia/nvtrust/local_gpu_verifier_samples/"
+STRICT = "name: strict-site\nprovider: sev_snp\nproduction: true\nrequire_binding: true\nmeasurements: ['" + "aa" * 48 + "']\n"
+
+
+def events(broker) -> list[str]:
+    return [json.loads(line)["event"] for line in (broker.store_dir / "audit.log").read_text().splitlines()]
+
+
+def registered_policy(broker, dataset_id: str) -> str:
+    return json.loads((broker.store_dir / "datasets" / f"{dataset_id}.json").read_text())["policy"]
+
+
+def test_reposting_the_sealed_manifest_does_not_undo_a_policy_change(sealed, broker, serve, tmp_path):
+    """The sealed directory's manifest.json (the training host has it) used to reset the policy it was sealed under."""
+    out, manifest, _, _ = sealed
+    broker.add_policy("strict-site", policy_file(tmp_path, STRICT))
+    broker.set_policy("test-ds", "strict-site")
+    before = events(broker)
+    status, answer = call(serve(), "/v1/datasets", (out / "manifest.json").read_bytes())
+    assert status == 201 and answer["manifest_digest"] == manifest.digest()  # a retried registration still answers
+    assert registered_policy(broker, "test-ds") == "strict-site" and events(broker) == before
+    assert "evidence.simulated" in failed(broker, manifest)
+
+
+def test_another_trusted_owner_cannot_take_over_a_dataset(sealed, broker, tmp_path):
+    """Its key_check and wrapped key are public manifest fields: another owner's copy under a looser policy used to
+    replace the registration."""
+    _, manifest, _, _ = sealed
+    broker.add_policy("strict-site", policy_file(tmp_path, STRICT))
+    broker.set_policy("test-ds", "strict-site")
+    other = Ed25519PrivateKey.generate()
+    (broker.store_dir / "trusted-owners").mkdir()
+    (broker.store_dir / "trusted-owners" / "b.pub").write_bytes(other.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    forged = dataclasses.replace(manifest, release_policy="simulated").signed(other)
+    with pytest.raises(FileExistsError, match="already registered with another manifest.*broker policy set test-ds"):
+        broker.register_json(json.loads(forged.to_json()))
+    assert registered_policy(broker, "test-ds") == "strict-site" and events(broker)[-1] == "refuse-register"
+    assert "evidence.simulated" in failed(broker, manifest)
+
+
+def gpu_policy(tmp_path, broker, name: str, *, require_binding: bool) -> None:
+    doc = yaml.safe_load(SIMULATED)
+    doc.update(name=name, require_binding=require_binding, gpu_provider="nvidia")
+    doc["gpu"] = {**doc.get("gpu", {}), "required": True, "require_cc_mode": True, "forbid_devtools": True}
+    broker.add_policy(name, policy_file(tmp_path, yaml.safe_dump(doc), f"{name}.yaml"))
+
+
+def with_replayed_gpu(vectors):  # noqa: F811
+    """Simulated CPU evidence bound to a real H100 capture from another machine (its own SPDM nonce)."""
+    certs = x509.load_pem_x509_certificates((vectors / NVTRUST / "hopperCertChain.txt").read_bytes())
+    gpu = GpuEvidence(report=parse_hex_report((vectors / NVTRUST / "hopperAttestationReport.txt").read_text()),
+                      certificates=tuple(c.public_bytes(serialization.Encoding.DER) for c in certs),
+                      cc_feature=True, devtools_mode=False)
+
+    def evidence(nonce, eph):
+        rd = report_data(nonce=nonce, ephemeral_public_key=eph, recipe_digest=RECIPE,
+                         gpu_evidence_digests=[gpu.digest()])
+        return Evidence(provider="simulated", snp_report=simulated_report(rd),
+                        certificates=simulated_evidence()(nonce, eph).certificates, gpus=(gpu,), simulated=True)
+    return evidence
+
+
+@pytest.mark.parametrize("require_binding", [False, True])
+def test_the_broker_checks_each_gpu_nonce(sealed, broker, tmp_path, vectors, require_binding):  # noqa: F811
+    """The broker appraised GPU evidence without its nonce: a replayed capture passed a policy without
+    require_binding, and under one with it (every production policy) no GPU evidence could ever pass."""
+    _, manifest, _, _ = sealed
+    name = f"gpu-dev-{require_binding}".lower()
+    gpu_policy(tmp_path, broker, name, require_binding=require_binding)
+    broker.set_policy("test-ds", name)
+    result = failed(broker, manifest, with_replayed_gpu(vectors))
+    assert "gpu[0].nonce" in result
+
+
+def test_the_broker_expects_the_gpu_nonce_of_this_release(sealed, broker, monkeypatch):
+    from medtee.attestation import appraise as real
+
+    _, manifest, _, _ = sealed
+    seen = {}
+
+    def spy(evidence, policy, **kwargs):
+        seen.update(kwargs)
+        return real(evidence, policy, **kwargs)
+
+    monkeypatch.setattr("medtee.attestation.appraise", spy)
+    receipt_key = bytes(range(32))
+    nonce = broker.challenge("test-ds")
+    from medtee.crypto.hpke import EphemeralKey
+
+    eph = EphemeralKey.generate()
+    evidence = simulated_evidence()(nonce, eph.public_bytes)
+    with pytest.raises(KeyReleaseDenied):  # the evidence binds no receipt key; the expected values are what matter
+        broker.release(dataset_id="test-ds", nonce=nonce, evidence=evidence, ephemeral_public_key=eph.public_bytes,
+                       recipe_digest=RECIPE, manifest_digest=manifest.digest(), receipt_public_key=receipt_key)
+    assert seen["expected_gpu_nonce"] == gpu_nonce(nonce=nonce, ephemeral_public_key=eph.public_bytes,
+                                                   recipe_digest=RECIPE, receipt_public_key=receipt_key)
+    assert seen["recipe_digest"] == RECIPE
+
+
+def test_a_production_policy_releases_nothing_until_a_measurement_is_pinned(vectors):  # noqa: F811
+    """snp_h100/snp_h200 ship `measurements: []`: "any image" used to pass the measurement requirement."""
+    report = (vectors / "snp/automata/report.bin").read_bytes()
+    evidence = Evidence(provider="file", snp_report=report,
+                        certificates=((vectors / "snp/automata/vek_cert.der").read_bytes(),))
+    shipped = load_policy("snp_h100")
+    check = {c.name: c for c in appraise(evidence, shipped, expected_report_data=None).checks}["policy.measurement"]
+    assert not check.ok and "pins none" in check.expected and "medtee image measure" in check.expected
+    from medtee.attestation.snp import SnpReport
+
+    pinned = dataclasses.replace(shipped, measurements=[SnpReport.parse(report).measurement.hex()])
+    assert {c.name: c for c in appraise(evidence, pinned, expected_report_data=None).checks}["policy.measurement"].ok
+    development = dataclasses.replace(shipped, production=False)
+    assert "policy.measurement" not in {c.name for c in appraise(evidence, development, expected_report_data=None).checks}
+
+
+def rules_policy(tmp_path, broker, name: str, **rules) -> None:
+    """The shipped simulated policy under `name` with these recipe rules, stored and set for test-ds."""
+    doc = yaml.safe_load(SIMULATED)
+    doc.update(name=name, recipe={**doc["recipe"], **rules})
+    broker.add_policy(name, policy_file(tmp_path, yaml.safe_dump(doc), f"{name}.yaml"))
+    broker.set_policy("test-ds", name)
+
+
+def recipe_doc(**changes) -> dict:
+    """A recorded recipe (what config.digest_input returns) of mode train, with `changes` ("a.b": value)."""
+    doc = {"mode": "train", "tracking": {"min_aggregate": 20}, "release": {"require_audit": False},
+           "privacy": {"dp": {"enabled": False}},
+           "output": {"recipient": "sha256:" + "11" * 32}, "evaluation": {"study_recipient": None}}
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return doc
+
+
+def attempt(broker, manifest, recipe, *, digest: str | None = None) -> list[str] | str:
+    """One release for `recipe` (its real digest, unless `digest` is given): the failed checks, or "released"."""
+    from medtee.broker.protocol import canonical_json
+    from medtee.crypto.hpke import EphemeralKey
+
+    digest = digest or hashlib.sha256(canonical_json(recipe)).hexdigest()
+    nonce = broker.challenge("test-ds")
+    eph = EphemeralKey.generate()
+    try:
+        broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence(digest)(nonce, eph.public_bytes),
+                       ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
+                       recipe=recipe)
+    except KeyReleaseDenied as e:
+        return [c.name for c in e.verdict.failures()]
+    return "released"
+
+
+def test_a_release_policy_can_approve_exact_recipes(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "other", digests=["cd" * 32])
+    assert failed(broker, manifest) == ["policy.recipe.digest"]
+    rules_policy(tmp_path, broker, "approved", digests=[RECIPE])
+    assert failed(broker, manifest) == "released"
+
+
+def test_generate_is_released_only_when_the_policy_lists_it_and_its_study_key(sealed, broker, tmp_path):
+    """A rating packet holds dialogue text: a recipe naming the model team's own key as the study owner used to get
+    one from any dataset."""
+    _, manifest, _, _ = sealed
+    study, other = "22" * 32, "33" * 32
+    generate = recipe_doc(**{"mode": "generate", "evaluation.study_recipient": "sha256:" + other})
+    rules_policy(tmp_path, broker, "train-only", modes=["train", "eval", "sweep"])
+    assert attempt(broker, manifest, recipe_doc()) == "released"
+    assert attempt(broker, manifest, generate) == ["policy.recipe.mode"]
+    rules_policy(tmp_path, broker, "study", modes=["train", "generate"], study_recipients=[study])
+    assert attempt(broker, manifest, generate) == ["policy.recipe.study_recipient"]
+    approved = recipe_doc(**{"mode": "generate", "evaluation.study_recipient": "sha256:" + study})
+    assert attempt(broker, manifest, approved) == "released"
+
+
+def test_the_owner_can_pin_recipients_require_the_audit_and_raise_min_aggregate(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "strict-rules", output_recipients=["11" * 32], require_audit=True, require_dp=True,
+                 min_aggregate=30)
+    assert sorted(attempt(broker, manifest, recipe_doc(**{"output.recipient": "dev"}))) == [
+        "policy.recipe.min_aggregate", "policy.recipe.output_recipient", "policy.recipe.require_audit",
+        "policy.recipe.require_dp"]
+    good = recipe_doc(**{"release.require_audit": True, "tracking.min_aggregate": 30, "privacy.dp.enabled": True})
+    assert attempt(broker, manifest, good) == "released"
+
+
+def test_rules_need_the_recipe_that_hashes_to_the_bound_digest(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "train-only", modes=["train"])
+    assert attempt(broker, manifest, None, digest="ef" * 32) == ["policy.recipe"]
+    # a recipe that says "train" for evidence bound to another recipe (e.g. a generate run's) is refused
+    assert attempt(broker, manifest, recipe_doc(), digest="ef" * 32) == ["policy.recipe"]
+
+
+@pytest.mark.parametrize("rules, words", [
+    (dict(digests=["recipe=demo"]), "recipe.digests: 'recipe=demo' is not a recipe digest.*medtee recipes digest"),
+    (dict(modes=["train", "exfiltrate"]), "recipe.modes: unknown \\['exfiltrate'\\]"),
+    (dict(study_recipients=["study.pub"]), "recipe.study_recipients: 'study.pub' is not the sha256.*sha256sum"),
+])
+def test_recipe_rules_are_validated(tmp_path, rules, words):
+    with pytest.raises(ValueError, match=words):
+        rules_policy(tmp_path, EmbeddedBroker(tmp_path / "b"), "bad", **rules)
+
+
+def test_a_production_policy_allowing_generate_names_its_study_keys(tmp_path):
+    doc = yaml.safe_load((conf_dir() / "attestation" / "snp_h200.yaml").read_text())
+    doc.update(name="site", measurements=["aa" * 48])
+    doc["recipe"]["modes"].append("generate")
+    with pytest.raises(ValueError, match="production policy must name the study keys .* recipe.study_recipients"):
+        EmbeddedBroker(tmp_path / "b").add_policy("site", policy_file(tmp_path, yaml.safe_dump(doc)))
+
+
+def test_an_authenticity_only_policy_is_never_a_release_policy(sealed, broker, tmp_path):
+    """It checks only genuineness: set on a dataset, any genuine guest (DEBUG ones too) would have got the key."""
+    _, manifest, _, _ = sealed
+    with pytest.raises(ValueError, match="checks only that evidence is genuine and releases no key"):
+        broker.set_policy("test-ds", "authenticity")
+    doc = yaml.safe_load((conf_dir() / "attestation" / "authenticity.yaml").read_text())
+    doc["name"] = "site-audit"
+    with pytest.raises(ValueError, match="is authenticity_only: it checks only that evidence is genuine"):
+        broker.add_policy("site-audit", policy_file(tmp_path, yaml.safe_dump(doc)))
+    # a registration that names one (written before this rule) is denied at release
+    path = broker.store_dir / "datasets" / "test-ds.json"
+    path.write_text(path.read_text().replace('"policy": "simulated"', '"policy": "authenticity"'))
+    assert failed(broker, manifest) == ["broker.policy"]
