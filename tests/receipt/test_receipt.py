@@ -165,14 +165,15 @@ def test_a_receipt_naming_one_key_but_signed_by_another_fails_the_signature(run)
     assert failed(verify_receipt(encoded(env.to_dict()))) == ["signature"]
 
 
-def vector_run(vectors, run):
-    """A receipt carrying real SEV-SNP evidence (whose REPORT_DATA binds no medtee key), signed by a fresh key."""
+def vector_run(vectors, run, policy=None):
+    """A receipt carrying real SEV-SNP evidence (whose REPORT_DATA binds no medtee key), signed by a fresh key,
+    recording `policy` (default: vector_policy())."""
     signer = ReceiptSigner()
     evidence = Evidence(provider="file", snp_report=(vectors / VLEK[0]).read_bytes(),
                         certificates=((vectors / VLEK[1]).read_bytes(),))
     release = Release(data_key=SecretBuffer(), release_id="0" * 64, audit_entry_sha256="0" * 64,
                       nonce=b"n" * 32, ephemeral_public_key=b"k" * 32)
-    statement = statement_for(evidence, release, signer, adapter=run.adapter, policy=vector_policy())
+    statement = statement_for(evidence, release, signer, adapter=run.adapter, policy=policy or vector_policy())
     return write_receipt(signer.sign(statement), run.dir)
 
 
@@ -199,13 +200,7 @@ def test_verification_needs_no_network(vectors, run, monkeypatch):
 
 def test_no_receipt_verifies_under_an_authenticity_only_policy(vectors, run):
     """A receipt from any genuine SNP guest, DEBUG included, used to print VERIFIED under 'authenticity' by default."""
-    signer = ReceiptSigner()
-    evidence = Evidence(provider="file", snp_report=(vectors / VLEK[0]).read_bytes(),
-                        certificates=((vectors / VLEK[1]).read_bytes(),))
-    release = Release(data_key=SecretBuffer(), release_id="0" * 64, audit_entry_sha256="0" * 64,
-                      nonce=b"n" * 32, ephemeral_public_key=b"k" * 32)
-    data = json.dumps(signer.sign(statement_for(evidence, release, signer, adapter=run.adapter,
-                                                policy=load_policy("authenticity")))).encode()
+    data = vector_run(vectors, run, policy=load_policy("authenticity")).read_bytes()
     for policy in (None, load_policy("authenticity")):
         with pytest.raises(UnusableInput, match="checks only that evidence is genuine.*pass the release policy"):
             verify_receipt(data, policy=policy, now=VLEK_TIME)
