@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 
@@ -180,7 +181,8 @@ def test_dp_delta_is_in_the_open_unit_interval(value):
 # --------------------------------------------------------------------------------------------- recipes show NAME
 
 
-@pytest.mark.parametrize("name", ["../conf/config", "../../medtee/../conf/config", "/work/main/conf/config"])
+@pytest.mark.parametrize("name", ["../conf/config", "../../medtee/../conf/config",
+                                  str(Path(__file__).resolve().parents[1] / "conf" / "config")])
 def test_recipes_show_names_shipped_recipes_only(name, capsys):
     assert cli.main(["recipes", "show", name]) == 2
     out, err = capsys.readouterr()
