@@ -4,6 +4,7 @@ machine really is."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -57,7 +58,7 @@ def active_swap(swaps: Path | None = None) -> list[str] | None:
     except OSError:
         return None
     areas = [line.split()[0] for line in lines if line.strip()]
-    return [a for a in areas if not Path(a).name.startswith("zram")]
+    return [a for a in areas if not re.fullmatch(r"/dev/zram\d+", a)]  # a swap *file* named zram* is on a disk
 
 
 def swap_problem(profile) -> str | None:

@@ -47,3 +47,9 @@ def test_a_development_profile_does_not_check_swap(swaps):
 
 def test_this_machine_reads_its_swaps():
     assert hardware.active_swap() is not None  # Linux: /proc/swaps exists (empty or not)
+
+
+def test_a_swap_file_named_like_zram_is_swap_on_a_disk(swaps):
+    swaps.write_text(HEADER + "/var/zramswap                           file\t\t4194300\t\t0\t\t-2\n")
+    [problem] = hardware.mismatches(PRODUCTION)
+    assert "swap is on (/var/zramswap)" in problem

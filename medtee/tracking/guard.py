@@ -1,6 +1,7 @@
 """The privacy guard: what may leave a run for MLflow. Metric names from an allow-list, finite values, evaluation
-metrics only over enough examples, training batches' metrics only over a window of enough dialogues, allow-listed parameters, tags and artifact kinds. A key outside the lists is
-dropped with a warning that names the key, never the value. Imports nothing heavy."""
+metrics only over enough examples, training batches' metrics only over a window of enough dialogues, allow-listed
+parameters, tags and artifact kinds. A key outside the lists is dropped with a warning that names the key, never the
+value. Imports nothing heavy."""
 
 from __future__ import annotations
 
