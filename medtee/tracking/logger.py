@@ -54,6 +54,24 @@ DATASET_DIGEST_CHARS = 12
 ARTIFACT_SCHEMES = ("", "file", "mlflow-artifacts")
 
 
+def _experiment(client, name: str) -> str:
+    """The id of the experiment called `name`, created and tagged as a fine-tuning experiment if need be. Workers of
+    one sweep start together: one that loses a race to create or tag it (the store refuses the duplicate) looks again."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in (1, 2):
+        try:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                exp = client.get_experiment(client.create_experiment(name))
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return exp.experiment_id
+        except MlflowException:
+            if attempt == 2:
+                raise
+
+
 class GuardedMLflowLogger(Logger):
     """A Lightning logger whose every write goes through the Guard into one MLflow run.
 
@@ -72,10 +90,7 @@ class GuardedMLflowLogger(Logger):
         self._client = MlflowClient(tracking_uri=tracking_uri)
         self._tracking_uri = str(tracking_uri)
         try:
-            exp = self._client.get_experiment_by_name(experiment)
-            self._experiment_id = exp.experiment_id if exp else self._client.create_experiment(experiment)
-            if not exp or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-                self._client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            self._experiment_id = _experiment(self._client, experiment)
             self._artifact_location = self._client.get_experiment(self._experiment_id).artifact_location
         except Exception as exc:  # connection refused, TLS, 401/403: the message names no data, but stay uniform
             raise containment.SafeError(

@@ -172,6 +172,39 @@ def test_the_experiment_is_a_finetuning_experiment_created_or_found(tmp_path):
         "https://m.example:5000/#/experiments/7/runs?workflowType=machine_learning")
 
 
+@pytest.mark.parametrize("race", ["create", "tag"])
+def test_a_worker_that_loses_the_race_to_create_or_tag_the_experiment_uses_the_winners(tmp_path, monkeypatch, race):
+    """Two sweep workers start on a new experiment: both find none and create it, or both find it untagged and tag
+    it. The store refuses the loser's duplicate; the loser looks again and uses the one experiment."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    other = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lookup, tag = MlflowClient.get_experiment_by_name, MlflowClient.set_experiment_tag
+    if race == "create":
+        def raced(self, name):
+            found = lookup(self, name)
+            if found is None and lookup(other, name) is None:
+                other.create_experiment(name)  # the other worker's create lands after our lookup
+            return found
+
+        monkeypatch.setattr(MlflowClient, "get_experiment_by_name", raced)
+    else:
+        other.create_experiment("t")
+        lost = []
+
+        def raced(self, experiment_id, key, value):
+            if not lost:  # the other worker's tag lands first; sqlite refuses our duplicate row
+                lost.append(tag(other, experiment_id, key, value))
+                raise MlflowException("UNIQUE constraint failed: experiment_tags.key, experiment_tags.experiment_id")
+            tag(self, experiment_id, key, value)
+
+        monkeypatch.setattr(MlflowClient, "set_experiment_tag", raced)
+    logger = _logger(tmp_path)
+    (only,) = other.search_experiments(filter_string="name = 't'")
+    assert logger._experiment_id == only.experiment_id and only.tags["mlflow.experimentKind"] == "finetuning"
+
+
 def test_the_sealed_dataset_is_the_runs_dataset_input_without_anything_from_the_records(tmp_path):
     from mlflow.tracking import MlflowClient
 
