@@ -280,6 +280,7 @@ def test_a_profile_that_requires_gpu_cc_needs_a_policy_that_proves_it():
     (["hardware=h200_sev_snp", "hardware.production=false", "hardware.accelerator=cpu",
       "hardware.require_sev_snp=false", "hardware.require_gpu_cc=false"], "hardware.accelerator, hardware.production"),
     (["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.required=false"], "attestation.gpu.required"),
+    (["recipe=medgemma27b_h200_sev_snp", "attestation.amd_revocation=off"], "attestation.amd_revocation"),
     (["recipe=medgemma27b_h200_sev_snp", "attestation.gpu.revocation=off", "attestation.allow_debug=true"],
      "attestation.allow_debug, attestation.gpu.revocation"),
     (["recipe=medgemma27b_h200_sev_snp", "attestation.allow_simulated=true", "attestation.provider=simulated"],

@@ -15,8 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.asn1 import IA5String, decode_der
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from medtee.attestation.certs import common_name, issuer_problem, parse_certificates
+from medtee.attestation.certs import X509_ERRORS, common_name, issuer_problem, parse_certificates, serial_number
 from medtee.attestation.evidence import EvidenceFormatError
+from medtee.attestation.policy import Revocation
 from medtee.attestation.snp import PRODUCTS, SnpReport, Tcb
 from medtee.attestation.verdict import Check, check
 
@@ -30,6 +31,8 @@ CERT_TABLE_GUIDS = {
     uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae"): "ark",
 }
 KDS_URL = "https://kdsintf.amd.com/vcek/v1/{product}/{hwid}?{query}"
+CRL_URL = "https://kdsintf.amd.com/{key}/v1/{product}/crl"  # ARK-signed: the revoked ASKs (vcek) or ASVKs (vlek)
+MAX_CRL_BYTES = 1 << 20
 KDS_MIN_INTERVAL_S = 10.0
 
 
@@ -283,3 +286,52 @@ class CertCache:
                 return None
         self.put_vcek(product, report, der)
         return der
+
+
+def crl_path(cache_dir: str | Path, product: str, key: str) -> Path:
+    """Where the operator keeps AMD's CRL for a product's VCEK (`key`="vcek") or VLEK chain: `<dir>/<Product>/crl/
+    <key>.der`, the DER file CRL_URL serves, refreshed outside the TEE (appraisal never fetches it)."""
+    return Path(cache_dir).expanduser() / product / "crl" / f"{key}.der"
+
+
+def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.Certificate],
+                now: datetime) -> tuple[bool | None, str]:
+    """(revoked, why) from the cached CRL: True when it lists one of `certs`, False when it is genuine and current
+    and lists none, None when that cannot be established."""
+    from medtee.files import NotRegularFile, read_regular
+
+    if not cache_dir:
+        return None, "no cert_cache_dir to hold AMD's CRL"
+    path = crl_path(cache_dir, product, key)
+    try:
+        crl = x509.load_der_x509_crl(read_regular(path, MAX_CRL_BYTES))
+        ark = pinned(product, "ark")
+        signed = crl.issuer == ark.subject and crl.is_signature_valid(ark.public_key())
+    except FileNotFoundError:
+        return None, f"no CRL at {path} (fetch {CRL_URL.format(key=key, product=product)} outside the TEE)"
+    except (OSError, NotRegularFile, *X509_ERRORS) as exc:
+        return None, f"CRL {path} unusable ({type(exc).__name__})"
+    if not signed:
+        return None, f"CRL {path} is not signed by the pinned ARK-{product}"
+    if crl.next_update_utc is None or not crl.last_update_utc <= now <= crl.next_update_utc:
+        window = f"{crl.last_update_utc.isoformat()}..{crl.next_update_utc.isoformat() if crl.next_update_utc else '?'}"
+        return None, f"CRL {path} not current (valid {window}; refresh it)"
+    listed = [common_name(c) for c in certs if crl.get_revoked_certificate_by_serial_number(serial_number(c))]
+    if listed:
+        return True, f"revoked by AMD: {', '.join(listed)}"
+    return False, f"none of {', '.join(common_name(c) for c in certs)} listed (CRL of {crl.last_update_utc.date()})"
+
+
+def revocation_check(product: str | None, key: str, key_cert: x509.Certificate | None, cache_dir: str | None,
+                     stance: Revocation, now: datetime) -> Check:
+    """AMD's revocation of the ASK/ASVK (and the VCEK/VLEK) that vouch for the report, from the cached CRL: revoked
+    fails under every stance, not established fails under fail_closed and warns under fail_open."""
+    expected = f"not revoked in AMD's CRL ({stance.value})"
+    if product not in PRODUCTS:
+        return check("amd.revocation", False, expected, "no known product to find its CRL")
+    certs = [pinned(product, "asvk" if key == "vlek" else "ask"), *([key_cert] if key_cert is not None else [])]
+    revoked, why = _crl_status(cache_dir, product, key, certs, now)
+    if revoked is None and stance is Revocation.fail_open:
+        return check("amd.revocation", True, expected, f"WARNING, not established (fail-open): {why}")
+    return check("amd.revocation", revoked is False, expected, why)
+

@@ -6,11 +6,11 @@ from datetime import datetime, timezone
 
 from cryptography import x509
 
-from medtee.attestation.amd import CertCache, chain_checks, select_key_cert
+from medtee.attestation.amd import CertCache, chain_checks, key_cert_info, revocation_check, select_key_cert
 from medtee.attestation.certs import common_name, parse_each
-from medtee.attestation.evidence import Evidence
-from medtee.attestation.policy import AttestationPolicy, RecipeRules
-from medtee.attestation.snp import REPORT_SIZE, ReportFormatError, SnpReport, signature_check, structure_checks
+from medtee.attestation.evidence import Evidence, EvidenceFormatError
+from medtee.attestation.policy import AttestationPolicy, RecipeRules, Revocation
+from medtee.attestation.snp import REPORT_SIZE, ReportFormatError, SnpReport, Tcb, signature_check, structure_checks
 from medtee.attestation.verdict import Check, Verdict, check
 
 
@@ -25,9 +25,9 @@ def _find_key_cert(report: SnpReport, supplied: list[x509.Certificate], policy: 
 
 
 def snp_authenticity(report: SnpReport, certificates: tuple[bytes, ...], policy: AttestationPolicy,
-                     now: datetime) -> list[Check]:
-    """Structure, AMD chain, TCB/hwID consistency and the report signature; a malformed certificate fails
-    `snp.certificates` and the others are still used."""
+                     now: datetime) -> tuple[list[Check], x509.Certificate | None]:
+    """Structure, AMD chain, TCB/hwID consistency and the report signature, and the VCEK/VLEK used (None when none
+    was found); a malformed certificate fails `snp.certificates` and the others are still used."""
     supplied, problems = parse_each(certificates)
     out = [check("snp.certificates", False, "a parsable X.509 certificate", "; ".join(problems))] if problems else []
     leaf = _find_key_cert(report, supplied, policy)
@@ -35,10 +35,10 @@ def snp_authenticity(report: SnpReport, certificates: tuple[bytes, ...], policy:
         where = f"the evidence, the cache ({policy.cert_cache_dir or 'none configured'})"
         where += " or AMD KDS" if policy.fetch_certificates else " (KDS fetching off)"
         return out + structure_checks(report, report.product) + [
-            check("amd.key_cert", False, f"a {report.signing_key.upper()} from {where}", "none found")]
+            check("amd.key_cert", False, f"a {report.signing_key.upper()} from {where}", "none found")], None
     chain, product = chain_checks(report, leaf, [c for c in supplied if c is not leaf], now)
     return out + structure_checks(report, product) + chain + [
-        signature_check(report, leaf.public_key(), common_name(leaf))]
+        signature_check(report, leaf.public_key(), common_name(leaf))], leaf
 
 
 def binding_checks(report: SnpReport, expected: bytes | None, policy: AttestationPolicy) -> list[Check]:
@@ -54,8 +54,16 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("."))
 
 
-def snp_policy_checks(report: SnpReport, product: str | None, policy: AttestationPolicy) -> list[Check]:
-    """The policy's requirements on the CPU report."""
+def _csp_id(key_cert: x509.Certificate | None) -> str | None:
+    try:
+        return key_cert_info(key_cert).csp_id if key_cert is not None else None
+    except EvidenceFormatError:  # fails amd.key_cert.extensions already
+        return None
+
+
+def snp_policy_checks(report: SnpReport, product: str | None, policy: AttestationPolicy,
+                      key_cert: x509.Certificate | None = None) -> list[Check]:
+    """The policy's requirements on the CPU report (and on `key_cert`, the VCEK/VLEK that signed it)."""
     versions = set(policy.report_versions) | ({4} if 3 in policy.report_versions else set())
     out = [
         check("policy.report_version", report.version in versions, f"one of {sorted(versions)}", report.version),
@@ -73,6 +81,9 @@ def snp_policy_checks(report: SnpReport, product: str | None, policy: Attestatio
                          f"SINGLE_SOCKET={int(report.single_socket)}"))
     if policy.products:
         out.append(check("policy.product", product in policy.products, policy.products, product))
+    if policy.vlek_csp_ids and report.signing_key == "vlek":
+        csp = _csp_id(key_cert)
+        out.append(check("policy.vlek_csp_id", csp in policy.vlek_csp_ids, f"one of {policy.vlek_csp_ids}", csp))
     if policy.measurements:
         allowed = {m.lower() for m in policy.measurements}
         out.append(check("policy.measurement", report.measurement.hex() in allowed, f"one of {len(allowed)} allowed",
@@ -89,10 +100,12 @@ def snp_policy_checks(report: SnpReport, product: str | None, policy: Attestatio
     if product is None:
         out.append(check("policy.min_tcb", False, "a known product to decode REPORTED_TCB", "unknown product"))
         return out
-    tcb = report.reported_tcb(product)
-    for name, value in tcb.components().items():
+    launch = Tcb.decode(report.launch_tcb_raw, product)  # the TCB the guest was launched under: a later firmware
+    for name, value in report.reported_tcb(product).components().items():  # update does not undo its launch
         minimum = getattr(policy.min_tcb, name)
         out.append(check(f"policy.min_tcb.{name}", value >= minimum, f">= {minimum}", value))
+        out.append(check(f"policy.launch_tcb.{name}", getattr(launch, name) >= minimum, f">= {minimum} (min_tcb)",
+                         getattr(launch, name)))
     return out
 
 
@@ -118,11 +131,16 @@ def snp_checks(evidence: Evidence, policy: AttestationPolicy, expected_report_da
         from medtee.attestation.simulated import simulated_signature_checks
 
         checks = structure_checks(report, report.product) + simulated_signature_checks(report, evidence.certificates)
+        key_cert = None
     else:
-        checks = snp_authenticity(report, evidence.certificates, policy, now)
+        checks, key_cert = snp_authenticity(report, evidence.certificates, policy, now)
     checks += binding_checks(report, expected_report_data, policy)
     if not policy.authenticity_only:
-        checks += snp_policy_checks(report, _product_from(checks, report), policy)
+        product = _product_from(checks, report)
+        checks += snp_policy_checks(report, product, policy, key_cert)
+        if policy.amd_revocation is not Revocation.off and not evidence.simulated:
+            checks.append(revocation_check(product, report.signing_key, key_cert, policy.cert_cache_dir,
+                                           policy.amd_revocation, now))
     return checks
 
 

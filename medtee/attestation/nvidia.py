@@ -24,6 +24,7 @@ DEVICE_ROOT = Path(__file__).resolve().parent / "roots" / "nvidia" / "device_ide
 REQUEST_SIZE = 37
 SIGNATURE_SIZE = 96
 OPAQUE_DRIVER_VERSION, OPAQUE_VBIOS_VERSION, OPAQUE_FWID = 3, 6, 20
+OPAQUE_CHIP_SKU, OPAQUE_PROJECT, OPAQUE_PROJECT_SKU = 15, 17, 18
 DICE_TCB_INFO_OID = "2.23.133.5.4.1"
 FWID_MAX_DEPTH = 8  # TCG DICE TcbInfo nests the FWID 3 levels deep; deeper DER is not searched
 
@@ -60,6 +61,13 @@ class SpdmMeasurements:
     @property
     def fwid(self) -> bytes | None:
         return self.opaque.get(OPAQUE_FWID)
+
+    @property
+    def board(self) -> str | None:
+        """PROJECT-PROJECT_SKU-CHIP_SKU (e.g. 1010-0200-882), as NVIDIA names a board's VBIOS RIM; None if absent."""
+        parts = [self.opaque.get(i, b"").rstrip(b"\0").strip().decode("ascii", "replace").upper()
+                 for i in (OPAQUE_PROJECT, OPAQUE_PROJECT_SKU, OPAQUE_CHIP_SKU)]
+        return "-".join(parts) if all(parts) else None
 
 
 def _take(data: bytes, pos: int, size: int, what: str) -> tuple[bytes, int]:
@@ -277,5 +285,7 @@ def _policy_checks(gpu: GpuEvidence, spdm: SpdmMeasurements, policy: Attestation
                      f">= {gp.min_driver_version}", spdm.driver_version))
     out.append(check(f"{label}.vbios_version", _version_at_least(spdm.vbios_version, gp.min_vbios_version, True),
                      f">= {gp.min_vbios_version}", spdm.vbios_version))
+    out.append(check(f"{label}.board", not gp.boards or spdm.board in gp.boards,
+                     f"one of {gp.boards}" if gp.boards else "any (gpu.boards pins none)", spdm.board))
     return out
 

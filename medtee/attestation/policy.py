@@ -16,6 +16,8 @@ from medtee.paths import conf_dir
 #: A policy name: the file stem of a shipped policy or of one in a broker's store.
 POLICY_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 MAX_POLICY_FILE_BYTES = 64 << 10  # of a policy YAML file
+#: A GPU board as NVIDIA names its VBIOS RIMs: PROJECT-PROJECT_SKU-CHIP_SKU (upper case, from the signed evidence).
+GPU_BOARD = re.compile(r"[0-9A-Z]{1,16}-[0-9A-Z]{1,16}-[0-9A-Z]{1,16}")
 _FIELDS_DOC = "the fields and their types: AttestationPolicy in medtee/attestation/policy.py"
 
 
@@ -34,9 +36,9 @@ class GpuProvider(str, Enum):
 
 
 class Revocation(str, Enum):
-    """What to do when certificate revocation (OCSP) cannot be established."""
+    """What to do when certificate revocation (a GPU's OCSP answers, AMD's CRL) cannot be established."""
 
-    fail_closed = "fail_closed"  # no fresh revocation answer (online or cached) -> reject
+    fail_closed = "fail_closed"  # no fresh revocation answer (cached) -> reject
     fail_open = "fail_open"  # no answer -> accept; a "revoked" answer still rejects
     off = "off"  # do not check revocation
 
@@ -64,6 +66,10 @@ class GpuPolicy:
     rim_store: Optional[str] = None  # directory of signed RIMs (*.swidtag) and the pinned RIM root (rim_root.pem)
     require_rim_match: bool = False  # every active measurement of the store's RIMs must equal one of its alternatives
     allowed_rim_ids: List[str] = field(default_factory=list)  # RIM SoftwareIdentity tagIds allowed; empty = any signed
+    # allowed boards, PROJECT-PROJECT_SKU-CHIP_SKU from the signed evidence as a verdict's gpu[i].board shows them
+    # (NVIDIA's H100 SXM5 sample: 1010-0200-882); empty = any. H100 and H200 share the GH100 chip and its
+    # certificates: only a board pin (or a RIM match) tells them apart
+    boards: List[str] = field(default_factory=list)
     revocation: Revocation = Revocation.off  # OCSP stance for the GPU certificate chain
     ocsp_cache: Optional[str] = None  # directory of cached DER OCSP responses, <serial hex>.der (never fetched)
 
@@ -123,11 +129,14 @@ class AttestationPolicy:
     report_versions: List[int] = field(default_factory=lambda: [2, 3, 5])  # accepted report VERSION values
     products: List[str] = field(default_factory=list)  # accepted AMD products (Milan, Genoa, Turin)
     signing_keys: List[str] = field(default_factory=lambda: ["vcek", "vlek"])  # accepted signing keys
+    # accepted cspID of a VLEK (the cloud AMD issued it to, e.g. "CN=cc-us-east-2.amazonaws.com"); empty = any. A VLEK
+    # signs for every chip of that cloud: with vlek in signing_keys, pin the cloud you deploy on
+    vlek_csp_ids: List[str] = field(default_factory=list)
     measurements: List[str] = field(default_factory=list)  # allowed launch MEASUREMENTs (96 hex chars each);
     # a production policy must pin at least one (`medtee image measure ... --into FILE`): with none it releases nothing
     host_data: Optional[str] = None  # required HOST_DATA (64 hex chars)
     vmpl: Optional[int] = None  # required VMPL (0 = most privileged); null = any
-    min_tcb: MinimumTcb = field(default_factory=MinimumTcb)  # minimum REPORTED_TCB per component
+    min_tcb: MinimumTcb = field(default_factory=MinimumTcb)  # minimum REPORTED_TCB and LAUNCH_TCB per component
     min_firmware: str = "0.0.0"  # minimum current SNP firmware major.minor.build
     min_guest_svn: int = 0  # minimum GUEST_SVN
     allow_debug: bool = False  # accept POLICY.DEBUG=1 (the hypervisor can read guest memory)
@@ -136,6 +145,10 @@ class AttestationPolicy:
     require_single_socket: bool = False  # require POLICY.SINGLE_SOCKET=1
     cert_cache_dir: Optional[str] = None  # directory of cached VCEKs/VLEKs (see amd.CertCache)
     fetch_certificates: bool = False  # fetch missing VCEKs from AMD's KDS (off for offline recipes)
+    # AMD's CRL (revoked ASKs/ASVKs) from <cert_cache_dir>/<Product>/crl/<vcek|vlek>.der, which the operator refreshes
+    # from https://kdsintf.amd.com/<vcek|vlek>/v1/<Product>/crl outside the TEE (never fetched during appraisal);
+    # the shipped production policies fail closed
+    amd_revocation: Revocation = Revocation.off
     gpu: GpuPolicy = field(default_factory=GpuPolicy)  # GPU requirements
     recipe: RecipeRules = field(default_factory=RecipeRules)  # what the run's recipe must say (key release only)
 
@@ -169,6 +182,10 @@ class AttestationPolicy:
         if (self.gpu.allowed_rim_ids or self.gpu.rim_store) and not self.gpu.require_rim_match:
             out.append("gpu.rim_store / allowed_rim_ids are used only with gpu.require_rim_match: true; set it or "
                        "leave them unset")
+        out += [f"gpu.boards: '{b}' is not PROJECT-PROJECT_SKU-CHIP_SKU (e.g. 1010-0200-882, as a verdict's "
+                f"gpu[i].board shows)" for b in self.gpu.boards if not GPU_BOARD.fullmatch(b)]
+        out += [f"vlek_csp_ids: '{c}' is empty; write the cspID a verdict's policy.vlek_csp_id shows, or remove it"
+                for c in self.vlek_csp_ids if not c.strip()]
         if self.gpu.ocsp_cache and self.gpu.revocation is Revocation.off:
             out.append("gpu.ocsp_cache is set but gpu.revocation is off: set fail_open or fail_closed, or unset it")
         return out

@@ -8,6 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from medtee.attestation import GpuEvidence, load_policy
+from medtee.attestation.policy import Revocation
 from medtee.attestation.nvidia import SpdmFormatError, gpu_evidence_checks, parse_hex_report, parse_spdm
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -94,3 +95,16 @@ def test_production_gpu_policy_needs_cc_on_and_devtools_off(vectors):
 def test_hex_parse_error_is_named():
     with pytest.raises(ValueError, match="not hex"):
         parse_hex_report("zz")
+
+
+def test_the_board_is_read_from_the_signed_evidence_and_pinned_by_gpu_boards(vectors):
+    """H100 and H200 share the GH100 chip and its certificates: gpu.boards is what tells the cards apart."""
+    ev = dataclasses.replace(gpu(vectors, *SAMPLE), cc_feature=True, devtools_mode=False)
+    spdm = parse_spdm(ev.report)
+    assert spdm.board == "1010-0200-882"
+    base = load_policy("snp_h100")
+    for boards, ok in (([], True), (["1010-0200-882"], True), (["1010-0210-882"], False)):
+        policy = dataclasses.replace(base, gpu=dataclasses.replace(base.gpu, boards=boards, revocation=Revocation.off))
+        (board,) = [c for c in gpu_evidence_checks(ev, policy, expected_nonce=spdm.nonce, now=NOW)
+                    if c.name == "gpu.board"]
+        assert board.ok is ok and board.actual == "1010-0200-882"

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from medtee.attestation import AttestationPolicy, load_policy, policy_from_mapping
@@ -136,3 +138,15 @@ def test_a_policy_file_named_like_a_shipped_one_must_be_it(tmp_path):
     assert resolve_policy(str(shipped)) == resolve_policy("snp_h200")
     (tmp_path / "mine.yaml").write_text(text)
     assert resolve_policy(str(tmp_path / "mine.yaml")).name == "mine"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gpu.boards", ["1010-0200"], "gpu.boards: '1010-0200' is not PROJECT-PROJECT_SKU-CHIP_SKU"),
+    ("gpu.boards", ["1010-0200-88a"], "gpu.boards: '1010-0200-88a' is not PROJECT-PROJECT_SKU-CHIP_SKU"),
+    ("vlek_csp_ids", [" "], "vlek_csp_ids: ' ' is empty"),
+])
+def test_board_and_cloud_pins_are_checked_when_the_policy_is_read(field, value, message):
+    head, _, tail = field.rpartition(".")
+    data = {head: {tail: value}} if head else {tail: value}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        policy_from_mapping(data, "site.yaml")

@@ -1,0 +1,106 @@
+"""AMD's CRL (revoked ASKs/ASVKs) from the cache: genuine and current, or the check fails closed."""
+
+import dataclasses
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from medtee.attestation import Evidence, appraise, load_policy
+from medtee.attestation import amd
+from medtee.attestation.amd import crl_path, revocation_check
+from medtee.attestation.policy import Revocation
+from medtee.attestation.snp import SnpReport
+
+NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)  # how AMD's ARK signs
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, issuer: str, key, signer, serial: int) -> x509.Certificate:
+    return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+            .public_key(key.public_key()).serial_number(serial).not_valid_before(NOW - timedelta(days=1))
+            .not_valid_after(NOW + timedelta(days=365)).sign(signer, hashes.SHA384(), rsa_padding=PSS))
+
+
+@pytest.fixture(scope="module")
+def roots():
+    """A stand-in ARK-Milan and ASK (SEV-Milan): AMD's real ARK cannot sign a test CRL."""
+    ark_key, ask_key = (rsa.generate_private_key(65537, 2048) for _ in range(2))
+    ark = _cert("ARK-Milan", "ARK-Milan", ark_key, ark_key, 1)
+    return ark_key, {"ark": ark, "ask": _cert("SEV-Milan", "ARK-Milan", ask_key, ark_key, 0x1234),
+                     "asvk": _cert("SEV-VLEK-Milan", "ARK-Milan", ask_key, ark_key, 0x5678)}
+
+
+@pytest.fixture
+def pinned(monkeypatch, roots):
+    monkeypatch.setattr(amd, "pinned", lambda product, name: roots[1][name])
+    return roots
+
+
+def _write_crl(cache, signer, revoked=(), *, key="vcek", issuer="ARK-Milan", days=(-1, 30)):
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(_name(issuer))
+               .last_update(NOW + timedelta(days=days[0])).next_update(NOW + timedelta(days=days[1])))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(days=2)).build())
+    path = crl_path(cache, "Milan", key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(builder.sign(signer, hashes.SHA384(), rsa_padding=PSS).public_bytes(Encoding.DER))
+
+
+def _check(cache, stance=Revocation.fail_closed, key="vcek"):
+    return revocation_check("Milan", key, None, str(cache), stance, NOW)
+
+
+def test_a_current_crl_from_the_pinned_ark_that_lists_nothing_passes(tmp_path, pinned):
+    _write_crl(tmp_path, pinned[0], revoked=[0x9999])
+    result = _check(tmp_path)
+    assert result.ok and "none of SEV-Milan listed" in result.actual
+
+
+@pytest.mark.parametrize("key, serial, name", [("vcek", 0x1234, "SEV-Milan"), ("vlek", 0x5678, "SEV-VLEK-Milan")])
+def test_a_revoked_intermediate_fails_under_every_stance(tmp_path, pinned, key, serial, name):
+    _write_crl(tmp_path, pinned[0], revoked=[serial], key=key)
+    for stance in (Revocation.fail_closed, Revocation.fail_open):
+        result = _check(tmp_path, stance, key)
+        assert not result.ok and result.actual == f"revoked by AMD: {name}"
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda cache, ark: None, "no CRL at"),
+    (lambda cache, ark: _write_crl(cache, rsa.generate_private_key(65537, 2048)), "is not signed by the pinned ARK-Milan"),
+    (lambda cache, ark: _write_crl(cache, ark, issuer="ARK-Genoa"), "is not signed by the pinned ARK-Milan"),
+    (lambda cache, ark: _write_crl(cache, ark, days=(-60, -1)), "not current"),
+    (lambda cache, ark: _write_crl(cache, ark, days=(1, 30)), "not current"),
+    (lambda cache, ark: crl_path(cache, "Milan", "vcek").parent.mkdir(parents=True) or
+     crl_path(cache, "Milan", "vcek").write_bytes(b"not a CRL"), "unusable (ValueError)"),
+])
+def test_a_crl_that_is_missing_foreign_stale_or_malformed_fails_closed_and_warns_open(tmp_path, pinned, make, why):
+    make(tmp_path, pinned[0])
+    closed, opened = _check(tmp_path), _check(tmp_path, Revocation.fail_open)
+    assert not closed.ok and why in closed.actual
+    assert opened.ok and opened.actual.startswith("WARNING, not established (fail-open)") and why in opened.actual
+
+
+def test_production_policies_check_amd_revocation_and_fail_closed_without_the_crl(vectors, tmp_path):
+    """The real Milan report and VCEK under snp_h200's CPU rules: the policy checks AMD's CRL, which this cache lacks."""
+    ev = Evidence(provider="file", snp_report=(vectors / "snp/automata/report.bin").read_bytes(),
+                  certificates=((vectors / "snp/automata/vek_cert.der").read_bytes(),))
+    report = SnpReport.parse(ev.snp_report)
+    base = load_policy("snp_h200")
+    assert base.amd_revocation is Revocation.fail_closed
+    policy = dataclasses.replace(base, gpu_provider=None, gpu=dataclasses.replace(base.gpu, required=False),
+                                 cert_cache_dir=str(tmp_path), measurements=[report.measurement.hex()])
+    checks = {c.name: c for c in appraise(ev, policy, expected_report_data=report.report_data).checks}
+    assert not checks["amd.revocation"].ok and f"no CRL at {tmp_path}/Milan/crl/vcek.der" in checks["amd.revocation"].actual
+    open_policy = dataclasses.replace(policy, amd_revocation=Revocation.fail_open)
+    verdict = appraise(ev, open_policy, expected_report_data=report.report_data)
+    assert verdict.ok, verdict.explain()
