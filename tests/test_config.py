@@ -129,8 +129,17 @@ def _another_value(cfg, path):
         return value + 1
     if isinstance(value, str):
         return value + "x"
-    if OmegaConf.is_list(value):
-        return [*value, "x"] if not len(value) or isinstance(value[0], str) else [*value, value[0]]
+    if OmegaConf.is_list(value) and len(value):
+        return [*value, "x"] if isinstance(value[0], str) else [*value, value[0]]
+    if OmegaConf.is_list(value):  # empty: of strings, or of rules (attestation.recipe.fields)
+        from medtee.attestation.policy import FieldRule
+
+        for candidate in (["x"], [FieldRule(key="qlora.rank", max=1)]):
+            try:
+                OmegaConf.update(cfg.copy(), path, candidate, merge=False)
+                return candidate
+            except ValidationError:
+                continue
     for candidate in ("x", 1, ["x"], "nvidia"):  # None: the first value of the field's type
         try:
             OmegaConf.update(cfg.copy(), path, candidate, merge=False)

@@ -9,7 +9,7 @@ from cryptography import x509
 from medtee.attestation.amd import CertCache, chain_checks, key_cert_info, revocation_check, select_key_cert
 from medtee.attestation.certs import common_name, parse_each
 from medtee.attestation.evidence import Evidence, EvidenceFormatError
-from medtee.attestation.policy import AttestationPolicy, RecipeRules, Revocation
+from medtee.attestation.policy import AttestationPolicy, FieldRule, RecipeRules, Revocation
 from medtee.attestation.snp import REPORT_SIZE, ReportFormatError, SnpReport, Tcb, signature_check, structure_checks
 from medtee.attestation.verdict import Check, Verdict, check
 
@@ -182,6 +182,40 @@ def _key_digest(value: object) -> str:
     return value[len("sha256:"):] if isinstance(value, str) and value.startswith("sha256:") else str(value)
 
 
+_ABSENT = object()
+
+
+def _setting(recipe: dict, dotted: str) -> object:
+    """The recipe's value at `dotted`, or _ABSENT when it has no such setting (None is a value: a setting left unset)."""
+    node: object = recipe
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal as a recipe means it: numbers by value, but true is not 1."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def field_check(rule: FieldRule, recipe: dict) -> Check:
+    """`policy.recipe.field[KEY]`: the recipe's setting satisfies the data owner's rule for it."""
+    wanted = [f"one of {rule.one_of}"] if rule.one_of is not None else []
+    wanted += [f">= {rule.min:g}"] if rule.min is not None else []
+    wanted += [f"<= {rule.max:g}"] if rule.max is not None else []
+    value = _setting(recipe, rule.key)
+    if value is _ABSENT:
+        return check(f"policy.recipe.field[{rule.key}]", False, " and ".join(wanted),
+                     "no such setting in the recipe the digest covers (`medtee recipes digest --json` lists them)")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ((rule.one_of is None or any(_same(value, allowed) for allowed in rule.one_of))
+          and (rule.min is None or (number and value >= rule.min))
+          and (rule.max is None or (number and value <= rule.max)))
+    return check(f"policy.recipe.field[{rule.key}]", ok, " and ".join(wanted), str(value)[:200])
+
+
 def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -> list[Check]:
     """The policy's recipe rules on the recipe a release is for: `recipe` must hash to `recipe_digest`."""
     import hashlib
@@ -222,7 +256,7 @@ def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -
     aggregate = _recipe_value(recipe, "tracking.min_aggregate")
     out.append(check("policy.recipe.min_aggregate", isinstance(aggregate, int) and aggregate >= rules.min_aggregate,
                      f"tracking.min_aggregate >= {rules.min_aggregate}", aggregate))
-    return out
+    return out + [field_check(rule, recipe) for rule in rules.fields]
 
 
 def gpu_checks(evidence: Evidence, policy: AttestationPolicy, expected_nonce: bytes | None,

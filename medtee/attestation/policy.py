@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from medtee.paths import conf_dir
 
@@ -78,6 +78,38 @@ class GpuPolicy:
 RUN_MODES = ("train", "eval", "sweep", "generate")
 
 
+#: A recipe setting as `medtee recipes digest --json` shows it: dotted lowercase names (qlora.rank, privacy.dp.epsilon).
+RECIPE_KEY = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+")
+
+
+@dataclass
+class FieldRule:
+    """What one setting of the recipe must be. Give `one_of`, or `min`/`max` for a number, or both."""
+
+    key: str = ""  # the setting, dotted as `medtee recipes digest --json` shows it (e.g. qlora.rank, model.name)
+    one_of: Optional[List[Any]] = None  # the value must equal one of these (true is not 1)
+    min: Optional[float] = None  # the value must be a number at least this
+    max: Optional[float] = None  # the value must be a number at most this
+
+    def problems(self, where: str) -> list[str]:
+        import math
+
+        if not RECIPE_KEY.fullmatch(self.key):
+            return [f"{where}.key={self.key!r} is not a recipe setting: write its dotted name, e.g. qlora.rank"]
+        out = []
+        if self.one_of is None and self.min is None and self.max is None:
+            out.append(f"{where} ({self.key}) restricts nothing: give one_of, min or max")
+        if self.one_of is not None and not self.one_of:
+            out.append(f"{where}.one_of ({self.key}) is empty: it would release to no recipe; list the allowed values")
+        for name in ("min", "max"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                out.append(f"{where}.{name} ({self.key}) must be a finite number")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            out.append(f"{where} ({self.key}): min {self.min} is above max {self.max}")
+        return out
+
+
 @dataclass
 class RecipeRules:
     """What the recipe of a run must say for the broker to release the key, checked on the recipe its digest covers
@@ -92,11 +124,14 @@ class RecipeRules:
     require_audit: bool = False  # require release.require_audit: true (the memorization audit gates the adapter)
     require_dp: bool = False  # require privacy.dp.enabled: true (DP-SGD; then no training loss is logged at all)
     min_aggregate: int = 20  # the least tracking.min_aggregate (examples per logged aggregate) a recipe may set
+    # single settings, e.g. [{key: qlora.rank, max: 16}, {key: privacy.dp.epsilon, max: 3}, {key: model.name,
+    # one_of: [medgemma-27b]}]; a setting the recipe does not have fails its rule
+    fields: List[FieldRule] = field(default_factory=list)
 
     def read_recipe(self) -> bool:
         """Whether these rules look into the recipe (else only its digest is compared, if digests are listed)."""
         return (set(self.modes) != set(RUN_MODES) or bool(self.study_recipients or self.output_recipients)
-                or self.require_audit or self.require_dp or self.min_aggregate > 1)
+                or self.require_audit or self.require_dp or self.min_aggregate > 1 or bool(self.fields))
 
     def problems(self, *, production: bool) -> list[str]:
         out = [f"recipe.digests: '{d}' is not a recipe digest (64 lowercase hex characters, as `medtee recipes "
@@ -112,6 +147,11 @@ class RecipeRules:
                        "name the study keys they may be encrypted to in recipe.study_recipients")
         if self.min_aggregate < 1:
             out.append(f"recipe.min_aggregate={self.min_aggregate} must be at least 1")
+        keys = [rule.key for rule in self.fields]
+        out += [f"recipe.fields: {key} has more than one rule; merge them into one" for key in sorted(set(keys))
+                if keys.count(key) > 1]
+        for i, rule in enumerate(self.fields):
+            out += rule.problems(f"recipe.fields[{i}]")
         return out
 
 

@@ -221,6 +221,55 @@ def test_rules_need_the_recipe_that_hashes_to_the_bound_digest(sealed, broker, t
     assert attempt(broker, manifest, recipe_doc(), digest="ef" * 32) == ["policy.recipe"]
 
 
+def test_the_owner_can_bound_single_settings_of_the_recipe(sealed, broker, tmp_path):
+    """"Rank at most 16, DP with epsilon at most 3, only this model": rules on single settings, checked on the recipe
+    the bound digest covers; a setting the recipe lacks fails its rule (closed), and true is not 1."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "fields", fields=[
+        {"key": "qlora.rank", "max": 16}, {"key": "privacy.dp.epsilon", "min": 0.5, "max": 3},
+        {"key": "model.name", "one_of": ["medgemma-27b"]}, {"key": "privacy.dp.enabled", "one_of": [True]}])
+    good = recipe_doc(**{"privacy.dp.enabled": True})
+    good.update(qlora={"rank": 16}, model={"name": "medgemma-27b"})
+    good["privacy"]["dp"]["epsilon"] = 3.0
+    assert attempt(broker, manifest, good) == "released"
+    wide = json.loads(json.dumps(good))
+    wide["qlora"]["rank"], wide["model"]["name"], wide["privacy"]["dp"]["epsilon"] = 32, "gemma-3-27b", 8.0
+    assert sorted(attempt(broker, manifest, wide)) == ["policy.recipe.field[model.name]",
+                                                       "policy.recipe.field[privacy.dp.epsilon]",
+                                                       "policy.recipe.field[qlora.rank]"]
+    odd = json.loads(json.dumps(good))
+    odd["privacy"]["dp"]["enabled"], odd["qlora"]["rank"] = 1, "8"  # 1 is not true; "8" is not a number
+    del odd["model"]
+    assert sorted(attempt(broker, manifest, odd)) == ["policy.recipe.field[model.name]",
+                                                      "policy.recipe.field[privacy.dp.enabled]",
+                                                      "policy.recipe.field[qlora.rank]"]
+    from medtee.broker.protocol import canonical_json
+    from medtee.crypto.hpke import EphemeralKey
+
+    nonce, eph, digest = broker.challenge("test-ds"), EphemeralKey.generate(), hashlib.sha256(canonical_json(odd)).hexdigest()
+    with pytest.raises(KeyReleaseDenied) as denied:
+        broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence(digest)(nonce, eph.public_bytes),
+                       ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
+                       recipe=odd)
+    text = denied.value.verdict.explain()
+    assert "policy.recipe.field[model.name]: expected one of ['medgemma-27b'], got no such setting" in text
+    assert "policy.recipe.field[qlora.rank]: expected <= 16, got 8" in text
+
+
+@pytest.mark.parametrize("rules, words", [
+    (dict(fields=[{"key": "rank", "max": 16}]), r"recipe.fields\[0\].key='rank' is not a recipe setting"),
+    (dict(fields=[{"key": "qlora.rank"}]), r"recipe.fields\[0\] \(qlora.rank\) restricts nothing"),
+    (dict(fields=[{"key": "model.name", "one_of": []}]), r"one_of \(model.name\) is empty"),
+    (dict(fields=[{"key": "qlora.rank", "min": 16, "max": 8}]), r"min 16.0 is above max 8.0"),
+    (dict(fields=[{"key": "qlora.rank", "max": 16}, {"key": "qlora.rank", "min": 4}]),
+     r"recipe.fields: qlora.rank has more than one rule"),
+    (dict(fields=[{"key": "qlora.rank", "mx": 16}]), r"unknown key 'mx'"),
+])
+def test_setting_rules_are_validated(tmp_path, rules, words):
+    with pytest.raises(ValueError, match=words):
+        rules_policy(tmp_path, EmbeddedBroker(tmp_path / "b"), "bad", **rules)
+
+
 @pytest.mark.parametrize("rules, words", [
     (dict(digests=["recipe=demo"]), "recipe.digests: 'recipe=demo' is not a recipe digest.*medtee recipes digest"),
     (dict(modes=["train", "exfiltrate"]), "recipe.modes: unknown \\['exfiltrate'\\]"),
