@@ -77,9 +77,11 @@ def write_new(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
 
 
 def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file's content, read in blocks (hashlib releases the GIL, so threads hash in parallel)."""
+    """Hex sha256 of a regular file's content (NotRegularFile for a FIFO, device or directory, whose reading could
+    block or never end), read in blocks (hashlib releases the GIL, so threads hash in parallel)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    f, _ = open_regular(path)
+    with f:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()

@@ -13,13 +13,16 @@ def add_parser(subparsers) -> None:
     sub = receipt.add_subparsers(dest="receipt_command", metavar="ACTION", required=True)
     verify = sub.add_parser("verify", help="verify receipt.dsse.json and the files it names, offline",
                             description="Checks the DSSE signature, that the receipt key is bound into the "
-                                        "attestation evidence, the evidence under a policy, and each --adapter "
-                                        "file against the receipt's subjects. Exit 0 when every check passes, 1 "
+                                        "attestation evidence, the evidence under a policy, each --adapter "
+                                        "file against the receipt's subjects and the --dataset against its "
+                                        "manifest. Exit 0 when every check passes, 1 "
                                         "when the receipt is rejected (each failed check named), 2 on unusable "
                                         "input.")
     verify.add_argument("receipt", metavar="RECEIPT", help="receipt.dsse.json from a run's output directory")
     verify.add_argument("--adapter", metavar="FILE", action="append", default=[],
                         help="an output file (e.g. adapter.safetensors.enc) to check against the subjects; repeatable")
+    verify.add_argument("--dataset", metavar="DIR",
+                        help="a sealed dataset directory whose manifest must be the one the receipt names")
     verify.add_argument("--policy", metavar="NAME|FILE",
                         help="appraise under this policy (a name in conf/attestation/, or a YAML file) instead of "
                              "the one recorded in the receipt; trust a receipt only under your own policy")
@@ -40,6 +43,12 @@ def _at(value: str | None):
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def _shown(text: str) -> str:
+    """`text` with what a terminal would act on escaped (ESC and other controls, lone surrogates, bidi overrides):
+    reasons quote the receipt (subject names, certificate names), which must not rewrite or crash the output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def run_verify(args: argparse.Namespace) -> int:
     """Handler of `medtee receipt verify`."""
     import json
@@ -53,17 +62,23 @@ def run_verify(args: argparse.Namespace) -> int:
         now = _at(args.at)
         policy = resolve_policy(args.policy) if args.policy else None
         data = read_regular(args.receipt, MAX_RECEIPT_BYTES)
-        result = verify_receipt(data, files=args.adapter, policy=policy, now=now)
+        result = verify_receipt(data, files=args.adapter, policy=policy, now=now, dataset=args.dataset)
     except (NotRegularFile, OSError) as exc:
-        return exits.fail(f"receipt verify: {args.receipt}: {getattr(exc, 'strerror', None) or exc}")
+        return exits.fail(_shown(f"receipt verify: {args.receipt}: {getattr(exc, 'strerror', None) or exc}"))
     except (UnusableInput, ValueError) as exc:
-        return exits.fail(f"receipt verify: unusable input: {exc}")
+        return exits.fail(_shown(f"receipt verify: unusable input: {exc}"))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         head = "VERIFIED" if result.ok else "REJECTED"
-        print(f"{head}: {args.receipt} under policy '{result.policy}'{' (SIMULATED)' if result.simulated else ''}")
+        simulated = " (SIMULATED)" if result.simulated else ""
+        print(_shown(f"{head}: {args.receipt} under policy '{result.policy}'{simulated}"))
+        says = result.claims
+        error = f" ({says['error_type']})" if says["error_type"] else ""
+        print(_shown(f"  the receipt says: run {says['outcome']}{error} on dataset '{says['dataset_id']}' (manifest "
+                     f"{says['manifest_digest'][:16]}...), recipe {says['recipe_digest'][:16]}..., release "
+                     f"{says['release_id'][:16]}..."))
         for c in result.checks:
-            print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.reason}")
+            print(_shown(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.reason}"))
     return exits.OK if result.ok else exits.fail(
-        f"receipt rejected: {', '.join(c.name for c in result.failures())}", exits.REFUSED)
+        _shown(f"receipt rejected: {', '.join(c.name for c in result.failures())}"), exits.REFUSED)

@@ -5,8 +5,9 @@ recomputed from the predicate's binding inputs, recipe digest and the evidence's
 `attestation` (the evidence appraised by `medtee.attestation.appraise` under the verifier's policy: the one given,
 or the shipped policy of the name the receipt records, never the content it records), `authenticity` (SIMULATED
 evidence passes only a policy that allows it and is never production), `policy` (the recorded policy is the one
-appraised here), `recipe.digest` (the recorded recipe hashes to its digest) and `file <path>` for each file given
-(its SHA-256 must equal a subject's). Input that cannot be read as a receipt raises UnusableInput, distinct from a
+appraised here), `recipe.digest` (the recorded recipe hashes to its digest), `file <path>` for each file given
+(its SHA-256 must equal a subject's) and `dataset` for a sealed dataset directory given (its manifest must be the
+one the receipt names). Input that cannot be read as a receipt raises UnusableInput, distinct from a
 receipt that reads but is rejected. With the shipped policies nothing here opens a network connection (their KDS
 fetching is off).
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import dataclasses
 import hashlib
 import json
@@ -52,12 +52,14 @@ class ReceiptCheck:
 
 @dataclass(frozen=True)
 class ReceiptVerification:
-    """Every check of one verification; `verdict` is the appraisal of the receipt's evidence."""
+    """Every check of one verification; `verdict` is the appraisal of the receipt's evidence, `claims` what the
+    receipt says was done (outcome, dataset, recipe, release), which the checks prove only when all pass."""
 
     checks: tuple[ReceiptCheck, ...]
     policy: str
     simulated: bool
     verdict: Verdict
+    claims: dict = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -67,7 +69,7 @@ class ReceiptVerification:
         return tuple(c for c in self.checks if not c.ok)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "policy": self.policy, "simulated": self.simulated,
+        return {"ok": self.ok, "policy": self.policy, "simulated": self.simulated, "claims": self.claims,
                 "checks": [dataclasses.asdict(c) for c in self.checks]}
 
 
@@ -90,26 +92,64 @@ def _bytes(predicate: dict, path: str) -> bytes:
         raise UnusableInput(f"receipt: 'predicate.{path}' is not base64") from None
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object names a key twice (parsers differ on which value counts)."""
+
+
+def _object(pairs: list) -> dict:
+    doc = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _RepeatedKey(key)
+        doc[key] = value
+    return doc
+
+
+def _json(data: bytes, what: str, not_json: str):
+    """`data` parsed as JSON whose objects name each key once; UnusableInput (`not_json`, or naming the repeated key
+    of the `what`) otherwise."""
+    try:
+        return json.loads(data, object_pairs_hook=_object)
+    except _RepeatedKey as exc:
+        raise UnusableInput(f"receipt: the {what} repeats the key {str(exc)!r}; use the receipt the run "
+                            f"wrote") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UnusableInput(f"receipt: {not_json}") from None
+
+
+def _signatures(doc: dict) -> list[dict]:
+    """The envelope's signatures as securesystemslib reads them ({keyid, sig}); UnusableInput naming what is wrong."""
+    signatures = doc["signatures"]
+    if not isinstance(signatures, list):
+        raise UnusableInput("receipt: malformed DSSE envelope: signatures must be a list of {keyid, sig}")
+    if not isinstance(doc["payload"], str) or not isinstance(doc["payloadType"], str) or not all(
+            isinstance(s, dict) and isinstance(s.get("keyid"), str) and isinstance(s.get("sig"), str)
+            for s in signatures):
+        raise UnusableInput("receipt: malformed DSSE envelope: payload, payloadType and each signature's keyid and "
+                            "sig must be strings")
+    seen = set()
+    for s in signatures:
+        if s["keyid"] in seen:
+            raise UnusableInput(f"receipt: malformed DSSE envelope: two signatures with keyid {s['keyid']!r}")
+        seen.add(s["keyid"])
+    return [{"keyid": s["keyid"], "sig": s["sig"]} for s in signatures]
+
+
 def parse_envelope(data: bytes):
     """The DSSE Envelope and its Statement; UnusableInput when either cannot be read."""
     from securesystemslib.dsse import Envelope
 
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise UnusableInput("receipt: not a JSON document (expected a DSSE envelope, receipt.dsse.json)") from None
+    doc = _json(data, "envelope", "not a JSON document (expected a DSSE envelope, receipt.dsse.json)")
     if not isinstance(doc, dict) or not {"payload", "payloadType", "signatures"} <= doc.keys():
         raise UnusableInput("receipt: not a DSSE envelope (needs payload, payloadType, signatures)")
+    signatures = _signatures(doc)
     try:
-        envelope = Envelope.from_dict(copy.deepcopy(doc))
-    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error, RecursionError) as exc:
-        raise UnusableInput(f"receipt: malformed DSSE envelope ({type(exc).__name__})") from None
+        envelope = Envelope.from_dict({**doc, "signatures": signatures})
+    except ValueError:  # binascii.Error, or UnicodeEncodeError for a lone surrogate
+        raise UnusableInput("receipt: malformed DSSE envelope: the payload or a signature is not base64") from None
     if envelope.payload_type != PAYLOAD_TYPE:
         raise UnusableInput(f"receipt: payloadType must be {PAYLOAD_TYPE}")
-    try:
-        statement = json.loads(envelope.payload)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise UnusableInput("receipt: the DSSE payload is not JSON") from None
+    statement = _json(envelope.payload, "payload", "the DSSE payload is not JSON")
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         raise UnusableInput(f"receipt: the payload is not an in-toto Statement ({STATEMENT_TYPE})")
     if statement.get("predicateType") != PREDICATE_TYPE:
@@ -139,10 +179,26 @@ def _recorded_policy_check(predicate: dict, policy: AttestationPolicy, *, chosen
     from medtee.receipt.statement import policy_content
 
     recorded = _field(predicate, "attestation.policy.content")
-    if recorded == policy_content(policy):
+    differ = _differences(recorded, policy_content(policy))
+    if not differ:
         return ReceiptCheck("policy", True, f"the run applied policy '{policy.name}', as verified here")
-    return ReceiptCheck("policy", chosen, f"the run recorded a policy named '{predicate['attestation']['policy']['name']}' "
-                                          f"whose content differs from the policy '{policy.name}' verified here")
+    fields = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+    reason = (f"the run recorded a policy named '{predicate['attestation']['policy']['name']}' whose content differs "
+              f"from the policy '{policy.name}' verified here in {fields}")
+    if chosen:
+        return ReceiptCheck("policy", True, reason)
+    version = predicate["medtee"].get("version") if isinstance(predicate["medtee"], dict) else None
+    return ReceiptCheck("policy", False, f"{reason} (the receipt was written by medtee {version}); verify it under the "
+                                         f"policy you trust: --policy NAME|FILE")
+
+
+def _differences(recorded: object, policy: object, prefix: str = "") -> list[str]:
+    """The dotted fields in which a recorded policy content and a policy's differ, sorted."""
+    if not isinstance(recorded, dict) or not isinstance(policy, dict):
+        return [] if recorded == policy else [prefix.rstrip(".")]
+    missing = object()
+    return [d for key in sorted(recorded.keys() | policy.keys())
+            for d in _differences(recorded.get(key, missing), policy.get(key, missing), f"{prefix}{key}.")]
 
 
 def _signature(envelope, receipt_key: bytes) -> ReceiptCheck:
@@ -222,23 +278,58 @@ def _recipe_digest(predicate: dict) -> ReceiptCheck:
     return ReceiptCheck("recipe.digest", True, "the recorded recipe hashes to the bound recipe digest")
 
 
-def _files(statement: dict, files: Sequence[Path | str]) -> list[ReceiptCheck]:
-    from medtee.files import sha256_file
+def _sha256(path: Path | str) -> str:
+    """SHA-256 hex of the regular file `path` (never a FIFO or device: reading one could block or never end)."""
+    from medtee.files import NotRegularFile, sha256_file
 
+    try:
+        return sha256_file(path)
+    except NotRegularFile as exc:
+        raise UnusableInput(f"{path}: {exc}; give the output file itself") from None
+    except OSError as exc:
+        raise UnusableInput(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+
+
+def _files(statement: dict, files: Sequence[Path | str]) -> list[ReceiptCheck]:
     subjects = {}
     for i, s in enumerate(_field(statement, "subject", list, where="")):
         subjects.setdefault(_field(s, "digest.sha256", str, f"subject[{i}]."), _field(s, "name", str, f"subject[{i}]."))
     out = []
     for path in files:
-        try:
-            digest = sha256_file(path)
-        except OSError as exc:
-            raise UnusableInput(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+        digest = _sha256(path)
         name = subjects.get(digest)
         out.append(ReceiptCheck(f"file {path}", name is not None,
                                 f"matches subject {name}" if name else f"sha256 {digest[:16]}... matches no subject "
                                                                        "of the receipt (altered or another run's)"))
     return out
+
+
+def _dataset(predicate: dict, directory: Path | str) -> ReceiptCheck:
+    """Whether the sealed dataset at `directory` has the manifest the key was released for."""
+    from medtee.sealing.manifest import Manifest
+
+    try:
+        manifest = Manifest.load(directory)
+    except ValueError as exc:  # SealedDataError: names the file and the fix
+        raise UnusableInput(f"--dataset {exc}") from None
+    claimed = (_field(predicate, "dataset.id", str), _field(predicate, "dataset.manifest_digest", str))
+    actual = (manifest.dataset_id, manifest.digest())
+    if actual != claimed:
+        return ReceiptCheck("dataset", False, f"{directory} is dataset '{actual[0]}' (manifest {actual[1][:16]}...); "
+                                              f"the key was released for '{claimed[0]}' (manifest {claimed[1][:16]}...)")
+    return ReceiptCheck("dataset", True, f"{directory} is dataset '{actual[0]}' with the manifest the key was released "
+                                         f"for ({actual[1][:16]}...)")
+
+
+def _claims(statement: dict) -> dict:
+    predicate = statement["predicate"]
+    return {"outcome": _field(predicate, "run.outcome", str),
+            "error_type": _field(predicate, "run.error_type", (str, type(None))),
+            "dataset_id": _field(predicate, "dataset.id", str),
+            "manifest_digest": _field(predicate, "dataset.manifest_digest", str),
+            "recipe_digest": _field(predicate, "recipe.digest", str),
+            "release_id": _field(predicate, "release.release_id", str),
+            "subjects": [s["name"] for s in statement["subject"]]}
 
 
 def _evidence(predicate: dict) -> Evidence:
@@ -251,10 +342,10 @@ def _evidence(predicate: dict) -> Evidence:
 
 
 def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: AttestationPolicy | None = None,
-                   now: datetime | None = None) -> ReceiptVerification:
-    """Verify the receipt `data` (receipt.dsse.json's bytes) and `files` against it, under `policy` (default: the
-    shipped policy of the name the receipt records, never the content it records) as of `now` (default: the current
-    time). UnusableInput for unreadable input."""
+                   now: datetime | None = None, dataset: Path | str | None = None) -> ReceiptVerification:
+    """Verify the receipt `data` (receipt.dsse.json's bytes), `files` and the sealed `dataset` directory against it,
+    under `policy` (default: the shipped policy of the name the receipt records, never the content it records) as of
+    `now` (default: the current time). UnusableInput for unreadable input."""
     from medtee.attestation.appraise import appraise
 
     envelope, statement = parse_envelope(data)
@@ -277,4 +368,7 @@ def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: Att
     checks = [_signature(envelope, receipt_key), _binding(verdict), _attestation(verdict),
               _authenticity(predicate, evidence, policy), _recorded_policy_check(predicate, policy, chosen=chosen),
               _recipe_digest(predicate), *_files(statement, files)]
-    return ReceiptVerification(tuple(checks), policy=policy.name, simulated=evidence.simulated, verdict=verdict)
+    if dataset is not None:
+        checks.append(_dataset(predicate, dataset))
+    return ReceiptVerification(tuple(checks), policy=policy.name, simulated=evidence.simulated, verdict=verdict,
+                               claims=_claims(statement))
