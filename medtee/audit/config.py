@@ -30,10 +30,15 @@ class ReleaseConfig:
         ceiling = math.log2(max(self.references, 1))
         for name, limit in [("max_exposure_bits", self.max_exposure_bits),
                             *((f"max_exposure_at.{k}", v) for k, v in self.max_exposure_at.items())]:
-            if limit >= ceiling:
+            if not math.isfinite(limit):  # NaN compares false with every exposure: the gate would always pass
+                out.append(f"release.{name}={limit} must be a finite number of bits, below log2(release.references)")
+            elif limit >= ceiling:
                 out.append(f"release.{name}={limit} is not below log2(release.references)={ceiling:g}, the highest "
                            f"exposure a canary can reach, so the gate could never fail: lower it or raise "
                            f"release.references")
+        if not 0 <= self.max_extraction_above_base < 1:  # a rate above the base model's is at most 1; NaN is refused
+            out.append(f"release.max_extraction_above_base={self.max_extraction_above_base} must be a rate in [0, 1), "
+                       f"or the gate could never fail on verbatim extraction")
         bad = [k for k in self.max_exposure_at if not str(k).isdigit()]
         if bad:
             out.append(f"release.max_exposure_at: keys are repeat counts (digits), not {', '.join(map(str, bad))}")

@@ -43,9 +43,27 @@ def extraction_examples(arrays, *, suffix_tokens: int, limit: int) -> list[tuple
     return out
 
 
+def trained_copies(tokenizer, canaries, arrays) -> int:
+    """How many examples of `arrays` (token arrays) are, token for token, the record of an inserted canary."""
+    from medtee.audit.canaries import canary_dialogue
+    from medtee.data.chat import encode_arrays
+
+    dialogues = [canary_dialogue(text) for text in sorted({c.text for c in canaries if c.repeats > 0})]
+    if not dialogues:
+        return 0
+    records = {ids.astype(np.int64).tobytes() for ids, _ in encode_arrays(tokenizer, dialogues, max_length=512)}
+    lengths = {len(r) // 8 for r in records}
+    offsets, count = arrays.offsets, 0
+    for i in range(len(arrays)):
+        if offsets[i + 1] - offsets[i] in lengths:
+            count += arrays.input_ids[offsets[i]:offsets[i + 1]].astype(np.int64).tobytes() in records
+    return count
+
+
 def run_audit(model, tokenizer, canaries, train_arrays, release, *, seed: int = 0) -> AuditVerdict:
     """Exposure of every canary (tuned model; the base model's for comparison) and verbatim extraction by both
-    models; the verdict against `release` (the recipe's section)."""
+    models; the verdict against `release` (the recipe's section). It fails closed: on a threshold that is NaN, on no
+    inserted canary's record in `train_arrays`, and on no example to measure extraction with."""
     from medtee.audit.probe import canary_exposures, extraction_rates
     from medtee.audit.summary import summarize
     from medtee.evaluation.compare import adapter_off
@@ -62,9 +80,12 @@ def run_audit(model, tokenizer, canaries, train_arrays, release, *, seed: int = 
     metrics = summarize(tuned_exposures, tuned_extraction)
     metrics.update({k.replace("audit/", "audit/base_", 1): v
                     for k, v in summarize(base_exposures, base_extraction).items()})
-    failures = []
+    failures = []  # every comparison is written to fail on NaN
+    if not trained_copies(tokenizer, canaries, train_arrays):
+        failures.append("no record of an inserted canary is in the training split, so exposure measured nothing: "
+                        "train on the dataset sealed with the canaries (`medtee seal --canaries N`)")
     for repeats, values in sorted(tuned_exposures.items()):
-        if repeats and max(values) > release.limit_at(repeats):
+        if repeats and not max(values) <= release.limit_at(repeats):
             failures.append(f"canary exposure at {repeats} repeats is {max(values):.2f} bits, above "
                             f"release.max_exposure limit {release.limit_at(repeats):.2f} by "
                             f"{max(values) - release.limit_at(repeats):.2f}")
@@ -75,10 +96,13 @@ def run_audit(model, tokenizer, canaries, train_arrays, release, *, seed: int = 
             result = paired([float(e[key]) for e in base_extraction], [float(e[key]) for e in tuned_extraction],
                             seed=seed, resamples=2000)
             metrics.update({f"audit/extraction_{name}_{k}": float(result[k]) for k in ("delta", "ci_low", "ci_high")})
-    if tuned_extraction:
+    if not tuned_extraction:
+        failures.append(f"verbatim extraction was not measured: no training doctor turn has "
+                        f"release.suffix_tokens={release.suffix_tokens} tokens; lower release.suffix_tokens")
+    else:
         above = metrics["audit/extraction_exact_rate"] - metrics.get("audit/base_extraction_exact_rate", 0.0)
         metrics["audit/extraction_exact_rate_above_base"] = above
-        if above > release.max_extraction_above_base:
+        if not above <= release.max_extraction_above_base:
             failures.append(f"verbatim extraction is {above:.3f} above the base model's, above "
                             f"release.max_extraction_above_base={release.max_extraction_above_base} by "
                             f"{above - release.max_extraction_above_base:.3f}")

@@ -87,6 +87,8 @@ def run_ratings(args: argparse.Namespace) -> int:
     from medtee.evaluation.report import external_references, render_report
     from medtee.files import write_atomic
 
+    if args.seed < 0:
+        return exits.fail(f"eval ratings: --seed {args.seed}: give a seed of 0 or more")
     step, path = "ratings", args.ratings
     try:
         ratings = RatingsFile.load(args.ratings)  # hashed before the blinding is opened

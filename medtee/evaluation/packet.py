@@ -33,8 +33,26 @@ def open_packet(path: Path | str, private_key_file: Path | str) -> list[dict]:
     _, key = load_private_key(private_key_file)
     doc = json.loads(open_blob(read_regular(path, MAX_PACKET_BYTES), key, info=PACKET_INFO))
     if not isinstance(doc, dict) or doc.get("format") != PACKET_FORMAT:
-        raise ValueError(f"{path} is not a {PACKET_FORMAT} packet; give the rating_packet.sealed of `medtee generate`")
+        raise ValueError(f"not a {PACKET_FORMAT} packet; give the rating_packet.sealed of `medtee generate`")
+    _check_items(doc.get("items"))
     return doc["items"]
+
+
+def _check_items(items) -> None:
+    """Each item {item_id, context, answers: {A, B}} with text values and a valid, unique item_id (no text shown)."""
+    from medtee.evaluation.ratings import _ID, _ID_RULE
+
+    if not isinstance(items, list) or not items:
+        raise ValueError("the packet holds no list of items; give the rating_packet.sealed of `medtee generate`")
+    seen = set()
+    for number, item in enumerate(items, 1):
+        if not (isinstance(item, dict) and set(item) == {"item_id", "context", "answers"}
+                and isinstance(item["context"], str) and isinstance(item["answers"], dict)
+                and set(item["answers"]) == {"A", "B"} and all(isinstance(a, str) for a in item["answers"].values())):
+            raise ValueError(f"packet item {number} is not {{item_id, context, answers: {{A, B}}}} of text")
+        if not (isinstance(item["item_id"], str) and _ID.fullmatch(item["item_id"])) or item["item_id"] in seen:
+            raise ValueError(f"packet item {number}: its item_id must be unique and {_ID_RULE}")
+        seen.add(item["item_id"])
 
 
 def write_for_raters(items: list[dict], out_dir: Path) -> tuple[Path, Path]:

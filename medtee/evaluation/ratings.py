@@ -16,7 +16,8 @@ the file line and the column and the fix, never a cell's content (a cell may hol
 Blinding: ``{item_id: {"A": "base" | "tuned", "B": the other}}``, drawn by :func:`make_blinding` and kept sealed
 (:func:`seal_blinding`, HPKE to the study owner's key) until the ratings are in. :meth:`RatingsFile.load` hashes the
 ratings as it reads them, and only a loaded :class:`RatingsFile` can be unblinded, so the summary's
-``ratings_sha256`` fixes the ratings before anyone sees which answer was whose.
+``ratings_sha256`` names exactly the bytes summarised. It shows the ratings predate the unblinding only if it was
+given to someone outside the study first: the study owner's key opens the blinding at any time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Iterable
 
 from medtee.crypto.blob import open_blob, seal_blob
 from medtee.crypto.hpke import load_private_key
-from medtee.evaluation.stats import alpha_ci, mean_ci, paired, share
+from medtee.evaluation.stats import alpha_ci_of_units, mean_ci, paired, share
 from medtee.files import read_regular, write_atomic
 
 COLUMNS = ("rater_id", "item_id", "label", "recommendation", "clinical_relevance", "safety", "conciseness", "comment")
@@ -242,16 +243,14 @@ def _preference(items: dict[str, dict[str, list[Rating]]]) -> dict:
 
 def _agreement(unblinded: list[tuple[str, Rating]], seed: int, resamples: int) -> dict:
     """Krippendorff's alpha of the recommendation, units = answers (item, label), per level; None if undefined."""
-    raters = sorted({r.rater_id for _, r in unblinded})
-    units = sorted({(r.item_id, r.label) for _, r in unblinded})
-    column = {u: i for i, u in enumerate(units)}
-    data = [[None] * len(units) for _ in raters]
-    for _, r in unblinded:
-        data[raters.index(r.rater_id)][column[(r.item_id, r.label)]] = r.recommendation
+    by_unit: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for _, r in unblinded:  # one value per rater: a repeated (rater, item, label) was refused on reading
+        by_unit[(r.item_id, r.label)].append(r.recommendation)
+    units = [by_unit[u] for u in sorted(by_unit)]
     out = {}
     for level in ("interval", "ordinal"):
         try:
-            out[level] = alpha_ci(data, level, seed=seed, resamples=resamples)
+            out[level] = alpha_ci_of_units(units, level, seed=seed, resamples=resamples)
         except ValueError:  # fewer than two raters on every answer, or no variation at all
             out[level] = None
     return out
@@ -265,13 +264,18 @@ def summarize(ratings: RatingsFile, blinding: Blinding, *, seed: int = 0, resamp
     95% bootstrap interval (`models`); the paired tuned - base difference of the recommendation over items
     (`recommendation_delta`); the share of items whose tuned answer has the higher mean recommendation, ties left out
     and counted (`preference`); Krippendorff's alpha of the recommendation, interval and ordinal, over answers with
-    bootstrap intervals (`agreement`; a level is None when alpha is undefined). ValueError if fewer than `min_items`
-    items are rated (the house minimum for evaluation aggregates, `tracking.min_aggregate`, is 20).
+    bootstrap intervals (`agreement`; a level is None when alpha is undefined). ValueError if an item of `blinding`
+    has no rating, or fewer than `min_items` items (never fewer than 2) are rated (the house minimum for evaluation
+    aggregates, `tracking.min_aggregate`, is 20).
     """
     unblinded = ratings.unblind(blinding)
     items = _per_item(unblinded)
-    if len(items) < min_items:
-        raise ValueError(f"{len(items)} item(s) rated; aggregates need at least {min_items} "
+    unrated = [item for item in blinding if item not in items]  # left out, they could bias the summary unseen
+    if unrated:
+        raise ValueError(f"{len(unrated)} of the blinding's {len(blinding)} items have no rating (item_id "
+                         f"{unrated[0]}{' and others' if len(unrated) > 1 else ''}); rate both answers of every item")
+    if len(items) < max(min_items, 2):  # an interval needs two
+        raise ValueError(f"{len(items)} item(s) rated; aggregates need at least {max(min_items, 2)} "
                          "(rate more items, or lower the minimum knowingly)")
     per_model = {m: {s: [_mean(by_model[m], s) for by_model in items.values()] for s in SCORES} for m in MODELS}
     return {

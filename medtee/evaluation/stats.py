@@ -23,6 +23,8 @@ from scipy import stats as _scipy_stats
 CONFIDENCE = 0.95
 LEVELS = ("nominal", "ordinal", "interval", "ratio")
 MIN_RESAMPLES = 100
+_BATCH_VALUES = 1 << 20  # resampled values held at once by a vectorized bootstrap (8 MiB of float64)
+_UNPAIRABLE = "no unit has values from two raters; alpha needs units rated at least twice"
 
 
 def _sample(values: Sequence[float], what: str) -> np.ndarray:
@@ -45,7 +47,8 @@ def _mean_interval(values: np.ndarray, seed: int, resamples: int) -> tuple[float
     if np.ptp(values) == 0:
         return float(values[0]), float(values[0])
     result = _scipy_stats.bootstrap((values,), np.mean, n_resamples=resamples, method="percentile",
-                                    confidence_level=CONFIDENCE, rng=np.random.default_rng(seed))
+                                    confidence_level=CONFIDENCE, rng=np.random.default_rng(seed),
+                                    batch=max(1, _BATCH_VALUES // len(values)))  # same draws, bounded memory
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -134,8 +137,12 @@ def _squared_differences(values: np.ndarray, n_c: np.ndarray, level: str) -> np.
 def _alpha(data: np.ndarray, level: str) -> float:
     pairable = _pairable(data)
     if pairable.shape[1] == 0:
-        raise ValueError("no unit has values from two raters; alpha needs units rated at least twice")
-    values, counts = _value_counts(pairable)
+        raise ValueError(_UNPAIRABLE)
+    return _alpha_of_counts(*_value_counts(pairable), level)
+
+
+def _alpha_of_counts(values: np.ndarray, counts: np.ndarray, level: str) -> float:
+    """Alpha from `_value_counts` of pairable units; a value no unit holds changes nothing (its count is 0)."""
     o = _coincidences(counts)
     n_c = o.sum(axis=1)
     n = n_c.sum()
@@ -166,19 +173,43 @@ def alpha_ci(reliability_data, level: str = "interval", *, seed: int = 0, resamp
     _check_level(level)
     _check_resamples(resamples)
     data = _pairable(_reliability_matrix(reliability_data))
-    point = _alpha(data, level)
+    if data.shape[1] == 0:
+        raise ValueError(_UNPAIRABLE)
+    return _alpha_ci(*_value_counts(data), level, seed, resamples)
+
+
+def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval", *, seed: int = 0,
+                      resamples: int = 10_000) -> dict:
+    """`alpha_ci` from the values each unit received, one per rater (alpha does not depend on which rater gave
+    which): memory grows with units x distinct values, not with units x raters."""
+    _check_level(level)
+    _check_resamples(resamples)
+    pairable = [np.asarray(unit, dtype=float) for unit in units if len(unit) >= 2]
+    if not pairable:
+        raise ValueError(_UNPAIRABLE)
+    flat = np.concatenate(pairable)
+    if not np.isfinite(flat).all():
+        raise ValueError("a unit's values contain NaN or infinity; leave a missing value out of its unit")
+    values, column = np.unique(flat, return_inverse=True)
+    counts = np.zeros((len(pairable), len(values)))
+    np.add.at(counts, (np.repeat(np.arange(len(pairable)), [len(u) for u in pairable]), column), 1.0)
+    return _alpha_ci(values, counts, level, seed, resamples)
+
+
+def _alpha_ci(values: np.ndarray, counts: np.ndarray, level: str, seed: int, resamples: int) -> dict:
+    """Alpha of units x values `counts` and its percentile bootstrap interval over units (rows)."""
+    point = _alpha_of_counts(values, counts, level)
 
     def statistic(units: np.ndarray) -> float:
         try:
-            return _alpha(data[:, units.astype(int)], level)
+            return _alpha_of_counts(values, counts[units.astype(int)], level)
         except ValueError:
             return math.nan
 
-    units = np.arange(data.shape[1])
-    result = _scipy_stats.bootstrap((units,), statistic, n_resamples=resamples, vectorized=False,
+    result = _scipy_stats.bootstrap((np.arange(len(counts)),), statistic, n_resamples=resamples, vectorized=False,
                                     method="percentile", confidence_level=CONFIDENCE,
                                     rng=np.random.default_rng(seed))
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     if not (math.isfinite(low) and math.isfinite(high)):
         low = high = None
-    return {"alpha": point, "ci_low": low, "ci_high": high, "n_units": int(data.shape[1])}
+    return {"alpha": point, "ci_low": low, "ci_high": high, "n_units": len(counts)}

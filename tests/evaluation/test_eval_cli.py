@@ -26,7 +26,8 @@ def study(tmp_path, study_keys):
     sealed = tmp_path / "blinding.sealed"
     seal_blinding(blinding, load_public_key(study_keys["public"]), sealed)
     ratings = write_csv(tmp_path / "ratings.csv", study_rows(blinding))
-    return {"ratings": ratings, "blinding": str(sealed), "key": str(study_keys["private"]), "dir": tmp_path}
+    return {"ratings": ratings, "blinding": str(sealed), "key": str(study_keys["private"]), "dir": tmp_path,
+            "blinding_map": blinding}
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -57,7 +58,7 @@ def test_text_summary_is_numbers_and_names(study, capsys):
 
 
 @pytest.mark.parametrize("problem", ["bad cell", "wrong key", "missing ratings", "missing key", "too few items",
-                                     "ratings as blinding"])
+                                     "ratings as blinding", "unrated item", "negative seed"])
 def test_bad_input_is_one_line_and_exit_2(study, study_keys, capsys, problem):
     args = {"ratings": study["ratings"], "blinding": study["blinding"], "key": study["key"], "extra": []}
     if problem == "bad cell":
@@ -70,6 +71,11 @@ def test_bad_input_is_one_line_and_exit_2(study, study_keys, capsys, problem):
         args["key"] = str(study["dir"] / "absent.key")
     elif problem == "too few items":
         args["extra"] = ["--min-items", "21"]
+    elif problem == "unrated item":
+        args["ratings"] = write_csv(study["dir"] / "part.csv", [r for r in study_rows(study["blinding_map"])
+                                                               if ",q007," not in r])
+    elif problem == "negative seed":
+        args["extra"] = ["--seed", "-1"]
     else:
         args["blinding"] = study["ratings"]
     code, out, err = _run(capsys, args["ratings"], "--blinding", args["blinding"], "--key", args["key"],
@@ -79,6 +85,10 @@ def test_bad_input_is_one_line_and_exit_2(study, study_keys, capsys, problem):
     assert "Traceback" not in err and "CANARY" not in err
     if problem == "bad cell":
         assert "line 3, column recommendation" in err
+    if problem == "unrated item":
+        assert "1 of the blinding's 20 items have no rating (item_id q007)" in err
+    if problem == "negative seed":
+        assert err == "medtee: eval ratings: --seed -1: give a seed of 0 or more\n"
 
 
 def test_help_imports_no_heavy_evaluation_library():

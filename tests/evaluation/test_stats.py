@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from medtee.evaluation.stats import LEVELS, alpha_ci, krippendorff_alpha, mean_ci, paired, share
+from medtee.evaluation.stats import LEVELS, alpha_ci, alpha_ci_of_units, krippendorff_alpha, mean_ci, paired, share
 
 N = None
 #: Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", example C: 4 observers x 12 units, missing data.
@@ -57,6 +57,33 @@ def test_hand_computed_systematic_disagreement_and_chance():
 def test_units_rated_once_do_not_count():
     extra = [row + [v] for row, v in zip(KRIPPENDORFF_2011_C, [N, 5, N, N])]
     assert krippendorff_alpha(extra, "interval") == krippendorff_alpha(KRIPPENDORFF_2011_C, "interval")
+
+
+@pytest.mark.parametrize("level", ["nominal", "interval"])
+def test_alpha_agrees_with_nltk_on_random_data_with_missing_values(level):
+    """An independent implementation (NLTK's AnnotationTask, Apache-2.0, installed with rouge-score)."""
+    agreement = pytest.importorskip("nltk.metrics.agreement")
+    from nltk.metrics.distance import binary_distance, interval_distance
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        raters, units = rng.integers(2, 6), rng.integers(4, 16)
+        data = np.where(rng.random((raters, units)) < 0.3, np.nan, rng.integers(1, 11, (raters, units)).astype(float))
+        pairable = (~np.isnan(data)).sum(axis=0) >= 2
+        triples = [(f"r{r}", f"u{u}", float(data[r, u])) for r in range(raters) for u in range(units)
+                   if pairable[u] and not np.isnan(data[r, u])]
+        distance = binary_distance if level == "nominal" else interval_distance
+        expected = agreement.AnnotationTask(triples, distance=distance).alpha()
+        assert krippendorff_alpha(data.tolist(), level) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_alpha_of_units_equals_alpha_of_the_matrix(level):
+    units = [[v for v in column if v is not None] for column in zip(*KRIPPENDORFF_2011_C)]
+    assert alpha_ci_of_units(units, level, seed=3, resamples=500) == alpha_ci(KRIPPENDORFF_2011_C, level, seed=3,
+                                                                               resamples=500)
+    with pytest.raises(ValueError, match="no unit has values from two raters"):
+        alpha_ci_of_units([[1], [2], []], level)
 
 
 def test_nan_and_none_both_mean_missing():
