@@ -557,7 +557,8 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
     seconds = round(time.time() - started, 1)
     audit = _audit(cfg, session, model=module.model, tokenizer=tokenizer, datamodule=datamodule, logger=logger,
                    step=trainer.global_step) if adapter is not None and session.canaries else None
-    released = audit is None or audit.passed or not cfg.release.require_audit
+    # with release.require_audit the adapter goes to the recipient only on a passed audit, never for want of one
+    released = adapter is None or not cfg.release.require_audit or (audit is not None and audit.passed)
     summary = _summary(session, mode=mode, stats=stats, run_id=logger.run_id, resumed=bool(t.resume_from),
                        world_size=trainer.world_size, steps=trainer.global_step, seconds=seconds, metrics=metrics)
     if module.dp_summary():
@@ -576,8 +577,9 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
         _report(summary, first_loss=module.first_loss, out_dir=out_dir, written=written,
                 recipient=cfg.output.recipient, tracking_uri=cfg.tracking.tracking_uri)
         if not released:
+            why = "; ".join(audit.failures) if audit is not None else "the dataset's canary file holds no canaries"
             say(f"refused: the memorization audit failed, so the adapter stays sealed to the dataset's release "
-                f"({out_dir / 'adapter.sealed'}) and is not encrypted to the recipient: {'; '.join(audit.failures)}")
+                f"({out_dir / 'adapter.sealed'}) and is not encrypted to the recipient: {why}")
 
     session.outcome.finish = finish
     return exits.OK if released else exits.REFUSED

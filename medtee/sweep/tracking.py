@@ -113,7 +113,7 @@ class SweepTracker:
     def _close(self, child: GuardedMLflowLogger, state: str, value: float | None, error: str | None) -> None:
         child.set_tags({STATE_TAG: state, **({"medtee.sweep.error": error} if error else {})})
         if value is not None:
-            child.log_metrics({self._objective: value})
+            child.log_result({self._objective: value})
         child.close(STATUS[state])
 
     def _tag_best(self, best) -> None:

@@ -23,7 +23,7 @@ from medtee.training.config import weights_label
 
 from medtee import containment
 from medtee.schema import ConfigError
-from medtee.tracking.guard import PARAM_ALLOW_LIST, REPORT_ARTIFACT, Guard
+from medtee.tracking.guard import PARAM_ALLOW_LIST, REPORT_ARTIFACT, WINDOWED_METRICS, Guard
 
 log = logging.getLogger("medtee.tracking")
 
@@ -161,21 +161,30 @@ class GuardedMLflowLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        safe = self.guard.metrics(metrics)
-        if safe:
-            now = int(time.time() * 1000)
-            self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step or 0) for k, v in safe.items()])
+        """Lightning's door. A training step's own values (WINDOWED_METRICS: as few as one dialogue's) never pass
+        here, so a `self.log(..., logger=True)` of one cannot reach MLflow: they leave only as a window
+        (`log_window`) or a finished trial's result (`log_result`)."""
+        for key in metrics:
+            if key in WINDOWED_METRICS:
+                self.guard.dropped("metric", key, "a training step's value leaves only as a window of steps")
+        self._log(self.guard.metrics({k: v for k, v in metrics.items() if k not in WINDOWED_METRICS}), step or 0)
 
     @rank_zero_only
     def log_window(self, metrics: Mapping[str, float], *, dialogues: int, step: int) -> None:
         """Log the metrics of a window of training steps over `dialogues` dialogues (`Guard.window`): the only way
         `train/loss` and `train/tokens_per_s` reach MLflow during training (the module logs them to Lightning for
         its progress bar only)."""
+        self._log(self.guard.window(metrics, dialogues=dialogues), step)
+
+    @rank_zero_only
+    def log_result(self, metrics: Mapping[str, float]) -> None:
+        """A finished run's values as its summary holds them (a sweep trial's objective): a final train/loss is the
+        last window's, which closed only over at least `tracking.min_aggregate` dialogues."""
+        self._log(self.guard.metrics(metrics), 0)
+
+    def _log(self, safe: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        safe = self.guard.window(metrics, dialogues=dialogues)
         if safe:
             now = int(time.time() * 1000)
             self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in safe.items()])

@@ -86,3 +86,18 @@ def test_require_audit_on_a_dataset_without_canaries_is_refused_before_release(t
     assert res.returncode == 2 and "seal it with `medtee seal ... --canaries N`" in res.stderr
     events = [json.loads(line)["event"] for line in (tmp_path / ".medtee/broker/audit.log").read_text().splitlines()]
     assert "release" not in events
+
+
+def test_a_required_audit_that_has_no_canary_to_run_keeps_the_adapter_sealed(owner, monkeypatch, capsys):
+    """release.require_audit releases the adapter on a passed audit only: a canary file that yields none (the run
+    then has no audit at all) used to release it unaudited."""
+    from medtee import cli
+    from medtee.sealing.reader import SealedDataset
+
+    monkeypatch.chdir(owner)
+    monkeypatch.setattr(SealedDataset, "canaries", lambda self, data_key: [])
+    before = set(owner.glob("outputs/*/*"))
+    assert cli.main(["train", *[o for o in TRAIN if not o.startswith("trainer.max_steps")], "trainer.max_steps=2"]) == 1
+    assert "the dataset's canary file holds no canaries" in capsys.readouterr().err
+    [out] = set(owner.glob("outputs/*/*")) - before
+    assert (out / "adapter.sealed").is_file() and not (out / "adapter.safetensors.enc").exists()

@@ -72,7 +72,8 @@ def test_run_params_tags_artifacts_and_the_recipe_digest(tmp_path):
     cfg = config.compose(["data=sealed", "data.path=/secret/place"])
     digest = config.recipe_digest(cfg)
     logger = _logger(tmp_path)
-    logger.log_metrics({"train/loss": 1.0, "val/loss": 2.0, "text/len": 3.0}, step=1)
+    logger.log_metrics({"val/loss": 2.0, "text/len": 3.0}, step=1)
+    logger.log_window({"train/loss": 1.0}, dialogues=20, step=1)
     summary = {"recipe": "demo", "recipe_digest": digest, "steps": 1}
     logger.finish(summary, recipe=config.digest_input(config.resolved(cfg)), verdict=VERDICT, weight_digests={"m.safetensors": "ab"},
                   evaluation={"val/loss": 2.0}, tags={"medtee.adapter_sha256": "cd", "bad.tag": "x"})
@@ -92,6 +93,23 @@ def test_run_params_tags_artifacts_and_the_recipe_digest(tmp_path):
     client.download_artifacts(logger.run_id, "summary.json", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["attestation"]["policy"] == "simulated" and summary["model_weights_sha256"] == {"m.safetensors": "ab"}
+
+
+def test_a_training_steps_loss_never_reaches_mlflow_through_lightnings_door(tmp_path, caplog):
+    """A step's loss may be one dialogue's (data.batch_size=1): logged with `self.log(..., logger=True)` it would go
+    through `log_metrics`, which drops it; only a window of at least min_aggregate dialogues, or a result, passes."""
+    from mlflow.tracking import MlflowClient
+
+    logger = _logger(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="medtee.tracking"):
+        logger.log_metrics({"train/loss": 1.5, "train/tokens_per_s": 9.0, "train/grad_norm": 2.0, "train/lr": 0.1}, 3)
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(logger.run_id).data.metrics
+    assert history == {"train/lr": 0.1}
+    assert "'train/loss': a training step's value leaves only as a window of steps" in caplog.text
+    logger.log_window({"train/loss": 1.5}, dialogues=19, step=4)
+    logger.log_result({"train/loss": 1.25})
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(logger.run_id).data.metrics == {
+        "train/lr": 0.1, "train/loss": 1.25}
 
 
 def test_provenance_tags():
