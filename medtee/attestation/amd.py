@@ -304,12 +304,16 @@ def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.
         return None, "no cert_cache_dir to hold AMD's CRL"
     path = crl_path(cache_dir, product, key)
     try:
-        crl = x509.load_der_x509_crl(read_regular(path, MAX_CRL_BYTES))
+        data = read_regular(path, MAX_CRL_BYTES)
+        load = x509.load_pem_x509_crl if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl
+        crl = load(data)  # KDS serves DER; a PEM copy (openssl crl -outform PEM) is the same CRL
         ark = pinned(product, "ark")
         signed = crl.issuer == ark.subject and crl.is_signature_valid(ark.public_key())
     except FileNotFoundError:
         return None, f"no CRL at {path} (fetch {CRL_URL.format(key=key, product=product)} outside the TEE)"
-    except (OSError, NotRegularFile, *X509_ERRORS) as exc:
+    except NotRegularFile as exc:
+        return None, f"CRL {path} {exc}"
+    except (OSError, *X509_ERRORS) as exc:
         return None, f"CRL {path} unusable ({type(exc).__name__})"
     if not signed:
         return None, f"CRL {path} is not signed by the pinned ARK-{product}"

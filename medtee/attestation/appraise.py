@@ -200,20 +200,78 @@ def _same(a: object, b: object) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _admits(rule: FieldRule, value: object) -> bool:
+    return ((rule.one_of is None or any(_same(value, allowed) for allowed in rule.one_of))
+            and (rule.min is None or (_number(value) and value >= rule.min))
+            and (rule.max is None or (_number(value) and value <= rule.max)))
+
+
+def _admits_sweep(rule: FieldRule, d: object) -> bool:
+    """Whether every value a sweep parameter's distribution `d` (as the recipe records it) can give passes `rule`."""
+    import math
+
+    if not isinstance(d, dict):
+        return False
+    if d.get("type") == "categorical":
+        return isinstance(d.get("choices"), list) and bool(d["choices"]) and all(_admits(rule, v) for v in d["choices"])
+    low, high, step = d.get("low"), d.get("high"), d.get("step")
+    if d.get("type") not in ("int", "float") or not all(_number(v) and math.isfinite(v) for v in (low, high)) or \
+            low > high or not (step is None or (_number(step) and step > 0)):
+        return False
+    integer = d["type"] == "int"
+    if step is None and integer:
+        step = 1
+    spans = (high - low) / step if step is not None else math.inf
+    count = math.floor(spans + 1e-9) + 1 if math.isfinite(spans) else math.inf  # values from low on
+    top = high if step is None else low + (count - 1) * step
+    if (rule.min is not None and low < rule.min) or (rule.max is not None and top > rule.max):
+        return False
+    if rule.one_of is None:
+        return True
+    if count > len(rule.one_of):  # more distinct values than the rule allows
+        return False
+    return all(_admits(rule, int(low + i * step) if integer else round(low + i * step, 12)) for i in range(count))
+
+
+def _shown(value: object) -> str:
+    """A recipe value as its JSON (so "8" reads apart from 8, true from 1), one printable line."""
+    import json
+
+    return json.dumps(value, ensure_ascii=True, sort_keys=True)
+
+
+def _shown_sweep(d: object) -> str:
+    if isinstance(d, dict) and d.get("type") == "categorical":
+        return f"swept over {_shown(d.get('choices'))}"
+    if isinstance(d, dict):
+        low, high, step = (_shown(d.get(k)) for k in ("low", "high", "step"))
+        return f"swept over {d.get('type')} {low}..{high} step {step}"
+    return f"swept over {_shown(d)}"
+
+
 def field_check(rule: FieldRule, recipe: dict) -> Check:
-    """`policy.recipe.field[KEY]`: the recipe's setting satisfies the data owner's rule for it."""
-    wanted = [f"one of {rule.one_of}"] if rule.one_of is not None else []
+    """`policy.recipe.field[KEY]`: the recipe's setting satisfies the data owner's rule for it; in a sweep that varies
+    the setting, every value its search space can give a trial must."""
+    wanted = [f"one of {_shown(rule.one_of)}"] if rule.one_of is not None else []
     wanted += [f">= {rule.min:g}"] if rule.min is not None else []
     wanted += [f"<= {rule.max:g}"] if rule.max is not None else []
+    name = f"policy.recipe.field[{rule.key}]"
+    space = _setting(recipe, "sweep.parameters") if _setting(recipe, "mode") == "sweep" else _ABSENT
+    inside = sorted(k for k in space if k.startswith(rule.key + ".")) if isinstance(space, dict) else []
+    if inside:
+        return check(name, False, " and ".join(wanted), f"the sweep varies {', '.join(inside)} in it"[:200])
+    if isinstance(space, dict) and rule.key in space:
+        return check(name, _admits_sweep(rule, space[rule.key]), " and ".join(wanted) + " for every trial",
+                     _shown_sweep(space[rule.key])[:200])
     value = _setting(recipe, rule.key)
     if value is _ABSENT:
-        return check(f"policy.recipe.field[{rule.key}]", False, " and ".join(wanted),
+        return check(name, False, " and ".join(wanted),
                      "no such setting in the recipe the digest covers (`medtee recipes digest --json` lists them)")
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ((rule.one_of is None or any(_same(value, allowed) for allowed in rule.one_of))
-          and (rule.min is None or (number and value >= rule.min))
-          and (rule.max is None or (number and value <= rule.max)))
-    return check(f"policy.recipe.field[{rule.key}]", ok, " and ".join(wanted), str(value)[:200])
+    return check(name, _admits(rule, value), " and ".join(wanted), _shown(value)[:200])
 
 
 def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -> list[Check]:

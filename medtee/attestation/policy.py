@@ -78,7 +78,7 @@ class GpuPolicy:
 RUN_MODES = ("train", "eval", "sweep", "generate")
 
 
-#: A recipe setting as `medtee recipes digest --json` shows it: dotted lowercase names (qlora.rank, privacy.dp.epsilon).
+#: A recipe setting as `medtee recipes digest --json` shows it: dotted lowercase names (qlora.rank, trainer.lr).
 RECIPE_KEY = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+")
 
 
@@ -94,9 +94,19 @@ class FieldRule:
     def problems(self, where: str) -> list[str]:
         import math
 
+        from medtee.config import FILES_IN_DIGEST, NOT_IN_DIGEST
+
         if not RECIPE_KEY.fullmatch(self.key):
             return [f"{where}.key={self.key!r} is not a recipe setting: write its dotted name, e.g. qlora.rank"]
+        if self.key in NOT_IN_DIGEST:
+            return [f"{where}.key={self.key} is left out of the recipe digest (it cannot change what runs), so no "
+                    f"recipe has it and the rule would release nothing; remove it"]
         out = []
+        if tuple(self.key.split(".")) in FILES_IN_DIGEST and any(
+                isinstance(v, str) and v != "dev" and not re.fullmatch(r"sha256:[0-9a-f]{64}", v)
+                for v in self.one_of or []):
+            out.append(f"{where}.one_of ({self.key}): the recipe records this file as sha256:<hex of its content> "
+                       f"(`sha256sum FILE`), not its path")
         if self.one_of is None and self.min is None and self.max is None:
             out.append(f"{where} ({self.key}) restricts nothing: give one_of, min or max")
         if self.one_of is not None and not self.one_of:
@@ -124,8 +134,9 @@ class RecipeRules:
     require_audit: bool = False  # require release.require_audit: true (the memorization audit gates the adapter)
     require_dp: bool = False  # require privacy.dp.enabled: true (DP-SGD; then no training loss is logged at all)
     min_aggregate: int = 20  # the least tracking.min_aggregate (examples per logged aggregate) a recipe may set
-    # single settings, e.g. [{key: qlora.rank, max: 16}, {key: privacy.dp.epsilon, max: 3}, {key: model.name,
-    # one_of: [medgemma-27b]}]; a setting the recipe does not have fails its rule
+    # single settings, e.g. [{key: qlora.rank, max: 16}, {key: privacy.dp.target_epsilon, max: 3}, {key: model.id,
+    # one_of: [google/medgemma-27b-text-it]}]; a setting the recipe does not have fails its rule; a sweep's every trial
+    # is held to them
     fields: List[FieldRule] = field(default_factory=list)
 
     def read_recipe(self) -> bool:
@@ -226,6 +237,8 @@ class AttestationPolicy:
                 f"gpu[i].board shows)" for b in self.gpu.boards if not GPU_BOARD.fullmatch(b)]
         out += [f"vlek_csp_ids: '{c}' is empty; write the cspID a verdict's policy.vlek_csp_id shows, or remove it"
                 for c in self.vlek_csp_ids if not c.strip()]
+        out += [f"vlek_csp_ids: '{c}' starts or ends with spaces, which no cspID matches (compared exactly); trim it"
+                for c in self.vlek_csp_ids if c.strip() and c != c.strip()]
         if self.gpu.ocsp_cache and self.gpu.revocation is Revocation.off:
             out.append("gpu.ocsp_cache is set but gpu.revocation is off: set fail_open or fail_closed, or unset it")
         return out

@@ -1,6 +1,7 @@
 """AMD's CRL (revoked ASKs/ASVKs) from the cache: genuine and current, or the check fails closed."""
 
 import dataclasses
+import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -88,6 +89,27 @@ def test_a_crl_that_is_missing_foreign_stale_or_malformed_fails_closed_and_warns
     closed, opened = _check(tmp_path), _check(tmp_path, Revocation.fail_open)
     assert not closed.ok and why in closed.actual
     assert opened.ok and opened.actual.startswith("WARNING, not established (fail-open)") and why in opened.actual
+
+
+def test_a_pem_copy_of_the_crl_is_the_same_crl(tmp_path, pinned):
+    _write_crl(tmp_path, pinned[0], revoked=[0x1234])
+    path = crl_path(tmp_path, "Milan", "vcek")
+    path.write_bytes(x509.load_der_x509_crl(path.read_bytes()).public_bytes(Encoding.PEM))
+    result = _check(tmp_path)
+    assert not result.ok and result.actual == "revoked by AMD: SEV-Milan"
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda path: os.mkfifo(path), "is not a regular file (a directory, FIFO, device or a link to one)"),
+    (lambda path: os.symlink("/dev/zero", path), "is not a regular file"),
+    (lambda path: path.write_bytes(b"0" * (amd.MAX_CRL_BYTES + 1)), f"has {amd.MAX_CRL_BYTES + 1} bytes; at most"),
+])
+def test_a_crl_path_holding_no_crl_file_says_what_it_holds(tmp_path, pinned, make, why):
+    path = crl_path(tmp_path, "Milan", "vcek")
+    path.parent.mkdir(parents=True)
+    make(path)
+    result = _check(tmp_path)
+    assert not result.ok and result.actual.startswith(f"CRL {path} {why}")
 
 
 def test_production_policies_check_amd_revocation_and_fail_closed_without_the_crl(vectors, tmp_path):

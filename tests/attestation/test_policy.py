@@ -144,6 +144,8 @@ def test_a_policy_file_named_like_a_shipped_one_must_be_it(tmp_path):
     ("gpu.boards", ["1010-0200"], "gpu.boards: '1010-0200' is not PROJECT-PROJECT_SKU-CHIP_SKU"),
     ("gpu.boards", ["1010-0200-88a"], "gpu.boards: '1010-0200-88a' is not PROJECT-PROJECT_SKU-CHIP_SKU"),
     ("vlek_csp_ids", [" "], "vlek_csp_ids: ' ' is empty"),
+    ("vlek_csp_ids", ["CN=cc-us-east-2.amazonaws.com "], "vlek_csp_ids: 'CN=cc-us-east-2.amazonaws.com ' starts or ends "
+                                                         "with spaces, which no cspID matches"),
 ])
 def test_board_and_cloud_pins_are_checked_when_the_policy_is_read(field, value, message):
     head, _, tail = field.rpartition(".")

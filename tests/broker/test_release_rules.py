@@ -226,16 +226,16 @@ def test_the_owner_can_bound_single_settings_of_the_recipe(sealed, broker, tmp_p
     the bound digest covers; a setting the recipe lacks fails its rule (closed), and true is not 1."""
     _, manifest, _, _ = sealed
     rules_policy(tmp_path, broker, "fields", fields=[
-        {"key": "qlora.rank", "max": 16}, {"key": "privacy.dp.epsilon", "min": 0.5, "max": 3},
+        {"key": "qlora.rank", "max": 16}, {"key": "privacy.dp.target_epsilon", "min": 0.5, "max": 3},
         {"key": "model.name", "one_of": ["medgemma-27b"]}, {"key": "privacy.dp.enabled", "one_of": [True]}])
     good = recipe_doc(**{"privacy.dp.enabled": True})
     good.update(qlora={"rank": 16}, model={"name": "medgemma-27b"})
-    good["privacy"]["dp"]["epsilon"] = 3.0
+    good["privacy"]["dp"]["target_epsilon"] = 3.0
     assert attempt(broker, manifest, good) == "released"
     wide = json.loads(json.dumps(good))
-    wide["qlora"]["rank"], wide["model"]["name"], wide["privacy"]["dp"]["epsilon"] = 32, "gemma-3-27b", 8.0
+    wide["qlora"]["rank"], wide["model"]["name"], wide["privacy"]["dp"]["target_epsilon"] = 32, "gemma-3-27b", 8.0
     assert sorted(attempt(broker, manifest, wide)) == ["policy.recipe.field[model.name]",
-                                                       "policy.recipe.field[privacy.dp.epsilon]",
+                                                       "policy.recipe.field[privacy.dp.target_epsilon]",
                                                        "policy.recipe.field[qlora.rank]"]
     odd = json.loads(json.dumps(good))
     odd["privacy"]["dp"]["enabled"], odd["qlora"]["rank"] = 1, "8"  # 1 is not true; "8" is not a number
@@ -252,8 +252,39 @@ def test_the_owner_can_bound_single_settings_of_the_recipe(sealed, broker, tmp_p
                        ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
                        recipe=odd)
     text = denied.value.verdict.explain()
-    assert "policy.recipe.field[model.name]: expected one of ['medgemma-27b'], got no such setting" in text
-    assert "policy.recipe.field[qlora.rank]: expected <= 16, got 8" in text
+    assert 'policy.recipe.field[model.name]: expected one of ["medgemma-27b"], got no such setting' in text
+    assert 'policy.recipe.field[qlora.rank]: expected <= 16, got "8"' in text  # the string, told apart from 8
+    assert "policy.recipe.field[privacy.dp.enabled]: expected one of [true], got 1" in text
+
+
+def sweep_doc(**parameters) -> dict:
+    """A recorded sweep recipe whose own qlora.rank is 8 and whose search space is `parameters`."""
+    doc = recipe_doc(mode="sweep")
+    doc.update(qlora={"rank": 8, "dropout": 0.05}, model={"tiny": {"hidden_size": 64}})
+    doc["sweep"] = {"name": "s", "parameters": {k: {"choices": None, "high": None, "log": False, "low": None,
+                                                    "step": None, **d} for k, d in parameters.items()}}
+    return doc
+
+
+def test_a_sweep_is_held_to_the_setting_rules_for_every_trial(sealed, broker, tmp_path):
+    """One release serves every trial, and each trial overrides the swept settings: a sweep whose own qlora.rank was
+    8 got the key under `qlora.rank max 16` while its trials trained at rank 32."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "sweep-rules", fields=[
+        {"key": "qlora.rank", "max": 16}, {"key": "qlora.dropout", "one_of": [0.0, 0.05, 0.1]},
+        {"key": "model.tiny", "one_of": [{"hidden_size": 64}]}])
+    wide = sweep_doc(**{"qlora.rank": {"type": "int", "low": 8.0, "high": 32.0, "step": 8.0}})
+    assert attempt(broker, manifest, wide) == ["policy.recipe.field[qlora.rank]"]
+    assert attempt(broker, manifest, sweep_doc(**{"qlora.rank": {"type": "int", "low": 4.0, "high": 16.0}})) == "released"
+    assert attempt(broker, manifest, sweep_doc(**{"qlora.rank": {"type": "categorical", "choices": [8, 64]}})) == [
+        "policy.recipe.field[qlora.rank]"]
+    assert attempt(broker, manifest, sweep_doc(**{"qlora.dropout": {"type": "float", "low": 0.0, "high": 0.1}})) == [
+        "policy.recipe.field[qlora.dropout]"]  # a continuous range is no finite list of values
+    grid = sweep_doc(**{"qlora.dropout": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.05}})
+    assert attempt(broker, manifest, grid) == "released"
+    inner = sweep_doc(**{"model.tiny.hidden_size": {"type": "categorical", "choices": [64, 4096]}})
+    assert attempt(broker, manifest, inner) == ["policy.recipe.field[model.tiny]"]
+    assert attempt(broker, manifest, dict(wide, mode="train")) == "released"  # a training run does not use the space
 
 
 @pytest.mark.parametrize("rules, words", [
@@ -264,6 +295,10 @@ def test_the_owner_can_bound_single_settings_of_the_recipe(sealed, broker, tmp_p
     (dict(fields=[{"key": "qlora.rank", "max": 16}, {"key": "qlora.rank", "min": 4}]),
      r"recipe.fields: qlora.rank has more than one rule"),
     (dict(fields=[{"key": "qlora.rank", "mx": 16}]), r"unknown key 'mx'"),
+    (dict(fields=[{"key": "data.path", "one_of": ["/data/ds"]}]), r"recipe.fields\[0\].key=data.path is left out of the "
+                                                                  r"recipe digest"),
+    (dict(fields=[{"key": "trainer.resume_from", "one_of": ["ckpt/last.ckpt"]}]),
+     r"the recipe records this file as sha256:<hex of its content>"),
 ])
 def test_setting_rules_are_validated(tmp_path, rules, words):
     with pytest.raises(ValueError, match=words):
