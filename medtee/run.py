@@ -748,6 +748,10 @@ def _sweep(cfg, session: Session) -> int:
                 recorded=config.digest_input(config.resolved(trial_cfg), weights=session.weights or None,
                                              mode="sweep", files=session.keys.files(trial_cfg)),
                 out_dir=session.out_dir / f"trial-{trial_number:04d}", mlflow_run_id=tracker.run_id_of(trial_number))
+            moved = sorted(set(_differing(trial.recorded, session.recorded)) - swept)
+            if moved:  # the release was checked on the sweep's recipe: a trial may change only what it sweeps
+                raise config.ConfigError(f"trial {trial_number} would change {', '.join(moved)}, which the sweep "
+                                         f"does not sweep, from the recipe the key was released for")
             _fit(trial_cfg, trial)
             trial.outcome.finish(None)  # the trial's child run: its summary and recipe; the tracker records the state
             return trial.outcome.metrics
@@ -767,6 +771,14 @@ def _sweep(cfg, session: Session) -> int:
 
     session.outcome.finish = finish
     return exits.OK if result.done else exits.FAILED
+
+
+def _differing(a: object, b: object, path: str = "") -> list[str]:
+    """The dotted settings whose values differ between two recorded recipes."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(a.keys() | b.keys())
+                for d in _differing(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
+    return [] if a == b and type(a) is type(b) else [path]
 
 
 def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, started, recorded, digest, weights,

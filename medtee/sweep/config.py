@@ -299,10 +299,37 @@ def default_storage(tracking_uri: str | None) -> str:
     return "sqlite:///optuna.db"
 
 
+#: An interpolation in a recipe value: `${qlora.rank}`, `${.rank}` (what is inside the braces).
+INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+
+
+def _interpolations(node: Any, path: str = ""):
+    """(dotted path, interpolated reference) of every `${...}` in the unresolved values of a nested mapping."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _interpolations(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, Sequence) and not isinstance(node, str):
+        for i, value in enumerate(node):
+            yield from _interpolations(value, f"{path}[{i}]")
+    elif isinstance(node, str):
+        for ref in INTERPOLATION.findall(node):
+            yield path, ref
+
+
 def check_parameters(space: SweepConfig, cfg: Any) -> list[str]:
-    """Problems of the search space against a composed recipe `cfg`: every key must name a leaf field of it, and a
-    numeric distribution a numeric field (an int distribution may drive a float field, not the reverse)."""
+    """Problems of the search space against a composed recipe `cfg`: every key must name a leaf field of it, a
+    numeric distribution a numeric field (an int distribution may drive a float field, not the reverse), and no
+    setting may follow a swept one through an interpolation (the broker sees the recipe resolved once: a trial would
+    change a setting the release policy's rules were checked on)."""
+    from omegaconf import OmegaConf
+
     out = []
+    raw = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    for path, ref in _interpolations(raw):
+        if ref.startswith(".") or any(ref == k or ref.startswith(f"{k}.") or k.startswith(f"{ref}.")
+                                      for k in space.parameters):
+            out.append(f"{path}: '${{{ref}}}' may follow a swept setting, which would change it per trial unseen by "
+                       f"the key release; write its value out in a sweep's recipe")
     for key, d in space.parameters.items():
         node = _lookup(cfg, key)
         if node is _MISSING or isinstance(node, Mapping):

@@ -148,3 +148,13 @@ def test_a_fragment_cannot_smuggle_query_options_past_the_check():
 def test_a_dp_sweep_is_refused():
     with pytest.raises(ConfigError, match="spend the privacy budget once per trial"):
         compose(["sweep=demo_lr_rank", "privacy.dp.enabled=true", "data.packing=false"])
+
+
+def test_a_setting_that_follows_a_swept_one_through_an_interpolation_is_refused():
+    """The broker checks its rules on the sweep's recipe, resolved once: qlora.alpha=${qlora.rank} would read 16
+    there and 32 in a trial at rank 32."""
+    with pytest.raises(ConfigError, match=r"qlora.alpha: '\$\{qlora.rank\}' may follow a swept setting"):
+        compose(["sweep=demo_lr_rank", "qlora.alpha=${qlora.rank}"])
+    with pytest.raises(ConfigError, match=r"qlora.alpha: '\$\{.rank\}' may follow a swept setting"):
+        compose(["sweep=demo_lr_rank", "qlora.alpha=${.rank}"])  # relative: refused, it cannot be told apart
+    assert compose(["sweep=demo_lr_rank", "tracking.experiment=${model.name}"]).tracking.experiment  # not swept

@@ -123,3 +123,29 @@ def test_a_finished_grid_sweep_exits_0(tmp_path):
     db = sqlite3.connect(tmp_path / "optuna.db")
     assert [s for (s,) in db.execute("select state from trials")] == ["COMPLETE", "COMPLETE"]
     db.close()
+
+
+#: `medtee sweep` with the compose-time interpolation check switched off: the trial's own check must still refuse.
+UNCHECKED_INTERPOLATION = r"""
+import sys
+from medtee import cli, config
+config.check_parameters = lambda space, cfg: []
+sys.exit(cli.main(["sweep", *sys.argv[1:]]))
+"""
+
+
+def test_a_trial_that_would_change_an_unswept_setting_fails_before_it_trains(tmp_path):
+    """Second line behind the compose-time check: a trial may change only what it sweeps from the recipe the key was
+    released for (here qlora.alpha following the swept qlora.rank)."""
+    (tmp_path / "follow.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /sweep: grid_rank\nqlora:\n  alpha: ${qlora.rank}\nsweep:\n"
+        "  n_trials: 1\n  max_attempts: 1\n  parameters:\n    qlora.rank: {type: int, low: 4, high: 8, step: 4}\n")
+    fast = [o for o in FAST if not o.startswith("sweep=")]
+    res = subprocess.run([sys.executable, "-c", UNCHECKED_INTERPOLATION, "recipe=./follow.yaml", *fast], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert "trial 0 would change qlora.alpha, which the sweep does not sweep" in res.stderr or \
+        "0 complete, 1 failed" in res.stderr, res.stderr[-3000:]
+    db = sqlite3.connect(tmp_path / "optuna.db")
+    errors = [v for (v,) in db.execute("select value_json from trial_user_attributes where key='error'")]
+    db.close()
+    assert errors == ['"ConfigError"'] and not list(tmp_path.glob("outputs/*/*/trial-0000/adapter.sealed"))
