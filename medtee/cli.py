@@ -50,13 +50,16 @@ the study (trials a killed worker left are re-run), and several processes may wo
 """
 
 _GENERATE_HELP = """\
-usage: medtee generate [recipe=NAME] evaluation.adapter=FILE evaluation.study_recipient=STUDY.pub [KEY=VALUE ...]
+usage: medtee generate [recipe=NAME] evaluation.adapter=FILE evaluation.study_recipient=STUDY.pub
+                       [evaluation.blinding_recipient=CUSTODIAN.pub] [KEY=VALUE ...]
 
 Writes the rating packet of a blinded clinician study, inside the same attested flow as `medtee train`: for up to
 evaluation.max_items held-out dialogues of the dataset the adapter was trained on, the context and both models'
 answers (base and tuned) under labels A and B in a random order per item. The packet holds patient text, so it is
 written only encrypted to the study owner's key (rating_packet.sealed); the blinding (which label is which model)
-is sealed to the same key separately (blinding.sealed). Then: `medtee eval packet`, the raters, `medtee eval ratings`.
+is sealed separately (blinding.sealed) to evaluation.blinding_recipient, a custodian's key, so the study owner cannot
+unblind before handing over the ratings (without it, to the study owner's key). Then: `medtee eval packet`, the
+raters, `medtee eval ratings`.
 """
 
 _DIGEST_HELP = """\

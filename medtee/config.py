@@ -78,7 +78,7 @@ NOT_IN_DIGEST = ("data.path", "tracking.run_name", "broker.dir")
 #: Fields that name a file: the digest covers the file's content (sha256), not its path, so replacing the file
 #: changes the digest. (The pretrained weights enter it through `digest_input(weights=...)`.)
 FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"), ("evaluation", "adapter"),
-                   ("evaluation", "study_recipient"))
+                   ("evaluation", "study_recipient"), ("evaluation", "blinding_recipient"))
 
 #: Keys that moved, old -> new. An override with the old key still works (with a deprecation message); a recipe
 #: file with the old key is refused with a message naming the new one.

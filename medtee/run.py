@@ -147,18 +147,20 @@ def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
 @dataclass(frozen=True)
 class Keys:
     """The public keys a run's outputs are encrypted to, read once before its digest: the adapter's recipient and
-    (`medtee generate`) the study owner's key. The digest hashes exactly these bytes and the outputs are encrypted to
-    them, so a key file replaced on the host after the digest (or the release) changes nothing."""
+    (`medtee generate`) the study owner's key and the blinding custodian's. The digest hashes exactly these bytes and
+    the outputs are encrypted to them, so a key file replaced on the host after the digest (or the release) changes
+    nothing."""
 
     recipient: object  # medtee.training.output.Recipient; None for output.recipient=dev (read when written)
     study: object = None  # medtee.crypto.hpke.PublicKeyFile
+    blinding: object = None  # medtee.crypto.hpke.PublicKeyFile; None: the blinding is sealed to the study key
 
     @classmethod
     def read(cls, cfg, mode: str) -> "Keys":
         from medtee.crypto.hpke import KeyWrapError, read_public_key_file
         from medtee.training.output import recipient
 
-        problems, study, found = [], None, None
+        problems, study, blinding, found = [], None, None, None
         try:  # the development key is made on first use, once the run has something to encrypt
             found = None if cfg.output.recipient == "dev" else recipient(cfg.output.recipient, scheme=None)
         except ValueError as exc:
@@ -169,9 +171,18 @@ class Keys:
             except (OSError, KeyWrapError) as exc:
                 problems.append(f"evaluation.study_recipient={cfg.evaluation.study_recipient}: {exc}; name the study "
                                 f"owner's public key file (`medtee keys new` writes NAME.pub)")
+        if mode == "generate" and cfg.evaluation.blinding_recipient:
+            try:
+                blinding = read_public_key_file(cfg.evaluation.blinding_recipient)
+            except (OSError, KeyWrapError) as exc:
+                problems.append(f"evaluation.blinding_recipient={cfg.evaluation.blinding_recipient}: {exc}; name the "
+                                f"custodian's public key file (`medtee keys new` writes NAME.pub)")
+            if study is not None and blinding is not None and blinding.public == study.public:
+                problems.append(f"evaluation.blinding_recipient={cfg.evaluation.blinding_recipient} is the study "
+                                f"owner's key: the custodian of the blinding holds a key of their own")
         if problems:
             raise config.ConfigError("; ".join(problems))
-        return cls(recipient=found, study=study)
+        return cls(recipient=found, study=study, blinding=blinding)
 
     def files(self, cfg) -> dict[str, bytes]:
         """The FILES_IN_DIGEST values these keys were read from -> the bytes read (the development recipient is
@@ -179,6 +190,8 @@ class Keys:
         out = {} if self.recipient is None else {"output.recipient": self.recipient.key.data}
         if self.study is not None:
             out["evaluation.study_recipient"] = self.study.data
+        if self.blinding is not None:
+            out["evaluation.blinding_recipient"] = self.blinding.data
         return out
 
     def adapter_recipient(self, cfg):
@@ -634,7 +647,8 @@ def _held_out_and_adapter(cfg, session: Session):
 def _generate(cfg, session: Session) -> int:
     """`medtee generate`: the rating packet of a blinded clinician study. For held-out dialogues, the context and
     both models' answers under labels A/B in a random order per item, encrypted to the study owner; the blinding
-    sealed to the same key, separately. Nothing from it goes to MLflow; the receipt names both files."""
+    sealed apart, to the custodian's key (`evaluation.blinding_recipient`) or else the study owner's. Nothing from it
+    goes to MLflow; the receipt names both files."""
     import secrets
 
     from medtee.evaluation import compare, packet
@@ -654,16 +668,19 @@ def _generate(cfg, session: Session) -> int:
                           for label in ("A", "B")}}
              for i, (item, reply) in enumerate(zip(ids, replies))]
     session.out_dir.mkdir(parents=True, exist_ok=True)
-    study = (session.keys.study.scheme, session.keys.study.public)  # read before the digest, as it hashed them
-    packet.seal_packet(items, study, session.out_dir / packet.PACKET_FILE)
-    seal_blinding(blinding, study, session.out_dir / packet.BLINDING_FILE)
+    keys = session.keys  # read before the digest, as it hashed them
+    packet.seal_packet(items, (keys.study.scheme, keys.study.public), session.out_dir / packet.PACKET_FILE)
+    custodian = keys.blinding or keys.study
+    seal_blinding(blinding, (custodian.scheme, custodian.public), session.out_dir / packet.BLINDING_FILE)
     del items, answers, blinding
 
     def finish(receipt: dict | None) -> None:
         say(f"done: a rating packet of {len(ids)} held-out items, encrypted to {e.study_recipient}: "
-            f"{session.out_dir / packet.PACKET_FILE}; the blinding, sealed apart: {session.out_dir / packet.BLINDING_FILE}")
+            f"{session.out_dir / packet.PACKET_FILE}; the blinding, sealed apart to "
+            f"{e.blinding_recipient or e.study_recipient}: {session.out_dir / packet.BLINDING_FILE}")
+        who = "the custodian, given the ratings," if e.blinding_recipient else "after the ratings, the study owner"
         say(f"the study owner opens it with `medtee eval packet {session.out_dir / packet.PACKET_FILE} --key KEY "
-            f"--out study/`; after the ratings, `medtee eval ratings RATINGS.csv --blinding ... --key KEY`")
+            f"--out study/`; {who} runs `medtee eval ratings RATINGS.csv --blinding ... --key KEY`")
 
     session.outcome.finish = finish
     return exits.OK

@@ -30,6 +30,9 @@ class EvalConfig:
     # `medtee generate`: the study owner's public key (`medtee keys new`) the rating packet and its blinding are
     # encrypted to; the digest covers its content
     study_recipient: Optional[str] = None
+    # `medtee generate`: a custodian's public key (another `medtee keys new` key) the blinding is sealed to instead,
+    # so the study owner cannot unblind before handing the ratings over; the digest covers its content
+    blinding_recipient: Optional[str] = None
 
     def problems(self) -> list[str]:
         out = below_minimums(self, "evaluation", {"max_items": 1, "max_new_tokens": 1, "resamples": 100})

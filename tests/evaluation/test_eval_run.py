@@ -88,6 +88,31 @@ def test_generate_writes_a_packet_only_the_study_owner_opens(trained):
     assert rows[0].startswith("rater_id,item_id,label") and len(rows) == 1 + 2 * 6
 
 
+def test_the_blinding_can_go_to_a_custodian_so_the_study_owner_cannot_unblind(trained):
+    """With evaluation.blinding_recipient the study owner's key opens the packet, not the blinding: unblinding takes
+    the custodian, who gets the ratings first. The custodian's key enters the digest; the study key is refused."""
+    from medtee.crypto.hpke import KeyWrapError
+    from medtee.evaluation.ratings import open_blinding
+
+    cwd, adapter = trained
+    for name in ("owner2", "custodian", "owner3"):
+        assert run_medtee("keys", "new", "--out", "keys", "--name", name, cwd=cwd).returncode == 0
+    base = [*DATA, f"evaluation.adapter={adapter}", "evaluation.study_recipient=keys/owner2.pub",
+            "evaluation.max_items=3", "evaluation.max_new_tokens=4"]
+    same = run_medtee("generate", *base, "evaluation.blinding_recipient=keys/owner2.pub", cwd=cwd)
+    assert same.returncode == 2 and "is the study owner's key: the custodian" in same.stderr
+    before = set(cwd.glob("outputs/*/*/blinding.sealed"))
+    res = run_medtee("generate", *base, "evaluation.blinding_recipient=keys/custodian.pub", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [blinding] = set(cwd.glob("outputs/*/*/blinding.sealed")) - before
+    with pytest.raises(KeyWrapError):
+        open_blinding(blinding, cwd / "keys/owner2.key")
+    assert len(open_blinding(blinding, cwd / "keys/custodian.key")) == 3
+    digests = {run_medtee("recipes", "digest", "--mode", "generate", *base, f"evaluation.blinding_recipient={k}",
+                          cwd=cwd).stdout for k in ("keys/custodian.pub", "keys/owner3.pub", "keys/owner3.pub")}
+    assert len(digests) == 2  # the custodian's key is attested by its content
+
+
 def test_generated_scores_must_aggregate_enough_dialogues(tmp_path):
     from medtee import config
 
