@@ -58,7 +58,7 @@ evaluation.max_items held-out dialogues of the dataset the adapter was trained o
 answers (base and tuned) under labels A and B in a random order per item. The packet holds patient text, so it is
 written only encrypted to the study owner's key (rating_packet.sealed); the blinding (which label is which model)
 is sealed separately (blinding.sealed) to evaluation.blinding_recipient, a custodian's key, so the study owner cannot
-unblind before handing over the ratings (without it, to the study owner's key). Then: `medtee eval packet`, the
+open it before handing over the ratings (without it, to the study owner's key). Then: `medtee eval packet`, the
 raters, `medtee eval ratings`.
 """
 
@@ -142,6 +142,7 @@ def _digest(argv: list[str]) -> int:
 
     from medtee import config
     from medtee.attestation.policy import RUN_MODES
+    from medtee.files import NotRegularFile
     from medtee.training.model import weight_digests
 
     as_json, mode, rest = False, "train", list(argv)
@@ -161,11 +162,17 @@ def _digest(argv: list[str]) -> int:
         cfg = config.compose(config.use_recipe_files(overrides))
         config.check(cfg)
         config.check_runnable(cfg, mode=mode)
+        unhashable = config.unhashable_files(cfg)
+        if unhashable:  # the run refuses these too: a digest of the path would approve nothing that can run
+            raise config.ConfigError("; ".join(f"{key}={value} is not a regular file: the digest covers that file's "
+                                               f"content, so name an existing file" for key, value in unhashable))
         weights = weight_digests(cfg.model)
     except config.ConfigError as exc:
         return exits.fail(f"configuration error: {exc}")
     except FileNotFoundError as exc:
         return exits.fail(str(exc))
+    except NotRegularFile as exc:  # a FIFO or folder named like a weight file
+        return exits.fail(f"model.id={cfg.model.id}: a weight file {exc}; name a folder of regular weight files")
     digest = config.recipe_digest(cfg, weights=weights or None, mode=mode)
     if as_json:
         covers = config.digest_input(config.resolved(cfg), weights=weights or None, mode=mode)

@@ -568,6 +568,14 @@ def resolved(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
+def unhashable_files(cfg) -> list[tuple[str, str]]:
+    """(`section.key`, value) of the FILES_IN_DIGEST settings that name no regular file: the digest covers a file's
+    content, so each needs one (or no value)."""
+    return [(f"{section}.{key}", cfg[section][key]) for section, key in FILES_IN_DIGEST
+            if cfg[section][key] and not (section == "output" and cfg[section][key] == "dev")
+            and not Path(cfg[section][key]).is_file()]
+
+
 def digest_input(resolved_recipe: dict, *, weights: dict | None = None, mode: str | None = None,
                  files: dict[str, bytes] | None = None) -> dict:
     """The resolved recipe as the digest covers it: without the fields in NOT_IN_DIGEST, the files in

@@ -447,10 +447,14 @@ def progress_bars(enabled: bool, allowed) -> list:
     keep = frozenset(allowed)
 
     class AllowListed:
-        """Shows only allow-listed metrics (no version number, no other logged value)."""
+        """Shows only allow-listed metrics (no version number, no other logged value), and validation metrics only of
+        a pass over at least the module's `min_aggregate` held-out rows (else `val/loss` may be one dialogue's)."""
 
         def get_metrics(self, trainer, pl_module):
-            return {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k in keep}
+            shown = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k in keep}
+            if getattr(pl_module, "val_examples", 0) < getattr(pl_module, "min_aggregate", 1):
+                shown = {k: v for k, v in shown.items() if not k.startswith(("val/", "eval/"))}
+            return shown
 
     if not _RICH_AVAILABLE:
         return [type("AllowListedProgressBar", (AllowListed, TQDMProgressBar), {})()]

@@ -124,6 +124,7 @@ def _remove_if_empty(path: Path) -> None:
 def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
     """The checks that need no data, then the run (mode train: `_fit`; eval: `_evaluate`). Raises ConfigError,
     SealedDataError, DataError or Refused."""
+    from medtee.files import NotRegularFile
     from medtee.training.model import weight_digests
 
     config.check(cfg)
@@ -137,6 +138,9 @@ def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
         weights = weight_digests(cfg.model)
     except FileNotFoundError as exc:
         raise config.ConfigError(str(exc)) from None
+    except NotRegularFile as exc:  # a FIFO or folder named like a weight file
+        raise config.ConfigError(f"model.id={cfg.model.id}: a weight file {exc}; name a folder of regular weight "
+                                 f"files") from None
     digest = config.recipe_digest(cfg, weights=weights or None, mode=mode, files=keys.files(cfg))
     say(f"recipe {recipe}, digest {digest} (mode {mode})")
     work = {"train": _fit, "eval": _evaluate, "generate": _generate, "sweep": _sweep}[mode]
@@ -222,12 +226,8 @@ def input_problems(cfg, mode: str) -> list[str]:
         elif problem := header_problem(value):
             out.append(f"{key}={value} {problem}: name {fix}")
     checked = {key for key, *_ in files[mode]}
-    for section, key in config.FILES_IN_DIGEST:  # the digest names each by its content: it must be one
-        value = cfg[section][key]
-        if value and f"{section}.{key}" not in checked and not (section == "output" and value == "dev") \
-                and not Path(value).is_file():
-            out.append(f"{section}.{key}={value} is not a regular file: the recipe digest covers that file's content, "
-                       f"so name an existing file (or leave it unset)")
+    out += [f"{key}={value} is not a regular file: the recipe digest covers that file's content, so name an existing "
+            f"file (or leave it unset)" for key, value in config.unhashable_files(cfg) if key not in checked]
     if mode == "sweep":
         out += _sweep_problems(cfg)
     b = cfg.broker
@@ -767,8 +767,9 @@ def _sweep(cfg, session: Session) -> int:
                 out_dir=session.out_dir / f"trial-{trial_number:04d}", mlflow_run_id=tracker.run_id_of(trial_number))
             moved = sorted(set(_differing(trial.recorded, session.recorded)) - swept)
             if moved:  # the release was checked on the sweep's recipe: a trial may change only what it sweeps
-                raise config.ConfigError(f"trial {trial_number} would change {', '.join(moved)}, which the sweep "
-                                         f"does not sweep, from the recipe the key was released for")
+                say(f"refused: trial {trial_number} would change {', '.join(moved)}, which the sweep does not sweep, "
+                    f"from the recipe the key was released for")  # (the study stores the exception's type only)
+                raise config.ConfigError(f"trial {trial_number} changes {', '.join(moved)}")
             _fit(trial_cfg, trial)
             trial.outcome.finish(None)  # the trial's child run: its summary and recipe; the tracker records the state
             return trial.outcome.metrics

@@ -78,3 +78,24 @@ def test_recipes_digest_prints_what_a_run_binds_per_mode(capsys):
     assert "--mode takes one of train, eval, sweep, generate" in capsys.readouterr().err
     assert main(["recipes", "digest", "--mode", "eval"]) == 2  # what the run would refuse, before any hashing
     assert "evaluation.adapter" in capsys.readouterr().err
+    assert main(["recipes", "digest", "output.recipient=/no/such/owner.pub"]) == 2  # it used to hash the path text
+    assert "output.recipient=/no/such/owner.pub is not a regular file: the digest covers that file's content" in \
+        capsys.readouterr().err
+
+
+def test_a_weight_file_that_is_a_fifo_is_one_line_not_a_traceback(tmp_path, capsys):
+    """sha256_file opens regular files only: a FIFO named like a weight file no longer hangs the digest, and is
+    named in one line by `medtee recipes digest` and before a run's key release."""
+    import os
+
+    import pytest
+
+    from medtee import config, run
+    from medtee.cli import main
+
+    os.mkfifo(tmp_path / "model.safetensors")
+    weights = ["model.source=pretrained", f"model.id={tmp_path}"]
+    assert main(["recipes", "digest", *weights]) == 2
+    assert "a weight file is not a regular file" in capsys.readouterr().err
+    with pytest.raises(config.ConfigError, match="a weight file is not a regular file"):
+        run.train(config.compose(weights), recipe="fifo", out_dir=tmp_path / "out")

@@ -31,7 +31,7 @@ class EvalConfig:
     # encrypted to; the digest covers its content
     study_recipient: Optional[str] = None
     # `medtee generate`: a custodian's public key (another `medtee keys new` key) the blinding is sealed to instead,
-    # so the study owner cannot unblind before handing the ratings over; the digest covers its content
+    # so the study owner cannot open it before handing the ratings over; the digest covers its content
     blinding_recipient: Optional[str] = None
 
     def problems(self) -> list[str]:

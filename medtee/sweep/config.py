@@ -32,8 +32,8 @@ SWEEPABLE_GROUPS = ("qlora", "model", "data", "trainer")
 #: Fields of those groups that choose what is trained on or from (or open the network), not how, and those that set
 #: what the metrics cover (trials logging windows or validation passes of other sizes could be differenced down to a
 #: few dialogues): fixed per sweep.
-NOT_SWEEPABLE = ("data.source", "data.path", "model.source", "model.id", "model.revision", "model.offline",
-                 "trainer.resume_from", "trainer.validate_only", "trainer.log_every_n_steps",
+NOT_SWEEPABLE = ("data.source", "data.path", "data.val_fraction", "model.source", "model.id", "model.revision",
+                 "model.offline", "trainer.resume_from", "trainer.validate_only", "trainer.log_every_n_steps",
                  "trainer.limit_val_batches", "trainer.val_check_interval")
 
 #: Study storage URL schemes: a sqlite file or a PostgreSQL server (psycopg 3; `postgresql://` means psycopg too).
@@ -198,6 +198,17 @@ def grid_values(d: Distribution) -> list[Any] | None:
     return [round(d.low + i * d.step, 12) for i in range(count)]
 
 
+def in_space(d: Distribution, value: Any) -> bool:
+    """Whether `value` is one that `d` can give (Optuna uses a queued trial's stored values even out of range)."""
+    if d.type == ParamType.categorical:
+        return any(type(value) is type(c) and value == c for c in d.choices or [])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not d.low <= value <= d.high:
+        return False
+    if d.type == ParamType.int and value != int(value):
+        return False
+    return d.step is None or abs((value - d.low) / d.step - round((value - d.low) / d.step)) < 1e-6
+
+
 def _grid_problems(space: SweepConfig) -> list[str]:
     values = {key: grid_values(d) for key, d in space.parameters.items()}
     continuous = sorted(k for k, v in values.items() if v is None)
@@ -313,7 +324,7 @@ def _interpolations(node: Any, path: str = ""):
             yield from _interpolations(value, f"{path}[{i}]")
     elif isinstance(node, str):
         for ref in INTERPOLATION.findall(node):
-            yield path, ref
+            yield path, ref.strip()  # `${ qlora.rank }` is the same reference
 
 
 def check_parameters(space: SweepConfig, cfg: Any) -> list[str]:

@@ -34,7 +34,7 @@ import optuna
 from optuna.trial import TrialState
 
 from medtee.schema import ConfigError
-from medtee.sweep.config import IDENTIFIER, ParamType, Sampler, SweepConfig, grid_values, to_overrides
+from medtee.sweep.config import IDENTIFIER, ParamType, Sampler, SweepConfig, grid_values, in_space, to_overrides
 from medtee.sweep.guard import STUDY_ATTRS, TRIAL_ATTRS, checked
 from medtee.tracking.guard import Guard
 
@@ -53,6 +53,11 @@ class TrialRunner(Protocol):
 
 class ObjectiveMissing(Exception):
     """The runner's metrics lack the objective, or the privacy guard dropped it (too few evaluation examples)."""
+
+
+class OutsideSpace(Exception):
+    """A trial's values lie outside `sweep.parameters`: a queued trial's come from the study's storage, not from the
+    space the release was checked on."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,9 @@ def _run_trial(space, study, trial, runner, guard, tracker, worker_id, retry_of)
     if tracker:
         tracker.start_trial(trial.number, overrides, retry_of=retry_of, worker=worker_id)
     try:
+        outside = sorted(key for key, value in params.items() if not in_space(space.parameters[key], value))
+        if outside:
+            raise OutsideSpace(", ".join(outside))
         metrics = guard.metrics(runner.run(list(overrides), trial.number))
         if space.objective not in metrics:
             raise ObjectiveMissing()

@@ -57,6 +57,7 @@ class CausalLMModule(L.LightningModule):
         self._adapter_names = _adapter_names(model, prefix=self.PREFIX)
         self.strict_loading = False  # checkpoints carry the adapter, not the frozen base weights
         self.min_aggregate = min_aggregate
+        self.val_examples = 0  # this process's held-out rows in the current validation pass (the progress bar's gate)
         self._window = _Window()
         self._stepped = 0  # the optimizer steps seen by on_train_batch_end
         self._rng_to_restore: dict | None = None
@@ -193,8 +194,12 @@ class CausalLMModule(L.LightningModule):
         if self.dp is not None:
             self.log("train/epsilon", self.dp.spent_epsilon(), on_step=False, on_epoch=True)
 
+    def on_validation_epoch_start(self):
+        self.val_examples = 0
+
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)
+        self.val_examples += batch["input_ids"].shape[0]
         self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch["input_ids"].shape[0],
                  sync_dist=True)  # the mean over every process's held-out batches
 

@@ -130,3 +130,18 @@ def test_medtee_train_sends_mlflow_no_single_dialogue_loss(tmp_path):
     [summary] = tmp_path.glob("outputs/*/*/summary.json")
     assert json.loads(summary.read_text())["final_metrics"]["train/loss"] == pytest.approx(loss[-1][1])
     assert f"train/loss {loss[0][1]:.3f} -> {loss[-1][1]:.3f}" in res.stderr  # the first and last windows
+
+
+def test_the_progress_bar_shows_validation_only_of_a_pass_over_min_aggregate_rows():
+    """`val/loss` of a pass over one held-out dialogue (data.batch_size=1 trainer.limit_val_batches=1) is that
+    dialogue's loss: MLflow drops it, and so does the progress bar."""
+    from types import SimpleNamespace
+
+    from medtee.containment import progress_bars
+
+    [bar] = progress_bars(True, ["train/loss", "val/loss", "val/perplexity"])
+    trainer = SimpleNamespace(loggers=[], progress_bar_metrics={"train/loss": 2.0, "val/loss": 3.0,
+                                                               "val/perplexity": 20.0, "v_num": 1})
+    for rows, shown in ((1, {"train/loss"}), (19, {"train/loss"}), (20, {"train/loss", "val/loss", "val/perplexity"})):
+        module = SimpleNamespace(min_aggregate=20, val_examples=rows)
+        assert set(bar.get_metrics(trainer, module)) == shown

@@ -47,6 +47,7 @@ def test_the_grid_option_visits_every_point_once():
     ({"parameters": {"data.path": {"type": "categorical", "choices": ["a"]}}}, "chooses what is trained"),
     ({"parameters": {"trainer.log_every_n_steps": {"type": "categorical", "choices": [20, 21]}}},
      "or what the metrics cover"),
+    ({"parameters": {"data.val_fraction": {"low": 0.1, "high": 0.2}}}, "or what the metrics cover"),
     ({"parameters": {"lr": {"low": 0, "high": 1}}}, "not a dotted recipe field"),
     ({"parameters": {"trainer.lr": {"low": 1, "high": 0}}}, "low=1.0 must be below high=0.0"),
     ({"parameters": {"trainer.lr": {"low": 0, "high": 1, "log": True}}}, "log scale needs low > 0"),
@@ -157,4 +158,7 @@ def test_a_setting_that_follows_a_swept_one_through_an_interpolation_is_refused(
         compose(["sweep=demo_lr_rank", "qlora.alpha=${qlora.rank}"])
     with pytest.raises(ConfigError, match=r"qlora.alpha: '\$\{.rank\}' may follow a swept setting"):
         compose(["sweep=demo_lr_rank", "qlora.alpha=${.rank}"])  # relative: refused, it cannot be told apart
+    for spaced in ("${ qlora.rank }", "${ .rank}"):  # OmegaConf reads the same reference
+        with pytest.raises(ConfigError, match="may follow a swept setting"):
+            compose(["sweep=demo_lr_rank", f"qlora.alpha={spaced}"])
     assert compose(["sweep=demo_lr_rank", "tracking.experiment=${model.name}"]).tracking.experiment  # not swept

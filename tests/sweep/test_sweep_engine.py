@@ -81,6 +81,27 @@ def test_a_study_is_not_resumed_for_another_direction(tmp_path):
         _sweep(tmp_path, sweep_worker.FakeRunner(), n_trials=1, direction="maximize")
 
 
+def test_a_queued_trial_with_values_outside_the_space_fails_before_it_runs(tmp_path):
+    """Whoever can write the study's storage can queue a trial (a retry's parameters are read from it); Optuna uses
+    its values even out of range, so it would train with a setting the release's rules were never checked on."""
+    from medtee.sweep.config import in_space
+    from medtee.sweep.engine import open_storage, open_study
+
+    space = sweep_worker.space(n_trials=1, max_attempts=2)
+    planted = open_study(space, open_storage(space, f"sqlite:///{tmp_path / 'optuna.db'}"), "host")
+    planted.enqueue_trial({"trainer.lr": 5.0, "qlora.rank": 16})
+    planted.enqueue_trial({"trainer.lr": 1e-4, "qlora.rank": 16})
+    runner = sweep_worker.FakeRunner(log=tmp_path / "calls.log")
+    with pytest.warns(UserWarning, match="out of range"):
+        result, study, _ = _sweep(tmp_path, runner, n_trials=1, max_attempts=2)
+    assert result.complete == 1 and (tmp_path / "calls.log").read_text() == "1 qlora.rank=16 trainer.lr=0.0001\n"
+    assert study.trials[0].user_attrs["error"] == "OutsideSpace"
+    ints = sweep_worker.space(parameters={"qlora.rank": {"type": "int", "low": 4, "high": 16, "step": 4}})
+    rank = ints.parameters["qlora.rank"]
+    assert [in_space(rank, v) for v in (4, 16, 8.0, 6, 20, True, "8")] == [True, True, True, False, False, False, False]
+    assert not in_space(space.parameters["qlora.rank"], 16.0) and in_space(space.parameters["trainer.lr"], 1e-3)
+
+
 def _worker(tmp_path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(WORKER), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
