@@ -27,7 +27,7 @@ from medtee.evaluation.config import EvalConfig
 from medtee.files import sha256_file
 from medtee.hardware import Accelerator, HardwareConfig
 from medtee.paths import conf_dir, recipes_dir
-from medtee.schema import ConfigError
+from medtee.schema import FILES_IN_DIGEST, NOT_IN_DIGEST, ConfigError
 from medtee.sweep.config import SweepConfig, check_parameters, from_section
 from medtee.tracking.config import TrackingConfig
 from medtee.training.config import ModelConfig, ModelSource, OutputConfig, PrivacyConfig, QLoRAConfig, Quantization
@@ -68,17 +68,6 @@ GROUP_SCHEMAS = {
     "tracking": TrackingConfig,
     "sweep": SweepConfig,
 }
-
-#: Fields excluded from the recipe digest, and why they cannot change what runs: `data.path` is where this machine
-#: keeps the sealed dataset, which the key release binds by dataset id and manifest digest; `tracking.run_name` is
-#: a label on the MLflow run; `broker.dir` is the embedded (development) broker's store, and production profiles
-#: require a remote broker, whose URL is in the digest.
-NOT_IN_DIGEST = ("data.path", "tracking.run_name", "broker.dir")
-
-#: Fields that name a file: the digest covers the file's content (sha256), not its path, so replacing the file
-#: changes the digest. (The pretrained weights enter it through `digest_input(weights=...)`.)
-FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"), ("evaluation", "adapter"),
-                   ("evaluation", "study_recipient"), ("evaluation", "blinding_recipient"))
 
 #: Keys that moved, old -> new. An override with the old key still works (with a deprecation message); a recipe
 #: file with the old key is refused with a message naming the new one.

@@ -1,5 +1,6 @@
-"""What every config schema shares: the error a bad recipe raises and the check of numeric floors. Imports nothing
-heavy."""
+"""What every config schema shares: the error a bad recipe raises, the check of numeric floors, and which fields the
+recipe digest leaves out or covers by file content (`config.digest_input`; a release policy's setting rules read
+them too). Imports nothing heavy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ class ConfigError(ValueError):
 
 
 MAX_INT = 2**63 - 1
+
+#: Fields excluded from the recipe digest, and why they cannot change what runs: `data.path` is where this machine
+#: keeps the sealed dataset, which the key release binds by dataset id and manifest digest; `tracking.run_name` is
+#: a label on the MLflow run; `broker.dir` is the embedded (development) broker's store, and production profiles
+#: require a remote broker, whose URL is in the digest.
+NOT_IN_DIGEST = ("data.path", "tracking.run_name", "broker.dir")
+
+#: Fields that name a file: the digest covers the file's content (sha256), not its path, so replacing the file
+#: changes the digest. (The pretrained weights enter it through `config.digest_input(weights=...)`.)
+FILES_IN_DIGEST = (("output", "recipient"), ("broker", "ca"), ("trainer", "resume_from"), ("evaluation", "adapter"),
+                   ("evaluation", "study_recipient"), ("evaluation", "blinding_recipient"))
 
 
 def below_minimums(section, group: str, minimums: Mapping[str, float]) -> list[str]:

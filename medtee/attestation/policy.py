@@ -94,7 +94,7 @@ class FieldRule:
     def problems(self, where: str) -> list[str]:
         import math
 
-        from medtee.config import FILES_IN_DIGEST, NOT_IN_DIGEST
+        from medtee.schema import FILES_IN_DIGEST, NOT_IN_DIGEST
 
         if not RECIPE_KEY.fullmatch(self.key):
             return [f"{where}.key={self.key!r} is not a recipe setting: write its dotted name, e.g. qlora.rank"]
