@@ -170,13 +170,6 @@ def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_d
     return Verdict.of(checks, simulated=evidence.simulated, policy=policy.name)
 
 
-def _recipe_value(recipe: dict, dotted: str) -> object:
-    node: object = recipe
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def _key_digest(value: object) -> str:
     """The sha256 hex a recipe records for a key file (`sha256:HEX`), else the value as text."""
     return value[len("sha256:"):] if isinstance(value, str) and value.startswith("sha256:") else str(value)
@@ -193,6 +186,12 @@ def _setting(recipe: dict, dotted: str) -> object:
             return _ABSENT
         node = node[part]
     return node
+
+
+def _recipe_value(recipe: dict, dotted: str) -> object:
+    """The recipe's value at `dotted`, None when it has none."""
+    value = _setting(recipe, dotted)
+    return None if value is _ABSENT else value
 
 
 def _same(a: object, b: object) -> bool:
