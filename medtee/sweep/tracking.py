@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from medtee.sweep.config import to_overrides
 from medtee.tracking.guard import Guard
-from medtee.tracking.logger import GuardedMLflowLogger
+from medtee.tracking.logger import GuardedMLflowLogger, store_uri
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG = "medtee.sweep.study", "medtee.sweep.role", "medtee.sweep.trial"
 STATE_TAG = "medtee.sweep.state"  # set when a child is closed for its trial: COMPLETE or FAIL
@@ -40,7 +40,7 @@ class SweepTracker:
 
         self.guard = guard
         self._uri, self._experiment, self._tags = tracking_uri, experiment, dict(tags or {})
-        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = MlflowClient(tracking_uri=store_uri(tracking_uri))
         self._study = self._objective = ""
         self._parent: GuardedMLflowLogger | None = None
         self._open: dict[int, GuardedMLflowLogger] = {}

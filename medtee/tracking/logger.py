@@ -87,7 +87,7 @@ class GuardedMLflowLogger(Logger):
         from mlflow.tracking import MlflowClient
 
         self.guard = guard
-        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = MlflowClient(tracking_uri=store_uri(tracking_uri))
         self._tracking_uri = str(tracking_uri)
         try:
             self._experiment_id = _experiment(self._client, experiment)
@@ -293,6 +293,15 @@ def _params(guard: Guard, params: Mapping[str, str]):
 
 
 # ------------------------------------------------------------------------------------------- what a run records
+
+
+def store_uri(uri: str) -> str:
+    """The URI MLflow is given: a relative sqlite path made absolute. MLflow keeps one store per URI string for the
+    process, so a relative one would write a second run started from another directory into the first one's file."""
+    text = str(uri)
+    if text.startswith("sqlite:///") and not text.startswith("sqlite:////"):
+        return f"sqlite:///{Path.cwd() / text[len('sqlite:///'):]}"
+    return text
 
 
 def display_uri(uri: str) -> str:

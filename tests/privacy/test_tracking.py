@@ -280,3 +280,19 @@ def test_mlflow_server_that_does_not_answer_is_named(tmp_path):
                      env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert res.returncode == 3, res.stderr[-2000:]
     assert "the MLflow tracking store http://127.0.0.1:9 refused or did not answer" in res.stderr
+
+
+def test_a_relative_sqlite_store_is_the_one_in_each_runs_own_directory(tmp_path, monkeypatch):
+    """MLflow keeps one store per URI string for the process: with `sqlite:///mlflow.db` as given, a second run
+    started in another directory wrote into the first one's database."""
+    from mlflow.tracking import MlflowClient
+
+    ids = {}
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        ids[name] = tracking.GuardedMLflowLogger(tracking_uri="sqlite:///mlflow.db", experiment="t", run_name=name,
+                                                 guard=tracking.Guard(None, 20), tags={}, params={}).run_id
+    for name, run_id in ids.items():
+        runs = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}").search_runs(["1"])
+        assert [r.info.run_id for r in runs] == [run_id]
