@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from medtee import config, exits, hardware
+from medtee.schema import differing
 
 say = exits.say
 
@@ -765,7 +766,7 @@ def _sweep(cfg, session: Session) -> int:
                 recorded=config.digest_input(config.resolved(trial_cfg), weights=session.weights or None,
                                              mode="sweep", files=session.keys.files(trial_cfg)),
                 out_dir=session.out_dir / f"trial-{trial_number:04d}", mlflow_run_id=tracker.run_id_of(trial_number))
-            moved = sorted(set(_differing(trial.recorded, session.recorded)) - swept)
+            moved = sorted(set(differing(trial.recorded, session.recorded)) - swept)
             if moved:  # the release was checked on the sweep's recipe: a trial may change only what it sweeps
                 say(f"refused: trial {trial_number} would change {', '.join(moved)}, which the sweep does not sweep, "
                     f"from the recipe the key was released for")  # (the study stores the exception's type only)
@@ -789,14 +790,6 @@ def _sweep(cfg, session: Session) -> int:
 
     session.outcome.finish = finish
     return exits.OK if result.done else exits.FAILED
-
-
-def _differing(a: object, b: object, path: str = "") -> list[str]:
-    """The dotted settings whose values differ between two recorded recipes."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for key in sorted(a.keys() | b.keys())
-                for d in _differing(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
-    return [] if a == b and type(a) is type(b) else [path]
 
 
 def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, started, recorded, digest, weights,

@@ -12,6 +12,16 @@ class ConfigError(ValueError):
 
 
 MAX_INT = 2**63 - 1
+_MISSING = object()
+
+
+def differing(a: object, b: object, path: str = "") -> list[str]:
+    """The dotted keys, sorted, at which two nested mappings (recipes, policies as recorded) differ: a key one lacks,
+    or values unequal or of another type (1 is not 1.0 nor true)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(a.keys() | b.keys())
+                for d in differing(a.get(key, _MISSING), b.get(key, _MISSING), f"{path}.{key}" if path else key)]
+    return [] if type(a) is type(b) and a == b else [path]
 
 #: Fields excluded from the recipe digest, and why they cannot change what runs: `data.path` is where this machine
 #: keeps the sealed dataset, which the key release binds by dataset id and manifest digest; `tracking.run_name` is

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medtee.broker.protocol import canonical_json
+from medtee.schema import differing
 from medtee.receipt.statement import OUTCOMES, PAYLOAD_TYPE, PREDICATE_TYPE, SIMULATED_AUTHENTICITY, STATEMENT_TYPE
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ def _recorded_policy_check(predicate: dict, policy: AttestationPolicy, *, chosen
     from medtee.receipt.statement import policy_content
 
     recorded = _field(predicate, "attestation.policy.content")
-    differ = _differences(recorded, policy_content(policy))
+    differ = differing(recorded, policy_content(policy))
     if not differ:
         return ReceiptCheck("policy", True, f"the run applied policy '{policy.name}', as verified here")
     fields = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
@@ -192,13 +193,6 @@ def _recorded_policy_check(predicate: dict, policy: AttestationPolicy, *, chosen
                                          f"policy you trust: --policy NAME|FILE")
 
 
-def _differences(recorded: object, policy: object, prefix: str = "") -> list[str]:
-    """The dotted fields in which a recorded policy content and a policy's differ, sorted."""
-    if not isinstance(recorded, dict) or not isinstance(policy, dict):
-        return [] if recorded == policy else [prefix.rstrip(".")]
-    missing = object()
-    return [d for key in sorted(recorded.keys() | policy.keys())
-            for d in _differences(recorded.get(key, missing), policy.get(key, missing), f"{prefix}{key}.")]
 
 
 def _signature(envelope, receipt_key: bytes) -> ReceiptCheck:
