@@ -351,6 +351,43 @@ def _schema_keys(dotted_parent: str) -> list[str] | None:
     return [f.name for f in fields(node)] if is_dataclass(node) else None
 
 
+def unknown_setting(dotted: str) -> str | None:
+    """Why no recipe can have the setting `dotted` (a release policy's rule key), or None when one can: the key must
+    follow the schema's sections down to a field (past a mapping field, such as sweep.parameters, any key goes)."""
+    import typing
+
+    node: Any = MedteeConfig
+    walked: list[str] = []
+    for part in dotted.split("."):
+        if walked == ["model"] and part == "weights_sha256":
+            return None  # added by the digest: weight file -> sha256
+        if node is Any or typing.get_origin(node) is dict:
+            return None
+        if not is_dataclass(node):
+            return f"{'.'.join(walked)} is a single setting, with nothing inside it named {part}"
+        hints = typing.get_type_hints(node)
+        names = [f.name for f in fields(node)] + (["weights_sha256"] if walked == ["model"] else [])
+        if part not in names:
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean {'.'.join(walked + close)}?)" if close else ""
+            return (f"{'.'.join(walked) or 'a recipe'} has no setting {part}{hint}; "
+                    f"{'its settings' if walked else 'its sections'}: {', '.join(names)}")
+        node = hints[part]
+        if typing.get_origin(node) is typing.Union:  # Optional[X]
+            node = next(a for a in typing.get_args(node) if a is not type(None))
+        walked.append(part)
+    return None
+
+
+def rule_key_problems(policy: AttestationPolicy, source: str) -> list[str]:
+    """The release policy's setting rules (`recipe.fields`) whose key no recipe can have: such a rule releases
+    nothing, so the data owner's tools refuse it when they read the policy (the policy loader, below this schema,
+    cannot see the recipe's sections)."""
+    return [f"attestation policy {source}: recipe.fields[{i}].key={rule.key}: {why}. No recipe has it, so the rule "
+            f"would release nothing; name the setting as `medtee recipes digest --json` shows it"
+            for i, rule in enumerate(policy.recipe.fields) if (why := unknown_setting(rule.key))]
+
+
 def _resolve_field_type(owner: type, name: str):
     import typing
 
@@ -399,7 +436,7 @@ def check(cfg) -> None:
     for group, schema in GROUP_SCHEMAS.items():
         if group == "attestation":
             try:
-                policy_from_mapping(cfg.attestation, "attestation")
+                problems += rule_key_problems(policy_from_mapping(cfg.attestation, "attestation"), "attestation")
             except ValueError as exc:
                 problems.append(str(exc))
         elif cfg[group] is not None:  # the sweep group is empty unless a sweep is chosen

@@ -14,10 +14,11 @@ One row per rater, item and label; a repeated (rater_id, item_id, label) is refu
 the file line and the column and the fix, never a cell's content (a cell may hold patient text).
 
 Blinding: ``{item_id: {"A": "base" | "tuned", "B": the other}}``, drawn by :func:`make_blinding` and kept sealed
-(:func:`seal_blinding`, HPKE to the study owner's key) until the ratings are in. :meth:`RatingsFile.load` hashes the
-ratings as it reads them, and only a loaded :class:`RatingsFile` can be unblinded, so the summary's
-``ratings_sha256`` names exactly the bytes summarised. It shows the ratings predate the unblinding only if it was
-given to someone outside the study first: the study owner's key opens the blinding at any time.
+(:func:`seal_blinding`, HPKE to one key) until the ratings are in: a custodian's (``evaluation.blinding_recipient``)
+or, without one, the study owner's. :meth:`RatingsFile.load` hashes the ratings as it reads them, and only a loaded
+:class:`RatingsFile` can be unblinded, so the summary's ``ratings_sha256`` names exactly the bytes summarised. That the
+ratings predate the unblinding holds only with a custodian who unblinds after receiving them; sealed to the study
+owner's own key, the blinding opens whenever its owner likes.
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ def _policy_first(args: argparse.Namespace) -> PolicyFile | None:
         load_policy,
         read_policy_file,
     )
+    from medtee.config import rule_key_problems
 
     remote = args.broker != "embedded"
     if is_policy_path(args.policy):
@@ -91,6 +92,8 @@ def _policy_first(args: argparse.Namespace) -> PolicyFile | None:
                              f"DATASET_ID NAME` there")
         file = read_policy_file(args.policy)
         name = file.policy.name
+        if problems := rule_key_problems(file.policy, str(file.path)):
+            raise ValueError("; ".join(problems))
         if not POLICY_NAME.fullmatch(name):
             raise ValueError(f"policy file {file.path}: its name '{name}' (its name: key, else the file stem) is what "
                              f"the manifest records and must be 1-64 letters, digits, _ or -; set name: in it")

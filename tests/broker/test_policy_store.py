@@ -204,3 +204,52 @@ def test_help_does_not_import_the_http_server():
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('uvicorn', 'starlette', 'omegaconf')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+TYPO_RULES = [
+    ("qlora.rnak", r"recipe.fields\[0\].key=qlora.rnak: qlora has no setting rnak \(did you mean qlora.rank\?\)"),
+    ("privacy.epsilon", r"privacy has no setting epsilon; its settings: .*dp"),
+    ("trainer.lr.max", r"trainer.lr is a single setting, with nothing inside it named max"),
+    ("qlorra.rank", r"a recipe has no setting qlorra \(did you mean qlora\?\); its sections: hardware, "),
+]
+
+
+def with_rule(key: str) -> str:
+    import yaml
+
+    doc = yaml.safe_load(dev_policy("site-dev"))
+    doc["recipe"]["fields"] = [{"key": key, "max": 16}]
+    return yaml.safe_dump(doc)
+
+
+@pytest.mark.parametrize("key, message", TYPO_RULES)
+def test_a_rule_on_a_setting_no_recipe_has_is_refused_by_every_tool_that_reads_the_policy(
+        sealed, broker, tmp_path, capsys, monkeypatch, key, message):
+    """Such a rule releases nothing (every recipe lacks the setting): the owner hears of the typo when storing the
+    policy, sealing under it or composing a recipe with it, not from refused releases later."""
+    import re
+
+    from medtee import config
+
+    source = policy_file(tmp_path, with_rule(key), "site-dev.yaml")
+    code, out, err = cli(capsys, "broker", "policy", "add", "site-dev", str(source), "--broker-dir",
+                         str(broker.store_dir))
+    assert code == 2 and out == "" and re.search(message, err), err
+    assert not (broker.store_dir / "policies" / "site-dev.yaml").exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    code, out, err = cli(capsys, "seal", "d.jsonl", "--out", "sealed-typo", "--policy", str(source),
+                         "--broker-dir", str(tmp_path / "new-store"))
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "sealed-typo").exists() and not (tmp_path / "new-store").exists()
+    with pytest.raises(config.ConfigError, match=message):
+        config.check(config.compose(["recipe=demo", f"attestation.recipe.fields=[{{key:{key},max:16}}]"]))
+
+
+@pytest.mark.parametrize("key", ["qlora.rank", "model.weights_sha256", "sweep.parameters.anything",
+                                 "release.max_exposure_at", "privacy.dp.target_epsilon", "model.tiny"])
+def test_rules_on_every_setting_a_recipe_can_have_are_stored(broker, tmp_path, capsys, key):
+    source = policy_file(tmp_path, with_rule(key), "site-dev.yaml")
+    code, _, err = cli(capsys, "broker", "policy", "add", "site-dev", str(source), "--broker-dir",
+                       str(broker.store_dir))
+    assert code == 0, err
