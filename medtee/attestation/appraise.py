@@ -79,6 +79,10 @@ def snp_policy_checks(report: SnpReport, product: str | None, policy: Attestatio
     if policy.require_single_socket:
         out.append(check("policy.single_socket", report.single_socket, "SINGLE_SOCKET=1",
                          f"SINGLE_SOCKET={int(report.single_socket)}"))
+    if policy.require_platform:
+        flags = report.platform_flags()
+        out.append(check("policy.platform_info", set(policy.require_platform) <= set(flags),
+                         f"set: {', '.join(policy.require_platform)}", f"set: {', '.join(flags) or 'none'}"))
     if policy.products:
         out.append(check("policy.product", product in policy.products, policy.products, product))
     if policy.vlek_csp_ids and report.signing_key == "vlek":

@@ -194,6 +194,9 @@ class AttestationPolicy:
     allow_migrate_ma: bool = False  # accept POLICY.MIGRATE_MA=1 (a migration agent may export the guest)
     allow_smt: bool = True  # accept POLICY.SMT=1 (guest may run with simultaneous multithreading)
     require_single_socket: bool = False  # require POLICY.SINGLE_SOCKET=1
+    # PLATFORM_INFO flags the host must report set, from tsme, ecc, rapl_disabled, ciphertext_hiding,
+    # alias_check_complete (the firmware checked memory for aliases: BadRAM), sev_tio; empty = none required
+    require_platform: List[str] = field(default_factory=list)
     cert_cache_dir: Optional[str] = None  # directory of cached VCEKs/VLEKs (see amd.CertCache)
     fetch_certificates: bool = False  # fetch missing VCEKs from AMD's KDS (off for offline recipes)
     # AMD's CRL (revoked ASKs/ASVKs) from <cert_cache_dir>/<Product>/crl/<vcek|vlek>.der, which the operator refreshes
@@ -225,6 +228,13 @@ class AttestationPolicy:
         bad_keys = set(self.signing_keys) - {"vcek", "vlek"}
         if bad_keys or not self.signing_keys:
             out.append("signing_keys must be a non-empty subset of [vcek, vlek]")
+        from medtee.attestation.snp import PLATFORM_FLAGS
+
+        settable = [name for name in PLATFORM_FLAGS if name != "smt"]
+        bad_flags = sorted(set(self.require_platform) - set(settable))
+        if bad_flags:
+            out.append(f"require_platform: unknown {bad_flags}; choose from {', '.join(settable)}"
+                       + (" (SMT is ruled out with allow_smt: false)" if "smt" in bad_flags else ""))
         bad_products = set(self.products) - {"Milan", "Genoa", "Turin"}
         if bad_products:
             out.append(f"products: unknown {sorted(bad_products)}; use Milan, Genoa, Turin")

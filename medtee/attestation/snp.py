@@ -44,6 +44,12 @@ _PRODUCTS = (
 PRODUCTS = ("Milan", "Genoa", "Turin")
 
 
+#: PLATFORM_INFO bits (SEV-SNP ABI, ATTESTATION_REPORT offset 0x40) a policy can require set, by name: TSME, ECC
+#: memory, RAPL disabled (the power side channel), ciphertext hiding, the memory alias check done (BadRAM) and SEV-TIO.
+#: (Bit 0, SMT enabled, is what `allow_smt: false` rules out through the guest policy.)
+PLATFORM_FLAGS = {"smt": 0, "tsme": 1, "ecc": 2, "rapl_disabled": 3, "ciphertext_hiding": 4,
+                  "alias_check_complete": 5, "sev_tio": 7}
+
 @dataclass(frozen=True)
 class Tcb:
     """A TCB_VERSION decoded for a product (Turin: FMC, bootloader, TEE, SNP, -, -, -, microcode)."""
@@ -180,6 +186,10 @@ class SnpReport:
     @property
     def single_socket(self) -> bool:
         return bool(self.policy & POLICY_SINGLE_SOCKET)
+
+    def platform_flags(self) -> list[str]:
+        """The PLATFORM_INFO flags the host reports set, by name (PLATFORM_FLAGS)."""
+        return [name for name, bit in PLATFORM_FLAGS.items() if self.platform_info >> bit & 1]
 
     def reported_tcb(self, product: str) -> Tcb:
         return Tcb.decode(self.reported_tcb_raw, product)

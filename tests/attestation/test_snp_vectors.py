@@ -181,3 +181,29 @@ def test_a_guest_launched_under_an_older_tcb_than_the_minimum_is_rejected(vector
     assert checks["policy.min_tcb.snp"].ok
     assert not checks["policy.launch_tcb.snp"].ok and checks["policy.launch_tcb.snp"].actual == str(reported.snp - 1)
     assert all(checks[f"policy.launch_tcb.{n}"].ok for n in ("bootloader", "tee", "microcode"))
+
+
+def test_platform_flags_the_policy_requires_are_read_from_genuine_reports(vectors):
+    """A Genoa host on Azure reports ECC and the memory-alias check (PLATFORM_INFO 0b100100); a Milan host (automata)
+    reports only SMT. A policy requiring the alias check (BadRAM) admits the first and names what the second lacks."""
+    genoa, milan = evidence(vectors, *README_ROWS[3]), evidence(vectors, *README_ROWS[0])
+    assert SnpReport.parse(genoa.snp_report).platform_flags() == ["ecc", "alias_check_complete"]
+    assert SnpReport.parse(milan.snp_report).platform_flags() == ["smt"]
+    for ev, ok in ((genoa, True), (milan, False)):
+        data = SnpReport.parse(ev.snp_report)
+        policy = _lenient(require_platform=["ecc", "alias_check_complete"], measurements=[data.measurement.hex()])
+        checks = {c.name: c for c in appraise(ev, policy, expected_report_data=data.report_data).checks}
+        assert checks["policy.platform_info"].ok is ok
+        assert checks["policy.platform_info"].expected == "set: ecc, alias_check_complete"
+    assert "policy.platform_info" not in {c.name for c in appraise(milan, _lenient(), expected_report_data=None).checks}
+    assert "set: smt" in appraise(milan, _lenient(require_platform=["ecc"]), expected_report_data=None).explain()
+
+
+@pytest.mark.parametrize("flags, words", [(["ecc", "badram"], r"require_platform: unknown \['badram'\]; choose from "
+                                                                 r"tsme, ecc, rapl_disabled"),
+                                          (["smt"], "SMT is ruled out with allow_smt: false")])
+def test_unknown_platform_flags_are_refused(flags, words):
+    from medtee.attestation.policy import policy_from_mapping
+
+    with pytest.raises(ValueError, match=words):
+        policy_from_mapping({"name": "p", "require_platform": flags}, "p.yaml")
