@@ -20,11 +20,31 @@ def shared() -> Path:
     return SHARED
 
 
-def run_medtee(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the installed `medtee` command the way a user does, capturing stdout and stderr."""
+_FORKS = None
+
+
+def run_medtee(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
+               fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `medtee ARGS` in a process of its own, capturing stdout and stderr: forked from a server that imported the
+    heavy libraries once (`forkserver`), or with `fresh` (or MEDTEE_TEST_FORKSERVER=0) as a user does, `python -m
+    medtee` from scratch."""
+    global _FORKS
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "medtee", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    if fresh or os.environ.get("MEDTEE_TEST_FORKSERVER") == "0":
+        return subprocess.run([sys.executable, "-m", "medtee", *args], cwd=cwd, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+    if _FORKS is None:
+        from forkserver import Client
+
+        _FORKS = Client()
+    return _FORKS.run(list(args), cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_forkserver():
+    yield
+    if _FORKS is not None:
+        _FORKS.close()
 
 
 def seal_and_train(cwd: Path, *train_args: str) -> tuple[Path, str]:

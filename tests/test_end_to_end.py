@@ -44,9 +44,17 @@ def _seal(src: Path, out: Path, cwd: Path, *extra: str):
     return res
 
 
-def test_demo_runs_with_no_arguments_and_lands_in_mlflow(tmp_path):
-    res = run_medtee("train", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`medtee train` with no arguments, as a newcomer runs it (a new interpreter): (its directory, the result)."""
+    cwd = tmp_path_factory.mktemp("demo")
+    res = run_medtee("train", cwd=cwd, env={"COLUMNS": "160"}, fresh=True)
     assert res.returncode == 0, res.stderr[-3000:]
+    return cwd, res
+
+
+def test_demo_runs_with_no_arguments_and_lands_in_mlflow(demo):
+    tmp_path, res = demo
     assert "SIMULATED" in res.stderr
     [run] = _mlflow_runs(tmp_path / "mlflow.db")
     assert run["status"] == "FINISHED"
@@ -65,11 +73,10 @@ def test_demo_runs_with_no_arguments_and_lands_in_mlflow(tmp_path):
     assert not list(out.glob("*.safetensors"))  # never a plaintext adapter
 
 
-def test_the_demo_shows_a_newcomer_what_happened(tmp_path):
+def test_the_demo_shows_a_newcomer_what_happened(demo):
     """No advertisement, no library warning, a progress bar in steps, a loss that visibly falls, and a closing
     summary: loss before and after, where the encrypted adapter is and how to open it, the dashboard command."""
-    res = run_medtee("train", cwd=tmp_path, env={"COLUMNS": "160"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    tmp_path, res = demo
     out = res.stdout + res.stderr
     assert "Tip" not in out and "litlogger" not in out and "FutureWarning" not in out and "/-2" not in out
     assert "Training steps" in out and "60/60" in out
@@ -81,8 +88,8 @@ def test_the_demo_shows_a_newcomer_what_happened(tmp_path):
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
 
 
-def test_adapter_open_refuses_an_out_that_is_a_file(tmp_path):
-    assert run_medtee("train", *FAST, cwd=tmp_path).returncode == 0
+def test_adapter_open_refuses_an_out_that_is_a_file(demo):
+    tmp_path, _ = demo
     [out_dir] = _output_dirs(tmp_path)
     (tmp_path / "taken").write_text("not a directory")
     res = run_medtee("adapter", "open", str(out_dir / "adapter.safetensors.enc"), "--key",

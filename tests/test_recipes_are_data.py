@@ -223,7 +223,7 @@ def test_the_reported_attack_runs_nothing_and_writes_nothing(tmp_path):
     (tmp_path / "evil.yaml").write_text(
         "# @package _global_\nhydra:\n  callbacks:\n    a:\n      _target_: os.makedirs\n"
         "      _args_: [\"PWNED_DIR\"]\n")
-    res = run_medtee("train", "recipe=./evil.yaml", "trainer.max_steps=2", cwd=tmp_path)
+    res = run_medtee("train", "recipe=./evil.yaml", "trainer.max_steps=2", cwd=tmp_path, fresh=True)
     assert res.returncode == 2, res.stderr
     assert "key 'hydra'" in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.yaml"]
@@ -247,7 +247,7 @@ def test_tracking_uri_names_a_store_kind_medtee_allows(uri, tmp_path, monkeypatc
 def test_a_resolver_hidden_in_an_overridden_override_reads_nothing(tmp_path):
     """Hydra keeps every override's text and `--resolve` resolves it, even one a later override replaced."""
     res = run_medtee("train", "--cfg", "hydra", "--resolve", "tracking.experiment=${oc.env:MEDTEE_TEST_SECRET}",
-                     "tracking.experiment=x", cwd=tmp_path, env={"MEDTEE_TEST_SECRET": "s3cr3t-from-env"})
+                     "tracking.experiment=x", cwd=tmp_path, env={"MEDTEE_TEST_SECRET": "s3cr3t-from-env"}, fresh=True)
     assert res.returncode == 2 and "s3cr3t" not in res.stdout + res.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_medtee
+
 from .conftest import HARNESS, canary_overrides, connections, run_harness, scan
 
 pytestmark = pytest.mark.slow
@@ -133,7 +135,7 @@ def test_run_killed_with_sigkill(forms, sealed_canaries, tmp_path, memory_tmp):
 
 
 def run_medtee_ok(args: list[str], cwd: Path) -> bool:
-    return subprocess.run([sys.executable, "-m", "medtee", *args], cwd=cwd, capture_output=True).returncode == 0
+    return run_medtee(*args, cwd=cwd).returncode == 0
 
 
 def test_training_then_attested_evaluation_and_a_rating_packet(forms, sealed_canaries, tmp_path, memory_tmp):

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from conftest import run_medtee
+
 pytestmark = pytest.mark.slow
 
 FAST = ["sweep=demo_lr_rank", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=5",
@@ -117,8 +119,7 @@ def test_a_finished_grid_sweep_exits_0(tmp_path):
         "# @package _global_\ndefaults:\n  - override /sweep: grid_rank\nsweep:\n  n_trials: 2\n  parameters:\n"
         "    qlora.rank: {type: int, low: 8, high: 16, step: 8}\n    qlora.dropout: {type: categorical, choices: [0.0]}\n")
     fast = [o for o in FAST if not o.startswith(("trainer.max_steps=", "sweep="))]
-    res = subprocess.run([sys.executable, "-m", "medtee", "sweep", "recipe=./grid.yaml", *fast, "trainer.max_steps=2"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = run_medtee("sweep", "recipe=./grid.yaml", *fast, "trainer.max_steps=2", cwd=tmp_path)
     assert res.returncode == 0 and "run failed" not in res.stderr, res.stderr[-3000:]
     db = sqlite3.connect(tmp_path / "optuna.db")
     assert [s for (s,) in db.execute("select state from trials")] == ["COMPLETE", "COMPLETE"]

@@ -1,0 +1,172 @@
+"""Runs `python -m medtee ARGS` for the tests without paying the heavy imports each time.
+
+A `medtee train` on the tiny model spends most of its seconds importing torch, Lightning, transformers and MLflow,
+and the suite runs it about a hundred times. This server imports them once, then forks one child per command: the
+child takes the command's working directory, environment (os.environ replaced), argv and stdio (files), puts the
+working directory first on sys.path as `python -m` does, and runs medtee's __main__, so each command is still its
+own process with medtee's own state fresh. What a fork cannot show, the tests that need it run `python -m medtee`
+itself (`conftest.run_medtee(..., fresh=True)`): import-time output and environment, and modules a command might
+import from its working directory. MEDTEE_TEST_FORKSERVER=0 turns the server off.
+
+Protocol (one request at a time): the client sends a JSON line {argv, cwd, env, stdout, stderr}; the server answers
+{"pid": N} when the child starts and {"returncode": RC} when it ends (negative: the signal that ended it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+#: What the children would import anyway; a module missing here is only imported later, by the child.
+PREIMPORT = ("torch", "lightning.pytorch", "transformers", "transformers.models.gemma3.modeling_gemma3", "peft",
+             "bitsandbytes", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "alembic", "sqlalchemy",
+             "pyarrow.parquet", "hydra", "omegaconf", "safetensors.torch", "cryptography", "optuna")
+
+
+def _child(request: dict) -> None:
+    """In the forked child: become the command, run it, exit as it exits."""
+    import runpy
+    import signal
+    import tempfile
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter has them
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    tempfile.tempdir = None  # found again from the command's TMPDIR
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for fd, target in ((null, 0), (out, 1), (err, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.argv = ["-m", *request["argv"]]
+    sys.path[0] = os.getcwd()
+    runpy.run_module("medtee", run_name="__main__", alter_sys=True)  # its sys.exit ends the child
+
+
+def _run(request: dict) -> int:
+    """The command's exit status, as the interpreter would give it (a traceback for an exception that escapes)."""
+    import traceback
+
+    try:
+        _child(request)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return -2
+    except BaseException:  # noqa: BLE001 - printed as the interpreter prints it
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _exit(code: int) -> None:
+    """End the child as an interpreter ends, but without tearing down the modules it shares with the server (that
+    would write to every page of them, copying them all): exit handlers and weakref finalizers run, stdio is flushed."""
+    import atexit
+    import signal
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if code == -2:  # an uncaught KeyboardInterrupt ends the interpreter by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+
+def serve(fd: int) -> None:
+    import gc
+    import importlib
+
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the child imports it (or fails) as medtee would
+            pass
+    gc.freeze()  # the children's collections then leave the shared modules' pages alone
+    conn = socket.socket(fileno=fd)
+    lines = conn.makefile("rw", encoding="utf-8", newline="\n")
+    for line in lines:
+        request = json.loads(line)
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            lines.close(), conn.close()
+            _exit(_run(request))
+        lines.write(json.dumps({"pid": pid}) + "\n")
+        lines.flush()
+        _, status = os.waitpid(pid, 0)
+        lines.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+        lines.flush()
+
+
+class Client:
+    """The test side: starts the server (lazily, once) and runs commands through it."""
+
+    def __init__(self) -> None:
+        self._proc = None
+        self._lines = None
+
+    def _start(self) -> None:
+        import subprocess
+
+        mine, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._proc = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env=env)
+        theirs.close()
+        self._sock = mine
+        self._lines = mine.makefile("rw", encoding="utf-8", newline="\n")
+
+    def run(self, argv: list[str], *, cwd, env: dict, timeout: float):
+        """Like subprocess.run(capture_output=True, text=True, timeout=timeout) of `python -m medtee ARGV`."""
+        import signal
+        import subprocess
+        import tempfile
+
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        with tempfile.TemporaryDirectory(prefix="medtee-fork-") as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            request = {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "stdout": out, "stderr": err}
+            self._lines.write(json.dumps(request) + "\n")
+            self._lines.flush()
+            pid = json.loads(self._lines.readline())["pid"]
+            self._sock.settimeout(timeout)
+            try:
+                reply = self._lines.readline()
+            except (TimeoutError, socket.timeout):
+                os.kill(pid, signal.SIGKILL)
+                self.close()  # the server's reply to this request is no longer read: start afresh
+                raise subprocess.TimeoutExpired([sys.executable, "-m", "medtee", *argv], timeout) from None
+            finally:
+                self._sock.settimeout(None)
+            if not reply:
+                raise RuntimeError("the medtee fork server ended while running a command")
+            code = json.loads(reply)["returncode"]
+            read = (lambda p: open(p, encoding="utf-8", errors="replace").read() if os.path.exists(p) else "")
+            return subprocess.CompletedProcess([sys.executable, "-m", "medtee", *argv], code, read(out), read(err))
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._lines.close(), self._sock.close()
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
