@@ -263,8 +263,7 @@ LOCAL_ATTESTATION = ("cert_cache_dir", "gpu.ocsp_cache")
 #: ... and requirements a recipe may add where the shipped policy has none (each value at least as strict). Not
 #: `gpu.require_rim_match`/`gpu.allowed_rim_ids`: they need `gpu.rim_store`, see above.
 TIGHTENINGS = {"measurements": [], "products": [], "host_data": None, "vmpl": None, "require_single_socket": False,
-               "allow_smt": True, "vlek_csp_ids": [], "require_platform": [],
-               "gpu.boards": []}
+               "allow_smt": True, "vlek_csp_ids": [], "require_platform": [], "gpu.boards": []}
 _SHIPPED_OPTIONS: dict[tuple[str, str], dict] = {}  # (group, option) -> the option's content as shipped
 
 

@@ -50,6 +50,7 @@ PRODUCTS = ("Milan", "Genoa", "Turin")
 PLATFORM_FLAGS = {"smt": 0, "tsme": 1, "ecc": 2, "rapl_disabled": 3, "ciphertext_hiding": 4,
                   "alias_check_complete": 5, "sev_tio": 7}
 
+
 @dataclass(frozen=True)
 class Tcb:
     """A TCB_VERSION decoded for a product (Turin: FMC, bootloader, TEE, SNP, -, -, -, microcode)."""
