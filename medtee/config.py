@@ -225,6 +225,7 @@ def compose(overrides: list[str] | None = None):
             del cfg["hydra"]
         recipe_guard.check_values(OmegaConf.to_container(cfg, resolve=False), "the composed recipe",
                                   unreferable=NOT_IN_DIGEST)
+        OmegaConf.to_container(cfg, resolve=True)  # an interpolation of the wrong type fails here, naming its key
     except recipe_guard.RecipeRuleError as exc:
         raise ConfigError(str(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
@@ -243,11 +244,16 @@ def check_job(cfg, choices: dict) -> None:
     inside the app. Raises ConfigError."""
     from omegaconf import OmegaConf
 
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         recipe_guard.check_values(OmegaConf.to_container(cfg, resolve=False), "the job's recipe",
                                   unreferable=NOT_IN_DIGEST)
+        OmegaConf.to_container(cfg, resolve=True)
     except recipe_guard.RecipeRuleError as exc:
         raise ConfigError(str(exc)) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(explain_compose_error(exc)) from None
     changed = _changed_production_options(cfg, choices)
     if changed:
         raise ConfigError("; ".join(changed))

@@ -78,9 +78,38 @@ def swap_problem(profile) -> str | None:
     return None
 
 
+def launcher_problem(profile) -> str | None:
+    """Why this process cannot be one of the profile's `devices x num_nodes` processes: medtee starts none itself
+    (each process attests and obtains the data key on its own), so torchrun or srun starts one per device, as many as
+    the profile names. Read as Lightning reads it."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    world = profile.devices * profile.num_nodes
+    named = f"hardware.devices={profile.devices} x hardware.num_nodes={profile.num_nodes}"
+    if TorchElasticEnvironment.detect():
+        started, launcher = os.environ.get("WORLD_SIZE", "?"), "torchrun"
+    elif SLURMEnvironment.detect():
+        started, launcher = os.environ["SLURM_NTASKS"], "srun"
+    elif world == 1:
+        return None
+    else:
+        several = profile.num_nodes > 1
+        nodes = f" --nnodes {profile.num_nodes} --node_rank R --master_addr HOST" if several else ""
+        return (f"{named} needs {world} processes, one per device, started by torchrun or srun; this one was started "
+                f"alone: run `torchrun{nodes} --nproc_per_node {profile.devices} -m medtee train ...`"
+                f"{' on each node' if several else ''} or `srun{f' --nodes {profile.num_nodes}' if several else ''} "
+                f"--ntasks-per-node {profile.devices} python -m medtee train ...`, or set hardware.devices=1 and "
+                f"hardware.num_nodes=1")
+    if started != str(world):
+        return (f"{launcher} started {started} processes and {named} names {world}: make them agree")
+    return None
+
+
 def mismatches(profile) -> list[str]:
     """Every way this machine fails the hardware profile (empty when it satisfies it)."""
     problems = []
+    if reason := launcher_problem(profile):
+        problems.append(reason)
     if profile.require_sev_snp and (reason := sev_snp_guest_reason()):
         problems.append(reason)
     if reason := swap_problem(profile):

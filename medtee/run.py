@@ -126,7 +126,7 @@ def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
     """The checks that need no data, then the run (mode train: `_fit`; eval: `_evaluate`). Raises ConfigError,
     SealedDataError, DataError or Refused."""
     from medtee.files import NotRegularFile
-    from medtee.training.model import weight_digests
+    from medtee.training.model import pretrained_problems, weight_digests
 
     config.check(cfg)
     config.check_runnable(cfg, mode=mode)
@@ -142,6 +142,8 @@ def train(cfg, *, recipe: str, out_dir: Path, mode: str = "train") -> int:
     except NotRegularFile as exc:  # a FIFO or folder named like a weight file
         raise config.ConfigError(f"model.id={cfg.model.id}: a weight file {exc}; name a folder of regular weight "
                                  f"files") from None
+    if problems := pretrained_problems(cfg.model):
+        raise config.ConfigError("; ".join(problems))
     digest = config.recipe_digest(cfg, weights=weights or None, mode=mode, files=keys.files(cfg))
     say(f"recipe {recipe}, digest {digest} (mode {mode})")
     work = {"train": _fit, "eval": _evaluate, "generate": _generate, "sweep": _sweep}[mode]

@@ -55,6 +55,23 @@ def test_wrong_type_names_the_key():
     assert "trainer.max_steps" in str(err.value)
 
 
+@pytest.mark.parametrize("override, key, named", [
+    ("model.attn_implementation=${tracking.experiment}", "model.attn_implementation", "sdpa"),
+    ("trainer.max_steps=${tracking.experiment}", "trainer.max_steps", "Integer"),
+])
+def test_an_interpolation_of_the_wrong_type_names_the_key_at_compose_time(override, key, named, tmp_path):
+    """Used to pass composition and fail later: a traceback in `recipes digest`, a withheld error in a run."""
+    with pytest.raises(ConfigError, match=f"invalid value for '{key}'.*{named}"):
+        config.compose([override])
+    path = tmp_path / "mine.yaml"
+    section, field = key.split(".")
+    path.write_text(f"# @package _global_\n{section}:\n  {field}: {override.split('=', 1)[1]}\n")
+    with pytest.raises(ConfigError, match=f"invalid value for '{key}'"):
+        config.compose(config.use_recipe_files([f"recipe={path}"]))
+    assert config.compose(["trainer.max_steps=${trainer.warmup_steps}"]).trainer.max_steps == \
+        config.compose([]).trainer.warmup_steps  # one of the right type still resolves
+
+
 def test_enum_value_outside_its_choices_fails():
     with pytest.raises(ConfigError) as err:
         config.compose(["qlora.quantization=int3"])

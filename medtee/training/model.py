@@ -150,36 +150,72 @@ def disable_cpu_4bit_inference_path(model) -> int:
     return count
 
 
-def weight_digests(model_cfg) -> dict[str, str]:
-    """sha256 of every weight file of a pretrained model ({file name: hex}); {} for random-weight models.
+def _model_folder(model_cfg):
+    """The folder of a pretrained model: `id` as a local directory, or its Hugging Face snapshot at `revision`
+    (the local cache only when offline)."""
+    from pathlib import Path
 
-    Resolves `id` as a local directory or a Hugging Face snapshot at `revision` (local cache only when offline).
-    """
+    folder = Path(model_cfg.id)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_cfg.id, revision=model_cfg.revision, local_files_only=model_cfg.offline))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"model.id={model_cfg.id} (revision {model_cfg.revision or 'default'}) is not in the local Hugging "
+            f"Face cache and model.offline=true: download it beforehand (`hf download {model_cfg.id} "
+            f"--revision REV`) or set model.id to a local directory") from None
+
+
+def weight_digests(model_cfg) -> dict[str, str]:
+    """sha256 of every file in a pretrained model's folder ({file name: hex}): the weights and what transformers
+    reads beside them (config, tokenizer, chat template), so none of them changes under the digest; {} for
+    random-weight models. FileNotFoundError for a folder without *.safetensors weights."""
     if model_cfg.source != "pretrained":
         return {}
     from concurrent.futures import ThreadPoolExecutor
 
     from medtee.files import sha256_file
-    from pathlib import Path
 
-    folder = Path(model_cfg.id)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            folder = Path(snapshot_download(model_cfg.id, revision=model_cfg.revision,
-                                            local_files_only=model_cfg.offline))
-        except LocalEntryNotFoundError:
-            raise FileNotFoundError(
-                f"model.id={model_cfg.id} (revision {model_cfg.revision or 'default'}) is not in the local Hugging "
-                f"Face cache and model.offline=true: download it beforehand (`hf download {model_cfg.id} "
-                f"--revision REV`) or set model.id to a local directory") from None
-    files = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".pt")))
-    if not files:
+    folder = _model_folder(model_cfg)
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+    if not any(p.name.endswith(".safetensors") for p in files):
         raise FileNotFoundError(f"model.id={model_cfg.id}: no weight files (*.safetensors) in {folder}")
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:  # hashlib releases the GIL
         return dict(zip((p.name for p in files), pool.map(sha256_file, files)))
+
+
+def pretrained_problems(model_cfg) -> list[str]:
+    """What in a pretrained model's folder the run would otherwise find unusable only after its key release: the
+    tokenizer, the model's config.json and each weight file's safetensors header, opened beforehand."""
+    if model_cfg.source != "pretrained":
+        return []
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig
+
+    from medtee.data.tokenizer import load_tokenizer
+
+    folder, out, files = _model_folder(model_cfg), [], []
+    try:
+        load_tokenizer(model_cfg.id, revision=model_cfg.revision, offline=model_cfg.offline)
+    except ValueError as exc:
+        out.append(str(exc))
+    try:
+        AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        files.append(f"its config.json does not describe a model transformers knows ({type(exc).__name__})")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            files.append(f"{path.name} is not a safetensors file ({type(exc).__name__})")
+    if files:
+        out.append(f"{'; '.join(files)}: name a folder that save_pretrained wrote, or a model's snapshot")
+    return [f"model.id={model_cfg.id}: {problem}" for problem in out]
 
 
 def _save_matmul_and_attention_outputs(ctx, op, *args, four_bit: frozenset = frozenset(), **kwargs):

@@ -1,5 +1,5 @@
 """Shared by the training tests that run `medtee train` in new processes: a sealed dataset, and readers of what a
-run leaves (summaries, the decrypted adapter, the MLflow store)."""
+run leaves (summaries, the decrypted adapter, the MLflow store), and a pretrained model's folder."""
 
 from __future__ import annotations
 
@@ -52,3 +52,20 @@ def mlflow_state(db: Path) -> dict:
         return {"status": runs, "loss_steps": steps}
     finally:
         con.close()
+
+
+def save_tiny_pretrained(path: Path, *, vocab_size: int | None = None) -> Path:
+    """The demo recipe's tiny model (random weights) and the demo tokenizer as save_pretrained writes them: a
+    pretrained model's folder (`model.source=pretrained model.id=PATH`). `vocab_size` defaults to the tokenizer's."""
+    from medtee import config
+    from medtee.data.tokenizer import build_demo_tokenizer
+    from medtee.training import model as model_lib
+    from medtee.training.config import QLoRAConfig, Quantization
+
+    tokenizer = build_demo_tokenizer()
+    model_cfg = config.compose(["recipe=demo"]).model
+    base = model_lib.load_base_model(model_cfg, QLoRAConfig(quantization=Quantization.none),
+                                     vocab_size=vocab_size or len(tokenizer), device="cpu")
+    base.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -13,6 +13,8 @@ from medtee import config
 from medtee.training.config import ModelConfig, ModelSource, QLoRAConfig, Quantization
 from medtee.training import model as model_lib
 
+from .conftest import save_tiny_pretrained
+
 GEMMA3_VOCAB = 262_208
 
 
@@ -32,30 +34,23 @@ def test_embedding_and_output_layer_keep_bf16_at_the_real_vocabulary(quantizatio
     assert model.get_base_model().lm_head.weight.dtype == torch.bfloat16
 
 
-def _save_tiny_pretrained(path):
-    model_cfg, _ = _tiny()
-    base = model_lib.load_base_model(model_cfg, QLoRAConfig(quantization=Quantization.none), vocab_size=256,
-                                     device="cpu")
-    base.save_pretrained(path)
-    from medtee.data.tokenizer import build_demo_tokenizer
-
-    build_demo_tokenizer().save_pretrained(path)
-
-
-def test_pretrained_from_a_local_directory_with_weight_digests(tmp_path):
-    _save_tiny_pretrained(tmp_path)
+def test_pretrained_from_a_local_directory_with_digests_of_every_file(tmp_path):
+    save_tiny_pretrained(tmp_path, vocab_size=256)
     cfg = ModelConfig(name="local", source=ModelSource.pretrained, id=str(tmp_path), offline=True)
-    [weights] = sorted(tmp_path.glob("*.safetensors"))
     digests = model_lib.weight_digests(cfg)
-    assert digests == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    files = sorted(p for p in tmp_path.iterdir() if p.is_file())
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(digests)
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert model_lib.pretrained_problems(cfg) == []
     model = model_lib.build_model(cfg, QLoRAConfig(quantization=Quantization.nf4), vocab_size=256, device="cpu")
     assert model.training and any(p.requires_grad for p in model.parameters())
     assert model_lib.build_tokenizer(cfg).pad_token_id is not None
 
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
-    assert model_lib.weight_digests(cfg)[weights.name] != digests[weights.name]
+    for name in ("model.safetensors", "tokenizer.json"):  # the weights, and what the tokenizer is read from
+        data = bytearray((tmp_path / name).read_bytes())
+        data[-2] ^= 1
+        (tmp_path / name).write_bytes(bytes(data))
+        assert model_lib.weight_digests(cfg)[name] != digests[name]
 
 
 def test_a_directory_without_weights_and_an_uncached_hub_id_fail_clearly(tmp_path):

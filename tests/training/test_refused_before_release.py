@@ -3,6 +3,7 @@ requested step, and MLflow runs that are never left RUNNING nor touched by anoth
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from conftest import run_medtee
 from medtee import cli
 
-from .conftest import COMMON, data_args, mlflow_state, summaries
+from .conftest import COMMON, data_args, mlflow_state, save_tiny_pretrained, summaries
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +154,77 @@ def test_random_weights_the_device_cannot_hold_are_refused_before_the_key_is_rel
     monkeypatch.setattr(hardware, "free_host_memory", lambda: 8 * 2**30)
     with pytest.raises(run.Refused, match=r"the host needs 11\.4 GiB and has 8\.0 GiB free"):
         run.preflight(four)
+
+
+@pytest.mark.parametrize("sizes", [["hardware.devices=2"], ["hardware.num_nodes=2"]])
+def test_several_devices_started_without_torchrun_or_srun_are_refused_before_the_key_is_released(sizes, tmp_path):
+    """Lightning used to start the other ranks itself after the key release, with arguments medtee refuses: the run
+    was then killed (no teardown, no close, no receipt, its MLflow run left RUNNING)."""
+    res = run_medtee("train", "trainer.strategy=ddp", *sizes, "hardware.cpu_threads=1", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "needs 2 processes, one per device, started by torchrun or srun" in res.stderr
+    assert "torchrun" in res.stderr and "--nproc_per_node" in res.stderr and "srun" in res.stderr
+    assert RELEASED not in res.stderr and "Traceback" not in res.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("launched, world, refused", [
+    ({"TORCHELASTIC_RUN_ID": "r", "WORLD_SIZE": "2"}, (2, 1), None),
+    ({"TORCHELASTIC_RUN_ID": "r", "WORLD_SIZE": "4"}, (2, 1), "torchrun started 4 processes"),
+    ({"TORCHELASTIC_RUN_ID": "r", "WORLD_SIZE": "2"}, (1, 1), "torchrun started 2 processes"),
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "medtee"}, (2, 2), None),
+    ({"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "medtee"}, (2, 2), "srun started 2 processes"),
+    ({"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "interactive"}, (2, 1), "started alone"),  # Lightning ignores it too
+    ({}, (1, 1), None),
+])
+def test_the_launcher_must_have_started_as_many_processes_as_the_profile_names(launched, world, refused, monkeypatch):
+    from medtee import hardware
+    from medtee.hardware import HardwareConfig
+
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in launched.items():
+        monkeypatch.setenv(name, value)
+    problem = hardware.launcher_problem(HardwareConfig(devices=world[0], num_nodes=world[1]))
+    assert problem is None if refused is None else refused in problem
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    return save_tiny_pretrained(tmp_path_factory.mktemp("pretrained") / "model")
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("tokenizer", "no tokenizer found"), ("config", "its config.json does not describe a model"),
+    ("weights", "model.safetensors is not a safetensors file"),
+])
+def test_a_pretrained_folder_the_run_cannot_load_is_refused_before_the_key_is_released(pretrained, damage, named,
+                                                                                          tmp_path):
+    """Its tokenizer and config used to be read only after the key release, failing with the message withheld."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained, folder)
+    if damage == "tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif damage == "config":
+        (folder / "config.json").write_text('{"model_type": "no-such-model"}')
+    else:
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:4096])
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    res = run_medtee("train", "model.source=pretrained", f"model.id={folder}", "trainer.max_steps=1", cwd=cwd)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"model.id={folder}: " in res.stderr and named in res.stderr
+    assert RELEASED not in res.stderr and "Traceback" not in res.stderr and list(cwd.iterdir()) == []
+
+
+def test_a_pretrained_folder_trains_and_its_files_enter_the_digest(pretrained, tmp_path):
+    args = ["model.source=pretrained", f"model.id={pretrained}", "trainer.max_steps=1", "trainer.val_check_interval=1",
+            "trainer.limit_val_batches=1", "data.n_synthetic=40", "tracking.min_aggregate=1"]
+    res = run_medtee("train", *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [summary] = summaries(tmp_path)
+    digest = run_medtee("recipes", "digest", "--json", *args, cwd=tmp_path)
+    printed = json.loads(digest.stdout)
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(printed["covers"]["model"]["weights_sha256"])
+    assert summary["recipe_digest"] == printed["digest"]  # the run attested the digest the owner approves
