@@ -1,4 +1,5 @@
-"""Shared fixtures: the ../shared directory (skip when absent) and a clean working directory per test."""
+"""Shared fixtures: the ../shared directory (skip when absent) and a clean working directory per test; the workers
+the suite runs on, and one CPU thread for each process a test starts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# The suite runs on one pytest-xdist worker per CPU (pyproject.toml). torch's default of one thread per CPU in each of
+# them would oversubscribe the machine (on 2 cores, 2 workers x 2 threads ran the training tests 2-4x slower than
+# alone); the tiny models train as fast on one. Set before torch is imported here or in any process a test starts.
+# Runs a test compares are made under the same count, so their sums round alike.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -20,31 +27,25 @@ def shared() -> Path:
     return SHARED
 
 
-_FORKS = None
-
-
 def run_medtee(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
                fresh: bool = False) -> subprocess.CompletedProcess:
     """Run `medtee ARGS` in a process of its own, capturing stdout and stderr: forked from a server that imported the
     heavy libraries once (`forkserver`), or with `fresh` (or MEDTEE_TEST_FORKSERVER=0) as a user does, `python -m
     medtee` from scratch."""
-    global _FORKS
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if fresh or os.environ.get("MEDTEE_TEST_FORKSERVER") == "0":
         return subprocess.run([sys.executable, "-m", "medtee", *args], cwd=cwd, env=full_env, capture_output=True,
                               text=True, timeout=timeout)
-    if _FORKS is None:
-        from forkserver import Client
+    import forkserver
 
-        _FORKS = Client()
-    return _FORKS.run(list(args), cwd=cwd, env=full_env, timeout=timeout)
+    return forkserver.client().run(list(args), cwd=cwd, env=full_env, timeout=timeout)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _close_forkserver():
     yield
-    if _FORKS is not None:
-        _FORKS.close()
+    if "forkserver" in sys.modules:
+        sys.modules["forkserver"].close()
 
 
 def seal_and_train(cwd: Path, *train_args: str) -> tuple[Path, str]:
@@ -56,3 +57,9 @@ def seal_and_train(cwd: Path, *train_args: str) -> tuple[Path, str]:
     assert res.returncode == 0, res.stderr[-3000:]
     [summary] = cwd.glob("outputs/*/*/summary.json")
     return summary.parent, res.stderr
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`--numprocesses=auto`: one worker per CPU this process may run on (not per physical core: a 2-vCPU machine
+    counts 2), at most 8, each with its own fork server holding torch."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))

@@ -168,5 +168,22 @@ class Client:
             self._proc = None
 
 
+_CLIENT: Client | None = None
+
+
+def client() -> Client:
+    """This process's one client: every copy of the conftest module (pytest imports it under two names) shares it,
+    so one server imports torch per test process."""
+    global _CLIENT
+    if _CLIENT is None:
+        _CLIENT = Client()
+    return _CLIENT
+
+
+def close() -> None:
+    if _CLIENT is not None:
+        _CLIENT.close()
+
+
 if __name__ == "__main__":
     serve(int(sys.argv[1]))

@@ -311,6 +311,7 @@ def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -
     if rules.require_audit:
         audit = _recipe_value(recipe, "release.require_audit")
         out.append(check("policy.recipe.require_audit", audit is True, "release.require_audit: true", audit))
+        out += _audit_floor_checks(rules.audit, recipe)
     if rules.require_dp:
         dp = _recipe_value(recipe, "privacy.dp.enabled")
         out.append(check("policy.recipe.require_dp", dp is True, "privacy.dp.enabled: true", dp))
@@ -318,6 +319,27 @@ def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -
     out.append(check("policy.recipe.min_aggregate", isinstance(aggregate, int) and aggregate >= rules.min_aggregate,
                      f"tracking.min_aggregate >= {rules.min_aggregate}", aggregate))
     return out + [field_check(rule, recipe) for rule in rules.fields]
+
+
+def _audit_floor_checks(floor, recipe: dict) -> list[Check]:
+    """The recipe's audit at least as strict as the policy's floor: every exposure threshold (the per-repeat
+    overrides too), the extraction rate, and the size of the test."""
+    overrides = _recipe_value(recipe, "release.max_exposure_at")  # {repeats: bits}; absent: fails closed
+    limits = [_recipe_value(recipe, "release.max_exposure_bits"),
+              *(overrides.values() if isinstance(overrides, dict) else [overrides])]
+    exposure = all(_number(v) and v <= floor.max_exposure_bits for v in limits)
+    out = [check("policy.recipe.audit.max_exposure_bits", exposure,
+                 f"release.max_exposure_bits and every release.max_exposure_at value <= {floor.max_exposure_bits}",
+                 limits)]
+    for name, key, bound, at_most in (
+            ("max_extraction_above_base", "release.max_extraction_above_base", floor.max_extraction_above_base, True),
+            ("min_references", "release.references", floor.min_references, False),
+            ("min_extraction_examples", "release.extraction_examples", floor.min_extraction_examples, False),
+            ("max_suffix_tokens", "release.suffix_tokens", floor.max_suffix_tokens, True)):
+        value = _recipe_value(recipe, key)
+        ok = _number(value) and (value <= bound if at_most else value >= bound)
+        out.append(check(f"policy.recipe.audit.{name}", ok, f"{key} {'<=' if at_most else '>='} {bound}", value))
+    return out
 
 
 def gpu_checks(evidence: Evidence, policy: AttestationPolicy, expected_nonce: bytes | None,

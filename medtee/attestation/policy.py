@@ -121,6 +121,28 @@ class FieldRule:
 
 
 @dataclass
+class AuditFloor:
+    """With `require_audit`: the least strict memorization audit a recipe may run (its `release` settings). The
+    defaults are the audit's own, so a recipe may tighten them but not loosen them, the per-repeat overrides
+    (`release.max_exposure_at`) included."""
+
+    max_exposure_bits: float = 10.0  # the highest exposure threshold the recipe may set, at any repeat count
+    max_extraction_above_base: float = 0.05  # the highest verbatim-extraction rate above the base model's it may allow
+    min_references: int = 4096  # the fewest reference candidates each canary is ranked among (fewer: coarser ranks)
+    min_extraction_examples: int = 32  # the fewest training doctor turns prompted for verbatim extraction
+    max_suffix_tokens: int = 50  # the longest continuation that must match exactly (longer ones are rarer)
+
+    def problems(self) -> list[str]:
+        import math
+
+        out = [f"recipe.audit.{name}={value} must be a finite number" for name, value in
+               (("max_exposure_bits", self.max_exposure_bits),
+                ("max_extraction_above_base", self.max_extraction_above_base)) if not math.isfinite(value)]
+        return out + [f"recipe.audit.{name}={getattr(self, name)} must be at least 1" for name in
+                      ("min_references", "min_extraction_examples", "max_suffix_tokens") if getattr(self, name) < 1]
+
+
+@dataclass
 class RecipeRules:
     """What the recipe of a run must say for the broker to release the key, checked on the recipe its digest covers
     (the release request carries it; its digest is bound into the evidence). Empty lists mean "any"."""
@@ -132,6 +154,7 @@ class RecipeRules:
     study_recipients: List[str] = field(default_factory=list)  # sha256 (hex) of the study .pub files generate may use
     output_recipients: List[str] = field(default_factory=list)  # sha256 (hex) of the .pub files an adapter may go to
     require_audit: bool = False  # require release.require_audit: true (the memorization audit gates the adapter)
+    audit: AuditFloor = field(default_factory=AuditFloor)  # with require_audit: how strict that audit must at least be
     require_dp: bool = False  # require privacy.dp.enabled: true (DP-SGD; then no training loss is logged at all)
     min_aggregate: int = 20  # the least tracking.min_aggregate (examples per logged aggregate) a recipe may set
     # single settings, e.g. [{key: qlora.rank, max: 16}, {key: privacy.dp.target_epsilon, max: 3}, {key: model.id,
@@ -158,6 +181,7 @@ class RecipeRules:
                        "name the study keys they may be encrypted to in recipe.study_recipients")
         if self.min_aggregate < 1:
             out.append(f"recipe.min_aggregate={self.min_aggregate} must be at least 1")
+        out += self.audit.problems()
         keys = [rule.key for rule in self.fields]
         out += [f"recipe.fields: {key} has more than one rule; merge them into one" for key in sorted(set(keys))
                 if keys.count(key) > 1]

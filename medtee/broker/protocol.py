@@ -65,7 +65,12 @@ class KeyReleaseDenied(Exception):
 
 
 class UnknownDatasetError(LookupError):
-    """The broker has no registration for this dataset id."""
+    """The broker has no registration for this dataset id. `public`: the message for a remote client (the store's
+    path on the broker's host left out)."""
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
 
 
 class ChallengeRefused(RuntimeError):

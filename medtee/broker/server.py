@@ -179,7 +179,7 @@ def _endpoint(fn):
         except KeyReleaseDenied as e:
             return _json(403, {"error": "key release denied", "verdict": e.verdict.to_json()})
         except UnknownDatasetError as e:
-            return _error(404, e)
+            return _error(404, e.public)
         except ReleaseClosedError as e:
             return _error(409, e)
         except ChallengeRefused as e:

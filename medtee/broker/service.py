@@ -15,6 +15,7 @@ only once it has passed validation, anything else as the fixed marker `INVALID`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +58,10 @@ if TYPE_CHECKING:
 BROKER_KEY_NAME = "broker"
 DEFAULT_MAX_CHALLENGES_PER_DATASET = 1024
 DEFAULT_MAX_CHALLENGES_PER_CLIENT = 256
-MAX_COUNTED_CLIENTS = 10_000  # clients whose refused closes of unknown ids are counted (then the count restarts)
+MAX_COUNTED_CLIENTS = 10_000  # clients whose unaudited requests are counted (then the count restarts)
+MAX_REMEMBERED_NONCES = 65_536  # spent or expired nonces (their SHA-256) told apart from ones never issued
+NEVER_ISSUED = "never issued by this broker"
+FRESH_NONCE = "a fresh nonce this broker issued for this dataset"
 LOCAL_CLIENT = "local"  # the client of in-process calls
 INVALID = "(invalid)"  # audited in place of a field that failed validation
 
@@ -110,7 +114,8 @@ class EmbeddedBroker:
         self._nonces: OrderedDict[bytes, tuple[str, str, float]] = OrderedDict()  # issue order = expiry order
         self._per_dataset: Counter[str] = Counter()
         self._per_client: Counter[str] = Counter()
-        self._unknown_closes: Counter[str] = Counter()  # refused closes naming no release, per client
+        self._unaudited: Counter[tuple[str, str]] = Counter()  # (what, client): requests naming nothing issued
+        self._gone: OrderedDict[bytes, None] = OrderedDict()  # SHA-256 of the latest spent or expired nonces
         self._lock = threading.Lock()
         self._policies: dict[str, tuple[tuple, object]] = {}
 
@@ -139,7 +144,6 @@ class EmbeddedBroker:
         file the broker reads the release policy from still holds exactly that (checked and written under the audit
         log's lock, as policies are stored: no seal registers under a policy changed or removed meanwhile). A
         refused registration naming an already registered dataset is audited (`refuse-register`)."""
-        import hashlib
 
         path = self._registration_path(manifest.dataset_id)
         name = manifest.release_policy
@@ -190,7 +194,8 @@ class EmbeddedBroker:
         if manifest.owner_public_key not in self.trusted_owner_keys():
             raise PermissionError(
                 f"manifest of dataset {manifest.dataset_id} is signed by owner key {manifest.owner_key_id()}, which this "
-                f"broker does not trust; copy that owner's owner-signing.pub into {self.store_dir / 'trusted-owners'}"
+                f"broker does not trust; the broker's operator copies that owner's owner-signing.pub into the "
+                f"trusted-owners/ directory of its store"
             )
         if manifest.key_id != self._key.key_id:
             raise ValueError(
@@ -233,9 +238,10 @@ class EmbeddedBroker:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise UnknownDatasetError(
-                f"dataset {dataset_id} is not registered with the broker at {self.store_dir}; seal it against this broker"
-            ) from None
+            fix = "seal it against this broker"
+            raise UnknownDatasetError(f"dataset {dataset_id} is not registered with the broker at {self.store_dir}; "
+                                      f"{fix}", public=f"dataset {dataset_id} is not registered with this broker; {fix}"
+                                      ) from None
         except ValueError:
             raise SealedDataError(f"{path} is not valid JSON; restore it or re-register the dataset") from None
         return Manifest.from_json(json.dumps(doc["manifest"]), source=str(path)), doc["policy"]
@@ -260,7 +266,6 @@ class EmbeddedBroker:
     def withdraw_policy(self, name: str, data: bytes) -> None:
         """Undo `claim_policy` after a seal failed: remove policy `name` (audited `policy-remove`) if the store still
         holds exactly `data` and no registered dataset names it; else keep it."""
-        import hashlib
 
         store, _ = self._policy_paths(name)
 
@@ -275,7 +280,6 @@ class EmbeddedBroker:
     def _store_policy(self, name: str, data: bytes, source: str, *, replace: bool,
                       vet: Callable[[AttestationPolicy, str], list[str]] | None = None) -> tuple[str, bool]:
         """(SHA-256 of `data`, whether it was written) for `add_policy` (replace) and `claim_policy`."""
-        import hashlib
 
         store, shipped = self._policy_paths(name)
         if shipped.is_file():
@@ -401,6 +405,9 @@ class EmbeddedBroker:
         """Remove an outstanding nonce (lock held); its entry, or None if it is not outstanding."""
         entry = self._nonces.pop(nonce, None)
         if entry is not None:
+            self._gone[hashlib.sha256(nonce).digest()] = None
+            if len(self._gone) > MAX_REMEMBERED_NONCES:
+                self._gone.popitem(last=False)
             for counter, key in ((self._per_dataset, entry[0]), (self._per_client, entry[1])):
                 counter[key] -= 1
                 if not counter[key]:
@@ -439,17 +446,29 @@ class EmbeddedBroker:
             entry = self._forget(bytes(nonce))
             now = self._clock()
             self._prune(now)
+            gone = entry is None and hashlib.sha256(bytes(nonce)).digest() in self._gone
         if entry is None:
-            return "unknown or already used"
+            return "already used or expired" if gone else NEVER_ISSUED
         if entry[0] != dataset_id:
             return "issued for another dataset"
         if now > entry[2]:
             return "expired"
         return None
 
+    def _count_unaudited(self, what: str, client: str) -> None:
+        """A request that names nothing this broker issued (anyone can send those): counted per client and logged at
+        1, 2, 4, 8, ... so that a flood is seen without a line per request, and never appended to the audit log."""
+        if len(self._unaudited) >= MAX_COUNTED_CLIENTS:
+            self._unaudited.clear()
+        self._unaudited[what, client] += 1
+        count = self._unaudited[what, client]
+        if count & (count - 1) == 0:
+            log.warning("broker: %s refused for a %s this broker never issued, from %s (%d so far)",
+                        *{"close": ("close", "release id"), "release": ("release", "nonce")}[what], client, count)
+
     def deny_malformed(self, error: RequestError, *, client: str = LOCAL_CLIENT) -> None:
-        """Audit a release request that failed validation, when it names a registered dataset. A valid nonce in it
-        is spent, as by any refused request (single use)."""
+        """Audit a release request that failed validation, when it names a registered dataset and a nonce the broker
+        issued. That nonce is spent, as by any refused request (single use)."""
         dataset_id = error.fields.get("dataset_id")
         if dataset_id is None:
             return
@@ -457,8 +476,10 @@ class EmbeddedBroker:
             _, policy_name = self._load_registration(dataset_id)
         except UnknownDatasetError:
             return
-        if "nonce" in error.fields:
-            self._consume_nonce(dataset_id, error.fields["nonce"])
+        nonce = error.fields.get("nonce")
+        if not isinstance(nonce, (bytes, bytearray)) or self._consume_nonce(dataset_id, nonce) == NEVER_ISSUED:
+            self._count_unaudited("release", client)
+            return
         self.audit.append("deny", **_audit_fields(dataset_id, policy_name, client, error.fields),
                           failed=["broker.request"])
 
@@ -466,14 +487,14 @@ class EmbeddedBroker:
                 recipe_digest: str, manifest_digest: str, receipt_public_key: bytes | None = None,
                 recipe: dict | None = None, client: str = LOCAL_CLIENT) -> tuple[bytes, ReleaseRecord]:
         """The data key wrapped to `ephemeral_public_key` and the release's record (its id is the hash of its
-        `release` audit entry), or KeyReleaseDenied (audited either way).
+        `release` audit entry), or KeyReleaseDenied (audited either way, but for a nonce this broker never issued:
+        anyone can send those, so they are counted per client, not appended).
 
         The nonce is spent first, so a request refused for any reason has used it up (single use). An exception from
         the attestation verifier is a denial (`broker.evidence`, naming only the exception type), never an error.
         A `receipt_public_key` enters the expected REPORT_DATA; the audit keeps its key id (SHA-256 hex). `recipe` (what
         `recipe_digest` covers) is checked against the policy's recipe rules; the audit keeps its mode.
         """
-        import hashlib
 
         from medtee.attestation import appraise, gpu_nonce, report_data
         from medtee.broker.protocol import RECEIPT_KEY_BYTES, ReleaseRecord
@@ -495,8 +516,11 @@ class EmbeddedBroker:
             self.audit.append("deny", **audit, failed=[c.name for c in verdict.failures()])
             return KeyReleaseDenied(verdict, dataset_id)
 
+        if problem == NEVER_ISSUED:  # anyone can send those: counted, not audited (a flood would fill the disk)
+            self._count_unaudited("release", client)
+            raise KeyReleaseDenied(_denial("broker.nonce", FRESH_NONCE, problem, policy_name), dataset_id)
         if problem:
-            raise deny(_denial("broker.nonce", "a fresh nonce this broker issued for this dataset", problem, policy_name))
+            raise deny(_denial("broker.nonce", FRESH_NONCE, problem, policy_name))
         try:
             check_digest(recipe_digest, "recipe_digest")
             check_digest(manifest_digest, "manifest_digest")
@@ -545,7 +569,6 @@ class EmbeddedBroker:
         only: a repeat with the same record returns the existing close entry's hash (nothing appended), one with
         another record is ReleaseClosedError (audited `close_refused`, reason `closed`). The check and the append
         hold the audit log's lock, so a release is closed once even across processes."""
-        import hashlib
 
         from medtee.broker.protocol import (
             CLOSE_REFUSED,
@@ -582,13 +605,7 @@ class EmbeddedBroker:
         if entry["event"] == "close":
             return entry["hash"]
         if entry["reason"] == "unknown":
-            if len(self._unknown_closes) >= MAX_COUNTED_CLIENTS:
-                self._unknown_closes.clear()
-            self._unknown_closes[client] += 1
-            count = self._unknown_closes[client]
-            if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: a flood is seen without a line per request
-                log.warning("broker: close refused for a release id this broker never issued, from %s (%d so far)",
-                            client, count)
+            self._count_unaudited("close", client)
         elif entry["reason"] == "closed":
             raise ReleaseClosedError(f"release {release_id[:16]}... is closed already, with another teardown record: "
                                      f"a release closes once; a retry must send the record it was closed with")

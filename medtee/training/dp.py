@@ -12,7 +12,9 @@
 - `DPOptimizer` clips each dialogue's gradient to `max_grad_norm`, adds N(0, (noise_multiplier * max_grad_norm)^2)
   noise to the sum and divides by the expected batch size q * n_train, as after Opacus's own `DPDataLoader`: the
   hooks (`loss_reduction="mean"`) undo the mean over the batch's actual rows, whatever their number. The noise
-  multiplier is Opacus's for (target_epsilon, target_delta) after `trainer.max_steps` steps at rate q.
+  multiplier is Opacus's for (target_epsilon, target_delta) after `trainer.max_steps` steps at rate q. A resumed run
+  whose checkpoint's spent steps and its remaining ones at that noise would exceed the target (more steps, another
+  batch size) takes the least noise that keeps them all within it.
 - Noise and sampling come from generators seeded from the OS (never the recipe's seed): the recipe is public, neither
   must be reproducible from it.
 """
@@ -29,6 +31,10 @@ from medtee.schema import ConfigError
 # the first LoRA layer's input (frozen embeddings) needs no gradient; Opacus's hooks use the output's only
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to "
                                           "module outputs", category=UserWarning)
+
+# with most of a budget spent, the least noise for the rest is large and RDP's best order the largest it tries; the
+# bound it gives is still valid (only looser)
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
 
 ACCOUNTANT = "rdp"
 SAMPLING = ("Poisson: each training dialogue in each step's batch independently with probability sample_rate "
@@ -58,6 +64,7 @@ class PrivateTraining:
             steps=steps, accountant=ACCOUNTANT))
         self.accountant = RDPAccountant()
         self.hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean")
+        self._optimizer = None
 
     def optimizer(self, optimizer: torch.optim.Optimizer):
         """`optimizer` (over the LoRA parameters) behind Opacus's DPOptimizer; every step is accounted."""
@@ -70,6 +77,7 @@ class PrivateTraining:
                                    max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.expected_batch_size,
                                    loss_reduction="mean", generator=generator)
         dp_optimizer.attach_step_hook(self._account)
+        self._optimizer = dp_optimizer
         return dp_optimizer
 
     def _account(self, optimizer) -> None:
@@ -103,7 +111,38 @@ class PrivateTraining:
         return self.accountant.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint's accountant, and raise the noise of this run's remaining steps where the spent steps
+        and them at the planned noise would exceed the target epsilon. ValueError when the checkpoint's run alone
+        spent it."""
         self.accountant.load_state_dict(state)
+        left = self.steps - self.accounted_steps()
+        if left > 0 and self._epsilon_after(self.noise_multiplier, left) > self.cfg.target_epsilon:
+            self.noise_multiplier = self._least_noise_within_target(left)
+            if self._optimizer is not None:
+                self._optimizer.noise_multiplier = self.noise_multiplier
+
+    def _epsilon_after(self, noise_multiplier: float, steps: int) -> float:
+        """The epsilon of the history so far followed by `steps` steps at `noise_multiplier` and this run's rate."""
+        from opacus.accountants import RDPAccountant
+
+        accountant = RDPAccountant()
+        accountant.history = [*self.accountant.history, (noise_multiplier, self.sample_rate, steps)]
+        return float(accountant.get_epsilon(self.cfg.target_delta))
+
+    def _least_noise_within_target(self, steps: int) -> float:
+        """The noise multiplier (to Opacus's search tolerance of 0.01 in epsilon) at which `steps` more steps keep the
+        whole run within the target; as it grows their cost goes to 0, so one exists unless the history spent it."""
+        target, spent = self.cfg.target_epsilon, self.spent_epsilon()
+        if spent >= target:
+            raise ValueError(f"privacy.dp: the checkpoint's run already spent epsilon {spent:.3g} of "
+                             f"privacy.dp.target_epsilon={target:g}; no further step fits within it")
+        low, high = 0.0, max(self.noise_multiplier, 1.0)
+        while self._epsilon_after(high, steps) > target:
+            low, high = high, 2 * high
+        while target - self._epsilon_after(high, steps) > 0.01 and high - low > 1e-6 * high:
+            middle = (low + high) / 2
+            low, high = (low, middle) if self._epsilon_after(middle, steps) <= target else (middle, high)
+        return high
 
 
 def dialogue_losses(causal_lm, batch: dict, *, chunk_tokens: int) -> torch.Tensor:

@@ -153,7 +153,7 @@ def test_malformed_releases_are_audited_with_bounded_fields_and_spend_the_nonce(
         [entry] = _audit_lines(broker)[len(before):]
         assert len(entry) < 1024 and json.loads(entry)["failed"] == ["broker.request"]
         status, body = call(server, "/v1/release", _release_doc(server, manifest, nonce=doc["nonce"]))
-        assert status == 403 and body["verdict"]["checks"][0]["actual"] == "unknown or already used"
+        assert status == 403 and body["verdict"]["checks"][0]["actual"] == "already used or expired"
     before = _audit_lines(broker)
     status, _ = call(server, "/v1/release", _release_doc(server, manifest, manifest_digest="0" * 64))  # denied
     assert status == 403
@@ -176,6 +176,25 @@ def test_refused_registrations_of_a_registered_dataset_are_audited(serve, sealed
     assert [(e["event"], e["dataset_id"], e["reason"], e["owner_key"]) for e in entries] == [
         ("refuse-register", "test-ds", "SealedDataError", "(invalid)"),
         ("refuse-register", "test-ds", "SealedDataError", manifest.owner_key_id())]
+
+
+def test_answers_never_name_the_brokers_store(serve, sealed, tmp_path):
+    """A 404 for an unknown dataset used to give the store's path on the broker's host, as did a 403 for a manifest
+    signed by an owner the broker does not trust."""
+    from medtee.broker.server import BrokerServer
+
+    _, manifest, _, _ = sealed
+    status, body = call(serve(), "/v1/challenge", {"dataset_id": "nope"})
+    assert status == 404
+    assert body["error"] == "dataset nope is not registered with this broker; seal it against this broker"
+    stranger = EmbeddedBroker(tmp_path / "stranger")  # trusts no owner
+    server = BrokerServer(stranger, "127.0.0.1", 0, limits=Limits(), quiet=True)
+    try:
+        status, body = call(server, "/v1/datasets", json.loads(manifest.to_json()))
+    finally:
+        server.close()
+    assert status == 403 and "does not trust" in body["error"] and "trusted-owners/" in body["error"]
+    assert str(tmp_path) not in json.dumps(body)
 
 
 def test_a_malformed_certificate_is_a_denial(serve, sealed, broker, monkeypatch):

@@ -177,7 +177,7 @@ def test_every_refused_close_gets_the_same_answer_and_is_audited_with_its_cause(
     assert type(err.value) is CloseNotAuthorized and str(err.value) == CLOSE_REFUSED
     log = entries(broker)
     if reason_of(cause) == "unknown":  # it concerns no release: counted per client, never appended (anyone can)
-        assert len(log) == n and broker._unknown_closes["192.0.2.7"] == 1
+        assert len(log) == n and broker._unaudited["close", "192.0.2.7"] == 1
         return
     assert len(log) == n + 1
     assert {k: v for k, v in log[-1].items() if k not in ("seq", "time", "prev", "hash")} == {

@@ -206,10 +206,11 @@ def test_the_owner_can_pin_recipients_require_the_audit_and_raise_min_aggregate(
     _, manifest, _, _ = sealed
     rules_policy(tmp_path, broker, "strict-rules", output_recipients=["11" * 32], require_audit=True, require_dp=True,
                  min_aggregate=30)
-    assert sorted(attempt(broker, manifest, recipe_doc(**{"output.recipient": "dev"}))) == [
+    loose = _audited(**{"output.recipient": "dev", "release.require_audit": False})
+    assert sorted(attempt(broker, manifest, loose)) == [
         "policy.recipe.min_aggregate", "policy.recipe.output_recipient", "policy.recipe.require_audit",
         "policy.recipe.require_dp"]
-    good = recipe_doc(**{"release.require_audit": True, "tracking.min_aggregate": 30, "privacy.dp.enabled": True})
+    good = _audited(**{"tracking.min_aggregate": 30, "privacy.dp.enabled": True})
     assert attempt(broker, manifest, good) == "released"
 
 
@@ -336,3 +337,49 @@ def test_an_authenticity_only_policy_is_never_a_release_policy(sealed, broker, t
     path = broker.store_dir / "datasets" / "test-ds.json"
     path.write_text(path.read_text().replace('"policy": "simulated"', '"policy": "authenticity"'))
     assert failed(broker, manifest) == ["broker.policy"]
+
+
+AUDIT = {"release.require_audit": True, "release.max_exposure_bits": 10.0, "release.max_exposure_at": {},
+         "release.max_extraction_above_base": 0.05, "release.references": 4096, "release.extraction_examples": 32,
+         "release.suffix_tokens": 50}
+
+
+def _audited(**changes) -> dict:
+    """recipe_doc with the audit's settings as shipped (require_audit on), and `changes` to any setting."""
+    changes = {**AUDIT, **changes}
+    doc = recipe_doc(**{k: v for k, v in changes.items() if not k.startswith("release.")})
+    doc["release"].update({k.split(".", 1)[1]: v for k, v in changes.items() if k.startswith("release.")})
+    return doc
+
+
+def test_a_required_audit_cannot_be_loosened_by_its_thresholds(sealed, broker, tmp_path):
+    """`require_audit` used to check only that the audit ran: a recipe loosening it (a per-repeat override of 11.9
+    bits, an extraction rate of 0.99, one extraction prompt) got the key."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "audited", require_audit=True)
+    assert attempt(broker, manifest, _audited()) == "released"  # the audit's own defaults
+    assert attempt(broker, manifest, _audited(**{"release.max_exposure_bits": 6.0,
+                                                 "release.max_exposure_at": {"1": 4.0}})) == "released"  # stricter
+    loosened = {
+        "release.max_exposure_at": {"1": 11.9}, "release.max_exposure_bits": 11.0,
+        "release.max_extraction_above_base": 0.99, "release.references": 16, "release.extraction_examples": 1,
+        "release.suffix_tokens": 400}
+    names = {"release.max_exposure_at": "max_exposure_bits", "release.max_exposure_bits": "max_exposure_bits",
+             "release.max_extraction_above_base": "max_extraction_above_base", "release.references": "min_references",
+             "release.extraction_examples": "min_extraction_examples", "release.suffix_tokens": "max_suffix_tokens"}
+    for key, value in loosened.items():
+        assert attempt(broker, manifest, _audited(**{key: value})) == [f"policy.recipe.audit.{names[key]}"], key
+    doc = _audited()
+    del doc["release"]["max_exposure_at"]  # a recipe without the setting fails closed
+    assert attempt(broker, manifest, doc) == ["policy.recipe.audit.max_exposure_bits"]
+    rules_policy(tmp_path, broker, "looser", require_audit=True, audit={"max_exposure_bits": 12.0})
+    assert attempt(broker, manifest, _audited(**{"release.max_exposure_at": {"1": 11.9}})) == "released"
+
+
+def test_an_audit_floor_that_cannot_be_met_is_refused_when_the_policy_is_read(tmp_path, broker):
+    doc = yaml.safe_load(SIMULATED)
+    doc.update(name="nan-floor", recipe={**doc["recipe"], "require_audit": True,
+                                         "audit": {"max_exposure_bits": float("nan"), "min_references": 0}})
+    with pytest.raises(Exception, match=r"recipe.audit.max_exposure_bits=nan must be a finite number.*"
+                                        r"recipe.audit.min_references=0 must be at least 1"):
+        broker.add_policy("nan-floor", policy_file(tmp_path, yaml.safe_dump(doc), "nan-floor.yaml"))

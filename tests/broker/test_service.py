@@ -42,8 +42,26 @@ def test_replayed_nonce_is_refused(sealed, broker):
     with pytest.raises(KeyReleaseDenied, match="broker.nonce.*already used") as err:
         release_request(broker, manifest, nonce=nonce)
     assert [c.name for c in err.value.verdict.failures()] == ["broker.nonce"]
-    with pytest.raises(KeyReleaseDenied, match="unknown"):
+    with pytest.raises(KeyReleaseDenied, match="never issued by this broker"):
         release_request(broker, manifest, nonce=b"\x01" * 32)
+
+
+def test_releases_naming_nonces_never_issued_are_counted_not_audited(sealed, broker):
+    """Anyone can send them: each used to append a `deny` entry, so a flood grew the audit log without bound (and
+    every close scans it). A replay of a nonce the broker did issue is still audited."""
+    _, manifest, _, _ = sealed
+    log = broker.store_dir / "audit.log"
+    before = log.read_bytes()
+    for i in range(50):
+        with pytest.raises(KeyReleaseDenied, match="never issued"):
+            release_request(broker, manifest, nonce=i.to_bytes(32, "big"))
+    assert log.read_bytes() == before and broker._unaudited["release", "local"] == 50
+    nonce = broker.challenge("test-ds")
+    release_request(broker, manifest, nonce=nonce)
+    with pytest.raises(KeyReleaseDenied, match="already used"):
+        release_request(broker, manifest, nonce=nonce)
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()[len(before.splitlines()):]]
+    assert events == ["release", "deny"]
 
 
 def test_expired_nonce_is_refused(sealed, tmp_path):

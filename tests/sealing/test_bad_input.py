@@ -17,7 +17,7 @@ from medtee.sealing.manifest import MAX_MANIFEST_BYTES, SealedDataError
 from medtee.sealing.reader import open_dataset
 from medtee.sealing.seal import MAX_RECORD_BYTES, read_input, seal_located
 
-from ..conftest import run_medtee
+from conftest import run_medtee
 from .conftest import make_records
 
 SECRET_ID = "PHI-ID-Jane-Roe-1961"  # an id that carries a patient identifier: it must never be printed

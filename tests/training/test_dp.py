@@ -312,6 +312,37 @@ def test_a_resumed_run_keeps_counting_the_epsilon_spent_before_it():
         resumed.on_load_checkpoint(saved)
 
 
+def test_a_resume_with_more_steps_or_another_batch_size_stays_within_the_target_epsilon():
+    """The noise used to be Opacus's for the target over the resumed run's max_steps alone, on top of the
+    checkpoint's spent history: raising max_steps by 1000 at each resume spent 2.99, 3.57, 3.95, ... (target 3)."""
+    from medtee.training.config import DPConfig
+    from medtee.training.dp import PrivateTraining
+
+    cfg = DPConfig(enabled=True, target_epsilon=3.0, target_delta=1e-5)
+
+    def run(steps: int, batch_size: int = 100) -> PrivateTraining:
+        return PrivateTraining(torch.nn.Linear(4, 2, bias=False), cfg, dataset_size=10_000, batch_size=batch_size,
+                               steps=steps)
+
+    first = run(1000)
+    first.accountant.history = [(first.noise_multiplier, first.sample_rate, 1000)]  # as 1000 accounted steps
+    assert 2.9 < first.spent_epsilon() <= 3.0
+    for steps, batch_size in ((2000, 100), (11_000, 100), (2000, 400)):
+        resumed = run(steps, batch_size)
+        planned = resumed.noise_multiplier
+        resumed.load_state_dict(first.state_dict())
+        assert resumed._epsilon_after(planned, steps - 1000) > 3.05  # the planned noise would overspend
+        epsilon = resumed._epsilon_after(resumed.noise_multiplier, steps - 1000)
+        assert 2.98 <= epsilon <= 3.0 and resumed.noise_multiplier > planned, (steps, batch_size)
+    same = run(1000)
+    same.load_state_dict(first.state_dict())
+    assert same.noise_multiplier == first.noise_multiplier  # nothing left to train: unchanged
+    spent = run(6000)
+    spent.accountant.history = [(0.5, 0.01, 5000)]  # a run that spent far more than 3
+    with pytest.raises(ValueError, match=r"already spent epsilon .* of privacy.dp.target_epsilon=3"):
+        spent.load_state_dict(spent.state_dict())
+
+
 def test_a_delta_not_below_one_over_the_dialogue_count_is_refused():
     with pytest.raises(ConfigError, match=r"target_delta=0.1 must be below 1 / 19 \(the number of training"):
         cfg = _cfg(*DP_ON, "privacy.dp.target_delta=0.1")
