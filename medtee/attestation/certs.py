@@ -88,6 +88,23 @@ def issuer_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | No
     return None
 
 
+def issuing_problem(issuer: x509.Certificate, below: int) -> str | None:
+    """None when `issuer` may issue a certificate with `below` CA certificates under it in the chain (RFC 5280
+    4.2.1.9: basicConstraints CA, within its path length); else why not. A signature by a key whose certificate is
+    not a CA's proves nothing about the certificates it signs."""
+    try:
+        constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "not a CA (no basicConstraints)"
+    except ValueError:
+        return "not a CA (unreadable extensions)"
+    if not constraints.ca:
+        return "not a CA (basicConstraints CA:FALSE)"
+    if constraints.path_length is not None and below > constraints.path_length:
+        return f"its path length {constraints.path_length} allows fewer CAs under it than {below}"
+    return None
+
+
 def common_name(cert: x509.Certificate) -> str:
     """The subject CN for matching and check texts (characters other than printable ASCII become '?')."""
     names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from medtee.attestation.certs import common_name, issuer_problem, parse_each
+from medtee.attestation.certs import common_name, issuer_problem, issuing_problem, parse_each
 from medtee.attestation.evidence import EvidenceFormatError, GpuEvidence
 from medtee.attestation.policy import AttestationPolicy, Revocation
 from medtee.attestation.verdict import Check, check
@@ -181,8 +181,10 @@ def chain_checks(certs: list[x509.Certificate], now: datetime, label: str) -> li
         chain.append(root)  # the root may be omitted; a different "root" fails the last link below
     broken = [f"link {i} ({common_name(cert)} <- {common_name(issuer)})"
               for i, (cert, issuer) in enumerate(zip(chain, chain[1:])) if issuer_problem(cert, issuer)]
-    out.append(check(f"{label}.chain", not broken, "every link signed by the next, up to the pinned NVIDIA root",
-                     "; ".join(broken) or "valid"))
+    broken += [f"link {i} ({common_name(issuer)}: {problem})" for i, issuer in enumerate(chain[1:])
+               if (problem := issuing_problem(issuer, below=i))]
+    out.append(check(f"{label}.chain", not broken, "every link signed by the next, a CA, up to the pinned NVIDIA "
+                     "root", "; ".join(broken) or "valid"))
     expired = [common_name(c) for c in chain if not c.not_valid_before_utc <= now <= c.not_valid_after_utc]
     out.append(check(f"{label}.chain.validity", not expired, f"all valid at {now.isoformat()}",
                      ", ".join(expired) or "all valid"))

@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from medtee.attestation.certs import issuer_problem, parse_certificates, parse_der
+from medtee.attestation.certs import issuer_problem, issuing_problem, parse_certificates, parse_der
 from medtee.attestation.evidence import EvidenceFormatError
 from medtee.attestation.verdict import Check, check
 
@@ -66,10 +66,13 @@ def _keyinfo_chain(doc) -> list[x509.Certificate]:
 def _check_chain(chain: list[x509.Certificate], root: x509.Certificate, now: datetime) -> None:
     root_der = root.public_bytes(Encoding.DER)
     links = [c for c in chain if c.public_bytes(Encoding.DER) != root_der] + [root]
-    for cert, issuer in zip(links, links[1:]):
+    for below, (cert, issuer) in enumerate(zip(links, links[1:])):
         if issuer_problem(cert, issuer):
             raise RimError(f"signer chain does not reach the pinned RIM root ({cert.subject.rfc4514_string()} "
                            f"is not signed by {issuer.subject.rfc4514_string()})")
+        if problem := issuing_problem(issuer, below):
+            raise RimError(f"signer chain: {issuer.subject.rfc4514_string()} may not sign "
+                           f"{cert.subject.rfc4514_string()}: {problem}")
     for cert in links:
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise RimError(f"certificate {cert.subject.rfc4514_string()} not valid at {now.isoformat()}")

@@ -104,7 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
     from medtee.broker.server import Limits, serve
 
     limits = Limits(max_connections=_given(args.max_connections), idle_timeout_s=_given(args.idle_timeout),
-                    body_timeout_s=_given(args.body_timeout))
+                    body_timeout_s=_given(args.body_timeout),
+                    max_connections_per_client=_given(args.max_connections_per_client))
     try:
         serve(args.store, host=args.host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
               nonce_ttl_s=args.nonce_ttl, max_challenges_per_dataset=args.max_challenges_per_dataset,
@@ -205,6 +206,8 @@ def _add_serve(broker_sub) -> None:
              "outstanding challenges per client address; more get 429"),
             ("--max-connections", int, _ServerDefault("max_connections"),
              "open connections; a request beyond gets 503"),
+            ("--max-connections-per-client", int, _ServerDefault("max_connections_per_client"),
+             "open connections from one client address; one beyond is closed at once"),
             ("--idle-timeout", float, _ServerDefault("idle_timeout_s"),
              "seconds a connection may take to send a request's headers"),
             ("--body-timeout", float, _ServerDefault("body_timeout_s"), "seconds a request may take to send its body")):

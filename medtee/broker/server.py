@@ -24,7 +24,7 @@ body was read closes the connection, so the rest of that body is never parsed as
 
 Connections: h11 parses requests (headers up to 16 KiB); each request's headers must arrive within
 `Limits.idle_timeout_s` of the connection opening or of the previous answer, its body within `body_timeout_s`; at
-most `max_connections` connections; bodies beyond their first 256 KiB may hold at most `max_large_body_bytes`
+most `max_connections` connections, `max_connections_per_client` of them from one address; bodies beyond their first 256 KiB may hold at most `max_large_body_bytes`
 together; broker calls run on at most `worker_threads` threads, so neither idle nor slow clients hold threads.
 TLS (`tls_cert`/`tls_key`): uvicorn's server context, TLS 1.2 or later (Python's default since 3.10). Listens on
 loopback by default.
@@ -85,6 +85,7 @@ class Limits:
     body_timeout_s: float = 10.0  # for a whole request body, from the end of its headers
     idle_timeout_s: float = 5.0  # for a request's headers, from the connection opening or the previous answer
     max_connections: int = 256  # open connections; a request beyond gets 503 (uvicorn's limit_concurrency)
+    max_connections_per_client: int = 16  # open connections from one address; one beyond is closed at once
     worker_threads: int = 16  # threads running broker calls (file I/O, appraisal)
 
 
@@ -260,12 +261,18 @@ def build_app(broker: EmbeddedBroker, limits: Limits = Limits(), *, quiet: bool 
 class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's headers (uvicorn's `timeout_keep_alive`, here
     `Limits.idle_timeout_s`): uvicorn itself times out only idle kept-alive connections, so a connection that never
-    sends a request, or trickles its headers, would stay open for good."""
+    sends a request, or trickles its headers, would stay open for good. A connection beyond `per_client` open from
+    one address is closed at once, so one address cannot hold every slot of `Limits.max_connections`."""
 
     _headers_deadline: asyncio.TimerHandle | None = None
+    per_client = Limits.max_connections_per_client
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        host = self.client[0] if self.client else None
+        if host is not None and sum(1 for c in self.connections if (c.client or (None,))[0] == host) > self.per_client:
+            transport.close()  # connection_lost forgets it
+            return
         self._arm()
 
     def on_response_complete(self) -> None:
@@ -297,7 +304,8 @@ class BrokerServer:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         self.broker = broker
         config = uvicorn.Config(
-            build_app(broker, limits, quiet=quiet), http=_Protocol, ws="none", loop="asyncio", lifespan="off",
+            build_app(broker, limits, quiet=quiet), ws="none",
+            http=type("_Protocol", (_Protocol,), {"per_client": limits.max_connections_per_client}), loop="asyncio", lifespan="off",
             log_config=None, log_level="warning", access_log=False, proxy_headers=False, server_header=False,
             limit_concurrency=limits.max_connections, timeout_keep_alive=limits.idle_timeout_s,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=tls_cert, ssl_keyfile=tls_key)

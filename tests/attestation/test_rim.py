@@ -116,13 +116,36 @@ def test_missing_root_named(tmp_path, sample):
 # --- RIMs signed here by a test CA: the matching path must pass -------------------------------------------------
 
 
-def _cert(subject, issuer, key, signer, ca):
+def _cert(subject, issuer, key, signer, ca, path_length=None):
     name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
     return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
             .sign(signer, hashes.SHA384()))
+
+
+@pytest.mark.parametrize("mid_ca, root_path_length, refused", [
+    (True, None, None), (False, None, "not a CA"), (True, 0, "path length 0"),
+])
+def test_every_issuer_in_a_gpu_or_rim_chain_must_be_a_ca_within_its_path_length(mid_ca, root_path_length, refused,
+                                                                                  monkeypatch):
+    """A link used to need only a valid signature: a leaf's key could vouch for another leaf beneath it."""
+    from medtee.attestation import nvidia, rim
+
+    keys = [ec.generate_private_key(ec.SECP384R1()) for _ in range(3)]
+    root = _cert("Test root", "Test root", keys[0], keys[0], True, root_path_length)
+    mid = _cert("Test mid", "Test root", keys[1], keys[0], mid_ca)
+    leaf = _cert("Test leaf", "Test mid", keys[2], keys[1], False)
+    monkeypatch.setattr(nvidia, "device_root", lambda: root)
+    [chain] = [c for c in nvidia.chain_checks([leaf, mid, root], NOW, "gpu[0]") if c.name == "gpu[0].chain"]
+    if refused is None:
+        assert chain.ok, chain.actual
+        rim._check_chain([leaf, mid], root, NOW)
+    else:
+        assert not chain.ok and refused in chain.actual
+        with pytest.raises(RimError, match=refused):
+            rim._check_chain([leaf, mid], root, NOW)
 
 
 def _signed_rim(measurements: dict[int, list[bytes]], tag="test-tag"):

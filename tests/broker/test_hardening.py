@@ -111,6 +111,29 @@ def test_idle_connections_hold_no_threads_and_are_closed(serve, sealed):
     assert call(server, "/v1/health")[0] == 200
 
 
+def test_one_address_cannot_hold_every_connection(serve, sealed):
+    """256 kept-alive connections from one address used to leave every other client a 503."""
+    import socket
+
+    server = serve(Limits(idle_timeout_s=5, max_connections=8, max_connections_per_client=3))
+    conns = [socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) for _ in range(6)]
+    try:
+        time.sleep(0.3)
+        for conn in conns[3:]:  # closed at once, long before the idle timeout
+            conn.settimeout(2)
+            assert conn.recv(1) == b""
+        for conn in conns[:3]:
+            conn.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                conn.recv(1)  # still open
+        assert call(server, "/v1/health", source="127.0.0.2")[0] == 200  # another address is served
+    finally:
+        for conn in conns:
+            conn.close()
+    time.sleep(0.2)
+    assert call(server, "/v1/health")[0] == 200  # once its connections close, the address is served again
+
+
 def test_challenge_floods_are_contained_per_dataset_and_per_client(serve, sealed, broker, tmp_path):
     seal_records(make_records(2), tmp_path / "other", broker=broker, policy="simulated", dataset_id="other")
     server = serve(max_challenges_per_dataset=6, max_challenges_per_client=4)

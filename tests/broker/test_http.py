@@ -15,7 +15,7 @@ import pytest
 from medtee.broker.client import BrokerError, HttpBroker
 from medtee.broker import connect
 from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, obtain_data_key
-from medtee.broker.server import BrokerServer
+from medtee.broker.server import BrokerServer, Limits
 from medtee.broker.service import EmbeddedBroker
 from medtee.crypto.hpke import EphemeralKey
 from medtee.sealing.reader import open_dataset
@@ -70,7 +70,13 @@ def test_plain_http_only_on_loopback(tmp_path):
     HttpBroker("http://[::1]:8765", store_dir=tmp_path)
 
 
-def test_64_concurrent_releases_all_succeed_and_every_replay_is_refused(server, tmp_path):
+def test_64_concurrent_releases_all_succeed_and_every_replay_is_refused(tmp_path):
+    limits = Limits(max_connections_per_client=64)  # every client here is 127.0.0.1
+    with BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, quiet=True, limits=limits) as server:
+        _concurrent_releases(server, tmp_path)
+
+
+def _concurrent_releases(server, tmp_path):
     client = connect(server.url, store_dir=tmp_path / "broker")
     manifest = seal_records(make_records(3), tmp_path / "ds", broker=client, policy="simulated", dataset_id="busy")
     expected = server.broker.unwrap_data_key(manifest)

@@ -66,7 +66,9 @@ def test_load_and_abuse_are_bounded(tmp_path):
     store = tmp_path / "store"
     # --store: the old spelling of --broker-dir still works
     proc = subprocess.Popen([sys.executable, "-m", "medtee", "broker", "serve", "--port", "0", "--store", str(store),
-                             "--idle-timeout", "2", "--body-timeout", "2"], stdout=subprocess.PIPE,
+                             "--idle-timeout", "2", "--body-timeout", "2",
+                             "--max-connections-per-client", "256"],  # every client here is 127.0.0.1
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         url = proc.stdout.readline().split()[-1]
