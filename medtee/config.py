@@ -243,7 +243,6 @@ def check_job(cfg, choices: dict) -> None:
     settings cannot differ between jobs: no override or recipe may touch them.) Needs Hydra initialised, as it is
     inside the app. Raises ConfigError."""
     from omegaconf import OmegaConf
-
     from omegaconf.errors import OmegaConfBaseException
 
     try:

@@ -24,8 +24,9 @@ body was read closes the connection, so the rest of that body is never parsed as
 
 Connections: h11 parses requests (headers up to 16 KiB); each request's headers must arrive within
 `Limits.idle_timeout_s` of the connection opening or of the previous answer, its body within `body_timeout_s`; at
-most `max_connections` connections, `max_connections_per_client` of them from one address; bodies beyond their first 256 KiB may hold at most `max_large_body_bytes`
-together; broker calls run on at most `worker_threads` threads, so neither idle nor slow clients hold threads.
+most `max_connections` connections, `max_connections_per_client` of them from one address; bodies beyond their
+first 256 KiB may hold at most `max_large_body_bytes` together; broker calls run on at most `worker_threads`
+threads, so neither idle nor slow clients hold threads.
 TLS (`tls_cert`/`tls_key`): uvicorn's server context, TLS 1.2 or later (Python's default since 3.10). Listens on
 loopback by default.
 """
@@ -270,7 +271,8 @@ class _Protocol(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         host = self.client[0] if self.client else None
-        if host is not None and sum(1 for c in self.connections if (c.client or (None,))[0] == host) > self.per_client:
+        same = sum(1 for c in self.connections if (c.client or (None,))[0] == host)
+        if host is not None and same > self.per_client:
             transport.close()  # connection_lost forgets it
             return
         self._arm()
@@ -304,8 +306,8 @@ class BrokerServer:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         self.broker = broker
         config = uvicorn.Config(
-            build_app(broker, limits, quiet=quiet), ws="none",
-            http=type("_Protocol", (_Protocol,), {"per_client": limits.max_connections_per_client}), loop="asyncio", lifespan="off",
+            build_app(broker, limits, quiet=quiet), ws="none", loop="asyncio", lifespan="off",
+            http=type("_Protocol", (_Protocol,), {"per_client": limits.max_connections_per_client}),
             log_config=None, log_level="warning", access_log=False, proxy_headers=False, server_header=False,
             limit_concurrency=limits.max_connections, timeout_keep_alive=limits.idle_timeout_s,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=tls_cert, ssl_keyfile=tls_key)

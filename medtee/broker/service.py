@@ -456,15 +456,18 @@ class EmbeddedBroker:
         return None
 
     def _count_unaudited(self, what: str, client: str) -> None:
-        """A request that names nothing this broker issued (anyone can send those): counted per client and logged at
-        1, 2, 4, 8, ... so that a flood is seen without a line per request, and never appended to the audit log."""
-        if len(self._unaudited) >= MAX_COUNTED_CLIENTS:
-            self._unaudited.clear()
-        self._unaudited[what, client] += 1
-        count = self._unaudited[what, client]
+        """A `what` (release or close) naming nothing this broker issued (anyone can send those): counted per client
+        and logged at 1, 2, 4, 8, ... so that a flood is seen without a line per request, never appended to the audit
+        log."""
+        with self._lock:
+            if len(self._unaudited) >= MAX_COUNTED_CLIENTS:
+                self._unaudited.clear()
+            self._unaudited[what, client] += 1
+            count = self._unaudited[what, client]
         if count & (count - 1) == 0:
-            log.warning("broker: %s refused for a %s this broker never issued, from %s (%d so far)",
-                        *{"close": ("close", "release id"), "release": ("release", "nonce")}[what], client, count)
+            named = "release id" if what == "close" else "nonce"
+            log.warning("broker: %s refused for a %s this broker never issued, from %s (%d so far)", what, named,
+                        client, count)
 
     def deny_malformed(self, error: RequestError, *, client: str = LOCAL_CLIENT) -> None:
         """Audit a release request that failed validation, when it names a registered dataset and a nonce the broker
