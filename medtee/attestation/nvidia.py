@@ -235,7 +235,7 @@ def gpu_evidence_checks(gpu: GpuEvidence, policy: AttestationPolicy, *, expected
         if policy.gpu.require_rim_match:
             from medtee.attestation.rim import rim_checks
 
-            out += rim_checks(spdm.measurements, policy.gpu.rim_store or "", policy.gpu.allowed_rim_ids, now, label)
+            out += rim_checks(spdm, policy.gpu.rim_store or "", policy.gpu.allowed_rim_ids, now, label)
         if policy.gpu.revocation is not Revocation.off:
             out.append(revocation_check(certs, policy.gpu.revocation, policy.gpu.ocsp_cache, now, label))
     return out

@@ -4,6 +4,11 @@ A RIM is accepted when its enveloped XML signature (ECDSA-SHA384, C14N 1.1, chec
 signer certificate in its KeyInfo and that certificate chains, link by link, to the RIM root pinned in the store
 (`<rim_store>/rim_root.pem`). Measurement index i of a RIM is SPDM measurement block i + 1; only `active="True"`
 entries are reference values, each with one or more alternatives (attributes Hash0, Hash1, ...).
+
+A GPU report is compared with two RIMs only: the driver RIM whose `colloquialVersion` is the driver version the
+report's signed opaque data states, and the VBIOS RIM of its VBIOS version (as nvtrust and Trustee's
+`*_rim_version_match` claims do). Other RIMs in the store are ignored, never pooled: a value from another version's
+RIM cannot stand in for this version's.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import base64
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -19,6 +25,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from medtee.attestation.certs import issuer_problem, issuing_problem, parse_certificates, parse_der
 from medtee.attestation.evidence import EvidenceFormatError
 from medtee.attestation.verdict import Check, check
+
+if TYPE_CHECKING:
+    from medtee.attestation.nvidia import SpdmMeasurements
 
 RIM_ROOT_FILE = "rim_root.pem"
 SWID_NS = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
@@ -131,9 +140,30 @@ def _short(value: bytes) -> str:
     return value.hex()[:16] + "..."
 
 
-def rim_checks(measurements: dict[int, bytes], store: str, allowed_ids: list[str], now: datetime,
+def _pick(rims: list[Rim], version: str | None, kind: str, path: Path, label: str) -> tuple[Rim | None, Check]:
+    """The one RIM of the reported `version` (equal RIMs count once) and its check."""
+    name = f"{label}.rim.{kind.lower()}"
+    expected = f"one signed, allowed {kind} RIM for the reported version {version} in {path}"
+    if version is None:
+        return None, check(name, False, expected, f"the report carries no {kind} version")
+    found = [r for r in rims if r.version.casefold() == version.casefold()]
+    distinct = {tuple(sorted(r.measurements.items())) for r in found}
+    if len(distinct) == 1:
+        rim = found[0]
+        return rim, check(name, True, expected, f"{rim.file} ({rim.version})")
+    if not found:
+        held = ", ".join(f"{r.file} ({r.version})" for r in rims) or "none"
+        return None, check(name, False, expected, f"none (the store has: {held}); add the {kind} RIM of version "
+                           f"{version}, or update the GPU's {kind}")
+    return None, check(name, False, expected, f"{len(distinct)} RIMs of version {version} with different reference "
+                       f"values ({', '.join(r.file for r in found)}); keep the one NVIDIA publishes")
+
+
+def rim_checks(spdm: SpdmMeasurements, store: str, allowed_ids: list[str], now: datetime,
                label: str) -> list[Check]:
-    """Every active RIM measurement (index i) equals one alternative for SPDM block i + 1 of the report."""
+    """The driver RIM of the reported driver version and the VBIOS RIM of the reported VBIOS version (no other RIM
+    in the store counts), no index active in both, and each active index i equal to one of its RIM's alternatives
+    for SPDM block i + 1."""
     path = Path(store)
     try:
         import signxml  # noqa: F401
@@ -154,23 +184,26 @@ def rim_checks(measurements: dict[int, bytes], store: str, allowed_ids: list[str
         if allowed_ids and rim.tag_id not in allowed_ids:
             continue
         rims.append(rim)
-    names = ", ".join(f"{r.file} ({r.version})" for r in rims) or "none"
-    out.append(check(f"{label}.rim.available", bool(rims), f"at least one signed, allowed RIM in {path}", names))
-    if not rims:
+    driver, driver_check = _pick(rims, spdm.driver_version, "driver", path, label)
+    vbios, vbios_check = _pick(rims, spdm.vbios_version, "VBIOS", path, label)
+    out += [driver_check, vbios_check]
+    if driver is None or vbios is None:
         return out
-    expected: dict[int, set[bytes]] = {}
-    for rim in rims:
-        for index, values in rim.measurements.items():
-            expected.setdefault(index, set()).update(values)
+    both = sorted(set(driver.measurements) & set(vbios.measurements))
+    out.append(check(f"{label}.rim.conflict", not both, "no measurement index active in both the driver and the "
+                     "VBIOS RIM", f"indices {both} active in {driver.file} and {vbios.file}" if both else "none"))
+    if both:
+        return out
     bad = []
-    for index in sorted(expected):
-        actual = measurements.get(index + 1)
-        if actual not in expected[index]:
-            bad.append(index)
-            alternatives = " | ".join(sorted(_short(v) for v in expected[index]))
-            out.append(check(f"{label}.rim.measurement[{index}]", False, alternatives,
-                             _short(actual) if actual is not None else f"no SPDM block {index + 1}"))
-    out.append(check(f"{label}.rim.measurements", not bad,
-                     f"all {len(expected)} active RIM measurements match ({names})",
-                     f"{len(bad)} of {len(expected)} differ: indices {bad}" if bad else "all match"))
+    for rim in (driver, vbios):
+        for index in sorted(rim.measurements):
+            actual = spdm.measurements.get(index + 1)
+            if actual not in rim.measurements[index]:
+                bad.append(index)
+                alternatives = " | ".join(sorted(_short(v) for v in rim.measurements[index]))
+                out.append(check(f"{label}.rim.measurement[{index}]", False, f"{alternatives} ({rim.file})",
+                                 _short(actual) if actual is not None else f"no SPDM block {index + 1}"))
+    total, names = len(driver.measurements) + len(vbios.measurements), f"{driver.file}, {vbios.file}"
+    out.append(check(f"{label}.rim.measurements", not bad, f"all {total} active RIM measurements match ({names})",
+                     f"{len(bad)} of {total} differ: indices {sorted(bad)}" if bad else "all match"))
     return out

@@ -81,7 +81,7 @@ def test_rim_check_without_signxml_names_the_extra(monkeypatch, tmp_path):
     from medtee.attestation.rim import rim_checks
 
     monkeypatch.setitem(sys.modules, "signxml", None)  # import signxml now raises ImportError
-    checks = rim_checks({}, str(tmp_path), [], datetime(2026, 1, 1, tzinfo=timezone.utc), "gpu")
+    checks = rim_checks(None, str(tmp_path), [], datetime(2026, 1, 1, tzinfo=timezone.utc), "gpu")
     assert [(c.name, c.ok) for c in checks] == [("gpu.rim.verifier", False)]
 
 

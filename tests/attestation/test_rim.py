@@ -1,6 +1,7 @@
 """RIM verification and comparison: the nvtrust test RIMs (../shared/vectors) and RIMs signed here by a test CA."""
 
 import dataclasses
+import functools
 import shutil
 from datetime import datetime, timedelta, timezone
 
@@ -22,6 +23,7 @@ NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)  # inside the nvtrust test RIM s
 SAMPLES = "nvidia/nvtrust/local_gpu_verifier_samples"
 DRIVER, VBIOS = "Driver_RIM_test_no_gpu.swidtag", "1010_0200_882_96005E0001_test_no_gpu.swidtag"
 DRIVER_TAG = "f0d3a263ab9ef4b93c8fc9727493b61a979814cbf31c07614842a9486b84db8c6cb2c94fb3d5d55992fc482ab495df0d"
+DRIVER_VERSION, VBIOS_VERSION = "550.90.07", "96.00.9F.00.01"  # what the nvtrust H100 report states
 SWID = "http://standards.iso.org/iso/19770/-2/2015/schema.xsd"
 
 
@@ -61,21 +63,45 @@ def test_nvtrust_rims_are_signed_under_nvidia_rim_root(store):
     assert len(driver.measurements[23]) == 2 and len(vbios.measurements[12]) == 4  # alternatives
 
 
-def test_nvtrust_rims_do_not_match_the_h100_report(store, sample):
+def test_nvtrust_rims_are_for_other_versions_than_the_h100_report(store, sample):
+    """The report states driver 550.90.07 and VBIOS 96.00.9F.00.01; the store's RIMs are 545.00 and 96.00.5E.00.01."""
     failures, checks = rim_failures(sample, rim_policy(store))
+    assert set(failures) == {"gpu.rim.driver", "gpu.rim.vbios"}
+    assert "for the reported version 550.90.07" in failures["gpu.rim.driver"].expected
+    assert f"{DRIVER} (545.00)" in failures["gpu.rim.driver"].actual
+    assert "add the driver RIM of version 550.90.07" in failures["gpu.rim.driver"].actual
+    assert "for the reported version 96.00.9F.00.01" in failures["gpu.rim.vbios"].expected
+    assert not [c for c in checks if not c.ok and ".rim" not in c.name]  # only the RIM comparison fails
+
+
+def _claiming(spdm, driver: str, vbios: str):
+    """`spdm` with its opaque driver and VBIOS versions replaced (the RIM comparison reads no signature)."""
+    from medtee.attestation.nvidia import OPAQUE_DRIVER_VERSION, OPAQUE_VBIOS_VERSION
+
+    v = [int(p, 16) for p in vbios.split(".")]
+    opaque = {**spdm.opaque, OPAQUE_DRIVER_VERSION: driver.encode() + b"\0",
+              OPAQUE_VBIOS_VERSION: bytes([v[3], v[2], v[1], v[0], v[4], 0, 0, 0])}
+    return dataclasses.replace(spdm, opaque=opaque)
+
+
+def test_nvtrust_rims_measurements_differ_from_the_h100_report(store, sample):
+    from medtee.attestation.rim import rim_checks
+
+    spdm = _claiming(parse_spdm(sample.report), "545.00", "96.00.5E.00.01")
+    assert (spdm.driver_version, spdm.vbios_version) == ("545.00", "96.00.5E.00.01")
+    failures = {c.name: c for c in rim_checks(spdm, str(store), [], NOW, "gpu") if not c.ok}
     per_index = sorted(int(n.split("[")[1].rstrip("]")) for n in failures if "measurement[" in n)
     assert per_index == [1, 2, 3, 7, 9, 11, 21, 22, 25, 26, 27, 29, 30, 31, 32, 34, 36, 37, 39, 40]
     assert "20 of 33 differ" in failures["gpu.rim.measurements"].actual
     m7 = failures["gpu.rim.measurement[7]"]
-    assert m7.expected == "0e0ee161b59bf124..." and m7.actual == parse_spdm(sample.report).measurements[8].hex()[:16] + "..."
-    assert not [c for c in checks if not c.ok and ".rim" not in c.name]  # only the RIM comparison fails
+    assert m7.expected == f"0e0ee161b59bf124... ({DRIVER})" and m7.actual == spdm.measurements[8].hex()[:16] + "..."
 
 
 def test_allowed_rim_ids_restrict_the_store(store, sample):
     failures, _ = rim_failures(sample, rim_policy(store, [DRIVER_TAG]))
-    assert "15 of 21 differ" in failures["gpu.rim.measurements"].actual
+    assert f"the store has: {DRIVER} (545.00))" in failures["gpu.rim.vbios"].actual  # the VBIOS RIM is not allowed
     failures, _ = rim_failures(sample, rim_policy(store, ["not-a-tag"]))
-    assert set(failures) == {"gpu.rim.available"}
+    assert "the store has: none" in failures["gpu.rim.driver"].actual
 
 
 def test_tampered_rim_fails_its_signature(store, sample):
@@ -148,15 +174,21 @@ def test_every_issuer_in_a_gpu_or_rim_chain_must_be_a_ca_within_its_path_length(
             rim._check_chain([leaf, mid], root, NOW)
 
 
-def _signed_rim(measurements: dict[int, list[bytes]], tag="test-tag"):
+@functools.cache
+def _test_rim_ca():
+    """A test RIM root and signer: (root certificate, signer key, signer certificate)."""
+    root_key, leaf_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    root = _cert("Test RIM root", "Test RIM root", root_key, root_key, True)
+    return root, leaf_key, _cert("Test RIM signer", "Test RIM root", leaf_key, root_key, False)
+
+
+def _signed_rim(measurements: dict[int, list[bytes]], version=DRIVER_VERSION, tag="test-tag"):
     from lxml import etree
     from signxml import XMLSigner
 
-    root_key, leaf_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
-    root = _cert("Test RIM root", "Test RIM root", root_key, root_key, True)
-    leaf = _cert("Test RIM signer", "Test RIM root", leaf_key, root_key, False)
+    root, leaf_key, leaf = _test_rim_ca()
     doc = etree.Element(f"{{{SWID}}}SoftwareIdentity", nsmap={None: SWID}, tagId=tag, name="GH100", version="1.0")
-    etree.SubElement(doc, f"{{{SWID}}}Meta", colloquialVersion="550.90.07")
+    etree.SubElement(doc, f"{{{SWID}}}Meta", colloquialVersion=version)
     payload = etree.SubElement(doc, f"{{{SWID}}}Payload")
     for index, values in measurements.items():
         res = etree.SubElement(payload, f"{{{SWID}}}Resource", type="Measurement", index=str(index), active="True",
@@ -171,14 +203,54 @@ def _signed_rim(measurements: dict[int, list[bytes]], tag="test-tag"):
     return etree.tostring(signed), pem(root)
 
 
-def test_matching_rim_passes_and_alternatives_count(tmp_path, sample):
+def _test_store(path, rims: dict[str, bytes]):
+    """A store under the test RIM root holding `rims` (file name -> signed XML)."""
+    for name, xml in rims.items():
+        (path / name).write_bytes(xml)
+    (path / "rim_root.pem").write_bytes(_test_rim_ca()[0].public_bytes(Encoding.PEM))
+    return path
+
+
+def test_matching_rims_pass_and_alternatives_count(tmp_path, sample):
     ms = parse_spdm(sample.report).measurements
-    xml, root = _signed_rim({0: [ms[1]], 7: [bytes(48), ms[8]], 40: [ms[41]]})
-    (tmp_path / "good.swidtag").write_bytes(xml)
-    (tmp_path / "rim_root.pem").write_bytes(root)
-    failures, checks = rim_failures(sample, rim_policy(tmp_path))
+    store = _test_store(tmp_path, {"driver.swidtag": _signed_rim({7: [bytes(48), ms[8]], 40: [ms[41]]})[0],
+                                   "vbios.swidtag": _signed_rim({0: [ms[1]]}, VBIOS_VERSION)[0]})
+    failures, checks = rim_failures(sample, rim_policy(store))
     assert not failures
     assert any(c.name == "gpu.rim.measurements" and c.ok and "all 3" in c.expected for c in checks)
+
+
+def test_another_versions_rim_is_not_pooled(tmp_path, sample):
+    """An older driver's RIM whose value matches must not stand in for the reported version's RIM, which differs."""
+    ms = parse_spdm(sample.report).measurements
+    store = _test_store(tmp_path, {"driver.swidtag": _signed_rim({7: [bytes(48)]})[0],
+                                   "driver-old.swidtag": _signed_rim({7: [ms[8]]}, "535.104.05")[0],
+                                   "vbios.swidtag": _signed_rim({0: [ms[1]]}, VBIOS_VERSION)[0]})
+    failures, _ = rim_failures(sample, rim_policy(store))
+    assert set(failures) == {"gpu.rim.measurement[7]", "gpu.rim.measurements"}
+    assert "(driver.swidtag)" in failures["gpu.rim.measurement[7]"].expected
+
+
+def test_two_different_rims_of_one_version_are_refused_and_equal_ones_count_once(tmp_path, sample):
+    ms = parse_spdm(sample.report).measurements
+    vbios = _signed_rim({0: [ms[1]]}, VBIOS_VERSION)[0]
+    store = _test_store(tmp_path, {"a.swidtag": _signed_rim({7: [ms[8]]})[0], "b.swidtag": _signed_rim({7: [ms[8]]})[0],
+                                   "vbios.swidtag": vbios})
+    assert not rim_failures(sample, rim_policy(store))[0]
+    (store / "b.swidtag").write_bytes(_signed_rim({7: [bytes(48)]})[0])
+    failures, _ = rim_failures(sample, rim_policy(store))
+    assert set(failures) == {"gpu.rim.driver"}
+    assert "2 RIMs of version 550.90.07 with different reference values (a.swidtag, b.swidtag)" in \
+        failures["gpu.rim.driver"].actual
+
+
+def test_an_index_active_in_both_rims_is_a_conflict(tmp_path, sample):
+    ms = parse_spdm(sample.report).measurements
+    store = _test_store(tmp_path, {"driver.swidtag": _signed_rim({7: [ms[8]]})[0],
+                                   "vbios.swidtag": _signed_rim({7: [ms[8]]}, VBIOS_VERSION)[0]})
+    failures, _ = rim_failures(sample, rim_policy(store))
+    assert set(failures) == {"gpu.rim.conflict"}
+    assert "indices [7] active in driver.swidtag and vbios.swidtag" in failures["gpu.rim.conflict"].actual
 
 
 def test_self_signed_rim_not_under_the_pinned_root_rejected(store, sample):
@@ -187,4 +259,3 @@ def test_self_signed_rim_not_under_the_pinned_root_rejected(store, sample):
     (store / "forged.swidtag").write_bytes(xml)
     failures, _ = rim_failures(sample, rim_policy(store))
     assert "pinned RIM root" in failures["gpu.rim.signature[forged.swidtag]"].actual
-
