@@ -117,7 +117,7 @@ class EmbeddedBroker:
         self._unaudited: Counter[tuple[str, str]] = Counter()  # (what, client): requests naming nothing issued
         self._gone: OrderedDict[bytes, None] = OrderedDict()  # SHA-256 of the latest spent or expired nonces
         self._lock = threading.Lock()
-        self._policies: dict[str, tuple[tuple, object]] = {}
+        self._policies: dict[str, tuple[str, object]] = {}
 
     # -- data owner's side -------------------------------------------------------------------------------------------
     def public_key(self) -> tuple[Scheme, bytes]:
@@ -151,18 +151,13 @@ class EmbeddedBroker:
         def decide(_entries) -> tuple[str, dict] | dict:
             if self._check_registration(manifest, path):  # under the lock: two seals of one dataset id register once
                 return {}  # this very manifest is registered already: nothing changes (a retried request)
-            self._release_policy(name)
-            if policy_sha256 is not None:
-                try:
-                    held = hashlib.sha256(self.policy_file(name)[0].read_bytes()).hexdigest()
-                except (ValueError, OSError):
-                    held = None
-                if held != policy_sha256:
+            _, held = self._release_policy(name)
+            if policy_sha256 is not None and held != policy_sha256:
                     raise ValueError(f"release policy '{name}' was changed or removed while the dataset was sealed, "
                                      f"so it is not the policy that was checked; nothing was registered: seal again")
             _write_registration(path, manifest, name)
             return "register", {"dataset_id": manifest.dataset_id, "manifest_digest": manifest.digest(),
-                                "policy": name, "owner_key": manifest.owner_key_id()}
+                                "policy": name, "policy_sha256": held, "owner_key": manifest.owner_key_id()}
 
         try:
             self.audit.append_decided(decide)
@@ -216,10 +211,10 @@ class EmbeddedBroker:
 
     def set_policy(self, dataset_id: str, policy: str) -> None:
         """Change a dataset's release policy (a store or shipped name); effective at the next release (no restart)."""
-        self._release_policy(policy)  # refuse a name that does not load, or releases nothing
+        _, digest = self._release_policy(policy)  # refuse a name that does not load, or releases nothing
         manifest, _ = self._load_registration(dataset_id)
         _write_registration(self._registration_path(dataset_id), manifest, policy)
-        self.audit.append("policy", dataset_id=dataset_id, policy=policy)
+        self.audit.append("policy", dataset_id=dataset_id, policy=policy, policy_sha256=digest)
 
     def datasets(self) -> list[str]:
         """Registered dataset ids."""
@@ -376,29 +371,30 @@ class EmbeddedBroker:
 
     def _release_policy(self, name: str):
         """`_policy(name)`, refused (ValueError) when it cannot release a key (authenticity_only)."""
-        policy = self._policy(name)
+        policy, digest = self._policy(name)
         if policy.authenticity_only:
             raise ValueError(f"attestation policy '{name}' checks only that evidence is genuine and releases no key; "
                              f"choose a release policy (`medtee broker policy list`)")
-        return policy
+        return policy, digest
 
     def _policy(self, name: str):
-        """The release policy `name` (the store's, else the shipped one), re-read whenever its file changes (policy
-        edits need no restart)."""
-        from medtee.attestation import load_policy
+        """(policy, SHA-256 of its file) for policy `name` (the store's, else the shipped one), read at every call
+        (policy edits need no restart) and parsed again only when the file's bytes changed: the digest is always
+        that of the bytes the policy was parsed from."""
+        from medtee.attestation.policy import read_policy_file
 
         path, stored = self.policy_file(name)
-        try:
-            st = path.stat()
-        except OSError as e:  # removed or replaced since policy_file looked
-            raise ValueError(f"{path}: cannot read it ({e.strerror}); restore it or set another policy") from None
-        stamp = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        data = self._read_policy_file(path)
+        digest = hashlib.sha256(data).hexdigest()
         cached = self._policies.get(name)
-        if cached is None or cached[0] != stamp:
-            policy = self._parse_store_policy(name, self._read_policy_file(path), str(path)) if stored else \
-                load_policy(name)
-            cached = self._policies[name] = (stamp, policy)
-        return cached[1]
+        if cached is None or cached[0] != digest:
+            if stored:
+                policy = self._parse_store_policy(name, data, str(path))
+            else:
+                shipped = read_policy_file(path, name=name)
+                policy, digest = shipped.policy, shipped.sha256
+            cached = self._policies[name] = (digest, policy)
+        return cached[1], cached[0]
 
     # -- the TEE's side ----------------------------------------------------------------------------------------------
     def _forget(self, nonce: bytes) -> tuple[str, str, float] | None:
@@ -535,7 +531,7 @@ class EmbeddedBroker:
         if manifest_digest != manifest.digest():
             raise deny(_denial("broker.manifest_digest", manifest.digest(), manifest_digest, policy_name))
         try:
-            policy = self._release_policy(policy_name)
+            policy, audit["policy_sha256"] = self._release_policy(policy_name)
         except ValueError as e:  # a store policy removed or broken since registration: a denial, audited
             raise deny(_denial("broker.policy", f"release policy '{policy_name}' loadable", type(e).__name__,
                                policy_name)) from None

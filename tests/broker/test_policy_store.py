@@ -60,7 +60,23 @@ def test_store_policy_is_used_and_edits_apply_without_restart(sealed, broker, tm
     stored = broker.store_dir / "policies" / "site-dev.yaml"
     stored.write_text(dev_policy("site-dev", [SIMULATED_MEASUREMENT.hex()]))  # edited in place
     assert failed(broker, manifest) == "released"
-    assert broker._policy("site-dev").name == "site-dev"
+    policy, digest = broker._policy("site-dev")
+    assert policy.name == "site-dev" and digest == hashlib.sha256(stored.read_bytes()).hexdigest()
+
+
+def test_decisions_record_the_digest_of_the_policy_file_they_were_made_under(sealed, broker, tmp_path):
+    """An auditor must know which version of a policy a key was released or denied under, not only its name."""
+    _, manifest, _, _ = sealed
+    first = broker.add_policy("site-dev", policy_file(tmp_path, dev_policy("site-dev")))
+    broker.set_policy("test-ds", "site-dev")
+    assert failed(broker, manifest) == "released"
+    second = broker.add_policy("site-dev", policy_file(tmp_path, dev_policy("site-dev", [OTHER])))
+    assert failed(broker, manifest) == ["policy.measurement"]
+    entries = [json.loads(line) for line in (broker.store_dir / "audit.log").read_text().splitlines()]
+    decided = {e["event"]: e["policy_sha256"] for e in entries if e["event"] in ("policy", "release", "deny")}
+    assert decided == {"policy": first, "release": first, "deny": second} and first != second
+    shipped = hashlib.sha256((conf_dir() / "attestation" / f"{manifest.release_policy}.yaml").read_bytes())
+    assert [e["policy_sha256"] for e in entries if e["event"] == "register"] == [shipped.hexdigest()]
 
 
 def test_add_is_atomic_and_audited_with_digests_only(broker, tmp_path):
