@@ -94,6 +94,27 @@ def test_broker_serve_names_the_tls_file_that_is_not_pem(tmp_path, capsys, dialo
     assert not (tmp_path / "b").exists()
 
 
+def test_broker_serve_refuses_an_audit_log_that_fails_verification(tmp_path, capsys, dialogues):
+    assert main(["seal", "d.jsonl", "--out", "sealed", "--broker-dir", "b"]) == 0
+    capsys.readouterr()
+    log = tmp_path / "b" / "audit.log"
+    log.write_text(log.read_text().replace('"register"', '"rotate"'))
+    before = log.read_bytes()
+    refused(capsys, ["broker", "serve", "--port", "0", "--broker-dir", "b"], "fails verification after 0 good entries",
+            "entry altered after it was written", "restore b/audit.log from a copy", code=1)
+    assert log.read_bytes() == before
+
+
+def test_audit_verify_names_an_unfinished_last_line(tmp_path, capsys, dialogues):
+    assert main(["seal", "d.jsonl", "--out", "sealed", "--broker-dir", "b"]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "b" / "audit.log", "ab") as f:
+        f.write(b'{"seq": 1, "ti')
+    assert main(["broker", "audit", "verify", "--broker-dir", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "audit log OK: 1 entries" in out and "unfinished last line (14 bytes)" in out
+
+
 def test_audit_verify_without_a_store_is_bad_input_not_tampering(tmp_path, capsys, dialogues):
     for store in (str(tmp_path / "nonexistent"), "empty"):
         (tmp_path / "empty").mkdir(exist_ok=True)

@@ -4,6 +4,10 @@ Each entry carries `seq`, `prev` (the previous entry's hash; 64 zeros for the fi
 entry's canonical JSON without `hash`. Editing, deleting, inserting or reordering entries breaks the chain.
 Cutting entries off the end cannot be seen from the file alone: anchor the head printed by `medtee broker audit
 verify` somewhere else (a ticket, a transparency log) to detect that too. Entries hold ids and digests, never data.
+
+An entry counts once its line, newline included, is written and fsynced; only then is the decision it records
+returned. A last line without its newline is an append that did not finish (a full disk, a crash): nothing was
+returned for it, so the next append drops it (logged) instead of writing after it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 GENESIS = "0" * 64
+_log = logging.getLogger(__name__)
+
+
+class AuditLogDamaged(Exception):
+    """A complete line of the audit log is not an entry: the broker appends nothing more until it is restored."""
 
 
 def _entry_hash(entry: dict) -> str:
@@ -26,19 +36,60 @@ def _entry_hash(entry: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _last_line(f) -> bytes | None:
+def _entries(f, path: Path) -> Iterator[dict]:
+    """The log's entries from the start of `f`, oldest first; AuditLogDamaged naming the first bad line."""
+    f.seek(0)
+    for lineno, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                raise AuditLogDamaged(f"{path}:{lineno} is not an audit entry; run `medtee broker audit verify` and "
+                                      f"restore the log from a copy before the broker records more") from None
+
+
+def _drop_unfinished(f, path: Path) -> None:
+    """Cut a last line that lacks its newline (an append that did not finish) off the end of `f`."""
     f.seek(0, os.SEEK_END)
     end = f.tell()
     if end == 0:
-        return None
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    keep = end - len(_tail(f, end))
+    f.truncate(keep)
+    f.flush()
+    os.fsync(f.fileno())
+    _log.warning("%s: dropped an unfinished last entry (%d bytes, an append that did not complete)", path, end - keep)
+
+
+def _tail(f, end: int) -> bytes:
+    """The bytes after the last newline before `end`."""
     size = 4096
     while True:
         start = max(0, end - size)
         f.seek(start)
-        chunk = f.read(end - start).rstrip(b"\n")
+        chunk = f.read(end - start)
         if b"\n" in chunk or start == 0:
             return chunk.rsplit(b"\n", 1)[-1]
         size *= 2
+
+
+def _last_line(f, path: Path) -> dict | None:
+    """The last entry of `f`, which ends with a newline (`_drop_unfinished` has run); None for an empty log."""
+    f.seek(0, os.SEEK_END)
+    end = f.tell()
+    if end == 0:
+        return None
+    try:
+        entry = json.loads(_tail(f, end - 1))
+        if isinstance(entry, dict) and isinstance(entry.get("seq"), int) and isinstance(entry.get("hash"), str):
+            return entry
+    except ValueError:
+        pass
+    raise AuditLogDamaged(f"{path}: its last line is not an audit entry; run `medtee broker audit verify` and "
+                              f"restore the log from a copy before the broker records more") from None
 
 
 class AuditLog:
@@ -60,13 +111,12 @@ class AuditLog:
         with self._lock, open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                f.seek(0)
-                decision = decide(json.loads(line) for line in f if line.strip())
+                _drop_unfinished(f, self.path)
+                decision = decide(_entries(f, self.path))
                 if isinstance(decision, dict):
                     return decision
                 event, fields = decision
-                last = _last_line(f)
-                prev = json.loads(last) if last else None
+                prev = _last_line(f, self.path)
                 entry = {
                     "seq": prev["seq"] + 1 if prev else 0,
                     "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -85,12 +135,14 @@ class AuditLog:
 
 @dataclass(frozen=True)
 class AuditReport:
-    """Outcome of :func:`verify`: `ok`, number of entries, head hash, and the first problem found."""
+    """Outcome of :func:`verify`: `ok`, number of entries, head hash, the first problem found, and the size in bytes
+    of an unfinished last line (an append that did not complete; the broker drops it at its next append)."""
 
     ok: bool
     entries: int
     head: str
     problem: str = ""
+    unfinished: int = 0
 
 
 def verify(path: Path | str) -> AuditReport:
@@ -102,6 +154,8 @@ def verify(path: Path | str) -> AuditReport:
     prev, n = GENESIS, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):  # only the last line can lack it
+                return AuditReport(True, n, prev, unfinished=len(line))
             try:
                 entry = json.loads(line)
                 ok_shape = isinstance(entry, dict) and {"seq", "prev", "hash"} <= entry.keys()

@@ -101,6 +101,14 @@ def _serve(args: argparse.Namespace) -> int:
                or _tls_problem(args.tls_cert, args.tls_key))
     if problem:
         return exits.fail(problem)
+    from medtee.broker.audit import verify
+
+    log = Path(args.store) / "audit.log"
+    report = verify(log) if log.exists() else None
+    if report is not None and not report.ok:
+        return exits.fail(f"the audit log fails verification after {report.entries} good entries ({report.problem}), "
+                          f"so the broker will not add decisions to it; restore {log} from a copy, then serve again",
+                          exits.REFUSED)
     from medtee.broker.server import Limits, serve
 
     limits = Limits(max_connections=_given(args.max_connections), idle_timeout_s=_given(args.idle_timeout),
@@ -131,6 +139,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
         return exits.fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}",
                           exits.REFUSED)
     print(f"audit log OK: {report.entries} entries, head {report.head}")
+    if report.unfinished:
+        print(f"after them, an unfinished last line ({report.unfinished} bytes): an append that did not complete "
+              f"(e.g. a full disk), so no decision was returned for it; the broker drops it at its next append")
     print("anchor the head elsewhere to detect later truncation")
     return exits.OK
 

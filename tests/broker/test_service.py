@@ -138,6 +138,48 @@ def test_untrusted_owner_and_wrong_broker_key_are_refused(sealed, tmp_path):
         stranger.register(manifest)
 
 
+def test_an_unfinished_last_entry_is_dropped_at_the_next_append(sealed, broker, caplog, monkeypatch):
+    """A full disk mid-append leaves a line without its newline; it used to make every later append fail."""
+    import os
+
+    _, manifest, _, key = sealed
+    log = broker.store_dir / "audit.log"
+    real_fsync = os.fsync
+
+    def full_disk(fd):  # the write reached the page cache; the flush to disk fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        release_request(broker, manifest)  # no key without its `release` entry
+    monkeypatch.setattr(audit.os, "fsync", real_fsync)
+    good = log.read_bytes()
+    torn = good.rsplit(b"\n", 2)[0] + b"\n" + good.rsplit(b"\n", 2)[1][:40]  # what reached the disk of that line
+    log.write_bytes(torn)
+    report = audit.verify(log)
+    assert report.ok and report.entries == 1 and report.unfinished == 40
+    with caplog.at_level("WARNING", logger="medtee.broker.audit"):
+        assert release_request(broker, manifest) == key
+    assert "dropped an unfinished last entry (40 bytes" in caplog.text
+    report = audit.verify(log)
+    assert report.ok and report.entries == 2 and not report.unfinished
+    assert [json.loads(line)["event"] for line in log.read_text().splitlines()] == ["register", "release"]
+
+
+@pytest.mark.parametrize("damage", ["middle", "last"])
+def test_a_damaged_complete_line_stops_appends_naming_the_fix(sealed, broker, damage):
+    _, manifest, _, _ = sealed
+    release_request(broker, manifest)
+    log = broker.store_dir / "audit.log"
+    lines = log.read_text().splitlines()
+    lines[0 if damage == "middle" else -1] = "not json"
+    log.write_text("\n".join(lines) + "\n")
+    before = log.read_bytes()
+    with pytest.raises(audit.AuditLogDamaged, match="is not an audit entry; run `medtee broker audit verify`"):
+        audit.AuditLog(log).append_decided(lambda entries: ("x", {"n": sum(1 for _ in entries)}))
+    assert log.read_bytes() == before
+
+
 def test_audit_log_chain(sealed, broker):
     _, manifest, _, _ = sealed
     release_request(broker, manifest)
