@@ -141,7 +141,7 @@ def test_into_policy_then_pins_that_measurement(image, tmp_path, capsys):
     m = measured(capsys, measure_args(image, "--into", str(policy)))
     broker = EmbeddedBroker(tmp_path / "broker")
     assert main(["broker", "policy", "add", "dev-pinned", str(policy), "--broker-dir", str(broker.store_dir)]) == 0
-    pinned = broker._policy("dev-pinned")
+    pinned, _ = broker._policy("dev-pinned")
     assert pinned.measurements == [m]
     evidence = collect_evidence("simulated", None, nonce=b"n" * 32, ephemeral_public_key=b"k" * 32,
                                 recipe_digest="ab" * 32)
