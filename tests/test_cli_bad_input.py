@@ -94,7 +94,13 @@ def test_broker_serve_names_the_tls_file_that_is_not_pem(tmp_path, capsys, dialo
     assert not (tmp_path / "b").exists()
 
 
-def test_broker_serve_refuses_an_audit_log_that_fails_verification(tmp_path, capsys, dialogues):
+def test_broker_serve_refuses_an_audit_log_that_fails_verification(tmp_path, capsys, dialogues, monkeypatch):
+    from medtee.broker import server
+
+    def started(*args, **kwargs):  # were the refusal to regress, serving would run until pytest's timeout
+        raise AssertionError("broker serve started on an audit log that fails verification")
+
+    monkeypatch.setattr(server, "serve", started)
     assert main(["seal", "d.jsonl", "--out", "sealed", "--broker-dir", "b"]) == 0
     capsys.readouterr()
     log = tmp_path / "b" / "audit.log"

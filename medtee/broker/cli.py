@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     from medtee.broker.server import Limits, serve
 
     limits = Limits(max_connections=_given(args.max_connections), idle_timeout_s=_given(args.idle_timeout),
-                    body_timeout_s=_given(args.body_timeout),
+                    body_timeout_s=_given(args.body_timeout), handshake_timeout_s=_given(args.handshake_timeout),
                     max_connections_per_client=_given(args.max_connections_per_client))
     try:
         serve(args.store, host=args.host, port=port, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
@@ -221,7 +221,9 @@ def _add_serve(broker_sub) -> None:
              "open connections from one client address; one beyond is closed at once"),
             ("--idle-timeout", float, _ServerDefault("idle_timeout_s"),
              "seconds a connection may take to send a request's headers"),
-            ("--body-timeout", float, _ServerDefault("body_timeout_s"), "seconds a request may take to send its body")):
+            ("--body-timeout", float, _ServerDefault("body_timeout_s"), "seconds a request may take to send its body"),
+            ("--handshake-timeout", float, _ServerDefault("handshake_timeout_s"),
+             "seconds a connection may take to complete its TLS handshake")):
         srv.add_argument(flag, type=_positive(kind), default=default, help=f"{text} (default %(default)s)")
     srv.set_defaults(handler=_serve)
 

@@ -27,8 +27,8 @@ Connections: h11 parses requests (headers up to 16 KiB); each request's headers 
 most `max_connections` connections, `max_connections_per_client` of them from one address; bodies beyond their
 first 256 KiB may hold at most `max_large_body_bytes` together; broker calls run on at most `worker_threads`
 threads, so neither idle nor slow clients hold threads.
-TLS (`tls_cert`/`tls_key`): uvicorn's server context, TLS 1.2 or later (Python's default since 3.10). Listens on
-loopback by default.
+TLS (`tls_cert`/`tls_key`): uvicorn's server context, TLS 1.2 or later (Python's default since 3.10); a handshake
+must end within `Limits.handshake_timeout_s` of the connection opening. Listens on loopback by default.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Limits:
     max_large_body_bytes: int = 8 << 20  # of all bodies under way together, beyond the first 256 KiB of each
     body_timeout_s: float = 10.0  # for a whole request body, from the end of its headers
     idle_timeout_s: float = 5.0  # for a request's headers, from the connection opening or the previous answer
+    handshake_timeout_s: float = 5.0  # for a TLS handshake, from the connection opening (asyncio's default: 60)
     max_connections: int = 256  # open connections; a request beyond gets 503 (uvicorn's limit_concurrency)
     max_connections_per_client: int = 16  # open connections from one address; one beyond is closed at once
     worker_threads: int = 16  # threads running broker calls (file I/O, appraisal)
@@ -296,6 +297,19 @@ class _Protocol(H11Protocol):
             self.timeout_keep_alive_handler()
 
 
+class _Loop(asyncio.SelectorEventLoop):
+    """asyncio's loop with a deadline on TLS handshakes: uvicorn passes none to `create_server`, so a connection that
+    never completes its handshake would hold a file descriptor for asyncio's 60 s, and it counts against no limit
+    until the handshake ends (`_Protocol` sees only connections past it)."""
+
+    handshake_timeout_s = Limits.handshake_timeout_s
+
+    async def create_server(self, *args, **kwargs):
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self.handshake_timeout_s)
+        return await super().create_server(*args, **kwargs)
+
+
 class BrokerServer:
     """`broker` served by uvicorn on a background thread; bound and accepting once constructed, `close()` stops it."""
 
@@ -317,14 +331,19 @@ class BrokerServer:
         bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"{'https' if tls_cert else 'http'}://{bound_host}:{bound_port}"
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                        name="medtee-broker")
+        loop = type("_Loop", (_Loop,), {"handshake_timeout_s": limits.handshake_timeout_s})
+        self._thread = threading.Thread(target=self._run, args=(sock, loop), daemon=True, name="medtee-broker")
         self._thread.start()
         while not self._server.started and self._thread.is_alive():
             time.sleep(0.01)
         if not self._server.started:
             sock.close()
             raise OSError(f"the key broker could not start on {self.url}")
+
+    def _run(self, sock: socket.socket, loop: type[asyncio.AbstractEventLoop]) -> None:
+        """What uvicorn.Server.run does, on `loop` (uvicorn takes a custom loop only as an import string)."""
+        with asyncio.Runner(loop_factory=loop) as runner:
+            runner.run(self._server.serve(sockets=[sock]))
 
     def close(self) -> None:
         """Stop accepting, let requests under way finish (at most GRACEFUL_SHUTDOWN_S), then return."""

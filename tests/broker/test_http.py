@@ -149,3 +149,20 @@ def test_tls(tmp_path):
             connect(srv.url, store_dir=tmp_path / "broker", timeout_s=5).public_key()
     with pytest.raises(OSError):  # a key that does not fit the certificate: refused before listening
         BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, tls_cert=cert, tls_key=cert)
+
+
+def test_a_tls_handshake_never_completed_is_cut_off(tmp_path):
+    """uvicorn sets no handshake deadline: asyncio's 60 s let a silent connection hold a descriptor that long."""
+    import socket
+
+    cert, key = _self_signed(tmp_path)
+    limits = Limits(handshake_timeout_s=0.5)
+    with BrokerServer(EmbeddedBroker(tmp_path / "broker"), "127.0.0.1", 0, tls_cert=cert, tls_key=key, limits=limits,
+                      quiet=True) as srv:
+        silent = socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])))
+        silent.settimeout(5)  # well under asyncio's 60 s, well over the deadline
+        try:
+            assert silent.recv(1) == b""
+        finally:
+            silent.close()
+        assert connect(srv.url, store_dir=tmp_path / "broker", ca=cert).public_key() == srv.broker.public_key()
