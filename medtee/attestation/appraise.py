@@ -277,11 +277,20 @@ def field_check(rule: FieldRule, recipe: dict) -> Check:
     return check(name, _admits(rule, value), " and ".join(wanted), _shown(value)[:200])
 
 
-def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -> list[Check]:
-    """The policy's recipe rules on the recipe a release is for: `recipe` must hash to `recipe_digest`."""
+def canonical_digest(recipe: object) -> str | None:
+    """The SHA-256 hex of `recipe` as config.recipe_digest hashes it (its canonical JSON), None for no JSON value."""
     import hashlib
     import json
 
+    try:
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                         allow_nan=False).encode()).hexdigest()
+    except (TypeError, ValueError):
+        return None
+
+
+def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -> list[Check]:
+    """The policy's recipe rules on the recipe a release is for: `recipe` must hash to `recipe_digest`."""
     out = []
     if rules.digests:
         out.append(check("policy.recipe.digest", recipe_digest in set(rules.digests),
@@ -291,11 +300,7 @@ def recipe_checks(rules: RecipeRules, recipe_digest: str, recipe: dict | None) -
     if not isinstance(recipe, dict):
         return out + [check("policy.recipe", False, "the recipe the digest covers (sent with the release request)",
                             "none given")]
-    try:  # the canonical JSON config.recipe_digest hashes
-        hashed = hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                                           allow_nan=False).encode()).hexdigest()
-    except (TypeError, ValueError):
-        hashed = "not canonical JSON"
+    hashed = canonical_digest(recipe) or "not canonical JSON"
     if hashed != recipe_digest:
         return out + [check("policy.recipe", False, f"a recipe hashing to the digest {recipe_digest}", hashed)]
     mode = _recipe_value(recipe, "mode")

@@ -143,6 +143,26 @@ class AuditFloor:
 
 
 @dataclass
+class DpBudget:
+    """With `require_dp`: the most privacy the key releases of one dataset may spend together, by basic composition
+    (the epsilons of its releases add up, and so do their deltas), counted by the broker from its audit log
+    (`medtee.broker.budget`). None: no bound."""
+
+    epsilon: Optional[float] = None  # the most total epsilon, e.g. 10
+    delta: Optional[float] = None  # the most total delta, e.g. 1e-4
+
+    def problems(self) -> list[str]:
+        import math
+
+        return [f"recipe.dp_budget.{name}={value} must be a finite positive number (or null for no bound)"
+                for name, value in (("epsilon", self.epsilon), ("delta", self.delta))
+                if value is not None and not (math.isfinite(value) and value > 0)]
+
+    def bounds(self) -> bool:
+        return self.epsilon is not None or self.delta is not None
+
+
+@dataclass
 class RecipeRules:
     """What the recipe of a run must say for the broker to release the key, checked on the recipe its digest covers
     (the release request carries it; its digest is bound into the evidence). Empty lists mean "any"."""
@@ -156,6 +176,7 @@ class RecipeRules:
     require_audit: bool = False  # require release.require_audit: true (the memorization audit gates the adapter)
     audit: AuditFloor = field(default_factory=AuditFloor)  # with require_audit: how strict that audit must at least be
     require_dp: bool = False  # require privacy.dp.enabled: true (DP-SGD; then no training loss is logged at all)
+    dp_budget: DpBudget = field(default_factory=DpBudget)  # with require_dp: the dataset's total over its releases
     min_aggregate: int = 20  # the least tracking.min_aggregate (examples per logged aggregate) a recipe may set
     # single settings, e.g. [{key: qlora.rank, max: 16}, {key: privacy.dp.target_epsilon, max: 3}, {key: model.id,
     # one_of: [google/medgemma-27b-text-it]}]; a setting the recipe does not have fails its rule; a sweep's every trial
@@ -181,7 +202,10 @@ class RecipeRules:
                        "name the study keys they may be encrypted to in recipe.study_recipients")
         if self.min_aggregate < 1:
             out.append(f"recipe.min_aggregate={self.min_aggregate} must be at least 1")
-        out += self.audit.problems()
+        out += self.audit.problems() + self.dp_budget.problems()
+        if self.dp_budget.bounds() and not self.require_dp:
+            out.append("recipe.dp_budget bounds the privacy the dataset's releases spend, which only DP-SGD runs "
+                       "account: set recipe.require_dp: true with it")
         keys = [rule.key for rule in self.fields]
         out += [f"recipe.fields: {key} has more than one rule; merge them into one" for key in sorted(set(keys))
                 if keys.count(key) > 1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -98,6 +99,18 @@ class AuditLog:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+
+    def entries(self) -> list[dict]:
+        """The log's complete entries, oldest first (none for no log); AuditLogDamaged naming a bad line."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return []
+        with f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            lines = [line for line in f if line.endswith(b"\n")]
+        with io.BytesIO(b"".join(lines)) as complete:
+            return list(_entries(complete, self.path))
 
     def append(self, event: str, **fields: object) -> dict:
         """Append one entry (`event` plus JSON-ready `fields`) and return it."""

@@ -124,7 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
     return exits.OK
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
+def _audit(args: argparse.Namespace) -> int:
+    """`broker audit verify`: the chain; `broker audit budget`: the chain, then each dataset's privacy spent."""
     from medtee.broker.audit import verify
 
     store = Path(args.store)
@@ -138,11 +139,35 @@ def _audit_verify(args: argparse.Namespace) -> int:
     if not report.ok:
         return exits.fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}",
                           exits.REFUSED)
+    if args.action == "budget":
+        return _print_budgets(store)
     print(f"audit log OK: {report.entries} entries, head {report.head}")
     if report.unfinished:
         print(f"after them, an unfinished last line ({report.unfinished} bytes): an append that did not complete "
               f"(e.g. a full disk), so no decision was returned for it; the broker drops it at its next append")
     print("anchor the head elsewhere to detect later truncation")
+    return exits.OK
+
+
+def _print_budgets(store: Path) -> int:
+    from medtee.broker.service import EmbeddedBroker
+    from medtee.sealing.manifest import SealedDataError
+
+    broker = EmbeddedBroker(store)
+    for dataset_id in broker.datasets():
+        try:
+            policy, limit, spent = broker.privacy_spent(dataset_id)
+        except SealedDataError as e:
+            print(f"{dataset_id}: {e}")
+            continue
+        if limit is None:
+            bound = f"policy '{policy}' unreadable"
+        elif limit.bounds():
+            bound = "budget " + ", ".join(f"{name} {value:g}" for name, value in
+                                          (("epsilon", limit.epsilon), ("delta", limit.delta)) if value is not None)
+        else:
+            bound = "no budget"
+        print(f"{dataset_id}: {spent.describe()}; {bound} (policy {policy})")
     return exits.OK
 
 
@@ -258,7 +283,9 @@ def add_parser(subparsers) -> None:
     broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
     _add_serve(broker_sub)
     aud = broker_sub.add_parser("audit", help="check the broker's hash-chained audit log")
-    aud.add_argument("action", choices=["verify"])
+    aud.add_argument("action", choices=["verify", "budget"],
+                     help="verify: check the chain; budget: check it, then print the privacy each dataset's releases "
+                          "have spent (basic composition) against its policy's recipe.dp_budget")
     _broker_dir_argument(aud)
-    aud.set_defaults(handler=_audit_verify)
+    aud.set_defaults(handler=_audit)
     _add_policy(broker_sub)

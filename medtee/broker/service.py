@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medtee.broker import budget
 from medtee.broker.audit import AuditLog
 from medtee.broker.protocol import (
     DEFAULT_NONCE_TTL_S,
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from medtee.attestation.evidence import Evidence
-    from medtee.attestation.policy import AttestationPolicy
+    from medtee.attestation.policy import AttestationPolicy, DpBudget
     from medtee.attestation.verdict import Verdict
     from medtee.broker.protocol import ReleaseRecord
 
@@ -215,6 +216,16 @@ class EmbeddedBroker:
         manifest, _ = self._load_registration(dataset_id)
         _write_registration(self._registration_path(dataset_id), manifest, policy)
         self.audit.append("policy", dataset_id=dataset_id, policy=policy, policy_sha256=digest)
+
+    def privacy_spent(self, dataset_id: str) -> tuple[str, DpBudget | None, budget.Spent]:
+        """(policy name, its `recipe.dp_budget` or None when the policy cannot be read, what the dataset's releases
+        have spent) from the audit log."""
+        _, name = self._load_registration(dataset_id)
+        try:
+            limit = self._policy(name)[0].recipe.dp_budget
+        except ValueError:
+            limit = None
+        return name, limit, budget.spent(self.audit.entries(), dataset_id)
 
     def datasets(self) -> list[str]:
         """Registered dataset ids."""
@@ -553,8 +564,20 @@ class EmbeddedBroker:
         except ValueError as e:  # e.g. a low-order X25519 point: the evidence vouches for a key nothing can be wrapped to
             raise deny(_denial("broker.request", "an ephemeral public key a data key can be wrapped to",
                                type(e).__name__, policy_name)) from None
-        entry = self.audit.append("release", **audit, simulated=verdict.simulated,
-                                  ephemeral_key=hpke.key_id(eph_scheme, bytes(ephemeral_public_key)))
+        released = {**audit, "simulated": verdict.simulated, "dp_spend": budget.spend(recipe, recipe_digest),
+                    "ephemeral_key": hpke.key_id(eph_scheme, bytes(ephemeral_public_key))}
+        limit, over = policy.recipe.dp_budget, []
+
+        def decide(entries) -> tuple[str, dict]:  # under the log's lock: two releases cannot both take the last of it
+            if limit.bounds() and (why := budget.refusal(limit, budget.spent(entries, dataset_id),
+                                                         released["dp_spend"])):
+                over.append(why)
+                return "deny", {**audit, "failed": ["broker.dp_budget"]}
+            return "release", released
+
+        entry = self.audit.append_decided(decide)
+        if over:
+            raise KeyReleaseDenied(_denial("broker.dp_budget", *over[0], policy_name), dataset_id)
         return wrapped, ReleaseRecord(release_id=entry["hash"], audit_entry_sha256=entry["hash"])
 
     def close_release(self, release_id: str, *, record: dict, receipt_public_key: bytes, signature: bytes,

@@ -1,0 +1,97 @@
+"""A dataset's differential-privacy budget across its key releases, counted from the broker's audit log.
+
+Every `release` entry records `dp_spend`, what the run the key went to may spend of the training split's privacy:
+`{"epsilon": E, "delta": D}` for a `train` run under DP-SGD (its `privacy.dp.target_epsilon`/`target_delta`, which
+its accountant keeps it within), zero for `eval` and `generate` (they train nothing: no adapter comes of them), and
+"unbounded" for a run that trains without DP (a `train` run without it, a `sweep`: medtee sweeps only without DP)
+or whose recipe the broker could not read (none sent, or not the one the digest covers). Entries written before
+medtee recorded spends count as unbounded too.
+
+By basic composition the releases of a dataset together are (sum of epsilons, sum of deltas)-DP with respect to one
+dialogue record of its training split. A release policy's `recipe.dp_budget` bounds those sums: the broker refuses a
+release that would take them over it, or whose spend, or an earlier release's, is unbounded. The count is
+conservative: a run that fails before training, or a resumed run (whose accountant continues its checkpoint's), is
+charged its whole target again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+UNBOUNDED = "unbounded"
+_TOLERANCE = 1e-9  # relative: sums of decimal epsilons (0.1 + 0.2) are not exact in binary
+
+
+def spend(recipe: object, recipe_digest: str) -> dict | str:
+    """What a release for `recipe` (verified against `recipe_digest`) may spend: `{"epsilon", "delta"}` or
+    UNBOUNDED."""
+    from medtee.attestation.appraise import canonical_digest
+
+    if not isinstance(recipe, dict) or canonical_digest(recipe) != recipe_digest:
+        return UNBOUNDED
+    mode = recipe.get("mode")
+    if mode in ("eval", "generate"):
+        return {"epsilon": 0.0, "delta": 0.0}
+    dp = (recipe.get("privacy") or {}).get("dp") if isinstance(recipe.get("privacy"), dict) else None
+    if mode != "train" or not isinstance(dp, dict) or dp.get("enabled") is not True:
+        return UNBOUNDED
+    epsilon, delta = dp.get("target_epsilon"), dp.get("target_delta")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+               for v in (epsilon, delta)):
+        return UNBOUNDED
+    return {"epsilon": float(epsilon), "delta": float(delta)}
+
+
+@dataclass(frozen=True)
+class Spent:
+    """The releases of one dataset so far: how many, their summed epsilon and delta, and the first whose spend is
+    unbounded (its `seq`), if any."""
+
+    releases: int = 0
+    epsilon: float = 0.0
+    delta: float = 0.0
+    unbounded_seq: int | None = None
+
+    def describe(self) -> str:
+        releases = f"{self.releases} release{'' if self.releases == 1 else 's'}"
+        if self.unbounded_seq is not None:
+            return f"unbounded since release seq {self.unbounded_seq} ({releases})"
+        return f"epsilon {self.epsilon:.6g}, delta {self.delta:.3g} over {releases}"
+
+
+def spent(entries: Iterable[dict], dataset_id: str) -> Spent:
+    """What the `release` entries of `dataset_id` among `entries` have spent."""
+    releases, epsilons, deltas, unbounded = 0, [], [], None
+    for entry in entries:
+        if entry.get("event") != "release" or entry.get("dataset_id") != dataset_id:
+            continue
+        releases += 1
+        value = entry.get("dp_spend", UNBOUNDED)
+        if isinstance(value, dict):
+            epsilons.append(value.get("epsilon", math.inf))
+            deltas.append(value.get("delta", math.inf))
+        elif unbounded is None:
+            unbounded = entry.get("seq")
+    return Spent(releases, math.fsum(epsilons), math.fsum(deltas), unbounded)
+
+
+def refusal(budget, so_far: Spent, this: dict | str) -> tuple[str, str] | None:
+    """(expected, actual) of the `broker.dp_budget` check a release spending `this` fails under `budget`
+    (a policy's DpBudget) after `so_far`; None when the budget admits it."""
+    bounds = [f"{name} <= {limit:g}" for name, limit in (("epsilon", budget.epsilon), ("delta", budget.delta))
+              if limit is not None]
+    expected = f"the dataset's releases together within {' and '.join(bounds)} (recipe.dp_budget)"
+    if so_far.unbounded_seq is not None:
+        return expected, (f"release seq {so_far.unbounded_seq} of this dataset trained without DP (or with a recipe "
+                          f"the broker did not read), so its privacy loss is unbounded and no budget can admit more; "
+                          f"seal the dialogues again as a new dataset")
+    if this == UNBOUNDED:
+        return expected, ("this release's loss is unbounded: a train run under DP-SGD (privacy.dp.enabled: true) or "
+                          "eval/generate is needed, with the recipe its digest covers")
+    over = [f"{name} {total:.6g} spent + {this[name]:.6g} = {total + this[name]:.6g} > {limit:g}"
+            for name, total, limit in (("epsilon", so_far.epsilon, budget.epsilon),
+                                       ("delta", so_far.delta, budget.delta))
+            if limit is not None and total + this[name] > limit * (1 + _TOLERANCE)]
+    return (expected, "; ".join(over)) if over else None

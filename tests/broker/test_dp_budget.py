@@ -1,0 +1,170 @@
+"""A dataset's differential-privacy budget across its key releases (`recipe.dp_budget`): the broker records what each
+release may spend in its audit log and refuses one that would take the dataset's total over the owner's bound."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from medtee.broker import budget
+from medtee.broker.protocol import canonical_json
+from medtee.broker.service import EmbeddedBroker
+from medtee.cli import main
+
+from .test_release_rules import attempt, recipe_doc, rules_policy
+
+
+def dp_recipe(epsilon: float, delta: float = 1e-5, **changes) -> dict:
+    doc = recipe_doc(**{"privacy.dp.enabled": True, **changes})
+    doc["privacy"]["dp"].update(target_epsilon=epsilon, target_delta=delta)
+    return doc
+
+
+def entries(broker, event: str) -> list[dict]:
+    return [e for e in broker.audit.entries() if e["event"] == event]
+
+
+def test_releases_stop_when_the_dataset_epsilon_budget_is_spent(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 10})
+    assert attempt(broker, manifest, dp_recipe(4)) == "released"
+    assert attempt(broker, manifest, dp_recipe(4)) == "released"
+    assert attempt(broker, manifest, dp_recipe(4)) == ["broker.dp_budget"]
+    assert attempt(broker, manifest, dp_recipe(2)) == "released"  # exactly the budget
+    assert attempt(broker, manifest, dp_recipe(0.5)) == ["broker.dp_budget"]
+    assert attempt(broker, manifest, dp_recipe(1, mode="eval")) == "released"  # trains nothing: spends nothing
+    assert [e["dp_spend"] for e in entries(broker, "release")] == [
+        {"epsilon": 4.0, "delta": 1e-5}, {"epsilon": 4.0, "delta": 1e-5}, {"epsilon": 2.0, "delta": 1e-5},
+        {"epsilon": 0.0, "delta": 0.0}]
+    assert [e["failed"] for e in entries(broker, "deny")] == [["broker.dp_budget"]] * 2
+    spent = broker.privacy_spent("test-ds")[2]
+    assert (spent.releases, spent.epsilon, spent.unbounded_seq) == (4, 10.0, None)
+
+
+def test_the_refusal_names_the_sums_and_the_bound(sealed, broker, tmp_path):
+    from medtee.broker.protocol import KeyReleaseDenied
+    from medtee.crypto.hpke import EphemeralKey
+
+    from .conftest import simulated_evidence
+
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 3, "delta": 2e-5})
+    assert attempt(broker, manifest, dp_recipe(1, 1e-5)) == "released"
+    recipe = dp_recipe(1, 2e-5)
+    digest = budget_digest(recipe)
+    nonce, eph = broker.challenge("test-ds"), EphemeralKey.generate()
+    with pytest.raises(KeyReleaseDenied) as denied:
+        broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence(digest)(nonce, eph.public_bytes),
+                       ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
+                       recipe=recipe)
+    text = denied.value.verdict.explain()
+    assert "within epsilon <= 3 and delta <= 2e-05 (recipe.dp_budget)" in text
+    assert "delta 1e-05 spent + 2e-05 = 3e-05 > 2e-05" in text and "epsilon" not in text.split("got", 1)[1]
+
+
+def budget_digest(recipe: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(canonical_json(recipe)).hexdigest()
+
+
+def test_decimal_epsilons_sum_to_the_budget(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 0.3})
+    assert [attempt(broker, manifest, dp_recipe(0.1)) for _ in range(4)] == ["released"] * 3 + [["broker.dp_budget"]]
+
+
+def test_a_release_without_dp_leaves_the_budget_nothing_to_bound(sealed, broker, tmp_path):
+    """A key once released to a run without DP (before the owner set a budget) makes the loss unbounded for good."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "open", modes=["train", "eval", "sweep"])
+    assert attempt(broker, manifest, recipe_doc()) == "released"  # DP off
+    assert entries(broker, "release")[-1]["dp_spend"] == "unbounded"
+    seq = entries(broker, "release")[-1]["seq"]
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 10})
+    from medtee.broker.protocol import KeyReleaseDenied
+
+    with pytest.raises(KeyReleaseDenied, match="dp_budget") as denied:
+        raise_release(broker, manifest, dp_recipe(1))
+    assert f"release seq {seq} of this dataset trained without DP" in denied.value.verdict.explain()
+    assert "seal the dialogues again as a new dataset" in denied.value.verdict.explain()
+
+
+def raise_release(broker, manifest, recipe):
+    from medtee.crypto.hpke import EphemeralKey
+
+    from .conftest import simulated_evidence
+
+    digest = budget_digest(recipe)
+    nonce, eph = broker.challenge("test-ds"), EphemeralKey.generate()
+    broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence(digest)(nonce, eph.public_bytes),
+                   ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
+                   recipe=recipe)
+
+
+@pytest.mark.parametrize("recipe, why", [
+    (dict(dp_recipe(1), mode="sweep"), "medtee sweeps only without DP"),
+    (recipe_doc(), "DP off"),
+    (None, "no recipe sent"),
+])
+def test_what_spends_an_unbounded_amount(recipe, why):
+    digest = budget_digest(recipe) if recipe is not None else "ab" * 32
+    assert budget.spend(recipe, digest) == budget.UNBOUNDED, why
+
+
+def test_a_spend_counts_only_from_the_recipe_its_digest_covers():
+    recipe = dp_recipe(1)
+    assert budget.spend(recipe, budget_digest(recipe)) == {"epsilon": 1.0, "delta": 1e-5}
+    assert budget.spend(recipe, budget_digest(dp_recipe(2))) == budget.UNBOUNDED
+    odd = dp_recipe(1)
+    odd["privacy"]["dp"]["target_epsilon"] = True  # not a number
+    assert budget.spend(odd, budget_digest(odd)) == budget.UNBOUNDED
+    assert budget.spent([{"event": "release", "dataset_id": "d", "seq": 3}], "d").unbounded_seq == 3  # older entries
+
+
+def test_concurrent_releases_cannot_both_take_the_last_of_the_budget(sealed, broker, tmp_path):
+    """The budget is summed and the release appended under the audit log's lock (here: two brokers on one store)."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 1})
+    brokers = [EmbeddedBroker(broker.store_dir) for _ in range(4)]
+    results, start = [], threading.Barrier(len(brokers))
+
+    def one(b):
+        start.wait()
+        results.append(attempt(b, manifest, dp_recipe(1)))
+
+    threads = [threading.Thread(target=one, args=(b,)) for b in brokers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(map(str, results)) == ["['broker.dp_budget']"] * 3 + ["released"]
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({"dp_budget": {"epsilon": 5}}, "set recipe.require_dp: true with it"),
+    ({"require_dp": True, "dp_budget": {"epsilon": -1}}, "recipe.dp_budget.epsilon=-1"),
+    ({"require_dp": True, "dp_budget": {"delta": 0}}, "recipe.dp_budget.delta=0"),
+])
+def test_a_budget_the_broker_cannot_keep_is_refused_when_the_policy_is_read(sealed, broker, tmp_path, rules, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        rules_policy(tmp_path, broker, "bad-budget", **rules)
+
+
+def test_audit_budget_prints_each_datasets_spend(sealed, broker, tmp_path, capsys):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 10})
+    assert attempt(broker, manifest, dp_recipe(4)) == "released"
+    capsys.readouterr()
+    assert main(["broker", "audit", "budget", "--broker-dir", str(broker.store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == "test-ds: epsilon 4, delta 1e-05 over 1 release; budget epsilon 10 (policy budgeted)"
+    log = broker.store_dir / "audit.log"
+    lines = log.read_text().splitlines()
+    lines[0] = lines[0].replace('"register"', '"rotate"')
+    log.write_text("\n".join(lines) + "\n")
+    assert main(["broker", "audit", "budget", "--broker-dir", str(broker.store_dir)]) == 1  # the chain first
+    assert "FAILED verification" in capsys.readouterr().err
+    json.loads(lines[-1])  # the log itself is left as it was
