@@ -1,5 +1,6 @@
-"""The GPU benchmark still runs (its CPU smoke mode): it builds its sides from the shipped recipe files, so a change
-to conf/ or to medtee.training that it cannot follow fails here, not on the next GPU machine."""
+"""The benchmarks still run: the GPU one in its CPU smoke mode (it builds its sides from the shipped recipe files, so
+a change to conf/ or to medtee.training that it cannot follow fails here, not on the next GPU machine), and the
+audit log's on a small log."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def test_qlora_benchmark_smoke_run_on_cpu(shared, tmp_path):
     assert {tuple(sorted(r["checkpointing"])) for r in runs if r["model_conf"].startswith("medgemma_27b_lowmem")} == \
         {("full",)}
     assert "ratio medtee/baseline:" in res.stdout
+
+
+def test_audit_log_benchmark_runs(tmp_path):
+    bench = BENCH.parent / "audit_log.py"
+    res = subprocess.run([sys.executable, str(bench), "--entries", "50", "--n", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ratio to fresh log") == 2, res.stdout

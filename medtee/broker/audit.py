@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 GENESIS = "0" * 64
 _log = logging.getLogger(__name__)
@@ -93,12 +94,29 @@ def _last_line(f, path: Path) -> dict | None:
                               f"restore the log from a copy before the broker records more") from None
 
 
-class AuditLog:
-    """Appends chained entries; safe across threads and processes (an exclusive file lock per append)."""
+class AuditIndex(Protocol):
+    """What decisions look up in the log, kept by an AuditLog from its entries."""
 
-    def __init__(self, path: Path | str) -> None:
+    def add(self, entry: dict) -> None:
+        """Take the next entry of the log (each once, oldest first)."""
+
+    def reset(self) -> None:
+        """Forget every entry: the log will be read again from its start."""
+
+
+class AuditLog:
+    """Appends chained entries; safe across threads and processes (an exclusive file lock per append).
+
+    With an `index`, every decision first feeds it the entries appended since the last one (by any process), so a
+    decision costs the new entries, not the whole log; a log that is shorter than what was read, or whose entry at
+    that point is another, is read again from its start (a log restored from a copy). An entry is read once: one
+    edited in place later is not read again (`audit verify` finds the edit)."""
+
+    def __init__(self, path: Path | str, index: AuditIndex | None = None) -> None:
         self.path = Path(path)
+        self.index = index
         self._lock = threading.Lock()
+        self._read = (0, None)  # bytes of the log `index` holds, and the hash of the last entry among them
 
     def entries(self) -> list[dict]:
         """The log's complete entries, oldest first (none for no log); AuditLogDamaged naming a bad line."""
@@ -114,18 +132,19 @@ class AuditLog:
 
     def append(self, event: str, **fields: object) -> dict:
         """Append one entry (`event` plus JSON-ready `fields`) and return it."""
-        return self.append_decided(lambda _entries: (event, fields))
+        return self.append_decided(lambda: (event, fields))
 
-    def append_decided(self, decide: Callable[[Iterator[dict]], tuple[str, dict] | dict]) -> dict:
-        """Under the same locks as `append`, `decide(entries)` reads the entries so far (oldest first, lazily) and
-        returns either `(event, fields)` to append or an existing entry to append nothing; an exception from it
-        appends nothing. Returns the appended entry or that existing one."""
+    def append_decided(self, decide: Callable[[], tuple[str, dict] | dict]) -> dict:
+        """Under the same locks as `append`, with `index` up to date, `decide()` returns either `(event, fields)` to
+        append or an existing entry to append nothing; an exception from it appends nothing. Returns the appended
+        entry or that existing one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 _drop_unfinished(f, self.path)
-                decision = decide(_entries(f, self.path))
+                self._catch_up(f)
+                decision = decide()
                 if isinstance(decision, dict):
                     return decision
                 event, fields = decision
@@ -144,6 +163,42 @@ class AuditLog:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return entry
+
+    def _catch_up(self, f) -> None:
+        """Feed `index` the entries of `f` (every line complete) it has not seen, from the start if the log changed
+        under what it holds."""
+        if self.index is None:
+            return
+        offset, last = self._read
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        if offset and (end < offset or _hash_of_line(f, offset) != last):
+            self.index.reset()
+            offset, last = self._read = 0, None
+        f.seek(offset)
+        for line in f:
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if not isinstance(entry, dict):
+                    raise AuditLogDamaged(f"{self.path}: the line at byte {offset} is not an audit entry; run `medtee "
+                                          f"broker audit verify` and restore the log from a copy before the broker "
+                                          f"records more")
+                self.index.add(entry)
+                last = entry.get("hash")
+            offset += len(line)
+            self._read = (offset, last)
+
+
+def _hash_of_line(f, end: int) -> object:
+    """The `hash` of the entry whose line ends (newline included) at byte `end` of `f`, or None."""
+    try:
+        entry = json.loads(_tail(f, end - 1))
+    except ValueError:
+        return None
+    return entry.get("hash") if isinstance(entry, dict) else None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 UNBOUNDED = "unbounded"
 _TOLERANCE = 1e-9  # relative: sums of decimal epsilons (0.1 + 0.2) are not exact in binary
@@ -38,21 +37,36 @@ def spend(recipe: object, recipe_digest: str) -> dict | str:
     if mode != "train" or not isinstance(dp, dict) or dp.get("enabled") is not True:
         return UNBOUNDED
     epsilon, delta = dp.get("target_epsilon"), dp.get("target_delta")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-               for v in (epsilon, delta)):
+    if not (_amount(epsilon) and _amount(delta)):
         return UNBOUNDED
     return {"epsilon": float(epsilon), "delta": float(delta)}
 
 
-@dataclass(frozen=True)
-class Spent:
-    """The releases of one dataset so far: how many, their summed epsilon and delta, and the first whose spend is
-    unbounded (its `seq`), if any."""
+class Tally:
+    """What the `release` entries of one dataset have spent, fed oldest first: how many, their summed epsilon and
+    delta, and the first whose spend is unbounded (its `seq`), if any."""
 
-    releases: int = 0
-    epsilon: float = 0.0
-    delta: float = 0.0
-    unbounded_seq: int | None = None
+    def __init__(self) -> None:
+        self.releases, self.unbounded_seq = 0, None
+        self._epsilons: list[float] = []
+        self._deltas: list[float] = []
+
+    def add(self, entry: dict) -> None:
+        self.releases += 1
+        value = entry.get("dp_spend", UNBOUNDED)
+        if isinstance(value, dict) and all(_amount(value.get(k)) for k in ("epsilon", "delta")):
+            self._epsilons.append(value["epsilon"])
+            self._deltas.append(value["delta"])
+        elif self.unbounded_seq is None:
+            self.unbounded_seq = entry.get("seq")
+
+    @property
+    def epsilon(self) -> float:
+        return math.fsum(self._epsilons)
+
+    @property
+    def delta(self) -> float:
+        return math.fsum(self._deltas)
 
     def describe(self) -> str:
         releases = f"{self.releases} release{'' if self.releases == 1 else 's'}"
@@ -61,23 +75,20 @@ class Spent:
         return f"epsilon {self.epsilon:.6g}, delta {self.delta:.3g} over {releases}"
 
 
-def spent(entries: Iterable[dict], dataset_id: str) -> Spent:
+def _amount(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def spent(entries: Iterable[dict], dataset_id: str) -> Tally:
     """What the `release` entries of `dataset_id` among `entries` have spent."""
-    releases, epsilons, deltas, unbounded = 0, [], [], None
+    tally = Tally()
     for entry in entries:
-        if entry.get("event") != "release" or entry.get("dataset_id") != dataset_id:
-            continue
-        releases += 1
-        value = entry.get("dp_spend", UNBOUNDED)
-        if isinstance(value, dict):
-            epsilons.append(value.get("epsilon", math.inf))
-            deltas.append(value.get("delta", math.inf))
-        elif unbounded is None:
-            unbounded = entry.get("seq")
-    return Spent(releases, math.fsum(epsilons), math.fsum(deltas), unbounded)
+        if entry.get("event") == "release" and entry.get("dataset_id") == dataset_id:
+            tally.add(entry)
+    return tally
 
 
-def refusal(budget, so_far: Spent, this: dict | str) -> tuple[str, str] | None:
+def refusal(budget, so_far: Tally, this: dict | str) -> tuple[str, str] | None:
     """(expected, actual) of the `broker.dp_budget` check a release spending `this` fails under `budget`
     (a policy's DpBudget) after `so_far`; None when the budget admits it."""
     bounds = [f"{name} <= {limit:g}" for name, limit in (("epsilon", budget.epsilon), ("delta", budget.delta))

@@ -92,6 +92,30 @@ def _audit_fields(dataset_id: str, policy: str, client: str, fields: dict) -> di
             "nonce": bytes(nonce).hex()[:16] if isinstance(nonce, (bytes, bytearray)) else INVALID}
 
 
+class _Decisions:
+    """The audit log as release decisions look it up (its AuditIndex): each release's dataset and receipt key, each
+    release's close, each dataset's privacy spent."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.releases: dict[object, dict] = {}  # release id (the entry's hash) -> dataset_id, receipt_key
+        self.closes: dict[object, dict] = {}  # release id -> its close entry's event, hash, record_sha256
+        self.spent: dict[object, budget.Tally] = {}  # dataset id -> what its releases spent
+
+    def add(self, entry: dict) -> None:
+        event = entry.get("event")
+        if event == "release":
+            self.releases[entry.get("hash")] = {k: entry.get(k) for k in ("dataset_id", "receipt_key")}
+            self.spent.setdefault(entry.get("dataset_id"), budget.Tally()).add(entry)
+        elif event == "close":
+            self.closes[entry.get("release_id")] = {k: entry.get(k) for k in ("event", "hash", "record_sha256")}
+
+    def tally(self, dataset_id: str) -> budget.Tally:
+        return self.spent.get(dataset_id) or budget.Tally()
+
+
 class EmbeddedBroker:
     """The owner's broker: keys, registrations and audit log live in `store_dir` (see the module docstring)."""
 
@@ -107,7 +131,8 @@ class EmbeddedBroker:
         if not (self.store_dir / f"{BROKER_KEY_NAME}.key").exists():
             hpke.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
         self._scheme, self._key = hpke.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
-        self.audit = AuditLog(self.store_dir / "audit.log")
+        self._decisions = _Decisions()
+        self.audit = AuditLog(self.store_dir / "audit.log", self._decisions)
         self.nonce_ttl_s = nonce_ttl_s
         self.max_challenges_per_dataset = max_challenges_per_dataset
         self.max_challenges_per_client = max_challenges_per_client
@@ -149,7 +174,7 @@ class EmbeddedBroker:
         path = self._registration_path(manifest.dataset_id)
         name = manifest.release_policy
 
-        def decide(_entries) -> tuple[str, dict] | dict:
+        def decide() -> tuple[str, dict] | dict:
             if self._check_registration(manifest, path):  # under the lock: two seals of one dataset id register once
                 return {}  # this very manifest is registered already: nothing changes (a retried request)
             _, held = self._release_policy(name)
@@ -217,7 +242,7 @@ class EmbeddedBroker:
         _write_registration(self._registration_path(dataset_id), manifest, policy)
         self.audit.append("policy", dataset_id=dataset_id, policy=policy, policy_sha256=digest)
 
-    def privacy_spent(self, dataset_id: str) -> tuple[str, DpBudget | None, budget.Spent]:
+    def privacy_spent(self, dataset_id: str) -> tuple[str, DpBudget | None, budget.Tally]:
         """(policy name, its `recipe.dp_budget` or None when the policy cannot be read, what the dataset's releases
         have spent) from the audit log."""
         _, name = self._load_registration(dataset_id)
@@ -274,7 +299,7 @@ class EmbeddedBroker:
 
         store, _ = self._policy_paths(name)
 
-        def decide(_entries) -> tuple[str, dict] | dict:
+        def decide() -> tuple[str, dict] | dict:
             if not store.is_file() or store.read_bytes() != data or name in self._registered_policies():
                 return {"event": "kept"}
             store.unlink()
@@ -296,7 +321,7 @@ class EmbeddedBroker:
             raise ValueError("; ".join(problems))
         digest = hashlib.sha256(data).hexdigest()
 
-        def decide(_entries) -> tuple[str, dict] | dict:
+        def decide() -> tuple[str, dict] | dict:
             previous = store.read_bytes() if store.is_file() else None
             if previous is not None and not replace:
                 if previous == data:
@@ -567,8 +592,8 @@ class EmbeddedBroker:
                     "ephemeral_key": hpke.key_id(eph_scheme, bytes(ephemeral_public_key))}
         limit, over = policy.recipe.dp_budget, []
 
-        def decide(entries) -> tuple[str, dict]:  # under the log's lock: two releases cannot both take the last of it
-            if limit.bounds() and (why := budget.refusal(limit, budget.spent(entries, dataset_id),
+        def decide() -> tuple[str, dict]:  # under the log's lock: two releases cannot both take the last of it
+            if limit.bounds() and (why := budget.refusal(limit, self._decisions.tally(dataset_id),
                                                          released["dp_spend"])):
                 over.append(why)
                 return "deny", {**audit, "failed": ["broker.dp_budget"]}
@@ -605,13 +630,8 @@ class EmbeddedBroker:
         signature_ok = close_signature_valid(release_id, record, receipt_public_key, signature)  # whatever the id
         key_id = hashlib.sha256(bytes(receipt_public_key)).hexdigest()
 
-        def decide(entries) -> tuple[str, dict] | dict:
-            released = closed = None
-            for e in entries:
-                if e.get("event") == "release" and e.get("hash") == release_id:
-                    released = e
-                elif e.get("event") == "close" and e.get("release_id") == release_id:
-                    closed = e
+        def decide() -> tuple[str, dict] | dict:
+            released, closed = self._decisions.releases.get(release_id), self._decisions.closes.get(release_id)
             reason = _close_refusal(released, key_id, signature_ok)
             if reason == "unknown":
                 return {"event": "close_refused", "reason": reason}  # not appended: it concerns no release

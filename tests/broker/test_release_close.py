@@ -355,3 +355,40 @@ def test_only_the_releases_receipt_key_closes_it(sealed, broker, who):
     assert "close" not in [e["event"] for e in entries(broker)]
     if who != "a release without receipt key":
         broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))  # its own key still can
+
+
+def test_brokers_on_one_store_see_each_others_releases_and_closes(sealed, broker):
+    """Each broker keeps an index of the log and catches up on what another appended (`medtee broker serve` beside
+    the owner's commands, or a second server on the store) before every decision."""
+    _, manifest, _, _ = sealed
+    other = EmbeddedBroker(broker.store_dir)
+    other.audit.append("warm")  # `other` has read the log before the release below
+    got = release(broker, manifest)
+    first = other.close_release(got.release_id, **signed(got.release_id, TEARDOWN))  # released by `broker`
+    assert broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN)) == first
+    with pytest.raises(ReleaseClosedError):
+        broker.close_release(got.release_id, **signed(got.release_id, {"other": 1}))
+
+
+def test_a_log_restored_from_a_copy_is_read_again(sealed, broker, tmp_path):
+    """A broker's index must follow the file: restored from an earlier copy, the releases after it are gone."""
+    _, manifest, _, _ = sealed
+    log = broker.store_dir / "audit.log"
+    copy = log.read_bytes()
+    got = release(broker, manifest)
+    broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
+    log.write_bytes(copy)  # the same file (inode), shorter
+    with pytest.raises(CloseNotAuthorized):  # the release is no longer in the log: unknown
+        broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
+    again = release(broker, manifest)
+    longer = log.read_bytes()
+    restored = [json.loads(line) for line in longer.splitlines()]
+    third = release(broker, manifest)  # the index now holds `third`
+    size = len(log.read_bytes()) - len(longer) - 1
+    stand_in = json.dumps({"event": "other", "pad": ""}).encode()
+    log.write_bytes(longer + stand_in[:-2] + b"x" * (size - len(stand_in)) + b'"}\n')  # same length, other entry
+    with pytest.raises(CloseNotAuthorized):  # read again from the start: `third` is gone
+        broker.close_release(third.release_id, **signed(third.release_id, TEARDOWN))
+    log.write_bytes(longer)
+    assert broker.close_release(again.release_id, **signed(again.release_id, TEARDOWN))
+    assert restored[-1]["hash"] == again.release_id
