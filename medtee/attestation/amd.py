@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from medtee.attestation.certs import X509_ERRORS, common_name, issuer_problem, parse_certificates, serial_number
 from medtee.attestation.evidence import EvidenceFormatError
+from medtee.attestation.freshness import Newest
 from medtee.attestation.policy import Revocation
 from medtee.attestation.snp import PRODUCTS, SnpReport, Tcb
 from medtee.attestation.verdict import Check, check
@@ -295,9 +296,9 @@ def crl_path(cache_dir: str | Path, product: str, key: str) -> Path:
 
 
 def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.Certificate],
-                now: datetime) -> tuple[bool | None, str]:
-    """(revoked, why) from the cached CRL: True when it lists one of `certs`, False when it is genuine and current
-    and lists none, None when that cannot be established."""
+                now: datetime, newest: Newest | None) -> tuple[bool | None, str]:
+    """(revoked, why) from the cached CRL: True when it lists one of `certs`, False when it is genuine, current, not
+    older than the newest one `newest` holds, and lists none, None when that cannot be established."""
     from medtee.files import NotRegularFile, read_regular
 
     if not cache_dir:
@@ -321,20 +322,31 @@ def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.
         window = f"{crl.last_update_utc.isoformat()}..{crl.next_update_utc.isoformat() if crl.next_update_utc else '?'}"
         return None, f"CRL {path} not current (valid {window}; refresh it)"
     listed = [common_name(c) for c in certs if crl.get_revoked_certificate_by_serial_number(serial_number(c))]
+    stale = newest.admit(f"amd-crl/{product}/{key}", crl.last_update_utc, _crl_number(crl)) if newest else None
     if listed:
         return True, f"revoked by AMD: {', '.join(listed)}"
+    if stale:
+        return None, f"CRL {path} {stale}"
     return False, f"none of {', '.join(common_name(c) for c in certs)} listed (CRL of {crl.last_update_utc.date()})"
 
 
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (x509.ExtensionNotFound, *X509_ERRORS):  # then its date alone orders it
+        return None
+
+
 def revocation_check(product: str | None, key: str, key_cert: x509.Certificate | None, cache_dir: str | None,
-                     stance: Revocation, now: datetime) -> Check:
+                     stance: Revocation, now: datetime, newest: Newest | None = None) -> Check:
     """AMD's revocation of the ASK/ASVK (and the VCEK/VLEK) that vouch for the report, from the cached CRL: revoked
-    fails under every stance, not established fails under fail_closed and warns under fail_open."""
+    fails under every stance, not established (also: older than the newest CRL `newest` holds) fails under
+    fail_closed and warns under fail_open."""
     expected = f"not revoked in AMD's CRL ({stance.value})"
     if product not in PRODUCTS:
         return check("amd.revocation", False, expected, "no known product to find its CRL")
     certs = [pinned(product, "asvk" if key == "vlek" else "ask"), *([key_cert] if key_cert is not None else [])]
-    revoked, why = _crl_status(cache_dir, product, key, certs, now)
+    revoked, why = _crl_status(cache_dir, product, key, certs, now, newest)
     if revoked is None and stance is Revocation.fail_open:
         return check("amd.revocation", True, expected, f"WARNING, not established (fail-open): {why}")
     return check("amd.revocation", revoked is False, expected, why)

@@ -9,6 +9,7 @@ from cryptography import x509
 from medtee.attestation.amd import CertCache, chain_checks, key_cert_info, revocation_check, select_key_cert
 from medtee.attestation.certs import common_name, parse_each
 from medtee.attestation.evidence import Evidence, EvidenceFormatError
+from medtee.attestation.freshness import Newest
 from medtee.attestation.policy import AttestationPolicy, FieldRule, RecipeRules, Revocation
 from medtee.attestation.snp import REPORT_SIZE, ReportFormatError, SnpReport, Tcb, signature_check, structure_checks
 from medtee.attestation.verdict import Check, Verdict, check
@@ -121,7 +122,7 @@ def _product_from(checks: list[Check], report: SnpReport) -> str | None:
 
 
 def snp_checks(evidence: Evidence, policy: AttestationPolicy, expected_report_data: bytes | None,
-               now: datetime) -> list[Check]:
+               now: datetime, newest: Newest | None = None) -> list[Check]:
     """The CPU report: its authenticity (or SIMULATED signature), its binding and, unless authenticity_only, the
     policy's requirements."""
     if not evidence.snp_report:
@@ -144,13 +145,13 @@ def snp_checks(evidence: Evidence, policy: AttestationPolicy, expected_report_da
         checks += snp_policy_checks(report, product, policy, key_cert)
         if policy.amd_revocation is not Revocation.off and not evidence.simulated:
             checks.append(revocation_check(product, report.signing_key, key_cert, policy.cert_cache_dir,
-                                           policy.amd_revocation, now))
+                                           policy.amd_revocation, now, newest))
     return checks
 
 
 def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_data: bytes | None,
              now: datetime | None = None, expected_gpu_nonce: bytes | None = None,
-             recipe_digest: str | None = None, recipe: dict | None = None) -> Verdict:
+             recipe_digest: str | None = None, recipe: dict | None = None, newest: Newest | None = None) -> Verdict:
     """Appraise evidence under a policy; every failed check is listed in the verdict. It raises for no evidence content:
     what cannot be parsed fails a check naming the part, its position and the problem.
 
@@ -159,7 +160,9 @@ def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_d
     GPU evidence alone (no CPU report) is appraised only under an authenticity_only policy with no expected
     REPORT_DATA (an auditor's check); otherwise the missing report fails `snp.report`.
     Given the `recipe_digest` bound into `expected_report_data` (a key release, or a receipt of one) and the `recipe`
-    it covers (`config.digest_input`), the policy's recipe rules are checked too.
+    it covers (`config.digest_input`), the policy's recipe rules are checked too. With `newest` (an appraiser's
+    record of the revocation documents it accepted), an older AMD CRL or NVIDIA OCSP answer than one accepted before
+    does not establish revocation status (`medtee.attestation.freshness`).
     """
     now = now or datetime.now(timezone.utc)
     checks = [check("evidence.simulated", policy.allow_simulated or not evidence.simulated,
@@ -167,8 +170,8 @@ def appraise(evidence: Evidence, policy: AttestationPolicy, *, expected_report_d
                     "SIMULATED" if evidence.simulated else "hardware")]
     gpu_alone = evidence.gpus and not evidence.snp_report and policy.authenticity_only and expected_report_data is None
     if not gpu_alone:
-        checks += snp_checks(evidence, policy, expected_report_data, now)
-    checks += gpu_checks(evidence, policy, expected_gpu_nonce, now)
+        checks += snp_checks(evidence, policy, expected_report_data, now, newest)
+    checks += gpu_checks(evidence, policy, expected_gpu_nonce, now, newest)
     if recipe_digest is not None and not policy.authenticity_only:
         checks += recipe_checks(policy.recipe, recipe_digest, recipe)
     return Verdict.of(checks, simulated=evidence.simulated, policy=policy.name)
@@ -348,7 +351,7 @@ def _audit_floor_checks(floor, recipe: dict) -> list[Check]:
 
 
 def gpu_checks(evidence: Evidence, policy: AttestationPolicy, expected_nonce: bytes | None,
-               now: datetime) -> list[Check]:
+               now: datetime, newest: Newest | None = None) -> list[Check]:
     """Each GPU's evidence; a policy naming a GPU provider (or gpu.required) needs at least one."""
     out: list[Check] = []
     if (policy.gpu_provider or policy.gpu.required) and not policy.authenticity_only:
@@ -357,5 +360,6 @@ def gpu_checks(evidence: Evidence, policy: AttestationPolicy, expected_nonce: by
         from medtee.attestation.nvidia import gpu_evidence_checks
 
         for i, gpu in enumerate(evidence.gpus):
-            out += gpu_evidence_checks(gpu, policy, expected_nonce=expected_nonce, now=now, label=f"gpu[{i}]")
+            out += gpu_evidence_checks(gpu, policy, expected_nonce=expected_nonce, now=now, label=f"gpu[{i}]",
+                                       newest=newest)
     return out

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from medtee.attestation.certs import common_name, issuer_problem, issuing_problem, parse_each
 from medtee.attestation.evidence import EvidenceFormatError, GpuEvidence
+from medtee.attestation.freshness import Newest
 from medtee.attestation.policy import AttestationPolicy, Revocation
 from medtee.attestation.verdict import Check, check
 
@@ -202,7 +203,7 @@ def _version_at_least(actual: str | None, minimum: str, hexa: bool) -> bool:
 
 
 def gpu_evidence_checks(gpu: GpuEvidence, policy: AttestationPolicy, *, expected_nonce: bytes | None,
-                        now: datetime, label: str = "gpu") -> list[Check]:
+                        now: datetime, label: str = "gpu", newest: Newest | None = None) -> list[Check]:
     """Authenticity (structure, chain, FWID, signature, nonce) and, unless authenticity_only, the GPU policy.
     A malformed report or certificate fails `<label>.report.format` or `<label>.certificates` alone."""
     certs, problems = parse_each(gpu.certificates)
@@ -237,12 +238,12 @@ def gpu_evidence_checks(gpu: GpuEvidence, policy: AttestationPolicy, *, expected
 
             out += rim_checks(spdm, policy.gpu.rim_store or "", policy.gpu.allowed_rim_ids, now, label)
         if policy.gpu.revocation is not Revocation.off:
-            out.append(revocation_check(certs, policy.gpu.revocation, policy.gpu.ocsp_cache, now, label))
+            out.append(revocation_check(certs, policy.gpu.revocation, policy.gpu.ocsp_cache, now, label, newest))
     return out
 
 
 def revocation_check(certs: list[x509.Certificate], stance: Revocation, cache_dir: str | None, now: datetime,
-                     label: str) -> Check:
+                     label: str, newest: Newest | None = None) -> Check:
     """OCSP status of each certificate below the root (from the cache); revoked always fails, unknown per stance."""
     from medtee.attestation.ocsp import GOOD, REVOKED, revocation_status
 
@@ -250,7 +251,7 @@ def revocation_check(certs: list[x509.Certificate], stance: Revocation, cache_di
     chain = list(certs)
     if not chain or chain[-1].public_bytes(Encoding.DER) != root.public_bytes(Encoding.DER):
         chain.append(root)
-    results = [(common_name(c), *revocation_status(c, issuer, cache_dir, now))
+    results = [(common_name(c), *revocation_status(c, issuer, cache_dir, now, newest))
                for c, issuer in zip(chain, chain[1:])]
     revoked = any(status == REVOKED for _, status, _ in results)
     unknown = any(status not in (GOOD, REVOKED) for _, status, _ in results)

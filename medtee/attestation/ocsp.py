@@ -3,7 +3,8 @@
 Cache layout: `<ocsp_cache>/<certificate serial number, lowercase hex>.der`, one DER OCSP response per certificate
 (e.g. as written by `openssl ocsp -respout`). A response counts only when it is signed by the certificate's issuer or by
 a responder certificate that the issuer signed with the OCSP-signing EKU, names this certificate (CertID), and is
-current at the appraisal clock (thisUpdate <= now <= nextUpdate).
+current at the appraisal clock (thisUpdate <= now <= nextUpdate); with a `freshness.Newest`, a good answer older than
+the newest accepted for the certificate is unknown (an older copy put back).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from medtee.attestation.certs import X509_ERRORS, issuer_problem, serial_number
+from medtee.attestation.freshness import Newest
 
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
 
@@ -70,8 +72,9 @@ def _signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime) ->
 
 
 def revocation_status(cert: x509.Certificate, issuer: x509.Certificate, cache_dir: str | None,
-                      now: datetime) -> tuple[str, str]:
-    """(good | revoked | unknown, why) for one certificate from the cache; a malformed response is unknown."""
+                      now: datetime, newest: Newest | None = None) -> tuple[str, str]:
+    """(good | revoked | unknown, why) for one certificate from the cache; a malformed response is unknown, and so
+    is a good one older than the newest `newest` holds for the certificate."""
     if not cache_dir:
         return UNKNOWN, "no ocsp_cache configured"
     path = Path(cache_dir) / f"{serial_number(cert):x}.der"
@@ -82,13 +85,13 @@ def revocation_status(cert: x509.Certificate, issuer: x509.Certificate, cache_di
     except ValueError:
         return UNKNOWN, f"{path.name} is not a DER OCSP response"
     try:
-        return _status(resp, cert, issuer, now)
+        return _status(resp, cert, issuer, now, newest)
     except X509_ERRORS as exc:  # fields and responder certificates decode lazily
         return UNKNOWN, f"{path.name}: malformed OCSP response ({type(exc).__name__})"
 
 
 def _status(resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certificate,
-            now: datetime) -> tuple[str, str]:
+            now: datetime, newest: Newest | None) -> tuple[str, str]:
     """What a loaded response says about `cert` (counting only as the module docstring describes)."""
     if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
         return UNKNOWN, f"responder status {resp.response_status.name}"
@@ -109,9 +112,13 @@ def _status(resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certif
         if single.next_update_utc is None or now > single.next_update_utc:
             until = single.next_update_utc.isoformat() if single.next_update_utc else "absent"
             return UNKNOWN, f"response expired (nextUpdate {until})"
-        if single.certificate_status is ocsp.OCSPCertStatus.GOOD:
-            return GOOD, "good"
+        kind = f"nvidia-ocsp/{single.issuer_key_hash.hex()}/{single.serial_number:x}"
+        stale = newest.admit(kind, single.this_update_utc) if newest else None
         if single.certificate_status is ocsp.OCSPCertStatus.REVOKED:
             return REVOKED, f"revoked at {single.revocation_time_utc.isoformat()}"
+        if stale:
+            return UNKNOWN, f"response {stale}"
+        if single.certificate_status is ocsp.OCSPCertStatus.GOOD:
+            return GOOD, "good"
         return UNKNOWN, "responder does not know the certificate"
     return UNKNOWN, "response is for another certificate"

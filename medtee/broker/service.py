@@ -5,7 +5,8 @@ Store directory of an :class:`EmbeddedBroker` (created on first use, mode 0700):
 owner's manifest-signing key; `trusted-owners/*.pub`: further owner keys whose manifests may be registered;
 `datasets/<id>.json`: registrations (manifest + current policy; change it with `medtee broker policy set`, read
 at every release, no restart); `policies/NAME.yaml`: the owner's own release policies (`medtee broker policy add`),
-looked up before the shipped ones; `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain.
+looked up before the shipped ones; `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain; `revocation-seen.json`: the newest
+AMD CRL and NVIDIA OCSP answer appraisal accepted (`medtee.attestation.freshness`: no older copy counts after it).
 
 Outstanding challenges are capped per dataset and per client (the HTTP service passes the remote address), so a
 flood for one dataset or from one client cannot starve another; expired nonces are pruned at every challenge and
@@ -28,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medtee.attestation.freshness import Newest
 from medtee.broker import budget
 from medtee.broker.audit import AuditLog
 from medtee.broker.protocol import (
@@ -131,6 +133,7 @@ class EmbeddedBroker:
         if not (self.store_dir / f"{BROKER_KEY_NAME}.key").exists():
             hpke.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
         self._scheme, self._key = hpke.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
+        self._newest = Newest(self.store_dir / "revocation-seen.json")  # rollback of cached CRLs / OCSP answers
         self._decisions = _Decisions()
         self.audit = AuditLog(self.store_dir / "audit.log", self._decisions)
         self.nonce_ttl_s = nonce_ttl_s
@@ -576,7 +579,7 @@ class EmbeddedBroker:
             expected = report_data(**bound, gpu_evidence_digests=evidence.gpu_evidence_digests())
             audit["evidence"] = evidence.digest()
             verdict = appraise(evidence, policy, expected_report_data=expected, expected_gpu_nonce=gpu_nonce(**bound),
-                               recipe_digest=recipe_digest, recipe=recipe)
+                               recipe_digest=recipe_digest, recipe=recipe, newest=self._newest)
         except Exception as e:  # whatever the verifier raises on hostile evidence is a denial, not a fault
             raise deny(_denial("broker.evidence", "evidence the attestation verifier can read", type(e).__name__,
                                policy_name)) from None

@@ -46,9 +46,11 @@ def pinned(monkeypatch, roots):
     return roots
 
 
-def _write_crl(cache, signer, revoked=(), *, key="vcek", issuer="ARK-Milan", days=(-1, 30)):
+def _write_crl(cache, signer, revoked=(), *, key="vcek", issuer="ARK-Milan", days=(-1, 30), number=None):
     builder = (x509.CertificateRevocationListBuilder().issuer_name(_name(issuer))
                .last_update(NOW + timedelta(days=days[0])).next_update(NOW + timedelta(days=days[1])))
+    if number is not None:
+        builder = builder.add_extension(x509.CRLNumber(number), critical=False)
     for serial in revoked:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(days=2)).build())
@@ -57,8 +59,8 @@ def _write_crl(cache, signer, revoked=(), *, key="vcek", issuer="ARK-Milan", day
     path.write_bytes(builder.sign(signer, hashes.SHA384(), rsa_padding=PSS).public_bytes(Encoding.DER))
 
 
-def _check(cache, stance=Revocation.fail_closed, key="vcek"):
-    return revocation_check("Milan", key, None, str(cache), stance, NOW)
+def _check(cache, stance=Revocation.fail_closed, key="vcek", newest=None):
+    return revocation_check("Milan", key, None, str(cache), stance, NOW, newest)
 
 
 def test_a_current_crl_from_the_pinned_ark_that_lists_nothing_passes(tmp_path, pinned):
@@ -126,3 +128,36 @@ def test_production_policies_check_amd_revocation_and_fail_closed_without_the_cr
     open_policy = dataclasses.replace(policy, amd_revocation=Revocation.fail_open)
     verdict = appraise(ev, open_policy, expected_report_data=report.report_data)
     assert verdict.ok, verdict.explain()
+
+
+def test_an_older_crl_put_back_in_the_cache_establishes_nothing(tmp_path, pinned):
+    """Both CRLs are genuine and current; the older one lacks the newer one's revocation of the ASK. An appraiser
+    keeping the newest it accepted (the broker) refuses the older one; one that keeps none cannot tell."""
+    from medtee.attestation.freshness import Newest
+
+    newest = Newest(tmp_path / "seen.json")
+    cache = tmp_path / "cache"
+    _write_crl(cache, pinned[0], revoked=[0x1234], days=(-1, 30), number=7)
+    assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
+    _write_crl(cache, pinned[0], days=(-3, 30), number=6)  # last week's, before the revocation
+    assert _check(cache).ok  # no memory: the older CRL passes
+    for stance in (Revocation.fail_closed, Revocation.fail_open):
+        result = _check(cache, stance, newest=newest)
+        assert (result.ok, "older than one accepted before") == (stance is Revocation.fail_open, "older than one "
+                                                                  "accepted before") and "CRL number 7" in result.actual
+    _write_crl(cache, pinned[0], days=(-1, 30), number=6)  # the same date, a lower number
+    assert "older than one accepted before" in _check(cache, newest=newest).actual
+    _write_crl(cache, pinned[0], revoked=[0x1234], days=(-5, 30), number=2)  # an older one that revokes: revoked
+    assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
+    _write_crl(cache, pinned[0], days=(0, 30), number=8)  # a newer one is accepted and becomes the newest
+    assert _check(cache, newest=newest).ok
+    _write_crl(cache, pinned[0], revoked=[0x1234], days=(-1, 30), number=7)
+    assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
+    _write_crl(cache, pinned[0], days=(-1, 30), number=7)
+    assert not _check(cache, newest=newest).ok
+    (tmp_path / "seen.json").write_text("{damaged")
+    _write_crl(cache, pinned[0], days=(0, 30), number=8)
+    result = _check(cache, newest=newest)
+    assert not result.ok and f"{tmp_path / 'seen.json'} (the newest revocation documents accepted) is damaged" in \
+        result.actual
+

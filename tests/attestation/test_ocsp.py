@@ -129,3 +129,22 @@ def test_revoked_fails_under_every_stance(pki, tmp_path, chain, stance):
     put(tmp_path, pki["ica"], response(pki, pki["ica"], pki["root"]))
     c = nvidia.revocation_check(chain, stance, str(tmp_path), NOW, "gpu")
     assert not c.ok and "Test leaf: revoked at" in c.actual
+
+
+def test_an_older_good_answer_put_back_after_a_newer_one_is_unknown(pki, tmp_path):
+    """OCSP answers are valid for days: with a record of the newest accepted (the broker's), last week's "good"
+    cannot stand in for a newer answer; a "revoked" counts whatever its age."""
+    from medtee.attestation.freshness import Newest
+
+    newest, cache = Newest(tmp_path / "seen.json"), tmp_path / "cache"
+    cache.mkdir()
+    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-1, nxt=5))
+    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest) == (GOOD, "good")
+    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-3, nxt=5))
+    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW) == (GOOD, "good")  # no record: no memory
+    status, why = revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)
+    assert status == UNKNOWN and "older than one accepted before" in why
+    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-4, nxt=5, status=ocsp.OCSPCertStatus.REVOKED))
+    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)[0] == REVOKED
+    put(cache, pki["other"], response(pki, pki["other"], pki["ica"], this=-5, nxt=5))  # another certificate's own
+    assert revocation_status(pki["other"], pki["ica"], str(cache), NOW, newest) == (GOOD, "good")

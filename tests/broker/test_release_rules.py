@@ -122,6 +122,7 @@ def test_the_broker_expects_the_gpu_nonce_of_this_release(sealed, broker, monkey
     assert seen["expected_gpu_nonce"] == gpu_nonce(nonce=nonce, ephemeral_public_key=eph.public_bytes,
                                                    recipe_digest=RECIPE, receipt_public_key=receipt_key)
     assert seen["recipe_digest"] == RECIPE
+    assert seen["newest"].path == broker.store_dir / "revocation-seen.json"  # rollback of cached CRLs and OCSP
 
 
 def test_a_production_policy_releases_nothing_until_a_measurement_is_pinned(vectors):  # noqa: F811
