@@ -43,6 +43,7 @@ MIN_NONCE_BYTES, MAX_NONCE_BYTES = 16, 64  # what a release request or a challen
 DEFAULT_NONCE_TTL_S = 120.0
 MAX_JSON_DEPTH = 16  # nesting levels of a request or answer body
 MAX_JSON_SKELETON = 256 << 10  # bytes of a JSON body outside its strings (bounds the number of values)
+MAX_JSON_ESCAPES = 64 << 10  # backslash escapes in a JSON body (medtee's bodies hold a few hundred)
 MAX_PUBLIC_KEY_BYTES = 4096
 MAX_REPORT_BYTES = 4096  # an SEV-SNP report is 1184 bytes
 MAX_CERTIFICATES, MAX_CERTIFICATE_BYTES = 8, 16 << 10  # per chain, per DER certificate
@@ -207,12 +208,19 @@ def _outside_strings(text: str) -> list[tuple[int, int]]:
 
 
 def parse_json(body: bytes | bytearray, what: str = "body") -> object:
-    """A JSON document nested at most MAX_JSON_DEPTH deep with at most MAX_JSON_SKELETON bytes outside its strings
-    (so parsing it needs bounded memory and no recursion), or RequestError."""
+    """A JSON document nested at most MAX_JSON_DEPTH deep with at most MAX_JSON_SKELETON bytes outside its strings and
+    MAX_JSON_ESCAPES escapes (so parsing it needs bounded time and memory and no recursion), or RequestError."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError(f"{what} is not UTF-8") from None
+    # counted at C speed first, so the scan below walks a bounded number of quotes and escapes (a 4 MiB body of
+    # quotes used to take seconds): valid JSON separates its strings by at least one byte outside them
+    escapes = text.count("\\")
+    if escapes > MAX_JSON_ESCAPES:
+        raise RequestError(f"{what} holds more than {MAX_JSON_ESCAPES} backslash escapes")
+    if text.count('"') - escapes > 2 * (MAX_JSON_SKELETON + 1):
+        raise RequestError(f"{what} holds too many JSON values (over {MAX_JSON_SKELETON + 1} strings)")
     gaps = _outside_strings(text)
     if sum(end - start for start, end in gaps) > MAX_JSON_SKELETON:
         raise RequestError(f"{what} holds too many JSON values (over {MAX_JSON_SKELETON} bytes outside strings)")

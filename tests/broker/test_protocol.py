@@ -35,9 +35,13 @@ def _release(**changes) -> dict:
 def test_json_depth_and_size_are_bounded_without_recursion():
     assert parse_json(("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH).encode())
     assert parse_json(b'["[[[[[[[[[[[[[[[[[[[[[[[[\\"[[[[[[[[[[[[[[[["]')  # brackets inside strings do not nest
+    assert parse_json(b'["' + b'\\"' * 60_000 + b'"]')  # escaped quotes are not strings
     for body, problem in [(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), "nested"),
                           (b"[" * 100_000, "nested"), (b"[" + b"0," * 200_000 + b"0]", "too many JSON values"),
-                          (b"\xff\xfe", "UTF-8"), (b"{'a': 1}", "not valid JSON"), (b"1" * 5000, "not valid JSON")]:
+                          (b"\xff\xfe", "UTF-8"), (b"{'a': 1}", "not valid JSON"), (b"1" * 5000, "not valid JSON"),
+                          # floods the scan for strings used to walk one match at a time (seconds for 4 MiB)
+                          (b'"' * (4 << 20), "over 262145 strings"), (b'"' + b"\\" * (2 << 20) + b'"', "escapes"),
+                          (b"[" + b'"a",' * 300_000 + b'"a"]', "over 262145 strings")]:
         with pytest.raises(RequestError, match=problem):
             parse_json(body)
 
@@ -102,5 +106,7 @@ def test_an_unterminated_string_of_escaped_quotes_is_refused_in_linear_time():
     from medtee.broker.protocol import RequestError, parse_json
 
     with pytest.raises(RequestError, match="not valid JSON"):
-        parse_json(('"' + '\\"' * 500_000).encode())  # a second or less; the quadratic scan would take hours
+        parse_json(('"' + '\\"' * 60_000).encode())  # the quadratic scan would take minutes
+    with pytest.raises(RequestError, match="more than 65536 backslash escapes"):
+        parse_json(('"' + '\\"' * 500_000).encode())  # counted before any scan
     assert parse_json(b'{"a": "x\\\\", "b": [1, {"c": "]]]{{{"}]}') == {"a": "x\\", "b": [1, {"c": "]]]{{{"}]}
