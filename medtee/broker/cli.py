@@ -198,7 +198,9 @@ def _warn_about(broker, name: str) -> None:
 
 
 def _policy_add(broker, args: argparse.Namespace) -> None:
-    digest = broker.add_policy(args.name, args.file)
+    from medtee.config import rule_key_problems
+
+    digest = broker.add_policy(args.name, args.file, vet=rule_key_problems)
     print(f"stored release policy '{args.name}' (sha256 {digest}) in {broker.policy_file(args.name)[0]}")
     print(f"apply it with: medtee broker policy set DATASET_ID {args.name}")
     _warn_about(broker, args.name)

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from medtee.attestation.evidence import Evidence
-    from medtee.attestation.policy import DpBudget
+    from medtee.attestation.policy import AttestationPolicy, DpBudget
     from medtee.attestation.verdict import Verdict
     from medtee.broker.protocol import ReleaseRecord
 
@@ -283,12 +283,13 @@ class EmbeddedBroker:
     # -- the data owner's policy store: policies/NAME.yaml, read before the shipped conf/attestation/NAME.yaml -------
     MAX_POLICY_BYTES = 64 << 10  # of a policy file the store accepts
 
-    def add_policy(self, name: str, source: Path | str) -> str:
-        """Validate the policy file `source` as shipped ones are validated (its setting rules must name settings a
-        recipe has) and store it as `policies/<name>.yaml` (atomic, audited `policy-add`; the owner's verb: it
+    def add_policy(self, name: str, source: Path | str, *,
+                   vet: Callable[[AttestationPolicy, str], list[str]] | None = None) -> str:
+        """Validate the policy file `source` as shipped ones are validated (and by `vet(policy, source)`, which lists
+        further problems) and store it as `policies/<name>.yaml` (atomic, audited `policy-add`; the owner's verb: it
         replaces a stored policy of that name, auditing the digest it replaced); returns the SHA-256 of the stored
         bytes."""
-        return self._store_policy(name, self._read_policy_file(Path(source)), str(source), replace=True)[0]
+        return self._store_policy(name, self._read_policy_file(Path(source)), str(source), replace=True, vet=vet)[0]
 
     def claim_policy(self, name: str, data: bytes, source: str) -> bool:
         """Store the policy bytes `data` as `name` unless the store holds exactly them already (False); ValueError
@@ -310,16 +311,16 @@ class EmbeddedBroker:
 
         self.audit.append_decided(decide)
 
-    def _store_policy(self, name: str, data: bytes, source: str, *, replace: bool) -> tuple[str, bool]:
+    def _store_policy(self, name: str, data: bytes, source: str, *, replace: bool,
+                      vet: Callable[[AttestationPolicy, str], list[str]] | None = None) -> tuple[str, bool]:
         """(SHA-256 of `data`, whether it was written) for `add_policy` (replace) and `claim_policy`."""
-        from medtee.config import rule_key_problems  # above the policy loader: it knows the recipe's settings
 
         store, shipped = self._policy_paths(name)
         if shipped.is_file():
             raise ValueError(f"policy name '{name}' is a shipped policy ({shipped}); a store policy must not shadow "
                              f"it: add yours under another name, e.g. {name}-site")
         policy = self._parse_store_policy(name, data, source)
-        problems = rule_key_problems(policy, source)
+        problems = vet(policy, source) if vet else []
         if problems:
             raise ValueError("; ".join(problems))
         digest = hashlib.sha256(data).hexdigest()
