@@ -23,6 +23,9 @@ def add_parser(subparsers) -> None:
                         help="an output file (e.g. adapter.safetensors.enc) to check against the subjects; repeatable")
     verify.add_argument("--dataset", metavar="DIR",
                         help="a sealed dataset directory whose manifest must be the one the receipt names")
+    verify.add_argument("--broker-log", metavar="FILE",
+                        help="the key broker's audit.log (from the data owner): its release and close entries must "
+                             "record what the receipt says")
     verify.add_argument("--policy", metavar="NAME|FILE",
                         help="appraise under this policy (a name in conf/attestation/, or a YAML file) instead of "
                              "the one recorded in the receipt; trust a receipt only under your own policy")
@@ -62,7 +65,8 @@ def run_verify(args: argparse.Namespace) -> int:
         now = _at(args.at)
         policy = resolve_policy(args.policy) if args.policy else None
         data = read_regular(args.receipt, MAX_RECEIPT_BYTES)
-        result = verify_receipt(data, files=args.adapter, policy=policy, now=now, dataset=args.dataset)
+        result = verify_receipt(data, files=args.adapter, policy=policy, now=now, dataset=args.dataset,
+                                broker_log=args.broker_log)
     except (NotRegularFile, OSError) as exc:
         return exits.fail(_shown(f"receipt verify: {args.receipt}: {getattr(exc, 'strerror', None) or exc}"))
     except (UnusableInput, ValueError) as exc:

@@ -6,8 +6,9 @@ recomputed from the predicate's binding inputs, recipe digest and the evidence's
 or the shipped policy of the name the receipt records, never the content it records), `authenticity` (SIMULATED
 evidence passes only a policy that allows it and is never production), `policy` (the recorded policy is the one
 appraised here), `recipe.digest` (the recorded recipe hashes to its digest), `file <path>` for each file given
-(its SHA-256 must equal a subject's) and `dataset` for a sealed dataset directory given (its manifest must be the
-one the receipt names). Input that cannot be read as a receipt raises UnusableInput, distinct from a
+(its SHA-256 must equal a subject's), `dataset` for a sealed dataset directory given (its manifest must be the
+one the receipt names) and, for the key broker's audit log given, `broker.release` (its release entry records what
+the receipt says was released to whom) and `broker.close` (its close entry records the receipt's teardown record). Input that cannot be read as a receipt raises UnusableInput, distinct from a
 receipt that reads but is rejected. With the shipped policies nothing here opens a network connection (their KDS
 fetching is off).
 """
@@ -315,6 +316,70 @@ def _dataset(predicate: dict, directory: Path | str) -> ReceiptCheck:
                                          f"for ({actual[1][:16]}...)")
 
 
+def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: Path | str) -> list[ReceiptCheck]:
+    """`broker.release` and `broker.close`: the data owner's audit log (verified as a chain) holds the release the
+    receipt names, with the dataset, manifest, recipe, evidence, nonce and receipt key the receipt records, and its
+    close with the digest of the receipt's teardown record."""
+    from medtee.broker.audit import AuditLog, AuditLogDamaged, verify
+    from medtee.broker.protocol import record_digest
+    from medtee.files import NotRegularFile, open_regular
+
+    try:
+        open_regular(path)[0].close()  # never a FIFO or device: reading one could block
+    except FileNotFoundError:
+        raise UnusableInput(f"--broker-log {path}: no such file; give the broker's audit.log") from None
+    except NotRegularFile as exc:
+        raise UnusableInput(f"--broker-log {path} {exc}; give the broker's audit.log") from None
+    except OSError as exc:
+        raise UnusableInput(f"--broker-log {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    report = verify(path)
+    if not report.ok:
+        return [ReceiptCheck("broker.log", False, f"{path} fails verification after {report.entries} entries: "
+                                                  f"{report.problem}")]
+    try:
+        entries = AuditLog(path).entries()
+    except (AuditLogDamaged, OSError) as exc:
+        raise UnusableInput(f"--broker-log {path}: {exc}") from None
+    release_id = _field(predicate, "release.release_id", str)
+    release = next((e for e in entries if e.get("event") == "release" and e.get("hash") == release_id), None)
+    if release is None:
+        return [ReceiptCheck("broker.release", False, f"{path} ({report.entries} entries, head {report.head[:16]}...) "
+                                                      f"has no release {release_id[:16]}...")]
+    claimed = {"dataset_id": _field(predicate, "dataset.id", str),
+               "manifest_digest": _field(predicate, "dataset.manifest_digest", str),
+               "recipe_digest": _field(predicate, "recipe.digest", str), "evidence": evidence.digest(),
+               "nonce": _bytes(predicate, "binding.nonce").hex()[:16],
+               "receipt_key": hashlib.sha256(receipt_key).hexdigest()}
+    differ = sorted(k for k, v in claimed.items() if release.get(k) != v)
+    if _field(predicate, "release.audit_entry_sha256", str) != release_id:
+        differ.append("audit_entry_sha256")
+    spend = release.get("dp_spend")
+    spent = (f"; dp_spend epsilon {spend['epsilon']:g}, delta {spend['delta']:g}" if isinstance(spend, dict) and
+             all(isinstance(spend.get(k), (int, float)) for k in ("epsilon", "delta")) else
+             f"; dp_spend {spend}" if isinstance(spend, str) else "")
+    out = [ReceiptCheck("broker.release", not differ,
+                        f"the log's release entry (seq {release.get('seq')}) records other {', '.join(differ)}"
+                        if differ else f"release entry seq {release.get('seq')} of {path} records the dataset, "
+                                       f"manifest, recipe, evidence, nonce and receipt key of the receipt{spent}")]
+    close_hash = _field(predicate, "release.close_audit_entry_sha256", (str, type(None)))
+    close = next((e for e in entries if e.get("event") == "close" and e.get("release_id") == release_id), None)
+    record = record_digest(_field(predicate, "teardown"))
+    if close is None:
+        out.append(ReceiptCheck("broker.close", False, "the log has no close of this release: the broker never "
+                                                       "received the teardown record" + (
+                                                           "" if close_hash else " (the receipt says so too)")))
+    elif close.get("record_sha256") != record:
+        out.append(ReceiptCheck("broker.close", False, f"the close entry (seq {close.get('seq')}) has another "
+                                                       f"teardown record than the receipt's"))
+    elif close_hash not in (None, close.get("hash")):
+        out.append(ReceiptCheck("broker.close", False, f"the receipt names close entry {close_hash[:16]}..., the log's "
+                                                       f"is {close.get('hash', '')[:16]}..."))
+    else:
+        out.append(ReceiptCheck("broker.close", True, f"close entry seq {close.get('seq')} records the digest of the "
+                                                      f"receipt's teardown record"))
+    return out
+
+
 def _claims(statement: dict) -> dict:
     predicate = statement["predicate"]
     return {"outcome": _field(predicate, "run.outcome", str),
@@ -336,10 +401,12 @@ def _evidence(predicate: dict) -> Evidence:
 
 
 def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: AttestationPolicy | None = None,
-                   now: datetime | None = None, dataset: Path | str | None = None) -> ReceiptVerification:
-    """Verify the receipt `data` (receipt.dsse.json's bytes), `files` and the sealed `dataset` directory against it,
-    under `policy` (default: the shipped policy of the name the receipt records, never the content it records) as of
-    `now` (default: the current time). UnusableInput for unreadable input."""
+                   now: datetime | None = None, dataset: Path | str | None = None,
+                   broker_log: Path | str | None = None) -> ReceiptVerification:
+    """Verify the receipt `data` (receipt.dsse.json's bytes), `files`, the sealed `dataset` directory and the key
+    broker's audit log `broker_log` against it, under `policy` (default: the shipped policy of the name the receipt
+    records, never the content it records) as of `now` (default: the current time). UnusableInput for unreadable
+    input."""
     from medtee.attestation.appraise import appraise
 
     envelope, statement = parse_envelope(data)
@@ -364,5 +431,7 @@ def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: Att
               _recipe_digest(predicate), *_files(statement, files)]
     if dataset is not None:
         checks.append(_dataset(predicate, dataset))
+    if broker_log is not None:
+        checks += _broker_log(predicate, evidence, receipt_key, broker_log)
     return ReceiptVerification(tuple(checks), policy=policy.name, simulated=evidence.simulated, verdict=verdict,
                                claims=_claims(statement))
