@@ -3,16 +3,19 @@ release may spend in its audit log and refuses one that would take the dataset's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 
 import pytest
 
 from medtee.broker import budget
-from medtee.broker.protocol import canonical_json
+from medtee.broker.protocol import KeyReleaseDenied, canonical_json
 from medtee.broker.service import EmbeddedBroker
 from medtee.cli import main
+from medtee.crypto.hpke import EphemeralKey
 
+from .conftest import simulated_evidence
 from .test_release_rules import attempt, recipe_doc, rules_policy
 
 
@@ -24,6 +27,19 @@ def dp_recipe(epsilon: float, delta: float = 1e-5, **changes) -> dict:
 
 def entries(broker, event: str) -> list[dict]:
     return [e for e in broker.audit.entries() if e["event"] == event]
+
+
+def budget_digest(recipe: dict) -> str:
+    return hashlib.sha256(canonical_json(recipe)).hexdigest()
+
+
+def raise_release(broker, manifest, recipe):
+    """One release for `recipe` (its real digest); KeyReleaseDenied when refused."""
+    digest = budget_digest(recipe)
+    nonce, eph = broker.challenge("test-ds"), EphemeralKey.generate()
+    broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence(digest)(nonce, eph.public_bytes),
+                   ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
+                   recipe=recipe)
 
 
 def test_releases_stop_when_the_dataset_epsilon_budget_is_spent(sealed, broker, tmp_path):
@@ -44,30 +60,14 @@ def test_releases_stop_when_the_dataset_epsilon_budget_is_spent(sealed, broker, 
 
 
 def test_the_refusal_names_the_sums_and_the_bound(sealed, broker, tmp_path):
-    from medtee.broker.protocol import KeyReleaseDenied
-    from medtee.crypto.hpke import EphemeralKey
-
-    from .conftest import simulated_evidence
-
     _, manifest, _, _ = sealed
     rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 3, "delta": 2e-5})
     assert attempt(broker, manifest, dp_recipe(1, 1e-5)) == "released"
-    recipe = dp_recipe(1, 2e-5)
-    digest = budget_digest(recipe)
-    nonce, eph = broker.challenge("test-ds"), EphemeralKey.generate()
     with pytest.raises(KeyReleaseDenied) as denied:
-        broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence(digest)(nonce, eph.public_bytes),
-                       ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
-                       recipe=recipe)
+        raise_release(broker, manifest, dp_recipe(1, 2e-5))
     text = denied.value.verdict.explain()
     assert "within epsilon <= 3 and delta <= 2e-05 (recipe.dp_budget)" in text
     assert "delta 1e-05 spent + 2e-05 = 3e-05 > 2e-05" in text and "epsilon" not in text.split("got", 1)[1]
-
-
-def budget_digest(recipe: dict) -> str:
-    import hashlib
-
-    return hashlib.sha256(canonical_json(recipe)).hexdigest()
 
 
 def test_decimal_epsilons_sum_to_the_budget(sealed, broker, tmp_path):
@@ -84,24 +84,10 @@ def test_a_release_without_dp_leaves_the_budget_nothing_to_bound(sealed, broker,
     assert entries(broker, "release")[-1]["dp_spend"] == "unbounded"
     seq = entries(broker, "release")[-1]["seq"]
     rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 10})
-    from medtee.broker.protocol import KeyReleaseDenied
-
     with pytest.raises(KeyReleaseDenied, match="dp_budget") as denied:
         raise_release(broker, manifest, dp_recipe(1))
     assert f"release seq {seq} of this dataset trained without DP" in denied.value.verdict.explain()
     assert "seal the dialogues again as a new dataset" in denied.value.verdict.explain()
-
-
-def raise_release(broker, manifest, recipe):
-    from medtee.crypto.hpke import EphemeralKey
-
-    from .conftest import simulated_evidence
-
-    digest = budget_digest(recipe)
-    nonce, eph = broker.challenge("test-ds"), EphemeralKey.generate()
-    broker.release(dataset_id="test-ds", nonce=nonce, evidence=simulated_evidence(digest)(nonce, eph.public_bytes),
-                   ephemeral_public_key=eph.public_bytes, recipe_digest=digest, manifest_digest=manifest.digest(),
-                   recipe=recipe)
 
 
 @pytest.mark.parametrize("recipe, why", [
