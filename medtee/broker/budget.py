@@ -2,7 +2,8 @@
 
 Every `release` entry records `dp_spend`, what the run the key went to may spend of the training split's privacy:
 `{"epsilon": E, "delta": D}` for a `train` run under DP-SGD (its `privacy.dp.target_epsilon`/`target_delta`, which
-its accountant keeps it within), zero for `eval` and `generate` (they train nothing: no adapter comes of them), and
+its accountant keeps it within), zero for `eval`, `generate` and a `train` run with `trainer.validate_only` (they
+train nothing: no adapter comes of them, and a checkpoint they read is a charged run's), and
 "unbounded" for a run that trains without DP (a `train` run without it, a `sweep`: medtee sweeps only without DP)
 or whose recipe the broker could not read (none sent, or not the one the digest covers). Entries written before
 medtee recorded spends count as unbounded too.
@@ -30,8 +31,9 @@ def spend(recipe: object, recipe_digest: str) -> dict | str:
 
     if not isinstance(recipe, dict) or canonical_digest(recipe) != recipe_digest:
         return UNBOUNDED
-    mode = recipe.get("mode")
-    if mode in ("eval", "generate"):
+    mode, trainer = recipe.get("mode"), recipe.get("trainer")
+    if mode in ("eval", "generate") or (mode == "train" and isinstance(trainer, dict)
+                                        and trainer.get("validate_only") is True):
         return {"epsilon": 0.0, "delta": 0.0}
     dp = (recipe.get("privacy") or {}).get("dp") if isinstance(recipe.get("privacy"), dict) else None
     if mode != "train" or not isinstance(dp, dict) or dp.get("enabled") is not True:
@@ -88,9 +90,16 @@ def spent(entries: Iterable[dict], dataset_id: str) -> Tally:
     return tally
 
 
-def refusal(budget, so_far: Tally, this: dict | str) -> tuple[str, str] | None:
+def resumes(recipe: object) -> bool:
+    """Whether `recipe` (a release's, as sent) resumes a checkpoint: its `trainer.resume_from` is a digest."""
+    trainer = recipe.get("trainer") if isinstance(recipe, dict) else None
+    return isinstance(trainer, dict) and isinstance(trainer.get("resume_from"), str)
+
+
+def refusal(budget, so_far: Tally, this: dict | str, *, resuming: bool = False) -> tuple[str, str] | None:
     """(expected, actual) of the `broker.dp_budget` check a release spending `this` fails under `budget`
-    (a policy's DpBudget) after `so_far`; None when the budget admits it."""
+    (a policy's DpBudget) after `so_far`; None when the budget admits it. `resuming`: the release resumes a
+    checkpoint (the refusal says what a resume is charged and how the owner admits it)."""
     bounds = [f"{name} <= {limit:g}" for name, limit in (("epsilon", budget.epsilon), ("delta", budget.delta))
               if limit is not None]
     expected = f"the dataset's releases together within {' and '.join(bounds)} (recipe.dp_budget)"
@@ -105,4 +114,7 @@ def refusal(budget, so_far: Tally, this: dict | str) -> tuple[str, str] | None:
             for name, total, limit in (("epsilon", so_far.epsilon, budget.epsilon),
                                        ("delta", so_far.delta, budget.delta))
             if limit is not None and total + this[name] > limit * (1 + _TOLERANCE)]
+    if over and resuming:
+        over.append("a resumed run is charged its whole target again (the broker cannot tell what its first run "
+                    "released); to admit it, the data owner raises recipe.dp_budget in the release policy")
     return (expected, "; ".join(over)) if over else None

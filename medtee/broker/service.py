@@ -598,7 +598,7 @@ class EmbeddedBroker:
 
         def decide() -> tuple[str, dict]:  # under the log's lock: two releases cannot both take the last of it
             if limit.bounds() and (why := budget.refusal(limit, self._decisions.tally(dataset_id),
-                                                         released["dp_spend"])):
+                                                         released["dp_spend"], resuming=budget.resumes(recipe))):
                 over.append(why)
                 return "deny", {**audit, "failed": ["broker.dp_budget"]}
             return "release", released

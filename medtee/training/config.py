@@ -204,7 +204,7 @@ class TrainerConfig:
     loss_chunk_tokens: int = 0  # >0: chunked loss over supervised tokens, no full logits; 0: the model's own loss
     checkpoint_every_n_steps: int = 0  # write an encrypted checkpoint every N optimizer steps; 0: none
     checkpoint_keep: int = 2  # most recent encrypted checkpoints kept; -1 keeps all
-    resume_from: Optional[str] = None  # encrypted checkpoint to resume (validate_only: to evaluate); not in digest
+    resume_from: Optional[str] = None  # encrypted checkpoint to resume (validate_only: to evaluate); digest: its sha256
     validate_only: bool = False  # evaluate the held-out split instead of training (val/* only, no adapter)
 
     def problems(self) -> list[str]:

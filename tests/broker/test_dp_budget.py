@@ -110,6 +110,30 @@ def test_a_spend_counts_only_from_the_recipe_its_digest_covers():
     assert budget.spent([{"event": "release", "dataset_id": "d", "seq": 3}], "d").unbounded_seq == 3  # older entries
 
 
+@pytest.mark.parametrize("recipe", [
+    dp_recipe(5, mode="eval"), dp_recipe(5, mode="generate"), dp_recipe(5, trainer={"validate_only": True}),
+    recipe_doc(trainer={"validate_only": True, "resume_from": "sha256:" + "22" * 32}),  # DP off: still trains nothing
+])
+def test_runs_that_train_nothing_spend_nothing(recipe):
+    assert budget.spend(recipe, budget_digest(recipe)) == {"epsilon": 0.0, "delta": 0.0}
+    assert budget.spend(dp_recipe(5, trainer={"validate_only": "true"}), budget_digest(
+        dp_recipe(5, trainer={"validate_only": "true"}))) == {"epsilon": 5.0, "delta": 1e-5}  # only a real true
+
+
+def test_a_refused_resume_says_what_it_is_charged_and_how_the_owner_admits_it(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 8})
+    assert attempt(broker, manifest, dp_recipe(8)) == "released"
+    with pytest.raises(KeyReleaseDenied) as denied:
+        raise_release(broker, manifest, dp_recipe(8, trainer={"resume_from": "sha256:" + "33" * 32}))
+    text = denied.value.verdict.explain()
+    assert "epsilon 8 spent + 8 = 16 > 8" in text
+    assert "a resumed run is charged its whole target again" in text and "raises recipe.dp_budget" in text
+    with pytest.raises(KeyReleaseDenied) as fresh:
+        raise_release(broker, manifest, dp_recipe(8))
+    assert "resumed" not in fresh.value.verdict.explain()
+
+
 def test_concurrent_releases_cannot_both_take_the_last_of_the_budget(sealed, broker, tmp_path):
     """The budget is summed and the release appended under the audit log's lock (here: two brokers on one store)."""
     _, manifest, _, _ = sealed
