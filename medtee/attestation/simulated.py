@@ -11,6 +11,7 @@ import hashlib
 import os
 import struct
 import sys
+import threading
 from functools import cache
 
 from cryptography import x509
@@ -28,9 +29,18 @@ WARNING = "SIMULATED ATTESTATION: this evidence is signed by a key made in this 
 SIMULATED_MEASUREMENT = hashlib.sha384(b"medtee simulated launch measurement").digest()
 
 
-@cache
+_DEV_KEY_LOCK = threading.Lock()
+
+
 def _dev_key() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    """The in-process development key and its self-signed certificate (DER)."""
+    """The in-process development key and its self-signed certificate (DER): made once, under a lock (`functools.cache`
+    lets threads calling it first at once each make a key of their own, so one's evidence fails the other's check)."""
+    with _DEV_KEY_LOCK:
+        return _make_dev_key()
+
+
+@cache
+def _make_dev_key() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, SIMULATED_CN)])
     now = dt.datetime.now(dt.timezone.utc)

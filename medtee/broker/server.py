@@ -24,7 +24,8 @@ body was read closes the connection, so the rest of that body is never parsed as
 
 Connections: h11 parses requests (headers up to 16 KiB); each request's headers must arrive within
 `Limits.idle_timeout_s` of the connection opening or of the previous answer, its body within `body_timeout_s`; at
-most `max_connections` connections, `max_connections_per_client` of them from one address; bodies beyond their
+most `max_connections` connections, `max_connections_per_client` of them from one client (an IPv4 address, an IPv6
+/64), counted from the moment each is accepted, TLS handshake included (`_Listener`); bodies beyond their
 first 256 KiB may hold at most `max_large_body_bytes` together; broker calls run on at most `worker_threads`
 threads, so neither idle nor slow clients hold threads.
 TLS (`tls_cert`/`tls_key`): uvicorn's server context, TLS 1.2 or later (Python's default since 3.10); a handshake
@@ -35,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import functools
+import ipaddress
 import math
 import signal
 import socket
@@ -86,8 +89,8 @@ class Limits:
     body_timeout_s: float = 10.0  # for a whole request body, from the end of its headers
     idle_timeout_s: float = 5.0  # for a request's headers, from the connection opening or the previous answer
     handshake_timeout_s: float = 5.0  # for a TLS handshake, from the connection opening (asyncio's default: 60)
-    max_connections: int = 256  # open connections; a request beyond gets 503 (uvicorn's limit_concurrency)
-    max_connections_per_client: int = 16  # open connections from one address; one beyond is closed at once
+    max_connections: int = 256  # open connections, TLS handshakes included: one beyond is closed once accepted
+    max_connections_per_client: int = 16  # of them from one client (`client_key`): one beyond is closed once accepted
     worker_threads: int = 16  # threads running broker calls (file I/O, appraisal)
 
 
@@ -215,7 +218,7 @@ def build_app(broker: EmbeddedBroker, limits: Limits = Limits(), *, quiet: bool 
         return await call(parse_json, body)
 
     def client(request: Request) -> str:
-        return request.client.host if request.client else "-"
+        return client_key(request.client.host if request.client else None)
 
     async def health(_request: Request):
         return _json(200, {"ok": True})
@@ -260,22 +263,71 @@ def build_app(broker: EmbeddedBroker, limits: Limits = Limits(), *, quiet: bool 
                      exception_handlers={HTTPException: _http_error})
 
 
+def client_key(host: str | None) -> str:
+    """Who a connection or request counts against for the per-client limits, and the audit log's `client`: an IPv4
+    address (an IPv4-mapped IPv6 one as IPv4), the /64 of an IPv6 address (a host is routinely given a whole /64,
+    so per address it could open connections without end), "-" when unknown."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "-" if host is None else host
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+
+
+class _Conn(socket.socket):
+    """An accepted connection, counted by its `_Listener` until it is closed."""
+
+    def close(self) -> None:
+        if (forget := self.__dict__.pop("_forget", None)) is not None:
+            forget()
+        super().close()
+
+
+class _Listener(socket.socket):
+    """The listening socket: counts the connections it accepted, per `client_key` and in all, until each is closed,
+    and closes one beyond `Limits.max_connections_per_client` or `max_connections` as soon as it is accepted, before
+    any TLS handshake or request (the application protocol, and uvicorn's own limit, see a TLS connection only once
+    its handshake is done: until then it would count against nothing). asyncio accepts and closes connections on
+    its loop's thread, so the counts need no lock."""
+
+    def configure(self, limits: Limits) -> _Listener:
+        self._limits, self._open, self._total = limits, collections.Counter(), 0
+        return self
+
+    def accept(self):
+        while True:  # a refused connection is closed and the next taken; BlockingIOError when none is left
+            plain, address = super().accept()
+            key = client_key(address[0] if address else None)
+            if self._open[key] >= self._limits.max_connections_per_client or \
+                    self._total >= self._limits.max_connections:
+                plain.close()
+                continue
+            conn = _Conn(plain.family, plain.type, plain.proto, fileno=plain.detach())
+            self._open[key] += 1
+            self._total += 1
+            conn._forget = functools.partial(self._forget, key)
+            return conn, address
+
+    def _forget(self, key: str) -> None:
+        self._total -= 1
+        self._open[key] -= 1
+        if not self._open[key]:
+            del self._open[key]
+
+
 class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's headers (uvicorn's `timeout_keep_alive`, here
     `Limits.idle_timeout_s`): uvicorn itself times out only idle kept-alive connections, so a connection that never
-    sends a request, or trickles its headers, would stay open for good. A connection beyond `per_client` open from
-    one address is closed at once, so one address cannot hold every slot of `Limits.max_connections`."""
+    sends a request, or trickles its headers, would stay open for good."""
 
     _headers_deadline: asyncio.TimerHandle | None = None
-    per_client = Limits.max_connections_per_client
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        host = self.client[0] if self.client else None
-        same = sum(1 for c in self.connections if (c.client or (None,))[0] == host)
-        if host is not None and same > self.per_client:
-            transport.close()  # connection_lost forgets it
-            return
         self._arm()
 
     def on_response_complete(self) -> None:
@@ -321,12 +373,13 @@ class BrokerServer:
         self.broker = broker
         config = uvicorn.Config(
             build_app(broker, limits, quiet=quiet), ws="none", loop="asyncio", lifespan="off",
-            http=type("_Protocol", (_Protocol,), {"per_client": limits.max_connections_per_client}),
+            http=_Protocol,
             log_config=None, log_level="warning", access_log=False, proxy_headers=False, server_header=False,
             limit_concurrency=limits.max_connections, timeout_keep_alive=limits.idle_timeout_s,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
         config.load()  # reads the TLS files: their errors reach the caller
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        plain = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = _Listener(plain.family, plain.type, plain.proto, fileno=plain.detach()).configure(limits)
         bound_host, bound_port = sock.getsockname()[:2]
         bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"{'https' if tls_cert else 'http'}://{bound_host}:{bound_port}"
