@@ -37,7 +37,9 @@ class Newest:
                 before = datetime.fromisoformat(prior["issued"]) if prior else None
                 before_number = prior.get("number") if prior else None
             except (OSError, ValueError, TypeError, KeyError, AttributeError):
-                return f"unusable: {self.path} (the newest revocation documents accepted) is damaged; remove it"
+                return (f"unusable: {self.path} (the newest revocation documents accepted) is damaged; restore it "
+                        f"from a backup (removing it forgets every document accepted, so an older copy could be put "
+                        f"back unnoticed)")
             if before is not None and (issued < before or (None not in (number, before_number)
                                                             and number < before_number)):
                 newer = f"of {before.isoformat()}" + (f", CRL number {before_number}" if before_number is not None

@@ -26,6 +26,14 @@ from medtee.attestation.freshness import Newest
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
 
 
+def _issuer_key_sha256(issuer: x509.Certificate) -> str:
+    """What names an issuer in the rollback record: the SHA-256 of its public key (a CertID's own key hash depends
+    on the hash the response chose, so two copies for one certificate could be told apart)."""
+    import hashlib
+
+    return hashlib.sha256(issuer.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
 def _signed_by(key, signature: bytes, data: bytes, algorithm: hashes.HashAlgorithm | None) -> bool:
     try:
         if isinstance(key, ec.EllipticCurvePublicKey) and algorithm is not None:
@@ -112,7 +120,7 @@ def _status(resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certif
         if single.next_update_utc is None or now > single.next_update_utc:
             until = single.next_update_utc.isoformat() if single.next_update_utc else "absent"
             return UNKNOWN, f"response expired (nextUpdate {until})"
-        kind = f"nvidia-ocsp/{single.issuer_key_hash.hex()}/{single.serial_number:x}"
+        kind = f"nvidia-ocsp/{_issuer_key_sha256(issuer)}/{cert.serial_number:x}"  # whatever hash the CertID used
         stale = newest.admit(kind, single.this_update_utc) if newest else None
         if single.certificate_status is ocsp.OCSPCertStatus.REVOKED:
             return REVOKED, f"revoked at {single.revocation_time_utc.isoformat()}"

@@ -45,7 +45,7 @@ def _entries(f, path: Path) -> Iterator[dict]:
         if line.strip():
             try:
                 yield json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a line nested beyond the parser
                 raise AuditLogDamaged(f"{path}:{lineno} is not an audit entry; run `medtee broker audit verify` and "
                                       f"restore the log from a copy before the broker records more") from None
 
@@ -88,7 +88,7 @@ def _last_line(f, path: Path) -> dict | None:
         entry = json.loads(_tail(f, end - 1))
         if isinstance(entry, dict) and isinstance(entry.get("seq"), int) and isinstance(entry.get("hash"), str):
             return entry
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     raise AuditLogDamaged(f"{path}: its last line is not an audit entry; run `medtee broker audit verify` and "
                               f"restore the log from a copy before the broker records more") from None
@@ -180,7 +180,7 @@ class AuditLog:
             if line.strip():
                 try:
                     entry = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     entry = None
                 if not isinstance(entry, dict):
                     raise AuditLogDamaged(f"{self.path}: the line at byte {offset} is not an audit entry; run `medtee "
@@ -196,7 +196,7 @@ def _hash_of_line(f, end: int) -> object:
     """The `hash` of the entry whose line ends (newline included) at byte `end` of `f`, or None."""
     try:
         entry = json.loads(_tail(f, end - 1))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return entry.get("hash") if isinstance(entry, dict) else None
 
@@ -227,7 +227,7 @@ def verify(path: Path | str) -> AuditReport:
             try:
                 entry = json.loads(line)
                 ok_shape = isinstance(entry, dict) and {"seq", "prev", "hash"} <= entry.keys()
-            except ValueError:
+            except (ValueError, RecursionError):
                 ok_shape = False
             if not ok_shape:
                 return AuditReport(False, n, prev, f"{path}:{lineno}: not an audit entry (damaged or inserted line)")

@@ -64,11 +64,11 @@ class Tally:
 
     @property
     def epsilon(self) -> float:
-        return math.fsum(self._epsilons)
+        return _sum(self._epsilons)
 
     @property
     def delta(self) -> float:
-        return math.fsum(self._deltas)
+        return _sum(self._deltas)
 
     def describe(self) -> str:
         releases = f"{self.releases} release{'' if self.releases == 1 else 's'}"
@@ -78,7 +78,17 @@ class Tally:
 
 
 def _amount(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _sum(values: list[float]) -> float:
+    try:
+        return math.fsum(values)
+    except OverflowError:  # finite amounts summing past the largest float: more than any budget
+        return math.inf
 
 
 def spent(entries: Iterable[dict], dataset_id: str) -> Tally:

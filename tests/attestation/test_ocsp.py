@@ -44,11 +44,13 @@ def pki():
     return dict(keys=keys, root=root, ica=ica, leaf=leaf, resp=resp, bad=bad, other=other, rogue=rogue)
 
 
-def response(pki, cert, issuer, *, status=ocsp.OCSPCertStatus.GOOD, signer="issuer", this=-1, nxt=1):
-    """A DER OCSP response for cert; signer: 'issuer', 'resp' (delegated), 'bad' (no EKU) or 'rogue'."""
+def response(pki, cert, issuer, *, status=ocsp.OCSPCertStatus.GOOD, signer="issuer", this=-1, nxt=1,
+             cert_id_hash=hashes.SHA1):
+    """A DER OCSP response for cert (its CertID hashed with `cert_id_hash`); signer: 'issuer', 'resp' (delegated),
+    'bad' (no EKU) or 'rogue'."""
     issuer_key = pki["keys"]["ica"] if issuer is pki["ica"] else pki["keys"]["root"]
     b = ocsp.OCSPResponseBuilder().add_response(
-        cert=cert, issuer=issuer, algorithm=hashes.SHA1(), cert_status=status,
+        cert=cert, issuer=issuer, algorithm=cert_id_hash(), cert_status=status,
         this_update=NOW + timedelta(days=this), next_update=NOW + timedelta(days=nxt),
         revocation_time=NOW - timedelta(days=2) if status is ocsp.OCSPCertStatus.REVOKED else None,
         revocation_reason=None)
@@ -146,5 +148,9 @@ def test_an_older_good_answer_put_back_after_a_newer_one_is_unknown(pki, tmp_pat
     assert status == UNKNOWN and "older than one accepted before" in why
     put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-4, nxt=5, status=ocsp.OCSPCertStatus.REVOKED))
     assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)[0] == REVOKED
+    older_sha256 = response(pki, pki["leaf"], pki["ica"], this=-3, nxt=5, cert_id_hash=hashes.SHA256)
+    put(cache, pki["leaf"], older_sha256)  # the same certificate under a CertID hashed otherwise: still older
+    status, why = revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)
+    assert status == UNKNOWN and "older than one accepted before" in why
     put(cache, pki["other"], response(pki, pki["other"], pki["ica"], this=-5, nxt=5))  # another certificate's own
     assert revocation_status(pki["other"], pki["ica"], str(cache), NOW, newest) == (GOOD, "good")

@@ -120,6 +120,16 @@ def test_runs_that_train_nothing_spend_nothing(recipe):
         dp_recipe(5, trainer={"validate_only": "true"}))) == {"epsilon": 5.0, "delta": 1e-5}  # only a real true
 
 
+def test_amounts_past_the_largest_float_are_refused_not_a_crash(sealed, broker, tmp_path):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "delta-only", require_dp=True, dp_budget={"delta": 1e-3})
+    assert [attempt(broker, manifest, dp_recipe(1e308)) for _ in range(3)] == ["released"] * 3  # sum > max float
+    assert budget.spent(broker.audit.entries(), "test-ds").describe().startswith("epsilon inf")
+    huge = dp_recipe(1)
+    huge["privacy"]["dp"]["target_epsilon"] = 10 ** 400
+    assert budget.spend(huge, budget_digest(huge)) == budget.UNBOUNDED
+
+
 def test_a_refused_resume_says_what_it_is_charged_and_how_the_owner_admits_it(sealed, broker, tmp_path):
     _, manifest, _, _ = sealed
     rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 8})

@@ -167,17 +167,19 @@ def test_an_unfinished_last_entry_is_dropped_at_the_next_append(sealed, broker, 
 
 
 @pytest.mark.parametrize("damage", ["middle", "last"])
-def test_a_damaged_complete_line_stops_appends_naming_the_fix(sealed, broker, damage):
+@pytest.mark.parametrize("line", ["not json", "[" * 200_000 + "]" * 200_000])  # the second: past the parser's depth
+def test_a_damaged_complete_line_stops_appends_naming_the_fix(sealed, broker, damage, line):
     _, manifest, _, _ = sealed
     release_request(broker, manifest)
     log = broker.store_dir / "audit.log"
     lines = log.read_text().splitlines()
-    lines[0 if damage == "middle" else -1] = "not json"
+    lines[0 if damage == "middle" else -1] = line
     log.write_text("\n".join(lines) + "\n")
     before = log.read_bytes()
     with pytest.raises(audit.AuditLogDamaged, match="is not an audit entry; run `medtee broker audit verify`"):
         EmbeddedBroker(broker.store_dir).audit.append("x")  # a broker reads the whole log at its first decision
     assert log.read_bytes() == before
+    assert not audit.verify(log).ok and "not an audit entry" in audit.verify(log).problem
 
 
 def test_audit_log_chain(sealed, broker):
