@@ -44,17 +44,30 @@ def spend(recipe: object, recipe_digest: str) -> dict | str:
     return {"epsilon": float(epsilon), "delta": float(delta)}
 
 
+def split(recipe: object) -> dict | None:
+    """The train/held-out split a release's (verified) recipe asks for: `{"seed", "val_fraction"}` of its `data`
+    section (what `medtee.data.module` draws the held-out dialogues by), None when it names none readably."""
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    seed, fraction = (data.get("seed"), data.get("val_fraction")) if isinstance(data, dict) else (None, None)
+    if type(seed) is int and -2 ** 63 <= seed < 2 ** 63 and _amount(fraction):
+        return {"seed": seed, "val_fraction": float(fraction)}
+    return None
+
+
 class Tally:
     """What the `release` entries of one dataset have spent, fed oldest first: how many, their summed epsilon and
-    delta, and the first whose spend is unbounded (its `seq`), if any."""
+    delta, the first whose spend is unbounded (its `seq`), if any, and the split of the first that recorded one."""
 
     def __init__(self) -> None:
         self.releases, self.unbounded_seq = 0, None
+        self.split, self.split_seq = None, None
         self._epsilons: list[float] = []
         self._deltas: list[float] = []
 
     def add(self, entry: dict) -> None:
         self.releases += 1
+        if self.split_seq is None and "split" in entry:
+            self.split, self.split_seq = entry["split"], entry.get("seq")
         value = entry.get("dp_spend", UNBOUNDED)
         if isinstance(value, dict) and all(_amount(value.get(k)) for k in ("epsilon", "delta")):
             self._epsilons.append(value["epsilon"])
@@ -106,10 +119,14 @@ def resumes(recipe: object) -> bool:
     return isinstance(trainer, dict) and isinstance(trainer.get("resume_from"), str)
 
 
-def refusal(budget, so_far: Tally, this: dict | str, *, resuming: bool = False) -> tuple[str, str] | None:
-    """(expected, actual) of the `broker.dp_budget` check a release spending `this` fails under `budget`
-    (a policy's DpBudget) after `so_far`; None when the budget admits it. `resuming`: the release resumes a
-    checkpoint (the refusal says what a resume is charged and how the owner admits it)."""
+def refusal(budget, so_far: Tally, this: dict | str, *, resuming: bool = False,
+            this_split: dict | None = None) -> tuple[str, str] | None:
+    """(expected, actual) of the `broker.dp_budget` check a release spending `this` with split `this_split` fails
+    under `budget` (a policy's DpBudget) after `so_far`; None when the budget admits it. `resuming`: the release
+    resumes a checkpoint (the refusal says what a resume is charged and how the owner admits it). The releases of a
+    budgeted dataset keep one split: `eval`, `generate` and validate-only runs spend nothing because they read only
+    held-out dialogues, which another split would make training ones (and two splits differing by one dialogue would
+    single it out in their aggregates)."""
     bounds = [f"{name} <= {limit:g}" for name, limit in (("epsilon", budget.epsilon), ("delta", budget.delta))
               if limit is not None]
     expected = f"the dataset's releases together within {' and '.join(bounds)} (recipe.dp_budget)"
@@ -117,6 +134,12 @@ def refusal(budget, so_far: Tally, this: dict | str, *, resuming: bool = False) 
         return expected, (f"release seq {so_far.unbounded_seq} of this dataset trained without DP (or with a recipe "
                           f"the broker did not read), so its privacy loss is unbounded and no budget can admit more; "
                           f"seal the dialogues again as a new dataset")
+    if so_far.split_seq is not None and this_split != so_far.split:
+        def named(value):
+            return " ".join(f"data.{k}={v}" for k, v in sorted(value.items())) if value else "no data section"
+        return expected, (f"this release asks for the split {named(this_split)}, but the dataset's releases under a "
+                          f"budget keep the one of release seq {so_far.split_seq}: {named(so_far.split)}; set them "
+                          f"so (another split would make held-out dialogues training ones)")
     if this == UNBOUNDED:
         return expected, ("this release's loss is unbounded: a train run under DP-SGD (privacy.dp.enabled: true) or "
                           "eval/generate is needed, with the recipe its digest covers")

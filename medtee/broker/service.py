@@ -592,13 +592,16 @@ class EmbeddedBroker:
         except ValueError as e:  # e.g. a low-order X25519 point: the evidence vouches for a key nothing can be wrapped to
             raise deny(_denial("broker.request", "an ephemeral public key a data key can be wrapped to",
                                type(e).__name__, policy_name)) from None
-        released = {**audit, "simulated": verdict.simulated, "dp_spend": budget.spend(recipe, recipe_digest),
+        spend = budget.spend(recipe, recipe_digest)
+        released = {**audit, "simulated": verdict.simulated, "dp_spend": spend,
+                    **({"split": budget.split(recipe)} if spend != budget.UNBOUNDED else {}),  # a verified recipe's
                     "ephemeral_key": hpke.key_id(eph_scheme, bytes(ephemeral_public_key))}
         limit, over = policy.recipe.dp_budget, []
 
         def decide() -> tuple[str, dict]:  # under the log's lock: two releases cannot both take the last of it
             if limit.bounds() and (why := budget.refusal(limit, self._decisions.tally(dataset_id),
-                                                         released["dp_spend"], resuming=budget.resumes(recipe))):
+                                                         released["dp_spend"], resuming=budget.resumes(recipe),
+                                                         this_split=released.get("split"))):
                 over.append(why)
                 return "deny", {**audit, "failed": ["broker.dp_budget"]}
             return "release", released

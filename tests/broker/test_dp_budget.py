@@ -130,6 +130,23 @@ def test_amounts_past_the_largest_float_are_refused_not_a_crash(sealed, broker, 
     assert budget.spend(huge, budget_digest(huge)) == budget.UNBOUNDED
 
 
+def test_a_budgeted_dataset_keeps_one_split(sealed, broker, tmp_path):
+    """eval, generate and validate-only runs spend nothing because they read held-out dialogues only: another split
+    (a larger data.val_fraction, another data.seed) would hold out dialogues earlier runs trained on."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 10})
+    split = {"seed": 0, "val_fraction": 0.1}
+    assert attempt(broker, manifest, dp_recipe(4, data=dict(split))) == "released"
+    assert entries(broker, "release")[-1]["split"] == split
+    for other in ({"seed": 0, "val_fraction": 0.99}, {"seed": 7, "val_fraction": 0.1}):
+        with pytest.raises(KeyReleaseDenied) as denied:
+            raise_release(broker, manifest, dp_recipe(0, mode="generate", data=other))
+        text = denied.value.verdict.explain()
+        assert "keep the one of release seq" in text and "data.seed=0 data.val_fraction=0.1; set them so" in text
+    assert attempt(broker, manifest, dp_recipe(0, mode="eval", data=dict(split))) == "released"
+    assert attempt(broker, manifest, dp_recipe(4, data={"seed": 0, "val_fraction": 0.1})) == "released"
+
+
 def test_a_refused_resume_says_what_it_is_charged_and_how_the_owner_admits_it(sealed, broker, tmp_path):
     _, manifest, _, _ = sealed
     rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 8})
