@@ -279,12 +279,15 @@ def client_key(host: str | None) -> str:
 
 
 class _Conn(socket.socket):
-    """An accepted connection, counted by its `_Listener` until it is closed."""
+    """An accepted connection, counted by its `_Listener` until it is closed (or collected unclosed: asyncio drops
+    the socket of a connection whose transport it failed to make)."""
 
     def close(self) -> None:
         if (forget := self.__dict__.pop("_forget", None)) is not None:
             forget()
         super().close()
+
+    __del__ = close
 
 
 class _Listener(socket.socket):

@@ -187,6 +187,28 @@ def test_handshakes_count_against_the_connection_caps(tmp_path):
             pytest.fail("the broker did not serve again once the held connections closed")
 
 
+def test_a_connection_dropped_unclosed_is_forgotten():
+    """asyncio drops, unclosed, the socket of a connection whose transport it failed to make: that must not keep a
+    slot of the client's cap for good."""
+    import gc
+    import socket
+
+    from medtee.broker.server import _Listener
+
+    plain = socket.create_server(("127.0.0.1", 0))
+    listener = _Listener(plain.family, plain.type, plain.proto, fileno=plain.detach()).configure(
+        Limits(max_connections_per_client=1))
+    with listener, socket.create_connection(listener.getsockname()), socket.create_connection(listener.getsockname()):
+        conn, _ = listener.accept()
+        assert (listener._total, dict(listener._open)) == (1, {"127.0.0.1": 1})
+        del conn
+        gc.collect()
+        assert (listener._total, dict(listener._open)) == (0, {})
+        again, _ = listener.accept()  # the client's one slot is free again
+        again.close()
+        assert listener._total == 0
+
+
 @pytest.mark.parametrize("host, key", [
     ("192.0.2.7", "192.0.2.7"),
     ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack listener's IPv4 client
