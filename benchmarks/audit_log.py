@@ -1,7 +1,8 @@
 """What the audit log's length costs a key release: one with a DP budget (`recipe.dp_budget`, which looks up the
 dataset's earlier releases under the log's lock, as a release close does) and one without, on a log of N earlier
 entries against the same release on a fresh log, in one process. A broker reads the whole log at its first decision
-(printed apart: "first") and then only what was appended since.
+(printed apart: "first") and then only what was appended since. Last, what the high-water mark (`audit.log.mark`,
+replaced atomically after every append) adds to an append: appends with it against appends without it.
 
 Uses SIMULATED attestation evidence (the appraisal path is the real one). The earlier entries are written as the
 broker writes them (chained, about 0.8 KiB each), half of them releases of other datasets.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from medtee.attestation import collect_evidence  # noqa: E402
+from medtee.broker import audit  # noqa: E402
 from medtee.broker.audit import _entry_hash  # noqa: E402
 from medtee.broker.protocol import canonical_json, obtain_data_key  # noqa: E402
 from medtee.broker.service import EmbeddedBroker  # noqa: E402
@@ -84,6 +86,23 @@ def _per_release(entries: int, budgeted: bool, n: int) -> float:
         return first, (time.perf_counter() - start) / n
 
 
+def _per_append(n: int, marked: bool) -> float:
+    """Seconds per `AuditLog.append` (an fsynced line), with the high-water mark written after each or not."""
+    write_mark = audit._write_mark
+    if not marked:
+        audit._write_mark = lambda *args: None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            log = audit.AuditLog(Path(tmp) / "audit.log")
+            log.append("warm")
+            start = time.perf_counter()
+            for i in range(n):
+                log.append("bench", i=i)
+            return (time.perf_counter() - start) / n
+    finally:
+        audit._write_mark = write_mark
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, nargs="+", default=[10_000, 100_000], help="earlier entries")
@@ -97,6 +116,8 @@ def main() -> None:
             first, per = _per_release(n, budgeted, args.n)
             print(f"{label:<18} {n:>7} entries  {per * 1000:8.1f} ms/release  ratio to fresh log {per / base:5.2f}  "
                   f"(first {first * 1000:.0f} ms)")
+    bare, marked = _per_append(args.n * 5, False), _per_append(args.n * 5, True)
+    print(f"append without mark {bare * 1000:8.2f} ms   with mark {marked * 1000:8.2f} ms   ratio {marked / bare:5.2f}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def main(cfg, *, mode: str = "train") -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from medtee import containment
+    from medtee.broker.audit import AuditLogDamaged
     from medtee.broker.client import BrokerError
     from medtee.broker.protocol import ChallengeRefused
     from medtee.data import DataError
@@ -60,7 +61,7 @@ def main(cfg, *, mode: str = "train") -> int:
     except DataError as exc:
         say(f"input rejected: {exc}")
         return exits.BAD_INPUT
-    except (Refused, BrokerError, ChallengeRefused) as exc:  # the key broker is down or refuses to answer
+    except (Refused, BrokerError, ChallengeRefused, AuditLogDamaged) as exc:  # the broker is down or refuses
         say(f"refused: {exc}")
         return exits.REFUSED
     except containment.SafeError as exc:

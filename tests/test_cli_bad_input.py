@@ -107,8 +107,24 @@ def test_broker_serve_refuses_an_audit_log_that_fails_verification(tmp_path, cap
     log.write_text(log.read_text().replace('"register"', '"rotate"'))
     before = log.read_bytes()
     refused(capsys, ["broker", "serve", "--port", "0", "--broker-dir", "b"], "fails verification after 0 good entries",
-            "entry altered after it was written", "restore b/audit.log from a copy", code=1)
+            "entry altered after it was written", "restore b/audit.log from its newest copy", code=1)
     assert log.read_bytes() == before
+
+
+def test_commands_on_a_store_whose_log_was_rolled_back_refuse_before_any_work(tmp_path, capsys, dialogues):
+    assert main(["seal", "d.jsonl", "--out", "s1", "--broker-dir", "b"]) == 0
+    log = tmp_path / "b" / "audit.log"
+    older = log.read_bytes()
+    assert main(["seal", "d.jsonl", "--out", "s2", "--broker-dir", "b", "--dataset-id", "other"]) == 0
+    capsys.readouterr()
+    log.write_bytes(older)
+    before = tree(tmp_path)
+    for argv in (["seal", "d.jsonl", "--out", "s3", "--broker-dir", "b", "--dataset-id", "third"],
+                 ["broker", "policy", "add", "x", "x.yaml", "--broker-dir", "b"],
+                 ["keys", "rotate", "--broker-dir", "b", "s1"]):
+        refused(capsys, argv, "b/audit.log no longer holds entry 1", "restored from an older copy",
+                "Restore the newest copy", code=1)
+    assert tree(tmp_path) == before
 
 
 def test_audit_verify_names_an_unfinished_last_line(tmp_path, capsys, dialogues):

@@ -2,8 +2,11 @@
 
 Each entry carries `seq`, `prev` (the previous entry's hash; 64 zeros for the first) and `hash` = SHA-256 of the
 entry's canonical JSON without `hash`. Editing, deleting, inserting or reordering entries breaks the chain.
-Cutting entries off the end cannot be seen from the file alone: anchor the head printed by `medtee broker audit
-verify` somewhere else (a ticket, a transparency log) to detect that too. Entries hold ids and digests, never data.
+Cutting entries off the end cannot be seen from the file alone. Beside it, `audit.log.mark` (the high-water mark)
+names the last entry appended, and the broker records nothing while the log no longer holds that entry (restored
+from an older copy, cut short, removed): its releases and their privacy budget would be forgotten. Restoring the
+whole store rolls the mark back too, so anchor the head printed by `medtee broker audit verify` somewhere else (a
+ticket, a transparency log) to detect that as well. Entries hold ids and digests, never data.
 
 An entry counts once its line, newline included, is written and fsynced; only then is the decision it records
 returned. A last line without its newline is an append that did not finish (a full disk, a crash): nothing was
@@ -25,12 +28,70 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from medtee.files import NotRegularFile, read_regular, write_atomic
+
 GENESIS = "0" * 64
+MAX_MARK_BYTES = 1024
 _log = logging.getLogger(__name__)
 
 
 class AuditLogDamaged(Exception):
-    """A complete line of the audit log is not an entry: the broker appends nothing more until it is restored."""
+    """A complete line of the audit log is not an entry, or the log no longer holds the entry its high-water mark
+    names: the broker appends nothing more until it is restored."""
+
+
+def mark_path(path: Path) -> Path:
+    """The high-water mark of the log at `path`: `{"seq", "hash", "end"}` of the last entry appended (`end`: the
+    byte offset just after its line)."""
+    return path.with_name(path.name + ".mark")
+
+
+def _read_mark(path: Path) -> dict | None:
+    """The mark of the log at `path`, None when there is none (a log from before marks, or a loss accepted)."""
+    where = mark_path(path)
+    try:
+        mark = json.loads(read_regular(where, MAX_MARK_BYTES))
+    except FileNotFoundError:
+        return None
+    except (OSError, NotRegularFile, ValueError, RecursionError):
+        mark = None
+    if (isinstance(mark, dict) and isinstance(mark.get("seq"), int) and isinstance(mark.get("hash"), str)
+            and isinstance(mark.get("end"), int) and mark["end"] > 0):
+        return mark
+    raise AuditLogDamaged(f"{where} is not an audit high-water mark; restore it from a backup, or, if {path.name} is "
+                          f"its newest copy, remove it (the broker then marks the log's last entry at its next append)")
+
+
+def _behind_mark(f, path: Path) -> str:
+    """Why the log open in `f` no longer holds the entry its mark names ('' when it does, or has no mark)."""
+    mark = _read_mark(path)
+    if mark is None:
+        return ""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    if size >= mark["end"] and _hash_of_line(f, mark["end"]) == mark["hash"]:
+        return ""
+    f.seek(max(0, size - 1))
+    complete = size if f.read(1) == b"\n" else size - len(_tail(f, size))  # without an unfinished last line
+    last = _last_line(f, path, complete) if complete else None
+    if last is not None and last["seq"] >= mark["seq"]:
+        return (f"{path} was altered before entry {mark['seq']}, which its high-water mark {mark_path(path).name} "
+                f"names (it no longer ends at byte {mark['end']}); run `medtee broker audit verify` to find the "
+                f"line, and restore the log from a copy before the broker records more")
+    return (f"{path} no longer holds entry {mark['seq']} (hash {mark['hash'][:16]}...), which its high-water mark "
+            f"{mark_path(path).name} names as the last one appended: it was restored from an older copy, cut short "
+            f"or removed, which would forget the releases after that point and refund their privacy budget. Restore "
+            f"the newest copy of {path.name}; only if no copy holds that entry, remove {mark_path(path).name} to "
+            f"accept the loss")
+
+
+def _write_mark(path: Path, entry: dict, end: int) -> None:
+    """Record `entry`, whose line ends at byte `end`, as the log's high-water mark (a failure is logged: the entry
+    stands, and the mark stays at an earlier entry)."""
+    try:
+        write_atomic(mark_path(path), json.dumps({"seq": entry["seq"], "hash": entry["hash"], "end": end}).encode())
+    except OSError as e:
+        _log.warning("%s: could not update the high-water mark (%s)", path, e.strerror or type(e).__name__)
 
 
 def _entry_hash(entry: dict) -> str:
@@ -78,10 +139,11 @@ def _tail(f, end: int) -> bytes:
         size *= 2
 
 
-def _last_line(f, path: Path) -> dict | None:
-    """The last entry of `f`, which ends with a newline (`_drop_unfinished` has run); None for an empty log."""
-    f.seek(0, os.SEEK_END)
-    end = f.tell()
+def _last_line(f, path: Path, end: int | None = None) -> dict | None:
+    """The last entry of `f` whose bytes up to `end` (default: all) end with a newline; None for an empty log."""
+    if end is None:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
     if end == 0:
         return None
     try:
@@ -130,6 +192,17 @@ class AuditLog:
         with io.BytesIO(b"".join(lines)) as complete:
             return list(_entries(complete, self.path))
 
+    def check_mark(self) -> None:
+        """AuditLogDamaged when the log no longer holds the entry its high-water mark names (the next append would
+        be refused), so that a command can refuse before it does any work; writes nothing."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            f = io.BytesIO()
+        with f:
+            if behind := _behind_mark(f, self.path):
+                raise AuditLogDamaged(behind)
+
     def append(self, event: str, **fields: object) -> dict:
         """Append one entry (`event` plus JSON-ready `fields`) and return it."""
         return self.append_decided(lambda: (event, fields))
@@ -143,7 +216,9 @@ class AuditLog:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 _drop_unfinished(f, self.path)
-                self._catch_up(f)
+                self._catch_up(f)  # first: it names a damaged line
+                if behind := _behind_mark(f, self.path):
+                    raise AuditLogDamaged(behind)
                 decision = decide()
                 if isinstance(decision, dict):
                     return decision
@@ -160,6 +235,7 @@ class AuditLog:
                 f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
+                _write_mark(self.path, entry, f.tell())
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return entry
@@ -217,13 +293,17 @@ def verify(path: Path | str) -> AuditReport:
     """Check the whole chain of the log at `path`."""
     path = Path(path)
     if not path.exists():
+        if mark_path(path).exists():
+            return AuditReport(False, 0, GENESIS, f"{path} does not exist, but its high-water mark "
+                               f"{mark_path(path).name} says entries were appended to it; restore the newest copy")
         return AuditReport(False, 0, GENESIS, f"{path} does not exist (removed, or this store has recorded no "
                            f"event yet); check the --broker-dir you passed")
-    prev, n = GENESIS, 0
+    prev, n, unfinished = GENESIS, 0, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.endswith(b"\n"):  # only the last line can lack it
-                return AuditReport(True, n, prev, unfinished=len(line))
+                unfinished = len(line)
+                break
             try:
                 entry = json.loads(line)
                 ok_shape = isinstance(entry, dict) and {"seq", "prev", "hash"} <= entry.keys()
@@ -238,4 +318,10 @@ def verify(path: Path | str) -> AuditReport:
             if _entry_hash(entry) != entry["hash"]:
                 return AuditReport(False, n, prev, f"{path}:{lineno}: entry altered after it was written")
             prev, n = entry["hash"], n + 1
-    return AuditReport(True, n, prev)
+        try:
+            behind = _behind_mark(f, path)
+        except AuditLogDamaged as e:
+            behind = str(e)
+    if behind:
+        return AuditReport(False, n, prev, behind, unfinished)
+    return AuditReport(True, n, prev, unfinished=unfinished)

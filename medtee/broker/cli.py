@@ -107,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     report = verify(log) if log.exists() else None
     if report is not None and not report.ok:
         return exits.fail(f"the audit log fails verification after {report.entries} good entries ({report.problem}), "
-                          f"so the broker will not add decisions to it; restore {log} from a copy, then serve again",
+                          f"so the broker will not add decisions to it; restore {log} from its newest copy, then serve again",
                           exits.REFUSED)
     from medtee.broker.server import Limits, serve
 
@@ -174,6 +174,7 @@ def _print_budgets(store: Path) -> int:
 def _policy_verb(act):
     """A `broker policy` handler around `act(broker, args)`: the store must exist; a refusal is one line, exit 2."""
     def handler(args: argparse.Namespace) -> int:
+        from medtee.broker.audit import AuditLogDamaged
         from medtee.broker.protocol import UnknownDatasetError
         from medtee.broker.service import EmbeddedBroker
 
@@ -184,6 +185,8 @@ def _policy_verb(act):
             act(EmbeddedBroker(args.store), args)
         except (UnknownDatasetError, ValueError, OSError) as e:
             return exits.fail(str(e).splitlines()[0])
+        except AuditLogDamaged as e:
+            return exits.fail(str(e), exits.REFUSED)
         return exits.OK
 
     return handler

@@ -18,7 +18,8 @@ Bodies are validated by `medtee.broker.protocol` (exact field sets, sizes, diges
 Status codes: 400 malformed request (JSON, schema, Content-Length, a body cut short), 403 refused, 404 unknown dataset
 or path, 405 wrong method, 408 body not received within `Limits.body_timeout_s`, 409 a release closed again with
 another record, 413 body over `Limits.max_body_bytes` (declared or streamed), 429 too many outstanding challenges for
-the dataset or the client (with Retry-After), 503 connection limit or large-body memory cap reached; 500 only for a
+the dataset or the client (with Retry-After), 503 connection limit or large-body memory cap reached, or an audit log
+that must be restored first (damaged, or behind its high-water mark: its log line says which); 500 only for a
 fault of the broker itself (its log names the exception type, never a message). An answer sent before the whole
 body was read closes the connection, so the rest of that body is never parsed as a request.
 
@@ -58,6 +59,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from medtee.broker.audit import AuditLogDamaged
 from medtee.broker.protocol import (
     ChallengeRefused,
     KeyReleaseDenied,
@@ -192,6 +194,9 @@ def _endpoint(fn):
             return _error(429, e, {"Retry-After": str(math.ceil(e.retry_after_s))})
         except PermissionError as e:
             return _error(403, e)
+        except AuditLogDamaged as e:  # names files and entry hashes, never data: for the owner, on the server only
+            _log(f"refusing decisions until the owner restores the audit log: {e}")
+            return _error(503, "the broker records no decision until its owner restores its audit log")
         except (ValueError, FileExistsError) as e:  # RequestError, SealedDataError, a refused registration
             return _error(400, e)
         except Exception as e:  # never leak a message or traceback; log the type on the server

@@ -136,6 +136,7 @@ class EmbeddedBroker:
         self._newest = Newest(self.store_dir / "revocation-seen.json")  # rollback of cached CRLs / OCSP answers
         self._decisions = _Decisions()
         self.audit = AuditLog(self.store_dir / "audit.log", self._decisions)
+        self.audit.check_mark()  # a log behind its mark: refused before any work that would record something
         self.nonce_ttl_s = nonce_ttl_s
         self.max_challenges_per_dataset = max_challenges_per_dataset
         self.max_challenges_per_client = max_challenges_per_client

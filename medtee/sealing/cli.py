@@ -128,6 +128,7 @@ def _release_policy(broker, args: argparse.Namespace, file: PolicyFile | None) -
 def _seal(args: argparse.Namespace) -> int:
     from medtee.audit.canaries import check_plan_size, parse_repeats, plan_canaries
     from medtee.broker import connect
+    from medtee.broker.audit import AuditLogDamaged
     from medtee.crypto.hpke import KeyWrapError
     from medtee.sealing.seal import check_out_dir, read_input, seal_located
 
@@ -175,7 +176,7 @@ def _seal(args: argparse.Namespace) -> int:
             raise
     except (KeyWrapError, FileExistsError, FileNotFoundError, ValueError) as e:  # InputError, OutputError, DataError
         return exits.fail(str(e))
-    except PermissionError as e:
+    except (PermissionError, AuditLogDamaged) as e:
         return exits.fail(str(e), exits.REFUSED)
     except RuntimeError as e:  # an unreachable or failing remote broker
         return exits.fail(str(e), exits.REFUSED)
@@ -230,6 +231,7 @@ def _keys_new(args: argparse.Namespace) -> int:
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
+    from medtee.broker.audit import AuditLogDamaged
     from medtee.broker.protocol import UnknownDatasetError
     from medtee.broker.service import rotate
     from medtee.sealing.manifest import SealedDataError
@@ -243,6 +245,8 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         manifests = rotate(args.broker_dir, [Path(d) for d in args.datasets], scheme=args.scheme)
     except (UnknownDatasetError, SealedDataError, FileExistsError, ValueError) as e:
         return exits.fail(str(e))
+    except AuditLogDamaged as e:
+        return exits.fail(str(e), exits.REFUSED)
     print(f"rotated the broker key in {args.broker_dir}; {len(manifests)} data key(s) re-wrapped, no data re-encrypted")
     for m in manifests:
         print(f"  {m.dataset_id}: key {m.key_id} ({m.scheme}), manifest sha256 {m.digest()}")

@@ -205,3 +205,56 @@ def test_audit_budget_prints_each_datasets_spend(sealed, broker, tmp_path, capsy
     assert main(["broker", "audit", "budget", "--broker-dir", str(broker.store_dir)]) == 1  # the chain first
     assert "FAILED verification" in capsys.readouterr().err
     json.loads(lines[-1])  # the log itself is left as it was
+
+
+def test_a_log_rolled_back_refunds_no_budget(sealed, broker, tmp_path, capsys):
+    """The sums come from the audit log, so a log restored from an older copy, cut short, emptied or removed would
+    hand the spent budget back: its high-water mark refuses every decision (and `audit verify`) until the newest
+    copy is back, and only the owner removing the mark accepts the loss."""
+    from medtee.broker.audit import AuditLogDamaged
+
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 5})
+    log, mark = broker.store_dir / "audit.log", broker.store_dir / "audit.log.mark"
+    older = log.read_bytes()
+    assert attempt(broker, manifest, dp_recipe(4)) == "released"
+    newest = log.read_bytes()
+    store = str(broker.store_dir)
+    for rolled_back in (older, newest[:-1], newest[:len(older) + 10], b"", None):
+        log.unlink() if rolled_back is None else log.write_bytes(rolled_back)
+        with pytest.raises(AuditLogDamaged, match="no longer holds entry .* refund their privacy budget"):
+            attempt(broker, manifest, dp_recipe(4))
+        with pytest.raises(AuditLogDamaged, match="Restore the newest copy of audit.log"):
+            EmbeddedBroker(broker.store_dir)  # every command refuses before it does any work
+        capsys.readouterr()
+        for action in ("verify", "budget"):
+            assert main(["broker", "audit", action, "--broker-dir", store]) == 1
+            assert "audit.log.mark" in capsys.readouterr().err
+    log.write_bytes(newest)
+    assert attempt(broker, manifest, dp_recipe(1)) == "released"
+    assert attempt(broker, manifest, dp_recipe(1)) == ["broker.dp_budget"]
+    log.write_bytes(older)
+    mark.unlink()  # the owner accepts the loss: the releases after `older` are forgotten
+    assert attempt(broker, manifest, dp_recipe(4)) == "released"
+    assert main(["broker", "audit", "verify", "--broker-dir", store]) == 0
+
+
+def test_the_mark_survives_a_crash_before_it_was_moved_and_refuses_damage(broker, capsys):
+    """A crash between an entry's fsync and the mark's move leaves the mark on the entry before: still held, and
+    moved on at the next append. A mark that is not one names itself and how to recover."""
+    from medtee.broker.audit import AuditLogDamaged
+
+    mark = broker.store_dir / "audit.log.mark"
+    broker.audit.append("first")
+    kept = mark.read_bytes()
+    last = broker.audit.append("second")
+    mark.write_bytes(kept)
+    assert main(["broker", "audit", "verify", "--broker-dir", str(broker.store_dir)]) == 0
+    assert broker.audit.append("third")["seq"] == last["seq"] + 1 == json.loads(mark.read_bytes())["seq"]
+    for damaged in (b"{", b'{"seq": 1, "hash": "x"}', b"[]", b"x" * 5000):
+        mark.write_bytes(damaged)
+        with pytest.raises(AuditLogDamaged, match="audit.log.mark is not an audit high-water mark; restore it"):
+            broker.audit.append("fourth")
+        capsys.readouterr()
+        assert main(["broker", "audit", "verify", "--broker-dir", str(broker.store_dir)]) == 1
+        assert "is not an audit high-water mark" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 from medtee.attestation import report_data
 from medtee.attestation.simulated import SimulatedProvider
 from medtee.broker import audit
+from medtee.broker.audit import AuditLogDamaged
 from medtee.broker.client import HttpBroker
 from medtee.broker.protocol import (
     CLOSE_REFUSED,
@@ -357,6 +358,26 @@ def test_only_the_releases_receipt_key_closes_it(sealed, broker, who):
         broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))  # its own key still can
 
 
+def test_a_served_broker_whose_log_was_rolled_back_answers_503_and_logs_why(sealed, broker, serve, tmp_path, capfd):
+    """Restored from an older copy under a running server, the log refuses every decision with one 503 that names
+    no file; the server's own log says what to restore."""
+    from medtee.broker.client import BrokerError
+
+    _, manifest, _, _ = sealed
+    server = serve()
+    client = HttpBroker(server.url, store_dir=tmp_path / "unused")
+    log = broker.store_dir / "audit.log"
+    older = log.read_bytes()
+    got = release(client, manifest)
+    log.write_bytes(older)
+    capfd.readouterr()
+    with pytest.raises(BrokerError, match="503.*records no decision until its owner restores its audit log"):
+        release(client, manifest)
+    status, body = call(server, "/v1/release/close", close_body(got.release_id, {"n": 1}))
+    assert (status, body) == (503, {"error": "the broker records no decision until its owner restores its audit log"})
+    assert "audit.log no longer holds entry" in capfd.readouterr().err
+
+
 def test_brokers_on_one_store_see_each_others_releases_and_closes(sealed, broker):
     """Each broker keeps an index of the log and catches up on what another appended (`medtee broker serve` beside
     the owner's commands, or a second server on the store) before every decision."""
@@ -371,13 +392,17 @@ def test_brokers_on_one_store_see_each_others_releases_and_closes(sealed, broker
 
 
 def test_a_log_restored_from_a_copy_is_read_again(sealed, broker, tmp_path):
-    """A broker's index must follow the file: restored from an earlier copy, the releases after it are gone."""
+    """A broker's index must follow the file: restored from an earlier copy (and the loss accepted by removing the
+    high-water mark, which refuses it until then), the releases after it are gone."""
     _, manifest, _, _ = sealed
-    log = broker.store_dir / "audit.log"
+    log, mark = broker.store_dir / "audit.log", broker.store_dir / "audit.log.mark"
     copy = log.read_bytes()
     got = release(broker, manifest)
     broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     log.write_bytes(copy)  # the same file (inode), shorter
+    with pytest.raises(AuditLogDamaged, match="no longer holds entry"):
+        broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
+    mark.unlink()
     with pytest.raises(CloseNotAuthorized):  # the release is no longer in the log: unknown
         broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     again = release(broker, manifest)
@@ -387,6 +412,9 @@ def test_a_log_restored_from_a_copy_is_read_again(sealed, broker, tmp_path):
     size = len(log.read_bytes()) - len(longer) - 1
     stand_in = json.dumps({"event": "other", "pad": ""}).encode()
     log.write_bytes(longer + stand_in[:-2] + b"x" * (size - len(stand_in)) + b'"}\n')  # same length, other entry
+    with pytest.raises(AuditLogDamaged, match="its last line is not an audit entry"):  # not the mark's entry
+        broker.close_release(third.release_id, **signed(third.release_id, TEARDOWN))
+    mark.unlink()
     with pytest.raises(CloseNotAuthorized):  # read again from the start: `third` is gone
         broker.close_release(third.release_id, **signed(third.release_id, TEARDOWN))
     log.write_bytes(longer)
