@@ -297,8 +297,9 @@ def crl_path(cache_dir: str | Path, product: str, key: str) -> Path:
 
 def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.Certificate],
                 now: datetime, newest: Newest | None) -> tuple[bool | None, str]:
-    """(revoked, why) from the cached CRL: True when it lists one of `certs`, False when it is genuine, current, not
-    older than the newest one `newest` holds, and lists none, None when that cannot be established."""
+    """(revoked, why) from the cached CRL: True when it lists one of `certs`, or `newest` refuses it (older than the
+    newest CRL accepted, or not listing a certificate one accepted before listed: it fails under every stance),
+    False when it is genuine, current and lists none, None when that cannot be established."""
     from medtee.files import NotRegularFile, read_regular
 
     if not cache_dir:
@@ -321,12 +322,20 @@ def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.
     if crl.next_update_utc is None or not crl.last_update_utc <= now <= crl.next_update_utc:
         window = f"{crl.last_update_utc.isoformat()}..{crl.next_update_utc.isoformat() if crl.next_update_utc else '?'}"
         return None, f"CRL {path} not current (valid {window}; refresh it)"
-    listed = [common_name(c) for c in certs if crl.get_revoked_certificate_by_serial_number(serial_number(c))]
-    stale = newest.admit(f"amd-crl/{product}/{key}", crl.last_update_utc, _crl_number(crl)) if newest else None
+    revoking = {common_name(c): crl.get_revoked_certificate_by_serial_number(serial_number(c)) is not None
+                for c in certs}
+    listed = [cn for cn, revokes in revoking.items() if revokes]
+    refused = []
+    if newest:
+        refused = [f"CRL {path} {why}" for why in [newest.admit(f"amd-crl/{product}/{key}", crl.last_update_utc,
+                                                                _crl_number(crl))] if why]
+        refused += [f"CRL {path}, for {common_name(c)}, {why}" for c in certs
+                    if (why := newest.admit(f"amd-cert/{product}/{common_name(c)}/{serial_number(c):x}",
+                                            crl.last_update_utc, revokes=revoking[common_name(c)]))]
     if listed:
         return True, f"revoked by AMD: {', '.join(listed)}"
-    if stale:
-        return None, f"CRL {path} {stale}"
+    if refused:
+        return True, refused[0]
     return False, f"none of {', '.join(common_name(c) for c in certs)} listed (CRL of {crl.last_update_utc.date()})"
 
 
@@ -340,7 +349,7 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
 def revocation_check(product: str | None, key: str, key_cert: x509.Certificate | None, cache_dir: str | None,
                      stance: Revocation, now: datetime, newest: Newest | None = None) -> Check:
     """AMD's revocation of the ASK/ASVK (and the VCEK/VLEK) that vouch for the report, from the cached CRL: revoked
-    fails under every stance, not established (also: older than the newest CRL `newest` holds) fails under
+    (also: a CRL `newest` refuses, see `_crl_status`) fails under every stance, not established fails under
     fail_closed and warns under fail_open."""
     expected = f"not revoked in AMD's CRL ({stance.value})"
     if product not in PRODUCTS:

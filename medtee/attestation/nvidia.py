@@ -244,8 +244,9 @@ def gpu_evidence_checks(gpu: GpuEvidence, policy: AttestationPolicy, *, expected
 
 def revocation_check(certs: list[x509.Certificate], stance: Revocation, cache_dir: str | None, now: datetime,
                      label: str, newest: Newest | None = None) -> Check:
-    """OCSP status of each certificate below the root (from the cache); revoked always fails, unknown per stance."""
-    from medtee.attestation.ocsp import GOOD, REVOKED, revocation_status
+    """OCSP status of each certificate below the root (from the cache); revoked or refused (an older answer put back,
+    one undoing a revocation) always fails, unknown per stance."""
+    from medtee.attestation.ocsp import REFUSED, REVOKED, UNKNOWN, revocation_status
 
     root = device_root()
     chain = list(certs)
@@ -253,8 +254,8 @@ def revocation_check(certs: list[x509.Certificate], stance: Revocation, cache_di
         chain.append(root)
     results = [(common_name(c), *revocation_status(c, issuer, cache_dir, now, newest))
                for c, issuer in zip(chain, chain[1:])]
-    revoked = any(status == REVOKED for _, status, _ in results)
-    unknown = any(status not in (GOOD, REVOKED) for _, status, _ in results)
+    revoked = any(status in (REVOKED, REFUSED) for _, status, _ in results)
+    unknown = any(status == UNKNOWN for _, status, _ in results)
     ok = not revoked and (not unknown or stance is Revocation.fail_open)
     actual = "; ".join(f"{cn}: {why}" for cn, _, why in results) or "no certificates"
     if ok and unknown:

@@ -3,8 +3,9 @@
 Cache layout: `<ocsp_cache>/<certificate serial number, lowercase hex>.der`, one DER OCSP response per certificate
 (e.g. as written by `openssl ocsp -respout`). A response counts only when it is signed by the certificate's issuer or by
 a responder certificate that the issuer signed with the OCSP-signing EKU, names this certificate (CertID), and is
-current at the appraisal clock (thisUpdate <= now <= nextUpdate); with a `freshness.Newest`, a good answer older than
-the newest accepted for the certificate is unknown (an older copy put back).
+current at the appraisal clock (thisUpdate <= now <= nextUpdate). With a `freshness.Newest`, an answer older than the
+newest accepted for the certificate (an older copy put back), or one saying other than revoked about a certificate an
+answer accepted before revoked, is REFUSED: it fails under every revocation stance, as a revoked one does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from medtee.attestation.certs import X509_ERRORS, issuer_problem, serial_number
 from medtee.attestation.freshness import Newest
 
-GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
+GOOD, REVOKED, UNKNOWN, REFUSED = "good", "revoked", "unknown", "refused"
 
 
 def _issuer_key_sha256(issuer: x509.Certificate) -> str:
@@ -121,11 +122,12 @@ def _status(resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certif
             until = single.next_update_utc.isoformat() if single.next_update_utc else "absent"
             return UNKNOWN, f"response expired (nextUpdate {until})"
         kind = f"nvidia-ocsp/{_issuer_key_sha256(issuer)}/{cert.serial_number:x}"  # whatever hash the CertID used
-        stale = newest.admit(kind, single.this_update_utc) if newest else None
-        if single.certificate_status is ocsp.OCSPCertStatus.REVOKED:
+        revokes = single.certificate_status is ocsp.OCSPCertStatus.REVOKED
+        refused = newest.admit(kind, single.this_update_utc, revokes=revokes) if newest else None
+        if revokes:
             return REVOKED, f"revoked at {single.revocation_time_utc.isoformat()}"
-        if stale:
-            return UNKNOWN, f"response {stale}"
+        if refused:
+            return REFUSED, f"response {refused}"
         if single.certificate_status is ocsp.OCSPCertStatus.GOOD:
             return GOOD, "good"
         return UNKNOWN, "responder does not know the certificate"

@@ -5,8 +5,10 @@ Store directory of an :class:`EmbeddedBroker` (created on first use, mode 0700):
 owner's manifest-signing key; `trusted-owners/*.pub`: further owner keys whose manifests may be registered;
 `datasets/<id>.json`: registrations (manifest + current policy; change it with `medtee broker policy set`, read
 at every release, no restart); `policies/NAME.yaml`: the owner's own release policies (`medtee broker policy add`),
-looked up before the shipped ones; `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain; `revocation-seen.json`: the newest
-AMD CRL and NVIDIA OCSP answer appraisal accepted (`medtee.attestation.freshness`: no older copy counts after it).
+looked up before the shipped ones; `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain, and
+`audit.log.mark` its high-water mark (`medtee.broker.audit`); `revocation-seen.json`: the newest AMD CRL and NVIDIA
+OCSP answer appraisal accepted, and every revocation (`medtee.attestation.freshness`: no older copy counts after
+it, and no revocation is undone).
 
 Outstanding challenges are capped per dataset and per client (the HTTP service passes the remote address), so a
 flood for one dataset or from one client cannot starve another; expired nonces are pruned at every challenge and

@@ -141,23 +141,29 @@ def test_an_older_crl_put_back_in_the_cache_establishes_nothing(tmp_path, pinned
     assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
     _write_crl(cache, pinned[0], days=(-3, 30), number=6)  # last week's, before the revocation
     assert _check(cache).ok  # no memory: the older CRL passes
-    for stance in (Revocation.fail_closed, Revocation.fail_open):
+    for stance in (Revocation.fail_closed, Revocation.fail_open):  # put back: refused whatever the stance
         result = _check(cache, stance, newest=newest)
-        assert (result.ok, "older than one accepted before") == (stance is Revocation.fail_open, "older than one "
-                                                                  "accepted before") and "CRL number 7" in result.actual
+        assert not result.ok and "older than one accepted before" in result.actual and "CRL number 7" in result.actual
     _write_crl(cache, pinned[0], days=(-1, 30), number=6)  # the same date, a lower number
     assert "older than one accepted before" in _check(cache, newest=newest).actual
     _write_crl(cache, pinned[0], revoked=[0x1234], days=(-5, 30), number=2)  # an older one that revokes: revoked
     assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
-    _write_crl(cache, pinned[0], days=(0, 30), number=8)  # a newer one is accepted and becomes the newest
-    assert _check(cache, newest=newest).ok
-    _write_crl(cache, pinned[0], revoked=[0x1234], days=(-1, 30), number=7)
-    assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
+    for stance in (Revocation.fail_closed, Revocation.fail_open):  # a revocation is never undone
+        _write_crl(cache, pinned[0], days=(0, 30), number=8)  # newer and genuine, without the revocation
+        result = _check(cache, stance, newest=newest)
+        assert not result.ok and "for SEV-Milan, says not revoked, but one of" in result.actual
+        assert "accepted before revoked it, and revocation is never undone" in result.actual
+    fresh = Newest(tmp_path / "fresh.json")
     _write_crl(cache, pinned[0], days=(-1, 30), number=7)
-    assert not _check(cache, newest=newest).ok
+    assert _check(cache, newest=fresh).ok
+    _write_crl(cache, pinned[0], days=(0, 30), number=8)  # a newer one is accepted and becomes the newest
+    assert _check(cache, newest=fresh).ok
+    _write_crl(cache, pinned[0], days=(-1, 30), number=7)
+    assert not _check(cache, newest=fresh).ok
     (tmp_path / "seen.json").write_text("{damaged")
     _write_crl(cache, pinned[0], days=(0, 30), number=8)
-    result = _check(cache, newest=newest)
-    assert not result.ok and f"{tmp_path / 'seen.json'} (the newest revocation documents accepted) is damaged" in \
-        result.actual
+    for stance in (Revocation.fail_closed, Revocation.fail_open):
+        result = _check(cache, stance, newest=newest)
+        assert not result.ok and f"{tmp_path / 'seen.json'} (the newest revocation documents accepted) is " \
+            f"damaged" in result.actual
 

@@ -11,7 +11,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medtee.attestation import nvidia
-from medtee.attestation.ocsp import GOOD, REVOKED, UNKNOWN, revocation_status
+from medtee.attestation.ocsp import GOOD, REFUSED, REVOKED, UNKNOWN, revocation_status
 from medtee.attestation.policy import Revocation
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -133,24 +133,51 @@ def test_revoked_fails_under_every_stance(pki, tmp_path, chain, stance):
     assert not c.ok and "Test leaf: revoked at" in c.actual
 
 
-def test_an_older_good_answer_put_back_after_a_newer_one_is_unknown(pki, tmp_path):
+@pytest.mark.parametrize("stance", [Revocation.fail_closed, Revocation.fail_open])
+def test_an_older_good_answer_put_back_after_a_newer_one_is_refused(pki, tmp_path, stance):
     """OCSP answers are valid for days: with a record of the newest accepted (the broker's), last week's "good"
-    cannot stand in for a newer answer; a "revoked" counts whatever its age."""
+    cannot stand in for a newer answer, under any stance (someone put it back: it is not a missing answer)."""
     from medtee.attestation.freshness import Newest
 
     newest, cache = Newest(tmp_path / "seen.json"), tmp_path / "cache"
     cache.mkdir()
+    put(cache, pki["ica"], response(pki, pki["ica"], pki["root"]))
     put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-1, nxt=5))
     assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest) == (GOOD, "good")
     put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-3, nxt=5))
     assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW) == (GOOD, "good")  # no record: no memory
     status, why = revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)
-    assert status == UNKNOWN and "older than one accepted before" in why
-    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-4, nxt=5, status=ocsp.OCSPCertStatus.REVOKED))
-    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)[0] == REVOKED
+    assert status == REFUSED and "older than one accepted before" in why
+    chain = [pki["leaf"], pki["ica"], pki["root"]]
+    c = nvidia.revocation_check(chain, stance, str(cache), NOW, "gpu", newest)
+    assert not c.ok and "Test leaf: response older than one accepted before" in c.actual and "WARNING" not in c.actual
     older_sha256 = response(pki, pki["leaf"], pki["ica"], this=-3, nxt=5, cert_id_hash=hashes.SHA256)
     put(cache, pki["leaf"], older_sha256)  # the same certificate under a CertID hashed otherwise: still older
     status, why = revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)
-    assert status == UNKNOWN and "older than one accepted before" in why
+    assert status == REFUSED and "older than one accepted before" in why
     put(cache, pki["other"], response(pki, pki["other"], pki["ica"], this=-5, nxt=5))  # another certificate's own
     assert revocation_status(pki["other"], pki["ica"], str(cache), NOW, newest) == (GOOD, "good")
+
+
+@pytest.mark.parametrize("stance", [Revocation.fail_closed, Revocation.fail_open])
+def test_a_revocation_is_never_undone(pki, tmp_path, stance):
+    """A "revoked" counts whatever its age, and once one was accepted for a certificate, a later "good" (newer, and
+    genuinely signed) or "unknown" answer does not bring the certificate back."""
+    from medtee.attestation.freshness import Newest
+
+    newest, cache = Newest(tmp_path / "seen.json"), tmp_path / "cache"
+    cache.mkdir()
+    put(cache, pki["ica"], response(pki, pki["ica"], pki["root"]))
+    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-1, nxt=5))
+    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest) == (GOOD, "good")
+    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-4, nxt=5, status=ocsp.OCSPCertStatus.REVOKED))
+    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)[0] == REVOKED  # older, but revokes
+    recorded = (NOW - timedelta(days=4)).isoformat()
+    for status in (ocsp.OCSPCertStatus.GOOD, ocsp.OCSPCertStatus.UNKNOWN):
+        put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=0, nxt=5, status=status))
+        got, why = revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)
+        assert got == REFUSED and f"says not revoked, but one of {recorded} accepted before revoked it" in why
+        c = nvidia.revocation_check([pki["leaf"], pki["ica"], pki["root"]], stance, str(cache), NOW, "gpu", newest)
+        assert not c.ok and "revocation is never undone" in c.actual
+    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=0, nxt=5))
+    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW) == (GOOD, "good")  # no record: no memory
