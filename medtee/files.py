@@ -54,8 +54,9 @@ def _temporary_sibling(path: Path, data: bytes, mode: int) -> Path:
     return Path(tmp)
 
 
-def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
-    """Write `data` to a unique temporary sibling (created with `mode`), fsync it, then rename it over `path`."""
+def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644, sync_dir: bool = False) -> None:
+    """Write `data` to a unique temporary sibling (created with `mode`), fsync it, then rename it over `path`; with
+    `sync_dir`, fsync the directory too, so that the rename itself survives a power loss."""
     path = Path(path)
     tmp = _temporary_sibling(path, data, mode)
     try:
@@ -63,6 +64,12 @@ def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if sync_dir:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_new(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:

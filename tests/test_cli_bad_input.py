@@ -122,7 +122,7 @@ def test_commands_on_a_store_whose_log_was_rolled_back_refuse_before_any_work(tm
     for argv in (["seal", "d.jsonl", "--out", "s3", "--broker-dir", "b", "--dataset-id", "third"],
                  ["broker", "policy", "add", "x", "x.yaml", "--broker-dir", "b"],
                  ["keys", "rotate", "--broker-dir", "b", "s1"]):
-        refused(capsys, argv, "b/audit.log no longer holds entry 1", "restored from an older copy",
+        refused(capsys, argv, "b/audit.log does not hold entry 1", "restored from an older copy",
                 "Restore the newest copy", code=1)
     assert tree(tmp_path) == before
 

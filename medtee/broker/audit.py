@@ -3,8 +3,9 @@
 Each entry carries `seq`, `prev` (the previous entry's hash; 64 zeros for the first) and `hash` = SHA-256 of the
 entry's canonical JSON without `hash`. Editing, deleting, inserting or reordering entries breaks the chain.
 Cutting entries off the end cannot be seen from the file alone. Beside it, `audit.log.mark` (the high-water mark)
-names the last entry appended, and the broker records nothing while the log no longer holds that entry (restored
-from an older copy, cut short, removed): its releases and their privacy budget would be forgotten. Restoring the
+names the last entry appended, and the broker records nothing while the log does not hold that entry (restored
+from an older copy, cut short, removed): its releases and their privacy budget would be forgotten. Removing the mark
+accepts the log as it is; the next append records that (`mark-start`). Restoring the
 whole store rolls the mark back too, so anchor the head printed by `medtee broker audit verify` somewhere else (a
 ticket, a transparency log) to detect that as well. Entries hold ids and digests, never data.
 
@@ -36,8 +37,9 @@ _log = logging.getLogger(__name__)
 
 
 class AuditLogDamaged(Exception):
-    """A complete line of the audit log is not an entry, or the log no longer holds the entry its high-water mark
-    names: the broker appends nothing more until it is restored."""
+    """A complete line of the audit log is not an entry or does not follow the one before it, the log does not hold
+    the entry its high-water mark names, or the mark cannot be read or written: the broker records no decision until
+    the owner restores it (the message names the fix)."""
 
 
 def mark_path(path: Path) -> Path:
@@ -52,46 +54,94 @@ def _read_mark(path: Path) -> dict | None:
     try:
         mark = json.loads(read_regular(where, MAX_MARK_BYTES))
     except FileNotFoundError:
-        return None
-    except (OSError, NotRegularFile, ValueError, RecursionError):
+        if not os.path.lexists(where):
+            return None
+        mark = None  # a link to nothing
+    except NotRegularFile:
         mark = None
-    if (isinstance(mark, dict) and isinstance(mark.get("seq"), int) and isinstance(mark.get("hash"), str)
-            and isinstance(mark.get("end"), int) and mark["end"] > 0):
+    except OSError as e:
+        raise AuditLogDamaged(f"cannot read {where} ({e.strerror or type(e).__name__}); fix its permissions or the "
+                              f"disk, then try again") from None
+    except (ValueError, RecursionError):
+        mark = None
+    if (isinstance(mark, dict) and type(mark.get("seq")) is int and isinstance(mark.get("hash"), str)
+            and type(mark.get("end")) is int and mark["end"] > 0):
         return mark
     raise AuditLogDamaged(f"{where} is not an audit high-water mark; restore it from a backup, or, if {path.name} is "
                           f"its newest copy, remove it (the broker then marks the log's last entry at its next append)")
 
 
-def _behind_mark(f, path: Path) -> str:
-    """Why the log open in `f` no longer holds the entry its mark names ('' when it does, or has no mark)."""
-    mark = _read_mark(path)
-    if mark is None:
-        return ""
+def _line_entry(line: bytes) -> dict | None:
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _is_marked(entry: dict | None, mark: dict) -> bool:
+    """Whether `entry` is the one `mark` names: its seq and hash, and a hash that is its own."""
+    return (entry is not None and entry.get("seq") == mark["seq"] and entry.get("hash") == mark["hash"]
+            and _entry_hash(entry) == mark["hash"])
+
+
+def _complete_end(f) -> int:
+    """The size of `f` without an unfinished last line."""
     f.seek(0, os.SEEK_END)
     size = f.tell()
-    if size >= mark["end"] and _hash_of_line(f, mark["end"]) == mark["hash"]:
+    if size == 0:
+        return 0
+    f.seek(size - 1)
+    return size if f.read(1) == b"\n" else size - len(_tail(f, size))
+
+
+def _holds(f, mark: dict, complete: int) -> bool:
+    """Whether the first `complete` bytes of `f` hold the entry `mark` names: at its recorded offset, else anywhere
+    (a log rewritten with other spacing)."""
+    end = mark["end"]
+    if end <= complete:
+        f.seek(end - 1)
+        if f.read(1) == b"\n" and _is_marked(_line_entry(_tail(f, end - 1)), mark):
+            return True
+    needle, seen = mark["hash"].encode(), 0
+    f.seek(0)
+    for line in f:
+        seen += len(line)
+        if seen > complete:
+            break
+        if needle in line and _is_marked(_line_entry(line), mark):
+            return True
+    return False
+
+
+def _behind_mark(f, path: Path, mark: dict | None) -> str:
+    """Why the log at `path`, open in `f`, does not hold the entry `mark` (its mark) names ('' when it does, or when
+    it has no mark)."""
+    if mark is None:
         return ""
-    f.seek(max(0, size - 1))
-    complete = size if f.read(1) == b"\n" else size - len(_tail(f, size))  # without an unfinished last line
+    complete = _complete_end(f)
+    if _holds(f, mark, complete):
+        return ""
     last = _last_line(f, path, complete) if complete else None
-    if last is not None and last["seq"] >= mark["seq"]:
-        return (f"{path} was altered before entry {mark['seq']}, which its high-water mark {mark_path(path).name} "
-                f"names (it no longer ends at byte {mark['end']}); run `medtee broker audit verify` to find the "
-                f"line, and restore the log from a copy before the broker records more")
-    return (f"{path} no longer holds entry {mark['seq']} (hash {mark['hash'][:16]}...), which its high-water mark "
-            f"{mark_path(path).name} names as the last one appended: it was restored from an older copy, cut short "
-            f"or removed, which would forget the releases after that point and refund their privacy budget. Restore "
-            f"the newest copy of {path.name}; only if no copy holds that entry, remove {mark_path(path).name} to "
-            f"accept the loss")
+    how = (f"though it has entries up to {last['seq']}: it was altered, or replaced by another log"
+           if last is not None and last["seq"] >= mark["seq"] else
+           "it was restored from an older copy, cut short or removed")
+    return (f"{path} does not hold entry {mark['seq']} (hash {mark['hash'][:16]}...), which its high-water mark "
+            f"{mark_path(path).name} names as the last one appended, {how}; that would forget the releases up to "
+            f"there and refund their privacy budget. Restore the newest copy of {path.name}; only if no copy holds "
+            f"that entry, remove {mark_path(path).name} to accept the loss")
 
 
 def _write_mark(path: Path, entry: dict, end: int) -> None:
-    """Record `entry`, whose line ends at byte `end`, as the log's high-water mark (a failure is logged: the entry
-    stands, and the mark stays at an earlier entry)."""
+    """Record `entry`, whose line ends at byte `end`, as the log's high-water mark; AuditLogDamaged when that fails
+    (the entry stays in the log, so what it records is counted, but the decision is not returned)."""
     try:
-        write_atomic(mark_path(path), json.dumps({"seq": entry["seq"], "hash": entry["hash"], "end": end}).encode())
+        write_atomic(mark_path(path), json.dumps({"seq": entry["seq"], "hash": entry["hash"], "end": end}).encode(),
+                     sync_dir=True)
     except OSError as e:
-        _log.warning("%s: could not update the high-water mark (%s)", path, e.strerror or type(e).__name__)
+        raise AuditLogDamaged(f"{path}: entry {entry['seq']} was recorded but the high-water mark could not be "
+                              f"updated ({e.strerror or type(e).__name__}), so its decision is not returned; free "
+                              f"disk space or fix the store's permissions, then try again") from None
 
 
 def _entry_hash(entry: dict) -> str:
@@ -178,7 +228,7 @@ class AuditLog:
         self.path = Path(path)
         self.index = index
         self._lock = threading.Lock()
-        self._read = (0, None)  # bytes of the log `index` holds, and the hash of the last entry among them
+        self._read = (0, None, -1)  # bytes of the log `index` holds, and the hash and seq of the last entry in them
 
     def entries(self) -> list[dict]:
         """The log's complete entries, oldest first (none for no log); AuditLogDamaged naming a bad line."""
@@ -200,7 +250,7 @@ class AuditLog:
         except FileNotFoundError:
             f = io.BytesIO()
         with f:
-            if behind := _behind_mark(f, self.path):
+            if behind := _behind_mark(f, self.path, _read_mark(self.path)):
                 raise AuditLogDamaged(behind)
 
     def append(self, event: str, **fields: object) -> dict:
@@ -215,57 +265,83 @@ class AuditLog:
         with self._lock, open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                _drop_unfinished(f, self.path)
-                self._catch_up(f)  # first: it names a damaged line
-                if behind := _behind_mark(f, self.path):
+                mark = _read_mark(self.path)
+                if behind := _behind_mark(f, self.path, mark):  # before an unfinished line is cut: not the marked one
                     raise AuditLogDamaged(behind)
+                _drop_unfinished(f, self.path)
+                self._catch_up(f)
+                checked = f.seek(0, os.SEEK_END)
                 decision = decide()
                 if isinstance(decision, dict):
                     return decision
                 event, fields = decision
-                prev = _last_line(f, self.path)
-                entry = {
-                    "seq": prev["seq"] + 1 if prev else 0,
-                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                    "event": event,
-                    **fields,
-                    "prev": prev["hash"] if prev else GENESIS,
-                }
-                entry["hash"] = _entry_hash(entry)
-                f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+                if f.seek(0, os.SEEK_END) != checked:
+                    raise AuditLogDamaged(f"{self.path} changed while the broker decided (written without the log's "
+                                          f"lock: a copy put back?), so nothing was recorded; run `medtee broker "
+                                          f"audit verify`")
+                prev = before = _last_line(f, self.path)
+                lines = []
+                if prev is not None and mark is None:  # a log from before marks, or a loss accepted
+                    _log.warning("%s has no high-water mark: its %d entries are taken as whole (entry mark-start)",
+                                 self.path, prev["seq"] + 1)
+                    prev = _new_entry(prev, "mark-start", {})
+                    lines.append(prev)
+                entry = _new_entry(prev, event, fields)
+                data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in (*lines, entry))
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-                _write_mark(self.path, entry, f.tell())
+                end = checked + len(data)
+                if (f.tell() != end or _hash_of_line(f, end) != entry["hash"]
+                        or (before is not None and _hash_of_line(f, checked) != before["hash"])):
+                    raise AuditLogDamaged(f"{self.path} changed while the broker appended entry {entry['seq']} "
+                                          f"(written without the log's lock: a copy put back?), so its decision is "
+                                          f"not returned; run `medtee broker audit verify`")
+                _write_mark(self.path, entry, end)
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return entry
 
     def _catch_up(self, f) -> None:
         """Feed `index` the entries of `f` (every line complete) it has not seen, from the start if the log changed
-        under what it holds."""
+        under what it holds. Each entry must follow the one before it (seq and prev), or AuditLogDamaged."""
         if self.index is None:
             return
-        offset, last = self._read
+        offset, last, seq = self._read
         f.seek(0, os.SEEK_END)
         end = f.tell()
         if offset and (end < offset or _hash_of_line(f, offset) != last):
             self.index.reset()
-            offset, last = self._read = 0, None
+            offset, last, seq = self._read = 0, None, -1
         f.seek(offset)
         for line in f:
             if line.strip():
-                try:
-                    entry = json.loads(line)
-                except (ValueError, RecursionError):
-                    entry = None
-                if not isinstance(entry, dict):
+                entry = _line_entry(line)
+                if entry is None:
                     raise AuditLogDamaged(f"{self.path}: the line at byte {offset} is not an audit entry; run `medtee "
                                           f"broker audit verify` and restore the log from a copy before the broker "
                                           f"records more")
+                if entry.get("seq") != seq + 1 or entry.get("prev") != (last or GENESIS):
+                    raise AuditLogDamaged(f"{self.path}: the entry at byte {offset} does not follow the one before "
+                                          f"it (an entry removed, inserted or reordered); run `medtee broker audit "
+                                          f"verify` and restore the log from a copy before the broker records more")
                 self.index.add(entry)
-                last = entry.get("hash")
+                last, seq = entry.get("hash"), seq + 1
             offset += len(line)
-            self._read = (offset, last)
+            self._read = (offset, last, seq)
+
+
+def _new_entry(prev: dict | None, event: str, fields: dict) -> dict:
+    """The entry after `prev` (None: the first), chained to it."""
+    entry = {
+        "seq": prev["seq"] + 1 if prev else 0,
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "event": event,
+        **fields,
+        "prev": prev["hash"] if prev else GENESIS,
+    }
+    entry["hash"] = _entry_hash(entry)
+    return entry
 
 
 def _hash_of_line(f, end: int) -> object:
@@ -280,22 +356,25 @@ def _hash_of_line(f, end: int) -> object:
 @dataclass(frozen=True)
 class AuditReport:
     """Outcome of :func:`verify`: `ok`, number of entries, head hash, the first problem found, and the size in bytes
-    of an unfinished last line (an append that did not complete; the broker drops it at its next append)."""
+    of an unfinished last line (an append that did not complete; the broker drops it at its next append);
+    `mark_problem` when the chain is whole but the high-water mark refuses it (the problem names the fix)."""
 
     ok: bool
     entries: int
     head: str
     problem: str = ""
     unfinished: int = 0
+    mark_problem: bool = False
 
 
 def verify(path: Path | str) -> AuditReport:
     """Check the whole chain of the log at `path`."""
     path = Path(path)
     if not path.exists():
-        if mark_path(path).exists():
+        if os.path.lexists(mark_path(path)):
             return AuditReport(False, 0, GENESIS, f"{path} does not exist, but its high-water mark "
-                               f"{mark_path(path).name} says entries were appended to it; restore the newest copy")
+                               f"{mark_path(path).name} says entries were appended to it; restore its newest copy",
+                               mark_problem=True)
         return AuditReport(False, 0, GENESIS, f"{path} does not exist (removed, or this store has recorded no "
                            f"event yet); check the --broker-dir you passed")
     prev, n, unfinished = GENESIS, 0, 0
@@ -319,9 +398,9 @@ def verify(path: Path | str) -> AuditReport:
                 return AuditReport(False, n, prev, f"{path}:{lineno}: entry altered after it was written")
             prev, n = entry["hash"], n + 1
         try:
-            behind = _behind_mark(f, path)
+            behind = _behind_mark(f, path, _read_mark(path))
         except AuditLogDamaged as e:
             behind = str(e)
     if behind:
-        return AuditReport(False, n, prev, behind, unfinished)
+        return AuditReport(False, n, prev, behind, unfinished, mark_problem=True)
     return AuditReport(True, n, prev, unfinished=unfinished)

@@ -7,6 +7,7 @@ Nothing here prints record content.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -101,14 +102,14 @@ def _serve(args: argparse.Namespace) -> int:
                or _tls_problem(args.tls_cert, args.tls_key))
     if problem:
         return exits.fail(problem)
-    from medtee.broker.audit import verify
+    from medtee.broker.audit import AuditLogDamaged, mark_path, verify
 
     log = Path(args.store) / "audit.log"
-    report = verify(log) if log.exists() else None
+    report = verify(log) if log.exists() or os.path.lexists(mark_path(log)) else None
     if report is not None and not report.ok:
+        fix = "" if report.mark_problem else f"; restore {log} from its newest copy, then serve again"
         return exits.fail(f"the audit log fails verification after {report.entries} good entries ({report.problem}), "
-                          f"so the broker will not add decisions to it; restore {log} from its newest copy, then serve again",
-                          exits.REFUSED)
+                          f"so the broker will not add decisions to it{fix}", exits.REFUSED)
     from medtee.broker.server import Limits, serve
 
     limits = Limits(max_connections=_given(args.max_connections), idle_timeout_s=_given(args.idle_timeout),
@@ -119,6 +120,8 @@ def _serve(args: argparse.Namespace) -> int:
               nonce_ttl_s=args.nonce_ttl, max_challenges_per_dataset=args.max_challenges_per_dataset,
               max_challenges_per_client=args.max_challenges_per_client,
               announce=lambda url: print(f"medtee key broker listening on {url}", flush=True))
+    except AuditLogDamaged as e:  # changed between the check above and the broker's own
+        return exits.fail(str(e), exits.REFUSED)
     except (OSError, ValueError, OverflowError) as e:
         return exits.fail(f"cannot serve on {args.host}:{port}: {e}")
     return exits.OK
@@ -145,7 +148,7 @@ def _audit(args: argparse.Namespace) -> int:
     if report.unfinished:
         print(f"after them, an unfinished last line ({report.unfinished} bytes): an append that did not complete "
               f"(e.g. a full disk), so no decision was returned for it; the broker drops it at its next append")
-    print("anchor the head elsewhere to detect later truncation")
+    print("anchor the head outside the store to detect the whole store (log and mark) restored from an old backup")
     return exits.OK
 
 

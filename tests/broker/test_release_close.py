@@ -375,7 +375,7 @@ def test_a_served_broker_whose_log_was_rolled_back_answers_503_and_logs_why(seal
         release(client, manifest)
     status, body = call(server, "/v1/release/close", close_body(got.release_id, {"n": 1}))
     assert (status, body) == (503, {"error": "the broker records no decision until its owner restores its audit log"})
-    assert "audit.log no longer holds entry" in capfd.readouterr().err
+    assert "audit.log does not hold entry" in capfd.readouterr().err
 
 
 def test_brokers_on_one_store_see_each_others_releases_and_closes(sealed, broker):
@@ -400,7 +400,7 @@ def test_a_log_restored_from_a_copy_is_read_again(sealed, broker, tmp_path):
     got = release(broker, manifest)
     broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     log.write_bytes(copy)  # the same file (inode), shorter
-    with pytest.raises(AuditLogDamaged, match="no longer holds entry"):
+    with pytest.raises(AuditLogDamaged, match="does not hold entry"):
         broker.close_release(got.release_id, **signed(got.release_id, TEARDOWN))
     mark.unlink()
     with pytest.raises(CloseNotAuthorized):  # the release is no longer in the log: unknown
@@ -410,9 +410,14 @@ def test_a_log_restored_from_a_copy_is_read_again(sealed, broker, tmp_path):
     restored = [json.loads(line) for line in longer.splitlines()]
     third = release(broker, manifest)  # the index now holds `third`
     size = len(log.read_bytes()) - len(longer) - 1
-    stand_in = json.dumps({"event": "other", "pad": ""}).encode()
-    log.write_bytes(longer + stand_in[:-2] + b"x" * (size - len(stand_in)) + b'"}\n')  # same length, other entry
-    with pytest.raises(AuditLogDamaged, match="its last line is not an audit entry"):  # not the mark's entry
+
+    def stand_in(pad: str) -> bytes:  # chained where `third` was, of another event
+        entry = {"seq": restored[-1]["seq"] + 1, "time": "t", "event": "other", "pad": pad, "prev": again.release_id}
+        return json.dumps({**entry, "hash": audit._entry_hash(entry)}, sort_keys=True).encode()
+
+    log.write_bytes(longer + stand_in("x" * (size - len(stand_in("")))) + b"\n")  # same length, other entry
+    assert len(log.read_bytes()) == len(longer) + size + 1
+    with pytest.raises(AuditLogDamaged, match="does not hold entry .* though it has entries up to"):
         broker.close_release(third.release_id, **signed(third.release_id, TEARDOWN))
     mark.unlink()
     with pytest.raises(CloseNotAuthorized):  # read again from the start: `third` is gone

@@ -178,10 +178,6 @@ def test_a_damaged_complete_line_stops_appends_naming_the_fix(sealed, broker, da
     before = log.read_bytes()
     with pytest.raises(audit.AuditLogDamaged, match="is not an audit entry; run `medtee broker audit verify`"):
         broker.audit.append("x")
-    with pytest.raises(audit.AuditLogDamaged, match="(is not an audit entry|was altered before entry 1, which its "
-                                                    "high-water mark).*; run `medtee broker audit verify`"):
-        EmbeddedBroker(broker.store_dir)  # refused before it reads the whole log
-    (broker.store_dir / "audit.log.mark").unlink()
     with pytest.raises(audit.AuditLogDamaged, match="is not an audit entry; run `medtee broker audit verify`"):
         EmbeddedBroker(broker.store_dir).audit.append("x")  # a broker reads the whole log at its first decision
     assert log.read_bytes() == before

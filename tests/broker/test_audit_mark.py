@@ -1,0 +1,152 @@
+"""The audit log's high-water mark (`audit.log.mark`) against the ways a log can be rolled back or forged without
+breaking its chain: a copy put back while the broker decides, a mark that cannot be written, a line forged at the
+mark's offset, a lost final newline, a log rewritten with other spacing, and marks that are not marks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+
+import pytest
+
+from medtee.broker import audit, budget
+from medtee.broker.audit import AuditLogDamaged
+from medtee.broker.service import EmbeddedBroker
+from medtee.cli import main
+
+from .test_dp_budget import dp_recipe
+from .test_release_rules import attempt, rules_policy
+
+
+@pytest.fixture
+def budgeted(sealed, broker, tmp_path):
+    """A broker whose dataset has spent epsilon 4 of 5, the log before that release, and the manifest."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 5})
+    older = broker.audit.path.read_bytes()
+    assert attempt(broker, manifest, dp_recipe(4)) == "released"
+    return broker, manifest, older
+
+
+def test_a_copy_put_back_while_the_broker_decides_records_nothing(budgeted, monkeypatch):
+    """`cp older audit.log` takes no lock: landing between the broker's check and its write, the new entry would
+    chain onto the older copy and the mark would follow it. The broker sees the log change and records nothing."""
+    broker, manifest, older = budgeted
+    refusal = budget.refusal
+
+    def put_back(*args, **kwargs):
+        broker.audit.path.write_bytes(older)  # the same file, as cp writes it
+        return refusal(*args, **kwargs)
+
+    monkeypatch.setattr(budget, "refusal", put_back)
+    with pytest.raises(AuditLogDamaged, match="changed while the broker decided .* nothing was recorded"):
+        attempt(broker, manifest, dp_recipe(1))
+    monkeypatch.setattr(budget, "refusal", refusal)
+    assert broker.audit.path.read_bytes() == older
+    with pytest.raises(AuditLogDamaged, match="does not hold entry .* restored from an older copy"):
+        EmbeddedBroker(broker.store_dir)
+
+
+def test_a_mark_that_cannot_be_written_returns_no_decision(budgeted, monkeypatch):
+    """The entry is in the log (so its spend counts) but the decision is not returned: a later rollback to the
+    stale mark can only forget a release whose key nobody received."""
+    broker, manifest, _ = budgeted
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit, "write_atomic", full)
+    with pytest.raises(AuditLogDamaged, match=r"recorded but the high-water mark could not be updated \(No space"):
+        attempt(broker, manifest, dp_recipe(0.5))
+    monkeypatch.undo()
+    assert broker.privacy_spent("test-ds")[2].epsilon == 4.5  # counted, though not returned
+    assert attempt(broker, manifest, dp_recipe(0.5)) == "released"
+    assert attempt(broker, manifest, dp_recipe(0.5)) == ["broker.dp_budget"]
+
+
+def test_a_line_forged_at_the_marks_offset_is_refused(budgeted):
+    """The marked entry must be the mark's entry, hash and all; and a broker reading the log follows its chain."""
+    broker, _, older = budgeted
+    log, mark = broker.audit.path, json.loads(audit.mark_path(broker.audit.path).read_text())
+    stub = json.dumps({"seq": mark["seq"], "hash": mark["hash"], "pad": ""})
+    forged = older + (stub[:-2] + "x" * (mark["end"] - len(older) - len(stub) - 1) + '"}\n').encode()
+    assert len(forged) == mark["end"]
+    log.write_bytes(forged)
+    with pytest.raises(AuditLogDamaged, match="does not hold entry"):
+        EmbeddedBroker(broker.store_dir)
+    lines = (older + b"").splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:1] + lines[2:]))  # an entry cut out of the middle: the chain no longer follows
+    audit.mark_path(log).unlink()
+    with pytest.raises(AuditLogDamaged, match="does not follow the one before it"):
+        EmbeddedBroker(broker.store_dir).audit.append("x")
+
+
+def test_a_lost_final_newline_is_refused_without_cutting_the_marked_entry(broker):
+    broker.audit.append("a")
+    broker.audit.append("b")
+    log = broker.audit.path
+    log.write_bytes(log.read_bytes()[:-1])  # an editor that strips the final newline
+    cut = log.read_bytes()
+    with pytest.raises(AuditLogDamaged, match="does not hold entry 1"):
+        broker.audit.append("c")
+    assert log.read_bytes() == cut  # the broker removed nothing
+    log.write_bytes(cut + b"\n")
+    assert broker.audit.append("c")["seq"] == 2
+
+
+def test_a_log_rewritten_with_other_spacing_still_holds_its_mark(broker, capsys):
+    """`jq -c` keeps every entry and the chain, not the offsets: the mark's entry is found by seq and hash."""
+    broker.audit.append("a")
+    broker.audit.append("b")
+    log = broker.audit.path
+    log.write_bytes(b"".join(json.dumps(json.loads(line), separators=(",", ":"), sort_keys=True).encode() + b"\n"
+                             for line in log.read_bytes().splitlines()))
+    assert main(["broker", "audit", "verify", "--broker-dir", str(broker.store_dir)]) == 0
+    assert EmbeddedBroker(broker.store_dir).audit.append("c")["seq"] == 2
+    assert json.loads(audit.mark_path(log).read_text())["end"] == log.stat().st_size
+
+
+def test_marks_that_are_not_marks_name_themselves(broker, capsys, monkeypatch):
+    broker.audit.append("a")
+    mark = audit.mark_path(broker.audit.path)
+    store = str(broker.store_dir)
+    mark.unlink()
+    mark.mkdir()
+    for setup in ("directory", "dangling link"):
+        with pytest.raises(AuditLogDamaged, match="audit.log.mark is not an audit high-water mark; restore it"):
+            EmbeddedBroker(broker.store_dir)
+        assert main(["broker", "serve", "--port", "0", "--broker-dir", store]) == 1
+        err = capsys.readouterr().err
+        assert "is not an audit high-water mark" in err and "restore" not in err.split("next append")[1]
+        mark.rmdir() if mark.is_dir() else None
+        if setup == "directory":
+            mark.symlink_to(broker.store_dir / "nowhere")
+    mark.unlink()
+
+    def unreadable(*args):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    broker.audit.append("b")
+    monkeypatch.setattr(audit, "read_regular", unreadable)
+    with pytest.raises(AuditLogDamaged, match=r"cannot read .*audit.log.mark \(Permission denied\); fix its"):
+        EmbeddedBroker(broker.store_dir)
+
+
+def test_serve_refuses_a_store_whose_log_was_removed(broker, capsys):
+    broker.audit.append("a")
+    broker.audit.path.unlink()
+    assert main(["broker", "serve", "--port", "0", "--broker-dir", str(broker.store_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "audit.log does not exist, but its high-water mark" in err
+
+
+def test_a_removed_mark_is_recorded_in_the_log(broker, caplog):
+    """Removing the mark accepts whatever the log holds: the next append says so, in the log and as a warning."""
+    broker.audit.append("a")
+    audit.mark_path(broker.audit.path).unlink()
+    with caplog.at_level(logging.WARNING, logger="medtee.broker.audit"):
+        broker.audit.append("b")
+    assert [e["event"] for e in broker.audit.entries()] == ["a", "mark-start", "b"]
+    assert "has no high-water mark: its 1 entries are taken as whole" in caplog.text
+    assert main(["broker", "audit", "verify", "--broker-dir", str(broker.store_dir)]) == 0
