@@ -367,9 +367,13 @@ class AuditReport:
     mark_problem: bool = False
 
 
-def verify(path: Path | str) -> AuditReport:
-    """Check the whole chain of the log at `path`."""
+def verify(path: Path | str, *, f=None, visit: Callable[[dict], None] | None = None) -> AuditReport:
+    """Check the whole chain of the log at `path` (read from `f`, a binary file open on it, when given) and its
+    high-water mark, when one is beside it; `visit(entry)` sees each entry once it checked, oldest first, in the
+    same single pass."""
     path = Path(path)
+    if f is not None:
+        return _verify(path, f, visit)
     if not path.exists():
         if os.path.lexists(mark_path(path)):
             return AuditReport(False, 0, GENESIS, f"{path} does not exist, but its high-water mark "
@@ -377,30 +381,36 @@ def verify(path: Path | str) -> AuditReport:
                                mark_problem=True)
         return AuditReport(False, 0, GENESIS, f"{path} does not exist (removed, or this store has recorded no "
                            f"event yet); check the --broker-dir you passed")
-    prev, n, unfinished = GENESIS, 0, 0
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):  # only the last line can lack it
-                unfinished = len(line)
-                break
-            try:
-                entry = json.loads(line)
-                ok_shape = isinstance(entry, dict) and {"seq", "prev", "hash"} <= entry.keys()
-            except (ValueError, RecursionError):
-                ok_shape = False
-            if not ok_shape:
-                return AuditReport(False, n, prev, f"{path}:{lineno}: not an audit entry (damaged or inserted line)")
-            if entry["seq"] != n:
-                return AuditReport(False, n, prev, f"{path}:{lineno}: seq {entry['seq']}, expected {n} (entry removed or reordered)")
-            if entry["prev"] != prev:
-                return AuditReport(False, n, prev, f"{path}:{lineno}: chain broken (previous entry altered or removed)")
-            if _entry_hash(entry) != entry["hash"]:
-                return AuditReport(False, n, prev, f"{path}:{lineno}: entry altered after it was written")
-            prev, n = entry["hash"], n + 1
+        return _verify(path, f, visit)
+
+
+def _verify(path: Path, f, visit: Callable[[dict], None] | None) -> AuditReport:
+    prev, n, unfinished = GENESIS, 0, 0
+    for lineno, line in enumerate(f, 1):
+        if not line.endswith(b"\n"):  # only the last line can lack it
+            unfinished = len(line)
+            break
         try:
-            behind = _behind_mark(f, path, _read_mark(path))
-        except AuditLogDamaged as e:
-            behind = str(e)
+            entry = json.loads(line)
+            ok_shape = isinstance(entry, dict) and {"seq", "prev", "hash"} <= entry.keys()
+        except (ValueError, RecursionError):
+            ok_shape = False
+        if not ok_shape:
+            return AuditReport(False, n, prev, f"{path}:{lineno}: not an audit entry (damaged or inserted line)")
+        if entry["seq"] != n:
+            return AuditReport(False, n, prev, f"{path}:{lineno}: seq {entry['seq']}, expected {n} (entry removed or reordered)")
+        if entry["prev"] != prev:
+            return AuditReport(False, n, prev, f"{path}:{lineno}: chain broken (previous entry altered or removed)")
+        if _entry_hash(entry) != entry["hash"]:
+            return AuditReport(False, n, prev, f"{path}:{lineno}: entry altered after it was written")
+        prev, n = entry["hash"], n + 1
+        if visit is not None:
+            visit(entry)
+    try:
+        behind = _behind_mark(f, path, _read_mark(path))
+    except AuditLogDamaged as e:
+        behind = str(e)
     if behind:
         return AuditReport(False, n, prev, behind, unfinished, mark_problem=True)
     return AuditReport(True, n, prev, unfinished=unfinished)

@@ -26,6 +26,10 @@ def add_parser(subparsers) -> None:
     verify.add_argument("--broker-log", metavar="FILE",
                         help="the key broker's audit.log (from the data owner): its release and close entries must "
                              "record what the receipt says")
+    verify.add_argument("--broker-head", metavar="HASH",
+                        help="with --broker-log: the log's head as the data owner anchored it outside the log (printed "
+                             "by `medtee broker audit verify` after the run's close); the log must hold that entry, "
+                             "and the release and close must come at or before it")
     verify.add_argument("--policy", metavar="NAME|FILE",
                         help="appraise under this policy (a name in conf/attestation/, or a YAML file) instead of "
                              "the one recorded in the receipt; trust a receipt only under your own policy")
@@ -66,7 +70,7 @@ def run_verify(args: argparse.Namespace) -> int:
         policy = resolve_policy(args.policy) if args.policy else None
         data = read_regular(args.receipt, MAX_RECEIPT_BYTES)
         result = verify_receipt(data, files=args.adapter, policy=policy, now=now, dataset=args.dataset,
-                                broker_log=args.broker_log)
+                                broker_log=args.broker_log, broker_head=args.broker_head)
     except (NotRegularFile, OSError) as exc:
         return exits.fail(_shown(f"receipt verify: {args.receipt}: {getattr(exc, 'strerror', None) or exc}"))
     except (UnusableInput, ValueError) as exc:

@@ -20,6 +20,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -316,35 +317,57 @@ def _dataset(predicate: dict, directory: Path | str) -> ReceiptCheck:
                                          f"for ({actual[1][:16]}...)")
 
 
-def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: Path | str) -> list[ReceiptCheck]:
-    """`broker.release` and `broker.close`: the data owner's audit log (verified as a chain) holds the release the
-    receipt names, with the dataset, manifest, recipe, evidence, nonce and receipt key the receipt records, and its
-    close with the digest of the receipt's teardown record."""
-    from medtee.broker.audit import AuditLog, AuditLogDamaged, verify
+def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: Path | str,
+                head: str | None) -> list[ReceiptCheck]:
+    """`broker.log`, `broker.head`, `broker.release` and `broker.close`: the data owner's audit log (read once,
+    verified as a chain) holds the entry `head` (the head the owner anchored outside the log) when given, and the
+    release the receipt names, with the dataset, manifest, recipe, evidence, nonce and receipt key the receipt
+    records, and its close with the digest of the receipt's teardown record, both within the anchored entries."""
+    from medtee.broker.audit import verify
     from medtee.broker.protocol import record_digest
     from medtee.files import NotRegularFile, open_regular
 
+    release_id = _field(predicate, "release.release_id", str)
+    found: dict[str, dict] = {}
+
+    def visit(entry: dict) -> None:
+        if entry.get("event") == "release" and entry.get("hash") == release_id:
+            found.setdefault("release", entry)
+        elif entry.get("event") == "close" and entry.get("release_id") == release_id:
+            found.setdefault("close", entry)
+        if entry.get("hash") == head:
+            found["head"] = entry
+
     try:
-        open_regular(path)[0].close()  # never a FIFO or device: reading one could block
+        f = open_regular(path)[0]  # never a FIFO or device: reading one could block
     except FileNotFoundError:
         raise UnusableInput(f"--broker-log {path}: no such file; give the broker's audit.log") from None
     except NotRegularFile as exc:
         raise UnusableInput(f"--broker-log {path} {exc}; give the broker's audit.log") from None
     except OSError as exc:
         raise UnusableInput(f"--broker-log {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
-    report = verify(path)
+    try:
+        with f:
+            report = verify(path, f=f, visit=visit)
+    except OSError as exc:
+        raise UnusableInput(f"--broker-log {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     if not report.ok:
         return [ReceiptCheck("broker.log", False, f"{path} fails verification after {report.entries} entries: "
                                                   f"{report.problem}")]
-    try:
-        entries = AuditLog(path).entries()
-    except (AuditLogDamaged, OSError) as exc:
-        raise UnusableInput(f"--broker-log {path}: {exc}") from None
-    release_id = _field(predicate, "release.release_id", str)
-    release = next((e for e in entries if e.get("event") == "release" and e.get("hash") == release_id), None)
+    out, covered = [], None
+    if head is not None:
+        anchored = found.get("head")
+        covered = anchored["seq"] if anchored else -1
+        out.append(ReceiptCheck("broker.head", anchored is not None,
+                                f"entry seq {covered} of {path} is the anchored head {head[:16]}...: the entries up to "
+                                f"it are those the data owner anchored" if anchored else
+                                f"{path} ({report.entries} entries, head {report.head[:16]}...) holds no entry "
+                                f"{head[:16]}...: it is not the log whose head was anchored, or it was cut short "
+                                f"before it"))
+    release = found.get("release")
     if release is None:
-        return [ReceiptCheck("broker.release", False, f"{path} ({report.entries} entries, head {report.head[:16]}...) "
-                                                      f"has no release {release_id[:16]}...")]
+        return [*out, ReceiptCheck("broker.release", False, f"{path} ({report.entries} entries, head "
+                                                            f"{report.head[:16]}...) has no release {release_id[:16]}...")]
     claimed = {"dataset_id": _field(predicate, "dataset.id", str),
                "manifest_digest": _field(predicate, "dataset.manifest_digest", str),
                "recipe_digest": _field(predicate, "recipe.digest", str), "evidence": evidence.digest(),
@@ -357,14 +380,17 @@ def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: P
     spent = (f"; dp_spend epsilon {spend['epsilon']:g}, delta {spend['delta']:g}" if isinstance(spend, dict) and
              all(isinstance(spend.get(k), (int, float)) for k in ("epsilon", "delta")) else
              f"; dp_spend {spend}" if isinstance(spend, str) else "")
-    out = [ReceiptCheck("broker.release", not differ,
-                        f"the log's release entry (seq {release.get('seq')}) records other {', '.join(differ)}"
-                        if differ else f"release entry seq {release.get('seq')} of {path} records the dataset, "
-                                       f"manifest, recipe, evidence, nonce and receipt key of the receipt{spent}")]
+    out.append(ReceiptCheck("broker.release", not differ and _anchored(release, covered),
+                            f"the log's release entry (seq {release.get('seq')}) records other {', '.join(differ)}"
+                            if differ else _after_head(release, covered) or
+                            f"release entry seq {release.get('seq')} of {path} records the dataset, manifest, "
+                            f"recipe, evidence, nonce and receipt key of the receipt{spent}"))
     close_hash = _field(predicate, "release.close_audit_entry_sha256", (str, type(None)))
-    close = next((e for e in entries if e.get("event") == "close" and e.get("release_id") == release_id), None)
+    close = found.get("close")
     record = record_digest(_field(predicate, "teardown"))
-    if close is None:
+    if close is not None and not _anchored(close, covered):
+        out.append(ReceiptCheck("broker.close", False, _after_head(close, covered)))
+    elif close is None:
         out.append(ReceiptCheck("broker.close", False, "the log has no close of this release: the broker never "
                                                        "received the teardown record" + (
                                                            "" if close_hash else " (the receipt says so too)")))
@@ -378,6 +404,21 @@ def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: P
         out.append(ReceiptCheck("broker.close", True, f"close entry seq {close.get('seq')} records the digest of the "
                                                       f"receipt's teardown record"))
     return out
+
+
+def _anchored(entry: dict, covered: int | None) -> bool:
+    """Whether `entry` is at or before the anchored head's seq `covered` (None: no head given, nothing to check)."""
+    return covered is None or entry["seq"] <= covered
+
+
+def _after_head(entry: dict, covered: int | None) -> str:
+    """Why `entry` is not covered by the anchored head ('' when it is)."""
+    if _anchored(entry, covered):
+        return ""
+    if covered < 0:
+        return f"the {entry['event']} entry (seq {entry['seq']}) cannot be checked against an anchored head the log lacks"
+    return (f"the {entry['event']} entry (seq {entry['seq']}) comes after the anchored head (seq {covered}), so the "
+            f"anchor does not vouch for it: ask the data owner for a head anchored after the run's close")
 
 
 def _claims(statement: dict) -> dict:
@@ -402,13 +443,18 @@ def _evidence(predicate: dict) -> Evidence:
 
 def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: AttestationPolicy | None = None,
                    now: datetime | None = None, dataset: Path | str | None = None,
-                   broker_log: Path | str | None = None) -> ReceiptVerification:
+                   broker_log: Path | str | None = None, broker_head: str | None = None) -> ReceiptVerification:
     """Verify the receipt `data` (receipt.dsse.json's bytes), `files`, the sealed `dataset` directory and the key
     broker's audit log `broker_log` against it, under `policy` (default: the shipped policy of the name the receipt
-    records, never the content it records) as of `now` (default: the current time). UnusableInput for unreadable
+    records, never the content it records) as of `now` (default: the current time); `broker_head` (with
+    `broker_log`) is the log's head as the data owner anchored it outside the log. UnusableInput for unreadable
     input."""
     from medtee.attestation.appraise import appraise
 
+    if broker_head is not None and (broker_log is None or not re.fullmatch(r"[0-9a-f]{64}", broker_head)):
+        raise UnusableInput("--broker-head needs --broker-log" if broker_log is None else
+                            f"--broker-head must be the 64 lowercase hex digits of an audit entry's hash (the head "
+                            f"`medtee broker audit verify` prints); got {broker_head[:80]!r}")
     envelope, statement = parse_envelope(data)
     predicate = statement["predicate"]
     receipt_key = _bytes(predicate, "binding.receipt_public_key")
@@ -432,6 +478,6 @@ def verify_receipt(data: bytes, *, files: Sequence[Path | str] = (), policy: Att
     if dataset is not None:
         checks.append(_dataset(predicate, dataset))
     if broker_log is not None:
-        checks += _broker_log(predicate, evidence, receipt_key, broker_log)
+        checks += _broker_log(predicate, evidence, receipt_key, broker_log, broker_head)
     return ReceiptVerification(tuple(checks), policy=policy.name, simulated=evidence.simulated, verdict=verdict,
                                claims=_claims(statement))

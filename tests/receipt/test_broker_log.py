@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from medtee.attestation import appraise, load_policy, report_data
-from medtee.broker.protocol import obtain_data_key
+from medtee.broker.protocol import obtain_data_key, record_digest
 from medtee.cli import main
 from medtee.receipt.signing import ReceiptSigner, write_receipt
 from medtee.receipt.statement import build_statement, file_subjects
@@ -113,3 +113,66 @@ def test_the_command_prints_the_broker_checks(tmp_path, sealed, broker, capsys):
     assert main(["receipt", "verify", str(path), "--broker-log", str(broker.store_dir / "audit.log")]) == 0
     out = capsys.readouterr().out
     assert "ok   broker.release: release entry seq" in out and "ok   broker.close: close entry seq" in out
+
+
+def test_an_anchored_head_vouches_for_the_entries_up_to_it(tmp_path, sealed, broker, capsys):
+    """The chain has no key: whoever hands the log over could drop the real close and append one of their own.
+    A head the owner anchored elsewhere after the close pins every entry up to it."""
+    from medtee.broker.audit import _entry_hash, verify
+
+    _, manifest, _, _ = sealed
+    path = receipt(tmp_path, broker, manifest)
+    log = broker.store_dir / "audit.log"
+    head = verify(log).head
+    checks = {c.name: c for c in verify_receipt(path.read_bytes(), broker_log=log, broker_head=head).checks}
+    assert checks["broker.head"].ok and "is the anchored head" in checks["broker.head"].reason
+    assert checks["broker.release"].ok and checks["broker.close"].ok
+    assert main(["receipt", "verify", str(path), "--broker-log", str(log), "--broker-head", head]) == 0
+    assert "ok   broker.head: entry seq" in capsys.readouterr().out
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    early = entries[-2]["hash"]  # anchored before the close: the close is not vouched for
+    checks = {c.name: c for c in verify_receipt(path.read_bytes(), broker_log=log, broker_head=early).checks}
+    assert checks["broker.head"].ok and checks["broker.release"].ok
+    assert not checks["broker.close"].ok and "comes after the anchored head" in checks["broker.close"].reason
+    unclosed = receipt(tmp_path, broker, manifest, close=False)  # its run could not reach the broker at the end
+    head = verify(log).head  # anchored by the owner after that run: the log holds no close for it
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    release = [e for e in entries if e["event"] == "release"][-1]  # the unclosed run's
+    made_up = {"seq": len(entries), "time": "2030-01-01T00:00:00.000+00:00", "event": "close",
+               "release_id": release["hash"], "record_sha256": record_digest(TEARDOWN), "prev": entries[-1]["hash"]}
+    made_up["hash"] = _entry_hash(made_up)
+    extended = tmp_path / "extended.log"
+    extended.write_text(log.read_text() + json.dumps(made_up, sort_keys=True) + "\n")
+    assert verify_receipt(unclosed.read_bytes(), broker_log=extended).ok  # without an anchor, a close made up passes
+    checks = {c.name: c for c in verify_receipt(unclosed.read_bytes(), broker_log=extended, broker_head=head).checks}
+    assert checks["broker.head"].ok and checks["broker.release"].ok
+    assert not checks["broker.close"].ok and "comes after the anchored head" in checks["broker.close"].reason
+    cut = tmp_path / "cut.log"
+    cut.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))
+    checks = {c.name: c for c in verify_receipt(path.read_bytes(), broker_log=cut, broker_head=head).checks}
+    assert not checks["broker.head"].ok and "holds no entry" in checks["broker.head"].reason
+    assert not checks["broker.close"].ok and "cannot be checked against an anchored head" in checks["broker.close"].reason
+    for bad, problem in ((head[:16], "must be the 64 lowercase hex digits"), (head.upper(), "must be the 64")):
+        assert main(["receipt", "verify", str(path), "--broker-log", str(log), "--broker-head", bad]) == 2
+        assert problem in capsys.readouterr().err
+    assert main(["receipt", "verify", str(path), "--broker-head", head]) == 2
+    assert "--broker-head needs --broker-log" in capsys.readouterr().err
+
+
+def test_the_broker_log_is_read_once(tmp_path, sealed, broker, monkeypatch):
+    """One pass over one open file: a log swapped between reads cannot pass the chain check and then supply other
+    entries to the release check."""
+    import medtee.files
+
+    _, manifest, _, _ = sealed
+    path = receipt(tmp_path, broker, manifest)
+    opened, real = [], medtee.files.open_regular
+
+    def counting(p):
+        opened.append(p)
+        return real(p)
+
+    monkeypatch.setattr(medtee.files, "open_regular", counting)
+    monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail(f"the log was opened again: {a}"))
+    assert verify_receipt(path.read_bytes(), broker_log=broker.store_dir / "audit.log").ok
+    assert [p for p in opened if str(p).endswith("audit.log")] == [broker.store_dir / "audit.log"]
