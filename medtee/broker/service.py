@@ -245,8 +245,12 @@ class EmbeddedBroker:
         """Change a dataset's release policy (a store or shipped name); effective at the next release (no restart)."""
         _, digest = self._release_policy(policy)  # refuse a name that does not load, or releases nothing
         manifest, _ = self._load_registration(dataset_id)
-        _write_registration(self._registration_path(dataset_id), manifest, policy)
-        self.audit.append("policy", dataset_id=dataset_id, policy=policy, policy_sha256=digest)
+
+        def decide():  # under the log's lock, once it is known to record: never a change it does not hold
+            _write_registration(self._registration_path(dataset_id), manifest, policy)
+            return "policy", {"dataset_id": dataset_id, "policy": policy, "policy_sha256": digest}
+
+        self.audit.append_decided(decide)
 
     def privacy_spent(self, dataset_id: str) -> tuple[str, DpBudget | None, budget.Tally]:
         """(policy name, its `recipe.dp_budget` or None when the policy cannot be read, what the dataset's releases

@@ -150,3 +150,15 @@ def test_a_removed_mark_is_recorded_in_the_log(broker, caplog):
     assert [e["event"] for e in broker.audit.entries()] == ["a", "mark-start", "b"]
     assert "has no high-water mark: its 1 entries are taken as whole" in caplog.text
     assert main(["broker", "audit", "verify", "--broker-dir", str(broker.store_dir)]) == 0
+
+
+def test_a_policy_change_on_a_rolled_back_log_changes_nothing(budgeted, capsys):
+    broker, _, older = budgeted
+    registration = broker.store_dir / "datasets" / "test-ds.json"
+    before = registration.read_bytes()
+    broker.audit.path.write_bytes(older)
+    assert main(["broker", "policy", "set", "test-ds", "simulated", "--broker-dir", str(broker.store_dir)]) == 1
+    assert "does not hold entry" in capsys.readouterr().err
+    with pytest.raises(AuditLogDamaged):
+        broker.set_policy("test-ds", "simulated")
+    assert registration.read_bytes() == before
