@@ -295,13 +295,22 @@ def crl_path(cache_dir: str | Path, product: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / product / "crl" / f"{key}.der"
 
 
+def _cert_kind(product: str, cert: x509.Certificate) -> str:
+    """The rollback record's name for an AMD certificate a CRL can list."""
+    return f"amd-cert/{product}/{common_name(cert)}/{serial_number(cert):x}"
+
+
 def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.Certificate],
                 now: datetime, newest: Newest | None) -> tuple[bool | None, str]:
-    """(revoked, why) from the cached CRL: True when it lists one of `certs`, or `newest` refuses it (older than the
-    newest CRL accepted, or not listing a certificate one accepted before listed: it fails under every stance),
-    False when it is genuine, current and lists none, None when that cannot be established."""
+    """(revoked, why) from the cached CRL: True when a genuine CRL lists one of `certs` (inside its window or not),
+    or `newest` refuses (a certificate a CRL accepted before listed, whatever the cache holds now; a CRL older than
+    the newest accepted; a damaged record: each fails under every stance), False when it is genuine, current and
+    lists none, None when that cannot be established."""
     from medtee.files import NotRegularFile, read_regular
 
+    for c in certs if newest else ():
+        if why := newest.standing(_cert_kind(product, c)):
+            return True, f"{common_name(c)}: {why}"
     if not cache_dir:
         return None, "no cert_cache_dir to hold AMD's CRL"
     path = crl_path(cache_dir, product, key)
@@ -319,23 +328,16 @@ def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.
         return None, f"CRL {path} unusable ({type(exc).__name__})"
     if not signed:
         return None, f"CRL {path} is not signed by the pinned ARK-{product}"
+    listed = [c for c in certs if crl.get_revoked_certificate_by_serial_number(serial_number(c)) is not None]
+    if listed:  # genuine: final, whatever its window
+        for c in listed if newest else ():
+            newest.admit(_cert_kind(product, c), crl.last_update_utc, revokes=True)
+        return True, f"revoked by AMD: {', '.join(common_name(c) for c in listed)}"
     if crl.next_update_utc is None or not crl.last_update_utc <= now <= crl.next_update_utc:
         window = f"{crl.last_update_utc.isoformat()}..{crl.next_update_utc.isoformat() if crl.next_update_utc else '?'}"
         return None, f"CRL {path} not current (valid {window}; refresh it)"
-    revoking = {common_name(c): crl.get_revoked_certificate_by_serial_number(serial_number(c)) is not None
-                for c in certs}
-    listed = [cn for cn, revokes in revoking.items() if revokes]
-    refused = []
-    if newest:
-        refused = [f"CRL {path} {why}" for why in [newest.admit(f"amd-crl/{product}/{key}", crl.last_update_utc,
-                                                                _crl_number(crl))] if why]
-        refused += [f"CRL {path}, for {common_name(c)}, {why}" for c in certs
-                    if (why := newest.admit(f"amd-cert/{product}/{common_name(c)}/{serial_number(c):x}",
-                                            crl.last_update_utc, revokes=revoking[common_name(c)]))]
-    if listed:
-        return True, f"revoked by AMD: {', '.join(listed)}"
-    if refused:
-        return True, refused[0]
+    if newest and (why := newest.admit(f"amd-crl/{product}/{key}", crl.last_update_utc, _crl_number(crl))):
+        return True, f"CRL {path} {why}"
     return False, f"none of {', '.join(common_name(c) for c in certs)} listed (CRL of {crl.last_update_utc.date()})"
 
 

@@ -3,9 +3,10 @@
 Cache layout: `<ocsp_cache>/<certificate serial number, lowercase hex>.der`, one DER OCSP response per certificate
 (e.g. as written by `openssl ocsp -respout`). A response counts only when it is signed by the certificate's issuer or by
 a responder certificate that the issuer signed with the OCSP-signing EKU, names this certificate (CertID), and is
-current at the appraisal clock (thisUpdate <= now <= nextUpdate). With a `freshness.Newest`, an answer older than the
-newest accepted for the certificate (an older copy put back), or one saying other than revoked about a certificate an
-answer accepted before revoked, is REFUSED: it fails under every revocation stance, as a revoked one does.
+current at the appraisal clock (thisUpdate <= now <= nextUpdate); a genuine "revoked" counts outside its window too.
+With a `freshness.Newest`, an answer older than the newest accepted for the certificate (an older copy put back) is
+REFUSED, and so is a certificate an answer accepted before revoked, whatever the cache holds now (another answer,
+an expired one, none): refused fails under every revocation stance, as revoked does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from medtee.attestation.certs import X509_ERRORS, issuer_problem, serial_number
 from medtee.attestation.freshness import Newest
 
 GOOD, REVOKED, UNKNOWN, REFUSED = "good", "revoked", "unknown", "refused"
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+def _kind(cert: x509.Certificate, issuer: x509.Certificate) -> str:
+    """The rollback record's name for `cert`: its issuer's key and its serial, whatever hash a CertID used."""
+    return f"nvidia-ocsp/{_issuer_key_sha256(issuer)}/{cert.serial_number:x}"
 
 
 def _issuer_key_sha256(issuer: x509.Certificate) -> str:
@@ -82,13 +89,20 @@ def _signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime) ->
 
 def revocation_status(cert: x509.Certificate, issuer: x509.Certificate, cache_dir: str | None,
                       now: datetime, newest: Newest | None = None) -> tuple[str, str]:
-    """(good | revoked | unknown, why) for one certificate from the cache; a malformed response is unknown, and so
-    is a good one older than the newest `newest` holds for the certificate."""
+    """(good | revoked | unknown | refused, why) for one certificate from the cache; a malformed response is unknown.
+    With `newest`, a certificate an answer accepted before revoked is revoked whatever the cache holds now (none, an
+    expired one), and an answer it refuses is refused (see the module docstring)."""
+    from medtee.files import NotRegularFile, read_regular
+
+    if newest and (why := newest.standing(_kind(cert, issuer))):
+        return REFUSED, why
     if not cache_dir:
         return UNKNOWN, "no ocsp_cache configured"
     path = Path(cache_dir) / f"{serial_number(cert):x}.der"
     try:
-        resp = ocsp.load_der_ocsp_response(path.read_bytes())
+        resp = ocsp.load_der_ocsp_response(read_regular(path, MAX_RESPONSE_BYTES))
+    except NotRegularFile as exc:
+        return UNKNOWN, f"cached response {path.name} {exc}"
     except OSError:
         return UNKNOWN, f"no cached response {path.name}"
     except ValueError:
@@ -116,16 +130,16 @@ def _status(resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certif
         if (single.serial_number, single.issuer_name_hash, single.issuer_key_hash) != (
                 cert_id.serial_number, cert_id.issuer_name_hash, cert_id.issuer_key_hash):
             continue
+        if single.certificate_status is ocsp.OCSPCertStatus.REVOKED:  # genuine: final, inside its window or not
+            if newest:
+                newest.admit(_kind(cert, issuer), single.this_update_utc, revokes=True)
+            return REVOKED, f"revoked at {single.revocation_time_utc.isoformat()}"
         if single.this_update_utc > now:
             return UNKNOWN, f"response not yet valid (thisUpdate {single.this_update_utc.isoformat()})"
         if single.next_update_utc is None or now > single.next_update_utc:
             until = single.next_update_utc.isoformat() if single.next_update_utc else "absent"
             return UNKNOWN, f"response expired (nextUpdate {until})"
-        kind = f"nvidia-ocsp/{_issuer_key_sha256(issuer)}/{cert.serial_number:x}"  # whatever hash the CertID used
-        revokes = single.certificate_status is ocsp.OCSPCertStatus.REVOKED
-        refused = newest.admit(kind, single.this_update_utc, revokes=revokes) if newest else None
-        if revokes:
-            return REVOKED, f"revoked at {single.revocation_time_utc.isoformat()}"
+        refused = newest.admit(_kind(cert, issuer), single.this_update_utc) if newest else None
         if refused:
             return REFUSED, f"response {refused}"
         if single.certificate_status is ocsp.OCSPCertStatus.GOOD:

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from medtee.files import NotRegularFile, read_regular, write_atomic
+from medtee.files import NotRegularFile, open_regular, read_regular, write_atomic
 
 GENESIS = "0" * 64
 MAX_MARK_BYTES = 1024
@@ -246,9 +247,11 @@ class AuditLog:
         """AuditLogDamaged when the log no longer holds the entry its high-water mark names (the next append would
         be refused), so that a command can refuse before it does any work; writes nothing."""
         try:
-            f = open(self.path, "rb")
+            f = open_regular(self.path)[0]
         except FileNotFoundError:
             f = io.BytesIO()
+        except (NotRegularFile, OSError) as e:
+            raise AuditLogDamaged(_unreadable(self.path, e)) from None
         with f:
             if behind := _behind_mark(f, self.path, _read_mark(self.path)):
                 raise AuditLogDamaged(behind)
@@ -263,6 +266,8 @@ class AuditLog:
         entry or that existing one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.path, "a+b") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise AuditLogDamaged(_unreadable(self.path, NotRegularFile("is not a regular file")))
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 mark = _read_mark(self.path)
@@ -270,29 +275,25 @@ class AuditLog:
                     raise AuditLogDamaged(behind)
                 _drop_unfinished(f, self.path)
                 self._catch_up(f)
+                if mark is None:
+                    self._start_mark(f)
                 checked = f.seek(0, os.SEEK_END)
+                before = _last_line(f, self.path)  # what the decision is made on, and what the entry will follow
                 decision = decide()
                 if isinstance(decision, dict):
                     return decision
                 event, fields = decision
-                if f.seek(0, os.SEEK_END) != checked:
+                if f.seek(0, os.SEEK_END) != checked or _last_line(f, self.path) != before or not _same_file(f, self.path):
                     raise AuditLogDamaged(f"{self.path} changed while the broker decided (written without the log's "
                                           f"lock: a copy put back?), so nothing was recorded; run `medtee broker "
                                           f"audit verify`")
-                prev = before = _last_line(f, self.path)
-                lines = []
-                if prev is not None and mark is None:  # a log from before marks, or a loss accepted
-                    _log.warning("%s has no high-water mark: its %d entries are taken as whole (entry mark-start)",
-                                 self.path, prev["seq"] + 1)
-                    prev = _new_entry(prev, "mark-start", {})
-                    lines.append(prev)
-                entry = _new_entry(prev, event, fields)
-                data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in (*lines, entry))
+                entry = _new_entry(before, event, fields)
+                data = json.dumps(entry, sort_keys=True).encode() + b"\n"
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
                 end = checked + len(data)
-                if (f.tell() != end or _hash_of_line(f, end) != entry["hash"]
+                if (f.tell() != end or _hash_of_line(f, end) != entry["hash"] or not _same_file(f, self.path)
                         or (before is not None and _hash_of_line(f, checked) != before["hash"])):
                     raise AuditLogDamaged(f"{self.path} changed while the broker appended entry {entry['seq']} "
                                           f"(written without the log's lock: a copy put back?), so its decision is "
@@ -301,6 +302,22 @@ class AuditLog:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return entry
+
+    def _start_mark(self, f) -> None:
+        """A log with entries but no mark (from before marks, or a loss the owner accepted by removing it): record a
+        `mark-start` entry, once, and mark it before anything is decided (AuditLogDamaged when the mark cannot be
+        written)."""
+        last = _last_line(f, self.path)
+        if last is None:
+            return
+        if last.get("event") != "mark-start":
+            _log.warning("%s has no high-water mark: its %d entries are taken as whole (entry mark-start)",
+                         self.path, last["seq"] + 1)
+            last = _new_entry(last, "mark-start", {})
+            f.write(json.dumps(last, sort_keys=True).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _write_mark(self.path, last, f.seek(0, os.SEEK_END))
 
     def _catch_up(self, f) -> None:
         """Feed `index` the entries of `f` (every line complete) it has not seen, from the start if the log changed
@@ -325,10 +342,24 @@ class AuditLog:
                     raise AuditLogDamaged(f"{self.path}: the entry at byte {offset} does not follow the one before "
                                           f"it (an entry removed, inserted or reordered); run `medtee broker audit "
                                           f"verify` and restore the log from a copy before the broker records more")
+                if _entry_hash(entry) != entry.get("hash"):
+                    raise AuditLogDamaged(f"{self.path}: the entry at byte {offset} was altered after it was "
+                                          f"written; run `medtee broker audit verify` and restore the log from a "
+                                          f"copy before the broker records more")
                 self.index.add(entry)
-                last, seq = entry.get("hash"), seq + 1
+                last, seq = entry["hash"], seq + 1
             offset += len(line)
             self._read = (offset, last, seq)
+
+
+def _same_file(f, path: Path) -> bool:
+    """Whether `path` still names the file open in `f` (not replaced by a rename, e.g. `mv copy audit.log`)."""
+    try:
+        here = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _new_entry(prev: dict | None, event: str, fields: dict) -> dict:
@@ -381,8 +412,18 @@ def verify(path: Path | str, *, f=None, visit: Callable[[dict], None] | None = N
                                mark_problem=True)
         return AuditReport(False, 0, GENESIS, f"{path} does not exist (removed, or this store has recorded no "
                            f"event yet); check the --broker-dir you passed")
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path)[0]
+    except (NotRegularFile, OSError) as e:
+        return AuditReport(False, 0, GENESIS, _unreadable(path, e))
+    with f:
         return _verify(path, f, visit)
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    if isinstance(error, NotRegularFile):
+        return f"{path} {error}; restore the audit log there"
+    return f"cannot read {path} ({getattr(error, 'strerror', None) or type(error).__name__}); fix its permissions"
 
 
 def _verify(path: Path, f, visit: Callable[[dict], None] | None) -> AuditReport:

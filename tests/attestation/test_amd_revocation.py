@@ -131,39 +131,48 @@ def test_production_policies_check_amd_revocation_and_fail_closed_without_the_cr
 
 
 def test_an_older_crl_put_back_in_the_cache_establishes_nothing(tmp_path, pinned):
-    """Both CRLs are genuine and current; the older one lacks the newer one's revocation of the ASK. An appraiser
-    keeping the newest it accepted (the broker) refuses the older one; one that keeps none cannot tell."""
+    """Both CRLs are genuine and current. An appraiser keeping the newest it accepted (the broker) refuses the older
+    one under every stance (someone put it back: it is not a missing answer); one that keeps none cannot tell."""
     from medtee.attestation.freshness import Newest
 
     newest = Newest(tmp_path / "seen.json")
     cache = tmp_path / "cache"
-    _write_crl(cache, pinned[0], revoked=[0x1234], days=(-1, 30), number=7)
-    assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
-    _write_crl(cache, pinned[0], days=(-3, 30), number=6)  # last week's, before the revocation
+    _write_crl(cache, pinned[0], revoked=[0x9999], days=(-1, 30), number=7)  # lists another certificate
+    assert _check(cache, newest=newest).ok
+    _write_crl(cache, pinned[0], days=(-3, 30), number=6)  # last week's
     assert _check(cache).ok  # no memory: the older CRL passes
-    for stance in (Revocation.fail_closed, Revocation.fail_open):  # put back: refused whatever the stance
+    for stance in (Revocation.fail_closed, Revocation.fail_open):
         result = _check(cache, stance, newest=newest)
         assert not result.ok and "older than one accepted before" in result.actual and "CRL number 7" in result.actual
     _write_crl(cache, pinned[0], days=(-1, 30), number=6)  # the same date, a lower number
     assert "older than one accepted before" in _check(cache, newest=newest).actual
-    _write_crl(cache, pinned[0], revoked=[0x1234], days=(-5, 30), number=2)  # an older one that revokes: revoked
-    assert _check(cache, newest=newest).actual == "revoked by AMD: SEV-Milan"
-    for stance in (Revocation.fail_closed, Revocation.fail_open):  # a revocation is never undone
-        _write_crl(cache, pinned[0], days=(0, 30), number=8)  # newer and genuine, without the revocation
-        result = _check(cache, stance, newest=newest)
-        assert not result.ok and "for SEV-Milan, says not revoked, but one of" in result.actual
-        assert "accepted before revoked it, and revocation is never undone" in result.actual
-    fresh = Newest(tmp_path / "fresh.json")
-    _write_crl(cache, pinned[0], days=(-1, 30), number=7)
-    assert _check(cache, newest=fresh).ok
     _write_crl(cache, pinned[0], days=(0, 30), number=8)  # a newer one is accepted and becomes the newest
-    assert _check(cache, newest=fresh).ok
+    assert _check(cache, newest=newest).ok
     _write_crl(cache, pinned[0], days=(-1, 30), number=7)
-    assert not _check(cache, newest=fresh).ok
-    (tmp_path / "seen.json").write_text("{damaged")
+    assert not _check(cache, newest=newest).ok
+
+
+def test_an_amd_revocation_is_never_undone(tmp_path, pinned):
+    """A genuine CRL that lists the ASK revokes it whatever its window, and for good: a newer CRL without it, an
+    expired one or none at all does not bring it back. A damaged record fails under every stance too."""
+    from medtee.attestation.freshness import Newest
+
+    newest = Newest(tmp_path / "seen.json")
+    cache = tmp_path / "cache"
+    _write_crl(cache, pinned[0], revoked=[0x1234], days=(-5, -1), number=2)  # expired, but AMD signed it
+    assert _check(cache, Revocation.fail_open, newest=newest).actual == "revoked by AMD: SEV-Milan"
+    for stance in (Revocation.fail_closed, Revocation.fail_open):
+        for later in ({"days": (0, 30), "number": 8}, {"days": (-9, -8), "number": 1}, None):
+            crl_path(cache, "Milan", "vcek").unlink(missing_ok=True)
+            if later is not None:
+                _write_crl(cache, pinned[0], **later)
+            result = _check(cache, stance, newest=newest)
+            assert not result.ok and "SEV-Milan: revoked by a document of" in result.actual
+            assert "revocation is never undone" in result.actual
+    assert _check(cache).ok is False  # no memory, and no CRL left: not established
+    (tmp_path / "seen.json").write_text('{"amd-crl/Milan/vcek": {"issued": "2026-01-01T00:00:00"}}')  # no zone
     _write_crl(cache, pinned[0], days=(0, 30), number=8)
     for stance in (Revocation.fail_closed, Revocation.fail_open):
         result = _check(cache, stance, newest=newest)
         assert not result.ok and f"{tmp_path / 'seen.json'} (the newest revocation documents accepted) is " \
             f"damaged" in result.actual
-

@@ -161,23 +161,45 @@ def test_an_older_good_answer_put_back_after_a_newer_one_is_refused(pki, tmp_pat
 
 @pytest.mark.parametrize("stance", [Revocation.fail_closed, Revocation.fail_open])
 def test_a_revocation_is_never_undone(pki, tmp_path, stance):
-    """A "revoked" counts whatever its age, and once one was accepted for a certificate, a later "good" (newer, and
-    genuinely signed) or "unknown" answer does not bring the certificate back."""
+    """A genuine "revoked" counts whatever its age or window, and once one was accepted for a certificate, whatever
+    the cache holds later (a newer genuine "good", "unknown", an expired answer, none) does not bring it back."""
     from medtee.attestation.freshness import Newest
 
     newest, cache = Newest(tmp_path / "seen.json"), tmp_path / "cache"
     cache.mkdir()
+    chain = [pki["leaf"], pki["ica"], pki["root"]]
     put(cache, pki["ica"], response(pki, pki["ica"], pki["root"]))
     put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-1, nxt=5))
     assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest) == (GOOD, "good")
-    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=-4, nxt=5, status=ocsp.OCSPCertStatus.REVOKED))
-    assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)[0] == REVOKED  # older, but revokes
-    recorded = (NOW - timedelta(days=4)).isoformat()
-    for status in (ocsp.OCSPCertStatus.GOOD, ocsp.OCSPCertStatus.UNKNOWN):
-        put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=0, nxt=5, status=status))
+    expired = response(pki, pki["leaf"], pki["ica"], this=-6, nxt=-4, status=ocsp.OCSPCertStatus.REVOKED)
+    put(cache, pki["leaf"], expired)
+    c = nvidia.revocation_check(chain, stance, str(cache), NOW, "gpu", newest)  # expired, older, but genuine
+    assert not c.ok and "Test leaf: revoked at" in c.actual
+    recorded = (NOW - timedelta(days=6)).isoformat()
+    laters = [response(pki, pki["leaf"], pki["ica"], this=0, nxt=5),
+              response(pki, pki["leaf"], pki["ica"], this=0, nxt=5, status=ocsp.OCSPCertStatus.UNKNOWN),
+              response(pki, pki["leaf"], pki["ica"], this=-3, nxt=-2), None]
+    for later in laters:
+        (cache / f"{pki['leaf'].serial_number:x}.der").unlink()
+        if later is not None:
+            put(cache, pki["leaf"], later)
         got, why = revocation_status(pki["leaf"], pki["ica"], str(cache), NOW, newest)
-        assert got == REFUSED and f"says not revoked, but one of {recorded} accepted before revoked it" in why
-        c = nvidia.revocation_check([pki["leaf"], pki["ica"], pki["root"]], stance, str(cache), NOW, "gpu", newest)
-        assert not c.ok and "revocation is never undone" in c.actual
-    put(cache, pki["leaf"], response(pki, pki["leaf"], pki["ica"], this=0, nxt=5))
+        assert got == REFUSED and f"revoked by a document of {recorded} accepted before" in why
+        c = nvidia.revocation_check(chain, stance, str(cache), NOW, "gpu", newest)
+        assert not c.ok and "revocation is never undone" in c.actual and "WARNING" not in c.actual
+    put(cache, pki["leaf"], laters[0])
     assert revocation_status(pki["leaf"], pki["ica"], str(cache), NOW) == (GOOD, "good")  # no record: no memory
+
+
+@pytest.mark.parametrize("damage", ['{"x": {"issued": "2026-01-01T00:00:00"}}', '{"x": {"issued": 5}}',
+                                    '{"x": {"issued": "2026-01-01T00:00:00+00:00", "number": "7"}}', "[]", "{"])
+def test_a_damaged_record_fails_under_every_stance_naming_the_fix(pki, tmp_path, damage):
+    from medtee.attestation.freshness import Newest
+
+    put(tmp_path, pki["leaf"], response(pki, pki["leaf"], pki["ica"]))
+    put(tmp_path, pki["ica"], response(pki, pki["ica"], pki["root"]))
+    (tmp_path / "seen.json").write_text(damage)
+    for stance in (Revocation.fail_closed, Revocation.fail_open):
+        c = nvidia.revocation_check([pki["leaf"], pki["ica"], pki["root"]], stance, str(tmp_path), NOW, "gpu",
+                                    Newest(tmp_path / "seen.json"))
+        assert not c.ok and "seen.json (the newest revocation documents accepted) is damaged; restore it" in c.actual

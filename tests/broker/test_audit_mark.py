@@ -162,3 +162,70 @@ def test_a_policy_change_on_a_rolled_back_log_changes_nothing(budgeted, capsys):
     with pytest.raises(AuditLogDamaged):
         broker.set_policy("test-ds", "simulated")
     assert registration.read_bytes() == before
+
+
+def test_a_copy_padded_to_the_same_size_put_back_while_deciding_is_seen(budgeted, monkeypatch):
+    """Not only the size: the last entry the decision was made on must still be the log's last."""
+    broker, manifest, older = budgeted
+    size = broker.audit.path.stat().st_size
+    lines = older.splitlines(keepends=True)
+    padded = b"".join(lines[:-1]) + lines[-1][:1] + b" " * (size - len(older)) + lines[-1][1:]  # same entries
+    assert len(padded) == size
+    refusal = budget.refusal
+
+    def put_back(*args, **kwargs):
+        broker.audit.path.write_bytes(padded)
+        return refusal(*args, **kwargs)
+
+    monkeypatch.setattr(budget, "refusal", put_back)
+    with pytest.raises(AuditLogDamaged, match="changed while the broker decided"):
+        attempt(broker, manifest, dp_recipe(1))
+    monkeypatch.undo()
+    with pytest.raises(AuditLogDamaged, match="does not hold entry"):
+        EmbeddedBroker(broker.store_dir)
+
+
+@pytest.mark.parametrize("spend", [0.0, 0])  # 0 changes the line's length: a running broker reads the log again
+def test_an_entry_edited_in_place_is_refused_by_a_broker_reading_it(budgeted, spend):
+    """A release's dp_spend lowered, its `hash` field kept: a broker checks each entry it reads hashes to itself.
+    (A running broker reads an entry once: an edit of the same length is found by `audit verify` and `serve`.)"""
+    broker, manifest, _ = budgeted
+    assert attempt(broker, manifest, dp_recipe(0.5)) == "released"  # the epsilon-4 release is now mid-log
+    log = broker.audit.path
+    entries = [json.loads(line) for line in log.read_bytes().splitlines()]
+    for e in entries:
+        if e["event"] == "release" and e["dp_spend"]["epsilon"] == 4:
+            e["dp_spend"]["epsilon"] = spend
+    log.write_bytes(b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))
+    for reader in (EmbeddedBroker(broker.store_dir), *([broker] if type(spend) is int else [])):
+        with pytest.raises(AuditLogDamaged, match="was altered after it was written"):
+            attempt(reader, manifest, dp_recipe(4))
+
+
+def test_mark_start_is_recorded_once_even_while_the_mark_cannot_be_written(broker, monkeypatch):
+    broker.audit.append("a")
+    audit.mark_path(broker.audit.path).unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit, "write_atomic", full)
+    for _ in range(3):
+        with pytest.raises(AuditLogDamaged, match="high-water mark could not be updated"):
+            broker.audit.append("b")
+    monkeypatch.undo()
+    broker.audit.append("b")
+    assert [e["event"] for e in broker.audit.entries()] == ["a", "mark-start", "b"]
+
+
+def test_a_log_that_is_no_file_is_refused_in_one_line(broker, capsys):
+    broker.audit.append("a")
+    broker.audit.path.unlink()
+    broker.audit.path.mkdir()
+    store = str(broker.store_dir)
+    for argv in (["broker", "audit", "verify", "--broker-dir", store], ["broker", "serve", "--broker-dir", store]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "audit.log is not a regular file" in err and "Traceback" not in err
+    with pytest.raises(AuditLogDamaged, match="is not a regular file .*; restore the audit log there"):
+        EmbeddedBroker(broker.store_dir)
