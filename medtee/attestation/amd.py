@@ -308,7 +308,8 @@ def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.
     lists none, None when that cannot be established."""
     from medtee.files import NotRegularFile, read_regular
 
-    for c in certs if newest else ():
+    recorded = certs[:1] if newest else []  # the ASK/ASVK the ARK issued (every VCEK/VLEK has serial 0: not one's own)
+    for c in recorded:
         if why := newest.standing(_cert_kind(product, c)):
             return True, f"{common_name(c)}: {why}"
     if not cache_dir:
@@ -330,7 +331,7 @@ def _crl_status(cache_dir: str | None, product: str, key: str, certs: list[x509.
         return None, f"CRL {path} is not signed by the pinned ARK-{product}"
     listed = [c for c in certs if crl.get_revoked_certificate_by_serial_number(serial_number(c)) is not None]
     if listed:  # genuine: final, whatever its window
-        for c in listed if newest else ():
+        for c in set(listed) & set(recorded):
             newest.admit(_cert_kind(product, c), crl.last_update_utc, revokes=True)
         return True, f"revoked by AMD: {', '.join(common_name(c) for c in listed)}"
     if crl.next_update_utc is None or not crl.last_update_utc <= now <= crl.next_update_utc:

@@ -5,7 +5,8 @@ validity window is current. An older copy still inside its window could be put b
 one carries. An appraiser that keeps a `Newest` (the key broker: `<store>/revocation-seen.json`) refuses a document
 issued before the newest of its kind it accepted, or a CRL with a lower CRL number, under every revocation stance
 (it is not a missing answer: someone put an older copy back). A document that revokes counts whatever its age, and
-revocation is never undone: once one revoked a certificate, a later answer saying otherwise is refused too.
+revocation is never undone: once one revoked a certificate, a later answer saying otherwise is refused too (a
+certificateHold counts as a revocation, for good: AMD and NVIDIA do not suspend certificates).
 """
 
 from __future__ import annotations

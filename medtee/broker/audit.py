@@ -230,6 +230,7 @@ class AuditLog:
         self.index = index
         self._lock = threading.Lock()
         self._read = (0, None, -1)  # bytes of the log `index` holds, and the hash and seq of the last entry in them
+        self._unmarked = None  # (inode, size, last hash) of a log whose mark-start this AuditLog could not mark
 
     def entries(self) -> list[dict]:
         """The log's complete entries, oldest first (none for no log); AuditLogDamaged naming a bad line."""
@@ -310,14 +311,21 @@ class AuditLog:
         last = _last_line(f, self.path)
         if last is None:
             return
-        if last.get("event") != "mark-start":
+        end = f.seek(0, os.SEEK_END)
+        if self._unmarked != (os.fstat(f.fileno()).st_ino, end, last["hash"]):  # not a retry of ours
             _log.warning("%s has no high-water mark: its %d entries are taken as whole (entry mark-start)",
                          self.path, last["seq"] + 1)
             last = _new_entry(last, "mark-start", {})
             f.write(json.dumps(last, sort_keys=True).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        _write_mark(self.path, last, f.seek(0, os.SEEK_END))
+            end = f.seek(0, os.SEEK_END)
+        try:
+            _write_mark(self.path, last, end)
+        except AuditLogDamaged:
+            self._unmarked = (os.fstat(f.fileno()).st_ino, end, last["hash"])  # the retry marks this mark-start
+            raise
+        self._unmarked = None
 
     def _catch_up(self, f) -> None:
         """Feed `index` the entries of `f` (every line complete) it has not seen, from the start if the log changed

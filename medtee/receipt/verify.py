@@ -329,12 +329,13 @@ def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: P
 
     release_id = _field(predicate, "release.release_id", str)
     found: dict[str, dict] = {}
+    closes: list[dict] = []
 
     def visit(entry: dict) -> None:
         if entry.get("event") == "release" and entry.get("hash") == release_id:
             found.setdefault("release", entry)
         elif entry.get("event") == "close" and entry.get("release_id") == release_id:
-            found.setdefault("close", entry)
+            closes.append(entry)
         if entry.get("hash") == head:
             found["head"] = entry
 
@@ -386,9 +387,12 @@ def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: P
                             f"release entry seq {release.get('seq')} of {path} records the dataset, manifest, "
                             f"recipe, evidence, nonce and receipt key of the receipt{spent}"))
     close_hash = _field(predicate, "release.close_audit_entry_sha256", (str, type(None)))
-    close = found.get("close")
+    close = closes[0] if closes else None
     record = record_digest(_field(predicate, "teardown"))
-    if close is not None and not _anchored(close, covered):
+    if len(closes) > 1:
+        out.append(ReceiptCheck("broker.close", False, f"the log closes this release {len(closes)} times: not a "
+                                                       f"log the broker writes (it refuses a second close)"))
+    elif close is not None and not _anchored(close, covered):
         out.append(ReceiptCheck("broker.close", False, _after_head(close, covered)))
     elif close is None:
         out.append(ReceiptCheck("broker.close", False, "the log has no close of this release: the broker never "

@@ -176,3 +176,16 @@ def test_an_amd_revocation_is_never_undone(tmp_path, pinned):
         result = _check(cache, stance, newest=newest)
         assert not result.ok and f"{tmp_path / 'seen.json'} (the newest revocation documents accepted) is " \
             f"damaged" in result.actual
+
+
+def test_a_listed_vcek_is_not_recorded_for_every_chip(tmp_path, pinned):
+    """Every VCEK of a product has the same name and serial (0): only the ASK/ASVK the ARK issued is recorded as
+    revoked for good, so one CRL listing a VCEK's serial does not block every chip after AMD's next CRL."""
+    from medtee.attestation.freshness import Newest
+
+    chips = [_cert("SEV-VCEK", "SEV-Milan", rsa.generate_private_key(65537, 2048), pinned[0], 7) for _ in range(2)]
+    newest = Newest(tmp_path / "seen.json")
+    _write_crl(tmp_path, pinned[0], revoked=[7], days=(-2, 30), number=1)
+    assert not revocation_check("Milan", "vcek", chips[0], str(tmp_path), Revocation.fail_closed, NOW, newest).ok
+    _write_crl(tmp_path, pinned[0], days=(-1, 30), number=2)  # AMD's next CRL lists nothing
+    assert revocation_check("Milan", "vcek", chips[1], str(tmp_path), Revocation.fail_closed, NOW, newest).ok

@@ -229,3 +229,15 @@ def test_a_log_that_is_no_file_is_refused_in_one_line(broker, capsys):
         assert err.count("\n") == 1 and "audit.log is not a regular file" in err and "Traceback" not in err
     with pytest.raises(AuditLogDamaged, match="is not a regular file .*; restore the audit log there"):
         EmbeddedBroker(broker.store_dir)
+
+
+def test_every_mark_removal_is_recorded(broker):
+    """A copy that ends in a mark-start, put back and its mark removed: the new acceptance is recorded too."""
+    broker.audit.append("a")
+    audit.mark_path(broker.audit.path).unlink()
+    broker.audit.append("b")
+    ends_in_mark_start = b"".join(broker.audit.path.read_bytes().splitlines(keepends=True)[:2])
+    broker.audit.path.write_bytes(ends_in_mark_start)
+    audit.mark_path(broker.audit.path).unlink()
+    broker.audit.append("c")
+    assert [e["event"] for e in broker.audit.entries()] == ["a", "mark-start", "mark-start", "c"]

@@ -176,3 +176,20 @@ def test_the_broker_log_is_read_once(tmp_path, sealed, broker, monkeypatch):
     monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail(f"the log was opened again: {a}"))
     assert verify_receipt(path.read_bytes(), broker_log=broker.store_dir / "audit.log").ok
     assert [p for p in opened if str(p).endswith("audit.log")] == [broker.store_dir / "audit.log"]
+
+
+def test_a_log_that_closes_a_release_twice_is_not_the_brokers(tmp_path, sealed, broker):
+    from medtee.broker.audit import _entry_hash, verify
+
+    _, manifest, _, _ = sealed
+    path = receipt(tmp_path, broker, manifest)
+    log = broker.store_dir / "audit.log"
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    second = {**entries[-1], "seq": len(entries), "record_sha256": "ab" * 32, "prev": entries[-1]["hash"]}
+    second.pop("hash")
+    second["hash"] = _entry_hash(second)
+    twice = tmp_path / "twice.log"
+    twice.write_text(log.read_text() + json.dumps(second, sort_keys=True) + "\n")
+    checks = {c.name: c for c in verify_receipt(path.read_bytes(), broker_log=twice,
+                                                broker_head=verify(twice).head).checks}
+    assert not checks["broker.close"].ok and "closes this release 2 times" in checks["broker.close"].reason
