@@ -5,9 +5,9 @@ entry's canonical JSON without `hash`. Editing, deleting, inserting or reorderin
 Cutting entries off the end cannot be seen from the file alone. Beside it, `audit.log.mark` (the high-water mark)
 names the last entry appended, and the broker records nothing while the log does not hold that entry (restored
 from an older copy, cut short, removed): its releases and their privacy budget would be forgotten. Removing the mark
-accepts the log as it is; the next append records that (`mark-start`). Restoring the
-whole store rolls the mark back too, so anchor the head printed by `medtee broker audit verify` somewhere else (a
-ticket, a transparency log) to detect that as well. Entries hold ids and digests, never data.
+accepts the log as it is; the next decision records that (`mark-start`). Restoring the whole store rolls the mark
+back too, so anchor the head printed by `medtee broker audit verify` somewhere else (a ticket, a transparency log)
+to detect that as well. Entries hold ids and digests, never data.
 
 An entry counts once its line, newline included, is written and fsynced; only then is the decision it records
 returned. A last line without its newline is an append that did not finish (a full disk, a crash): nothing was
@@ -329,7 +329,8 @@ class AuditLog:
 
     def _catch_up(self, f) -> None:
         """Feed `index` the entries of `f` (every line complete) it has not seen, from the start if the log changed
-        under what it holds. Each entry must follow the one before it (seq and prev), or AuditLogDamaged."""
+        under what it holds. Each entry must follow the one before it (seq and prev) and hash to its own `hash`, or
+        AuditLogDamaged."""
         if self.index is None:
             return
         offset, last, seq = self._read
