@@ -427,8 +427,8 @@ def serve(store_dir: Path | str, *, host: str = "127.0.0.1", port: int = DEFAULT
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with BrokerServer(EmbeddedBroker(store_dir, **broker_options), host, port, tls_cert=tls_cert,
-                          tls_key=tls_key, limits=limits) as server:
+        with EmbeddedBroker(store_dir, **broker_options) as broker, BrokerServer(
+                broker, host, port, tls_cert=tls_cert, tls_key=tls_key, limits=limits) as server:
             announce(server.url)
             stop.wait()
     finally:

@@ -1,11 +1,12 @@
-"""The data owner's key broker service (EmbeddedBroker) and broker-key rotation.
+"""The data owner's key broker service (EmbeddedBroker).
 
 Store directory of an :class:`EmbeddedBroker` (created on first use, mode 0700):
 `broker.key` (0600) / `broker.pub`: the HPKE key data keys are wrapped to; `owner-signing.key` / `.pub`: the data
 owner's manifest-signing key; `trusted-owners/*.pub`: further owner keys whose manifests may be registered;
 `datasets/<id>.json`: registrations (manifest + current policy; change it with `medtee broker policy set`, read
 at every release, no restart); `policies/NAME.yaml`: the owner's own release policies (`medtee broker policy add`),
-looked up before the shipped ones; `retired/`: broker keys replaced by rotation; `audit.log`: the audit chain, and
+looked up before the shipped ones; `retired/`: broker keys replaced by rotation; `store.lock`, held shared by every
+broker on the store, and `rotating/`, an unfinished rotation (`medtee.broker.store`); `audit.log`: the audit chain, and
 `audit.log.mark` its high-water mark (`medtee.broker.audit`); `revocation-seen.json`: the newest AMD CRL and NVIDIA
 OCSP answer appraisal accepted, and every revocation (`medtee.attestation.freshness`: no older copy counts after
 it, and no revocation is undone).
@@ -27,13 +28,14 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medtee.attestation.freshness import Newest
 from medtee.broker import budget
+from medtee.broker import store as disk
 from medtee.broker.audit import AuditLog
+from medtee.broker.store import BROKER_KEY_NAME
 from medtee.broker.protocol import (
     DEFAULT_NONCE_TTL_S,
     NONCE_BYTES,
@@ -48,7 +50,7 @@ from medtee.crypto import hpke
 from medtee.crypto.hpke import DEFAULT_SCHEME, Scheme
 from medtee.crypto.signing import load_or_create_signing_key, load_public
 from medtee.files import write_atomic
-from medtee.sealing.manifest import Manifest, SealedDataError, check_dataset_id, data_key_info
+from medtee.sealing.manifest import Manifest, SealedDataError, data_key_info
 
 log = logging.getLogger("medtee.broker")
 
@@ -60,7 +62,6 @@ if TYPE_CHECKING:
     from medtee.attestation.verdict import Verdict
     from medtee.broker.protocol import ReleaseRecord
 
-BROKER_KEY_NAME = "broker"
 DEFAULT_MAX_CHALLENGES_PER_DATASET = 1024
 DEFAULT_MAX_CHALLENGES_PER_CLIENT = 256
 MAX_COUNTED_CLIENTS = 10_000  # clients whose unaudited requests are counted (then the count restarts)
@@ -69,11 +70,6 @@ NEVER_ISSUED = "never issued by this broker"
 FRESH_NONCE = "a fresh nonce this broker issued for this dataset"
 LOCAL_CLIENT = "local"  # the client of in-process calls
 INVALID = "(invalid)"  # audited in place of a field that failed validation
-
-
-def _write_registration(path: Path, manifest: Manifest, policy: str) -> None:
-    doc = {"manifest": json.loads(manifest.to_json()), "policy": policy}
-    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _denial(name: str, expected: str, actual: str, policy: str) -> Verdict:
@@ -132,13 +128,18 @@ class EmbeddedBroker:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.store_dir, 0o700)
         (self.store_dir / "datasets").mkdir(exist_ok=True)
-        if not (self.store_dir / f"{BROKER_KEY_NAME}.key").exists():
-            hpke.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
-        self._scheme, self._key = hpke.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
-        self._newest = Newest(self.store_dir / "revocation-seen.json")  # rollback of cached CRLs / OCSP answers
-        self._decisions = _Decisions()
-        self.audit = AuditLog(self.store_dir / "audit.log", self._decisions)
-        self.audit.check_mark()  # a log behind its mark: refused before any work that would record something
+        self._hold = disk.hold(self.store_dir)  # shared for the broker's life: no rotation under it
+        try:
+            if not (self.store_dir / f"{BROKER_KEY_NAME}.key").exists():
+                hpke.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
+            self._scheme, self._key = hpke.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
+            self._newest = Newest(self.store_dir / "revocation-seen.json")  # rollback of cached CRLs / OCSP answers
+            self._decisions = _Decisions()
+            self.audit = AuditLog(self.store_dir / "audit.log", self._decisions)
+            self.audit.check_mark()  # a log behind its mark: refused before any work that would record something
+        except BaseException:
+            self._hold.close()
+            raise
         self.nonce_ttl_s = nonce_ttl_s
         self.max_challenges_per_dataset = max_challenges_per_dataset
         self.max_challenges_per_client = max_challenges_per_client
@@ -150,6 +151,16 @@ class EmbeddedBroker:
         self._gone: OrderedDict[bytes, None] = OrderedDict()  # SHA-256 of the latest spent or expired nonces
         self._lock = threading.Lock()
         self._policies: dict[str, tuple[str, object]] = {}
+
+    def close(self) -> None:
+        """Let go of the store (its shared lock), e.g. before `rotate` in this process; the broker is unusable after."""
+        self._hold.close()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- data owner's side -------------------------------------------------------------------------------------------
     def public_key(self) -> tuple[Scheme, bytes]:
@@ -187,7 +198,7 @@ class EmbeddedBroker:
             if policy_sha256 is not None and held != policy_sha256:
                     raise ValueError(f"release policy '{name}' was changed or removed while the dataset was sealed, "
                                      f"so it is not the policy that was checked; nothing was registered: seal again")
-            _write_registration(path, manifest, name)
+            disk.write_registration(path, manifest, name)
             return "register", {"dataset_id": manifest.dataset_id, "manifest_digest": manifest.digest(),
                                 "policy": name, "policy_sha256": held, "owner_key": manifest.owner_key_id()}
 
@@ -247,7 +258,7 @@ class EmbeddedBroker:
         manifest, _ = self._load_registration(dataset_id)
 
         def decide():  # under the log's lock, once it is known to record: never a change it does not hold
-            _write_registration(self._registration_path(dataset_id), manifest, policy)
+            disk.write_registration(self._registration_path(dataset_id), manifest, policy)
             return "policy", {"dataset_id": dataset_id, "policy": policy, "policy_sha256": digest}
 
         self.audit.append_decided(decide)
@@ -264,7 +275,7 @@ class EmbeddedBroker:
 
     def datasets(self) -> list[str]:
         """Registered dataset ids."""
-        return sorted(p.stem for p in (self.store_dir / "datasets").glob("*.json"))
+        return disk.datasets(self.store_dir)
 
     def unwrap_data_key(self, manifest: Manifest) -> bytes:
         """The plain data key of a manifest wrapped to this broker (data-owner-only: rotation, benchmarks)."""
@@ -272,20 +283,10 @@ class EmbeddedBroker:
                               info=data_key_info(manifest.dataset_id))
 
     def _registration_path(self, dataset_id: str) -> Path:
-        return self.store_dir / "datasets" / f"{check_dataset_id(dataset_id)}.json"
+        return disk.registration_path(self.store_dir, dataset_id)
 
     def _load_registration(self, dataset_id: str) -> tuple[Manifest, str]:
-        path = self._registration_path(dataset_id)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            fix = "seal it against this broker"
-            raise UnknownDatasetError(f"dataset {dataset_id} is not registered with the broker at {self.store_dir}; "
-                                      f"{fix}", public=f"dataset {dataset_id} is not registered with this broker; {fix}"
-                                      ) from None
-        except ValueError:
-            raise SealedDataError(f"{path} is not valid JSON; restore it or re-register the dataset") from None
-        return Manifest.from_json(json.dumps(doc["manifest"]), source=str(path)), doc["policy"]
+        return disk.read_registration(self.store_dir, dataset_id)
 
     # -- the data owner's policy store: policies/NAME.yaml, read before the shipped conf/attestation/NAME.yaml -------
     MAX_POLICY_BYTES = 64 << 10  # of a policy file the store accepts
@@ -680,46 +681,3 @@ def _close_refusal(released: dict | None, key_id: str, signature_ok: bool) -> st
     if not hmac.compare_digest(bound, key_id):
         return "wrong_key"
     return None if signature_ok else "bad_signature"
-
-
-def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Scheme | str | None = None) -> list[Manifest]:
-    """Replace the broker key of `store_dir` and re-wrap every registered data key to the new one.
-
-    The shards are untouched (the data keys do not change); manifests are re-signed by the owner key in the store,
-    re-registered, and written into each of `dataset_dirs` (whose datasets must be registered here). The old
-    private key moves to `retired/`. Run it while no `medtee broker serve` uses the store. Returns the new manifests.
-    """
-    store_dir = Path(store_dir)
-    old = EmbeddedBroker(store_dir)
-    new_scheme = Scheme.parse(scheme) if scheme else old.public_key()[0]
-    by_id = {Manifest.load(d).dataset_id: Path(d) for d in dataset_dirs}
-    unknown = sorted(set(by_id) - set(old.datasets()))
-    if unknown:
-        raise UnknownDatasetError(f"dataset(s) {', '.join(unknown)} are not registered with the broker at {store_dir}")
-    staging = store_dir / "rotating"
-    if staging.exists():
-        raise FileExistsError(f"{staging} exists: an earlier rotation was interrupted; inspect it, then remove it")
-    _, new_pub = hpke.load_public_key(hpke.write_keypair(staging, BROKER_KEY_NAME, new_scheme))
-    owner = old.owner_signing_key()
-    rotated = []
-    for dataset_id in old.datasets():
-        manifest, policy = old._load_registration(dataset_id)
-        rotated.append((replace(
-            manifest, scheme=new_scheme.value, key_id=hpke.key_id(new_scheme, new_pub),
-            wrapped_data_key=hpke.wrap(old.unwrap_data_key(manifest), new_pub, scheme=new_scheme,
-                                          info=data_key_info(dataset_id)),
-        ).signed(owner), policy))
-    retired = store_dir / "retired"
-    retired.mkdir(exist_ok=True)
-    old_id = old._key.key_id
-    for suffix in ("key", "pub"):
-        os.replace(store_dir / f"{BROKER_KEY_NAME}.{suffix}", retired / f"{BROKER_KEY_NAME}-{old_id}.{suffix}")
-        os.replace(staging / f"{BROKER_KEY_NAME}.{suffix}", store_dir / f"{BROKER_KEY_NAME}.{suffix}")
-    staging.rmdir()
-    new = EmbeddedBroker(store_dir)
-    for manifest, policy in rotated:
-        _write_registration(new._registration_path(manifest.dataset_id), manifest, policy)
-        if manifest.dataset_id in by_id:
-            write_atomic(by_id[manifest.dataset_id] / "manifest.json", manifest.to_json().encode())
-    new.audit.append("rotate", old_key=old_id, new_key=new._key.key_id, datasets=[m.dataset_id for m, _ in rotated])
-    return [m for m, _ in rotated]

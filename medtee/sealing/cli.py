@@ -233,7 +233,7 @@ def _keys_new(args: argparse.Namespace) -> int:
 def _keys_rotate(args: argparse.Namespace) -> int:
     from medtee.broker.audit import AuditLogDamaged
     from medtee.broker.protocol import UnknownDatasetError
-    from medtee.broker.service import rotate
+    from medtee.broker.store import StoreBusy, rotate
     from medtee.sealing.manifest import SealedDataError
 
     problem = dir_problem("--broker-dir", args.broker_dir, "name the broker store the datasets were sealed with")
@@ -243,9 +243,9 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         return exits.fail(f"{args.broker_dir} holds no broker key; pass the --broker-dir the datasets were sealed with")
     try:
         manifests = rotate(args.broker_dir, [Path(d) for d in args.datasets], scheme=args.scheme)
-    except (UnknownDatasetError, SealedDataError, FileExistsError, ValueError) as e:
+    except (UnknownDatasetError, SealedDataError, FileExistsError, PermissionError, ValueError) as e:
         return exits.fail(str(e))
-    except AuditLogDamaged as e:
+    except (AuditLogDamaged, StoreBusy) as e:
         return exits.fail(str(e), exits.REFUSED)
     print(f"rotated the broker key in {args.broker_dir}; {len(manifests)} data key(s) re-wrapped, no data re-encrypted")
     for m in manifests:

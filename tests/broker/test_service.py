@@ -1,4 +1,4 @@
-"""The broker service: release through the real medtee.attestation (simulated evidence), refusals, audit, rotation."""
+"""The broker service: release through the real medtee.attestation (simulated evidence), refusals, audit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from medtee.broker import audit
 from medtee.broker.protocol import KeyReleaseDenied, UnknownDatasetError, obtain_data_key, release_info
-from medtee.broker.service import EmbeddedBroker, rotate
+from medtee.broker.service import EmbeddedBroker
 from medtee.crypto.hpke import EphemeralKey, Scheme
 from medtee.sealing.reader import open_dataset
 from medtee.sealing.seal import seal_records
@@ -203,24 +203,6 @@ def test_audit_log_chain(sealed, broker):
     log.write_text("\n".join([lines[0], lines[2]]) + "\n")
     bad = audit.verify(log)
     assert not bad.ok and "removed or reordered" in bad.problem
-
-
-def test_rotation_rewraps_without_reencrypting(sealed, broker):
-    out, manifest, records, key = sealed
-    shard_bytes = {s.name: (out / s.name).read_bytes() for s in manifest.shards}
-    old_key_id = manifest.key_id
-    [new_manifest] = rotate(broker.store_dir, [out], scheme="hpke-x25519")
-    assert new_manifest.key_id != old_key_id and new_manifest.scheme == "hpke-x25519"
-    assert {s.name: (out / s.name).read_bytes() for s in manifest.shards} == shard_bytes
-    ds = open_dataset(out)
-    assert ds.manifest == new_manifest
-    fresh = EmbeddedBroker(broker.store_dir)
-    assert fresh.public_key()[0] is Scheme.hpke_x25519 and fresh.unwrap_data_key(new_manifest) == key
-    with pytest.raises(KeyReleaseDenied, match="manifest_digest"):
-        release_request(fresh, manifest)  # the old manifest is no longer the registered one
-    assert release_request(fresh, new_manifest) == key
-    assert list((broker.store_dir / "retired").glob("broker-*.key"))
-    assert audit.verify(broker.store_dir / "audit.log").ok
 
 
 def test_edited_policy_file_takes_effect_without_restart(sealed, broker, tmp_path, monkeypatch):

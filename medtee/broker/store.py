@@ -1,0 +1,229 @@
+"""The broker store on disk: its lock, its registrations, and broker-key rotation that a crash cannot half-do.
+
+Every :class:`~medtee.broker.service.EmbeddedBroker` holds a shared lock on `store.lock` for its life; `rotate`
+takes it exclusively, so it refuses while any broker (`medtee broker serve`, a run's embedded broker, a seal, a
+policy command) uses the store, and nothing opens the store while it rotates.
+
+A rotation stages the new key, the re-wrapped registrations and then `plan.json` in `rotating/`; its `rotate`
+audit entry is the commit point; only then are the staged files moved into place. Whoever opens the store next
+after a crash finishes a rotation that was recorded (or had begun to move files) and removes one that was not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from medtee.broker.audit import AuditLog
+from medtee.broker.protocol import UnknownDatasetError
+from medtee.crypto import hpke
+from medtee.crypto.hpke import Scheme
+from medtee.crypto.signing import load_or_create_signing_key
+from medtee.files import write_atomic
+from medtee.sealing.manifest import Manifest, SealedDataError, check_dataset_id, data_key_info
+
+log = logging.getLogger("medtee.broker")
+
+BROKER_KEY_NAME = "broker"
+LOCK_NAME = "store.lock"
+ROTATING = "rotating"  # the staging directory of a rotation
+PLAN = "plan.json"  # written last into it: the staging is complete
+LOCK_WAIT_S = 30.0  # how long opening a store waits for a rotation to end
+
+
+class StoreBusy(RuntimeError):
+    """The store's lock is held by another process (a broker using it, or a rotation)."""
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock(store_dir: Path, mode: int, wait_s: float, busy: str):
+    """`store.lock` open and flock'ed with `mode` (LOCK_SH or LOCK_EX), polling for up to `wait_s` seconds; StoreBusy
+    with `busy` after that."""
+    f = open(os.open(store_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), "rb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.close()
+                raise StoreBusy(busy) from None
+            time.sleep(0.05)
+
+
+def hold(store_dir: Path):
+    """The open lock file of a broker using `store_dir` (shared; close it to let go), after finishing or removing an
+    interrupted rotation. StoreBusy when a rotation holds the store for longer than LOCK_WAIT_S."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    busy = (f"the broker store {store_dir} is being rotated by another process (`medtee keys rotate`) for more "
+            f"than {LOCK_WAIT_S:g} s; retry when it has ended")
+    while True:
+        f = _lock(store_dir, fcntl.LOCK_SH, max(0.0, deadline - time.monotonic()), busy)
+        if not (store_dir / ROTATING).exists():
+            return f
+        f.close()
+        with _lock(store_dir, fcntl.LOCK_EX, max(0.0, deadline - time.monotonic()), busy):
+            recover(store_dir)
+
+
+# -- registrations: datasets/<id>.json holds the manifest and the current release policy's name -----------------------
+def registration_path(store_dir: Path, dataset_id: str) -> Path:
+    return store_dir / "datasets" / f"{check_dataset_id(dataset_id)}.json"
+
+
+def write_registration(path: Path, manifest: Manifest, policy: str) -> None:
+    doc = {"manifest": json.loads(manifest.to_json()), "policy": policy}
+    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_registration(store_dir: Path, dataset_id: str) -> tuple[Manifest, str]:
+    """(manifest, policy name) of a registered dataset; UnknownDatasetError when it is not registered."""
+    path = registration_path(store_dir, dataset_id)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fix = "seal it against this broker"
+        raise UnknownDatasetError(f"dataset {dataset_id} is not registered with the broker at {store_dir}; {fix}",
+                                  public=f"dataset {dataset_id} is not registered with this broker; {fix}") from None
+    except ValueError:
+        raise SealedDataError(f"{path} is not valid JSON; restore it or re-register the dataset") from None
+    return Manifest.from_json(json.dumps(doc["manifest"]), source=str(path)), doc["policy"]
+
+
+def datasets(store_dir: Path) -> list[str]:
+    """Registered dataset ids."""
+    return sorted(p.stem for p in (store_dir / "datasets").glob("*.json"))
+
+
+# -- rotation ----------------------------------------------------------------------------------------------------------
+def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Scheme | str | None = None) -> list[Manifest]:
+    """Replace the broker key of `store_dir` and re-wrap every registered data key to the new one.
+
+    The shards are untouched (the data keys do not change); manifests are re-signed by the owner key in the store,
+    re-registered, and written into each of `dataset_dirs` (whose datasets must be registered here). The old
+    private key moves to `retired/`. StoreBusy while any broker uses the store. Returns the new manifests.
+    """
+    store_dir = Path(store_dir)
+    with _lock(store_dir, fcntl.LOCK_EX, 0.0,
+               f"the broker store {store_dir} is in use (a `medtee broker serve`, a run with broker.url=embedded, a "
+               f"seal or a policy command holds it); stop it, then rotate"):
+        recover(store_dir)
+        audit = AuditLog(store_dir / "audit.log")
+        audit.check_mark()
+        old_scheme, old_key = hpke.load_private_key(store_dir / f"{BROKER_KEY_NAME}.key")
+        new_scheme = Scheme.parse(scheme) if scheme else old_scheme
+        by_id = {}
+        for d in map(Path, dataset_dirs):
+            manifest = Manifest.load(d)
+            if not os.access(d, os.W_OK) or not os.access(d / "manifest.json", os.W_OK):
+                raise PermissionError(f"{d / 'manifest.json'} cannot be written, so its new manifest could not be "
+                                      f"put there; make it writable or leave {d} off the command line")
+            by_id[manifest.dataset_id] = d.resolve()
+        registered = datasets(store_dir)
+        unknown = sorted(set(by_id) - set(registered))
+        if unknown:
+            raise UnknownDatasetError(f"dataset(s) {', '.join(unknown)} are not registered with the broker at {store_dir}")
+        staging = store_dir / ROTATING
+        staging.mkdir(mode=0o700)
+        try:
+            _, new_pub = hpke.load_public_key(hpke.write_keypair(staging, BROKER_KEY_NAME, new_scheme))
+            (staging / "datasets").mkdir()
+            owner = load_or_create_signing_key(store_dir)
+            rotated = []
+            for dataset_id in registered:
+                manifest, policy = read_registration(store_dir, dataset_id)
+                data_key = hpke.unwrap(manifest.wrapped_data_key, old_key, scheme=Scheme.parse(manifest.scheme),
+                                       info=data_key_info(dataset_id))
+                manifest = replace(manifest, scheme=new_scheme.value, key_id=hpke.key_id(new_scheme, new_pub),
+                                   wrapped_data_key=hpke.wrap(data_key, new_pub, scheme=new_scheme,
+                                                              info=data_key_info(dataset_id))).signed(owner)
+                write_registration(staging / "datasets" / f"{dataset_id}.json", manifest, policy)
+                rotated.append(manifest)
+            _sync_dir(staging / "datasets")
+            plan = {"old_key": old_key.key_id, "new_key": hpke.key_id(new_scheme, new_pub), "datasets": registered,
+                    "dataset_dirs": {i: str(d) for i, d in sorted(by_id.items())}}
+            write_atomic(staging / PLAN, json.dumps(plan, indent=1).encode() + b"\n", sync_dir=True)
+            _sync_dir(store_dir)
+        except BaseException:  # nothing was recorded or moved: the store is as it was
+            shutil.rmtree(staging)
+            raise
+        audit.append("rotate", old_key=plan["old_key"], new_key=plan["new_key"], datasets=registered)  # the commit
+        _finish(store_dir, plan, recorded=True)
+    return rotated
+
+
+def recover(store_dir: Path) -> None:
+    """Finish or remove the rotation `rotating/` holds (the caller holds the store's lock exclusively): removed when
+    its staging is incomplete, or when nothing was recorded or moved yet; otherwise finished."""
+    staging = store_dir / ROTATING
+    if not staging.exists():
+        return
+    try:
+        plan = json.loads((staging / PLAN).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        plan = None
+    if plan is not None:
+        AuditLog(store_dir / "audit.log").check_mark()  # a log rolled back behind the commit decides nothing
+        staged = [staging / f"{BROKER_KEY_NAME}.{s}" for s in ("key", "pub")]
+        staged += [staging / "datasets" / f"{i}.json" for i in plan["datasets"]]
+        recorded = _recorded(store_dir, plan)
+        if recorded or not all(p.exists() for p in staged):
+            log.warning("finishing the rotation of the broker key of %s to %s that was interrupted", store_dir,
+                        plan["new_key"])
+            _finish(store_dir, plan, recorded=recorded)
+            return
+    log.warning("removing the unrecorded rotation of the broker key of %s that was interrupted; the key is "
+                "unchanged", store_dir)
+    shutil.rmtree(staging)
+    _sync_dir(store_dir)
+
+
+def _recorded(store_dir: Path, plan: dict) -> bool:
+    return any(e.get("event") == "rotate" and e.get("new_key") == plan["new_key"]
+               for e in AuditLog(store_dir / "audit.log").entries())
+
+
+def _finish(store_dir: Path, plan: dict, *, recorded: bool) -> None:
+    """Move a committed rotation's staged files into place and record it unless `recorded`; each step may be
+    repeated after a crash."""
+    staging, retired = store_dir / ROTATING, store_dir / "retired"
+    retired.mkdir(mode=0o700, exist_ok=True)
+    for suffix in ("key", "pub"):
+        staged, live = staging / f"{BROKER_KEY_NAME}.{suffix}", store_dir / f"{BROKER_KEY_NAME}.{suffix}"
+        if staged.exists():
+            if live.exists():
+                os.replace(live, retired / f"{BROKER_KEY_NAME}-{plan['old_key']}.{suffix}")
+            os.replace(staged, live)
+    _sync_dir(retired)
+    _sync_dir(store_dir)
+    for dataset_id in plan["datasets"]:
+        staged = staging / "datasets" / f"{dataset_id}.json"
+        if staged.exists():
+            os.replace(staged, registration_path(store_dir, dataset_id))
+    _sync_dir(store_dir / "datasets")
+    for dataset_id, directory in plan["dataset_dirs"].items():
+        manifest = read_registration(store_dir, dataset_id)[0]
+        try:
+            write_atomic(Path(directory) / "manifest.json", manifest.to_json().encode())
+        except OSError as e:
+            log.warning("could not write the new manifest of dataset %s into %s (%s): copy the field 'manifest' of "
+                        "%s there", dataset_id, directory, type(e).__name__, registration_path(store_dir, dataset_id))
+    if not recorded:  # the files had begun to move under a log that lost the entry
+        AuditLog(store_dir / "audit.log").append("rotate", old_key=plan["old_key"], new_key=plan["new_key"],
+                                                 datasets=plan["datasets"])
+    shutil.rmtree(staging)
+    _sync_dir(store_dir)

@@ -1,0 +1,164 @@
+"""Broker-key rotation: re-wrapping without re-encrypting, refused while a broker uses the store, and a crash at
+any step leaves the store rotated or as it was, never between (the next broker to open it finishes or undoes it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from medtee.broker import audit, store
+from medtee.broker.service import EmbeddedBroker
+from medtee.broker.store import StoreBusy, rotate
+from medtee.cli import main
+from medtee.crypto.hpke import Scheme
+from medtee.sealing.manifest import Manifest
+from medtee.sealing.reader import open_dataset
+from medtee.sealing.seal import seal_records
+
+from .conftest import make_records
+from .test_service import release_request
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def rotations(store_dir: Path) -> list[dict]:
+    return [e for e in audit.AuditLog(store_dir / "audit.log").entries() if e["event"] == "rotate"]
+
+
+def test_rotation_rewraps_without_reencrypting(sealed, broker):
+    out, manifest, records, key = sealed
+    shard_bytes = {s.name: (out / s.name).read_bytes() for s in manifest.shards}
+    old_key_id = manifest.key_id
+    broker.close()
+    [new_manifest] = rotate(broker.store_dir, [out], scheme="hpke-x25519")
+    assert new_manifest.key_id != old_key_id and new_manifest.scheme == "hpke-x25519"
+    assert {s.name: (out / s.name).read_bytes() for s in manifest.shards} == shard_bytes
+    ds = open_dataset(out)
+    assert ds.manifest == new_manifest
+    fresh = EmbeddedBroker(broker.store_dir)
+    assert fresh.public_key()[0] is Scheme.hpke_x25519 and fresh.unwrap_data_key(new_manifest) == key
+    with pytest.raises(Exception, match="manifest_digest"):
+        release_request(fresh, manifest)  # the old manifest is no longer the registered one
+    assert release_request(fresh, new_manifest) == key
+    assert list((broker.store_dir / "retired").glob("broker-*.key"))
+    assert [(e["old_key"], e["new_key"]) for e in rotations(broker.store_dir)] == [(old_key_id, new_manifest.key_id)]
+    assert audit.verify(broker.store_dir / "audit.log").ok
+    assert not (broker.store_dir / store.ROTATING).exists()
+
+
+def test_rotation_is_refused_while_a_broker_uses_the_store(sealed, broker, serve, capsys):
+    """An HTTP broker (or any EmbeddedBroker) keeps the old key in memory: rotating under it would leave it
+    releasing nothing it was asked for, so the rotation refuses, changing nothing."""
+    out, manifest, _, key = sealed
+    broker.close()
+    server = serve()
+    before, before_dataset = tree(broker.store_dir), tree(out)
+    with pytest.raises(StoreBusy, match="is in use .*stop it, then rotate"):
+        rotate(broker.store_dir, [out])
+    assert main(["keys", "rotate", str(out), "--broker-dir", str(broker.store_dir)]) == 1
+    assert "is in use (a `medtee broker serve`" in capsys.readouterr().err
+    assert tree(broker.store_dir) == before and tree(out) == before_dataset
+    server.close()
+    server.broker.close()
+    [new_manifest] = rotate(broker.store_dir, [out])
+    assert EmbeddedBroker(broker.store_dir).unwrap_data_key(new_manifest) == key
+
+
+def test_a_broker_opened_during_a_rotation_waits_for_it(sealed, broker, monkeypatch):
+    out, manifest, _, key = sealed
+    broker.close()
+    with store._lock(broker.store_dir, store.fcntl.LOCK_EX, 0, "busy"):  # as `rotate` holds it
+        monkeypatch.setattr(store, "LOCK_WAIT_S", 0.2)
+        with pytest.raises(StoreBusy, match=r"is being rotated by another process .* for more than 0.2 s; retry"):
+            EmbeddedBroker(broker.store_dir)
+        monkeypatch.setattr(store, "LOCK_WAIT_S", 30)
+        opened = []
+        waiter = threading.Thread(target=lambda: opened.append(EmbeddedBroker(broker.store_dir)))
+        waiter.start()
+        time.sleep(0.3)
+        assert not opened  # still waiting
+    waiter.join(10)
+    assert opened and opened[0].unwrap_data_key(manifest) == key
+
+
+def test_a_crash_at_any_step_leaves_the_store_rotated_or_as_it_was(tmp_path):
+    template = tmp_path / "template"
+    keys = {}
+    with EmbeddedBroker(template / "broker") as broker:
+        for dataset_id, directory in (("crash-a", "sealed"), ("crash-b", "other")):  # one listed, one not
+            manifest = seal_records(make_records(4), template / directory, broker=broker, policy="simulated",
+                                    dataset_id=dataset_id, rows_per_shard=2)
+            keys[dataset_id] = broker.unwrap_data_key(manifest)
+        old_key = broker.public_key()
+    before = tree(template / "broker")
+    before_manifest = (template / "sealed" / "manifest.json").read_bytes()
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("rotation_crash.py")), str(template),
+                           str(tmp_path / "cases")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    points = int(done.stdout)
+    assert points >= 20  # key pair, registrations, plan, the audit entry, the moves, the clean-up
+    outcomes, cases = set(), []
+    for n in range(1, points + 2):  # every crash point, then the rotation that ran to its end
+        case = tmp_path / "cases" / str(n)
+        cases.append((n, case))
+        staging = case / "broker" / store.ROTATING
+        if (staging / store.PLAN).exists() and not (staging / "broker.key").exists():  # the files had begun to move
+            lost = tmp_path / "cases" / f"{n}-lost"  # ... and the owner restored a log without the rotate entry
+            shutil.copytree(case, lost)
+            log = lost / "broker" / "audit.log"
+            *kept, last = log.read_bytes().splitlines(keepends=True)
+            assert json.loads(last)["event"] == "rotate"
+            log.write_bytes(b"".join(kept))
+            audit.mark_path(log).unlink()
+            plan = json.loads((lost / "broker" / store.ROTATING / store.PLAN).read_text())
+            plan["dataset_dirs"] = {"crash-a": str(lost / "sealed")}  # the copy's, not the case's
+            (lost / "broker" / store.ROTATING / store.PLAN).write_text(json.dumps(plan))
+            cases.append((f"{n}-lost", lost))
+    assert len(cases) > points + 5
+    for n, case in cases:
+        store_dir, dataset = case / "broker", case / "sealed"
+        with EmbeddedBroker(store_dir) as reopened:  # finishes or undoes what the crash left
+            assert not (store_dir / store.ROTATING).exists(), n
+            assert audit.verify(store_dir / "audit.log").ok, n
+            recorded = rotations(store_dir)
+            if reopened.public_key() == old_key:
+                outcomes.add("as it was")
+                assert recorded == [], n
+                assert tree(store_dir) == before, n
+                assert (dataset / "manifest.json").read_bytes() == before_manifest, n
+            else:
+                outcomes.add("rotated")
+                assert reopened.public_key()[0] is Scheme.hpke_x25519, n
+                assert [e["new_key"] for e in recorded] == [reopened._key.key_id], n
+                assert (store_dir / "retired" / f"broker-{recorded[0]['old_key']}.key").is_file(), n
+                assert Manifest.load(dataset) == reopened._load_registration("crash-a")[0], n
+            for dataset_id, key in keys.items():
+                registered = reopened._load_registration(dataset_id)[0]
+                assert reopened.unwrap_data_key(registered) == key, (n, dataset_id)
+                assert release_request(reopened, registered) == key, (n, dataset_id)
+        [again] = [m for m in rotate(store_dir, [dataset]) if m.dataset_id == "crash-a"]  # the store rotates again
+        assert Manifest.load(dataset) == again
+    assert outcomes == {"as it was", "rotated"}
+
+
+def test_an_interrupted_rotation_is_finished_by_keys_rotate_too(sealed, broker, capsys):
+    """`keys rotate` after a crash finishes (or undoes) the interrupted rotation first, then rotates as asked."""
+    out, manifest, _, key = sealed
+    broker.close()
+    rotate(broker.store_dir, [out])
+    staging = broker.store_dir / store.ROTATING
+    staging.mkdir()
+    (staging / "broker.key").write_text("half a key")  # a crash while staging: no plan.json yet
+    assert main(["keys", "rotate", str(out), "--broker-dir", str(broker.store_dir)]) == 0
+    assert "1 data key(s) re-wrapped" in capsys.readouterr().out
+    assert not staging.exists() and len(rotations(broker.store_dir)) == 2
+    assert EmbeddedBroker(broker.store_dir).unwrap_data_key(Manifest.load(out)) == key
