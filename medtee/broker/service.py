@@ -128,10 +128,8 @@ class EmbeddedBroker:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.store_dir, 0o700)
         (self.store_dir / "datasets").mkdir(exist_ok=True)
-        self._hold = disk.hold(self.store_dir)  # shared for the broker's life: no rotation under it
+        self._hold = disk.hold(self.store_dir, Scheme.parse(scheme))  # shared for its life: no rotation under it
         try:
-            if not (self.store_dir / f"{BROKER_KEY_NAME}.key").exists():
-                hpke.write_keypair(self.store_dir, BROKER_KEY_NAME, Scheme.parse(scheme))
             self._scheme, self._key = hpke.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
             self._newest = Newest(self.store_dir / "revocation-seen.json")  # rollback of cached CRLs / OCSP answers
             self._decisions = _Decisions()

@@ -65,19 +65,31 @@ def _lock(store_dir: Path, mode: int, wait_s: float, busy: str):
             time.sleep(0.05)
 
 
-def hold(store_dir: Path):
+def hold(store_dir: Path, scheme: Scheme):
     """The open lock file of a broker using `store_dir` (shared; close it to let go), after finishing or removing an
-    interrupted rotation. StoreBusy when a rotation holds the store for longer than LOCK_WAIT_S."""
+    interrupted rotation, and creating the broker key (of `scheme`) if there is none: both under the exclusive lock,
+    so that two processes opening a new store make one key. StoreBusy when a rotation holds the store for longer
+    than LOCK_WAIT_S."""
     deadline = time.monotonic() + LOCK_WAIT_S
     busy = (f"the broker store {store_dir} is being rotated by another process (`medtee keys rotate`) for more "
             f"than {LOCK_WAIT_S:g} s; retry when it has ended")
+    key = store_dir / f"{BROKER_KEY_NAME}.key"
     while True:
         f = _lock(store_dir, fcntl.LOCK_SH, max(0.0, deadline - time.monotonic()), busy)
-        if not (store_dir / ROTATING).exists():
+        if not (store_dir / ROTATING).exists() and key.exists():
             return f
         f.close()
-        with _lock(store_dir, fcntl.LOCK_EX, max(0.0, deadline - time.monotonic()), busy):
+        try:  # once: a broker that made the key meanwhile holds the shared lock for its life
+            exclusive = _lock(store_dir, fcntl.LOCK_EX, 0.0, busy)
+        except StoreBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+            continue
+        with exclusive:
             recover(store_dir)
+            if not key.exists():
+                hpke.write_keypair(store_dir, BROKER_KEY_NAME, scheme)
 
 
 # -- registrations: datasets/<id>.json holds the manifest and the current release policy's name -----------------------

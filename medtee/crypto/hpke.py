@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from medtee.files import NotRegularFile, read_regular, write_atomic
+from medtee.files import NotRegularFile, read_regular, write_new
 
 _KEY_FILE_FORMAT = "medtee-hpke-key/1"
 MAX_KEY_FILE_BYTES = 64 * 1024  # a hybrid private key file is about 3 KiB; a larger "key" is refused unread
@@ -222,16 +222,19 @@ def _b64(data: bytes) -> str:
 def write_keypair(directory: Path | str, name: str, scheme: Scheme | str = DEFAULT_SCHEME) -> Path:
     """Create `<name>.key` (private, mode 0600) and `<name>.pub` in `directory`; returns the public key's path.
 
-    Refuses to overwrite an existing key of that name.
+    Refuses to overwrite an existing key of that name, even one another process creates meanwhile.
     """
     scheme = Scheme.parse(scheme)
     directory = Path(directory)
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"key name {name!r} must be a plain file name (no '/', not starting with '.')")
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
+    def exists(p: Path) -> FileExistsError:
+        return FileExistsError(f"{p} already exists; choose another --name or directory (keys are never overwritten)")
+
     for p in (private_path, public_path):
         if p.exists():
-            raise FileExistsError(f"{p} already exists; choose another --name or directory (keys are never overwritten)")
+            raise exists(p)
     directory.mkdir(parents=True, exist_ok=True)
     x, m = _generate_parts(scheme)
     handle = _handle_from_parts(scheme, x, m)
@@ -240,8 +243,11 @@ def write_keypair(directory: Path | str, name: str, scheme: Scheme | str = DEFAU
         private["mlkem768_seed"] = _b64(m.private_bytes_raw())
     public = {"format": _KEY_FILE_FORMAT, "kind": "public", "scheme": scheme.value, "key_id": handle.key_id,
               "public": _b64(handle.public_bytes)}
-    write_atomic(private_path, json.dumps(private).encode() + b"\n", mode=0o600)
-    write_atomic(public_path, json.dumps(public, indent=1).encode() + b"\n")
+    for path, doc, mode in ((private_path, json.dumps(private), 0o600), (public_path, json.dumps(public, indent=1), 0o644)):
+        try:
+            write_new(path, doc.encode() + b"\n", mode=mode)
+        except FileExistsError:
+            raise exists(path) from None
     return public_path
 
 

@@ -162,3 +162,33 @@ def test_an_interrupted_rotation_is_finished_by_keys_rotate_too(sealed, broker, 
     assert "1 data key(s) re-wrapped" in capsys.readouterr().out
     assert not staging.exists() and len(rotations(broker.store_dir)) == 2
     assert EmbeddedBroker(broker.store_dir).unwrap_data_key(Manifest.load(out)) == key
+
+
+def test_processes_opening_a_new_store_at_once_make_one_broker_key(tmp_path, monkeypatch):
+    """Two seals started together on a fresh machine must not each make a broker key (one would wrap its data key
+    to a key the store no longer holds): the key is made under the store's exclusive lock."""
+    from medtee.crypto import hpke
+
+    real = hpke.write_keypair
+
+    def slow(*args, **kwargs):  # widen the window between "no key yet" and writing it
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hpke, "write_keypair", slow)
+    opened, failed = [], []
+
+    def open_store():
+        try:
+            opened.append(EmbeddedBroker(tmp_path / "new"))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            failed.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failed and len(opened) == 4
+    assert len({b._key.key_id for b in opened}) == 1
+    assert hpke.load_private_key(tmp_path / "new" / "broker.key")[1].key_id == opened[0]._key.key_id
