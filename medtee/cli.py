@@ -161,7 +161,7 @@ def _digest(argv: list[str]) -> int:
             raise config.ConfigError(f"`medtee recipes digest` takes recipe overrides and --json, not {flags[0]}")
         cfg = config.compose(config.use_recipe_files(overrides))
         config.check(cfg)
-        config.check_runnable(cfg, mode=mode)
+        config.check_runnable(cfg, mode=mode, digest=True)
         unhashable = config.unhashable_files(cfg)
         if unhashable:  # the run refuses these too: a digest of the path would approve nothing that can run
             raise config.ConfigError("; ".join(f"{key}={value} is not a regular file: the digest covers that file's "
@@ -203,8 +203,11 @@ def _recipes(args: argparse.Namespace) -> int:
         try:
             config.recipe_file(name)
             cfg = config.compose([f"recipe={name}"])
+            needs = [f"recipe={name}"] + (["model.revision=COMMIT"] if cfg.hardware.production and not
+                                          cfg.model.revision else []) + (
+                ["output.recipient=PATH/NAME.pub"] if cfg.hardware.production and cfg.output.recipient == "dev" else [])
             digest = (f"digest {config.recipe_digest(cfg, mode='train')[:16]}" if cfg.model.source != "pretrained" else
-                      f"digest: `medtee recipes digest recipe={name}` (it hashes the weights)")
+                      f"digest: `medtee recipes digest {' '.join(needs)}` (it hashes the weights)")
             print(f"ok      {name}  {digest}")
         except config.ConfigError as exc:
             failed += 1

@@ -516,8 +516,9 @@ def _engine_problems(t, hw, q, model) -> list[str]:
     return problems
 
 
-def check_runnable(cfg, *, mode: str = "train") -> None:
-    """Values a recipe may leave for the command line but a run (`mode` train or eval) needs. Raises ConfigError."""
+def check_runnable(cfg, *, mode: str = "train", digest: bool = False) -> None:
+    """Values a recipe may leave for the command line but a run (`mode` train or eval) needs; with `digest`, only
+    those its recipe digest covers (`data.path` is not among them). Raises ConfigError."""
     problems = []
     if mode == "sweep" and cfg.sweep is None:
         problems.append("medtee sweep runs the recipe's sweep: choose one, e.g. sweep=demo_lr_rank "
@@ -538,7 +539,7 @@ def check_runnable(cfg, *, mode: str = "train") -> None:
         elif not Path(adapter).is_file():
             problems.append(f"evaluation.adapter={adapter} is not a regular file: name the adapter.sealed a "
                             f"training run on this dataset wrote")
-    if cfg.data.source == DataSource.sealed and not cfg.data.path:
+    if cfg.data.source == DataSource.sealed and not cfg.data.path and not digest:
         problems.append("data=sealed needs the sealed dataset: pass data.path=DIR (a directory made by `medtee seal`)")
     if cfg.hardware.production and cfg.model.source == ModelSource.pretrained and not cfg.model.revision:
         problems.append("production profiles load pinned weights: pass model.revision=COMMIT")

@@ -130,3 +130,30 @@ def test_schemas_and_the_cli_import_no_heavy_library(module):
             f"'hydra', 'omegaconf') if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _documented_layers() -> dict[str, int]:
+    """package -> layer, from the layer table of docs/architecture.md (`| N | `pkg` (...), `pkg` |`)."""
+    import re
+
+    layers = {}
+    for line in (ROOT.parent / "docs" / "architecture.md").read_text().splitlines():
+        if row := re.fullmatch(r"\| (\d) \| (.*) \|", line):
+            for package in re.findall(r"(?:^|\), |, )`(\w+)`", row[2]):
+                layers[package] = int(row[1])
+    return layers
+
+
+def test_packages_import_only_from_the_layers_below_them_as_documented():
+    """docs/architecture.md's layer table is the rule: a package imports only from packages of lower layers (the
+    wiring modules and the CLIs excepted)."""
+    layers = _documented_layers()
+    packages = {_package(name) for name in MODULES} - {"medtee", "cli", "__main__", "run"}
+    assert packages <= set(layers), f"packages missing from the table: {sorted(packages - set(layers))}"
+    upward = sorted({f"{_package(name)} (layer {layers[_package(name)]}) imports {_package(t)} (layer "
+                     f"{layers.get(_package(t))}) in {name}"
+                     for name, targets in _edges().items() if name not in WIRING and not name.endswith(".cli")
+                     and _package(name) in layers
+                     for t in targets if _package(t) != _package(name) and _package(t) != "medtee"
+                     and layers.get(_package(t), 99) >= layers[_package(name)]})
+    assert upward == []

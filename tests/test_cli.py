@@ -81,6 +81,18 @@ def test_recipes_digest_prints_what_a_run_binds_per_mode(capsys):
     assert main(["recipes", "digest", "output.recipient=/no/such/owner.pub"]) == 2  # it used to hash the path text
     assert "output.recipient=/no/such/owner.pub is not a regular file: the digest covers that file's content" in \
         capsys.readouterr().err
+    # data.path is not in the digest: the owner computes it without the sealed directory at hand
+    assert main(["recipes", "digest", "data=sealed"]) == 0
+    assert capsys.readouterr().out.strip() == config.recipe_digest(
+        config.compose(["data=sealed", "data.path=/anywhere"]), mode="train")
+
+
+def test_recipes_validate_names_a_digest_command_that_runs(capsys):
+    from medtee.cli import main
+
+    assert main(["recipes", "validate", "medgemma27b_h200_sev_snp"]) == 0
+    assert ("`medtee recipes digest recipe=medgemma27b_h200_sev_snp model.revision=COMMIT "
+            "output.recipient=PATH/NAME.pub` (it hashes the weights)") in capsys.readouterr().out
 
 
 def test_a_weight_file_that_is_a_fifo_is_one_line_not_a_traceback(tmp_path, capsys):

@@ -219,13 +219,33 @@ def _policy_add(broker, args: argparse.Namespace) -> None:
     _warn_about(broker, args.name)
 
 
-def _policy_list(broker, _args: argparse.Namespace) -> None:
-    for name, kind in broker.policies():
+def _no_store_note(store: Path) -> None:
+    if not (store / f"{BROKER_KEY_NAME}.key").is_file():
+        exits.say(f"no broker store at {store} (no {BROKER_KEY_NAME}.key): shipped policies only; pass the store's "
+                  f"--broker-dir for its own")
+
+
+def _policy_list(args: argparse.Namespace) -> int:
+    """`policy list`: reads the store's policies, if it has any, and the shipped ones; needs no store."""
+    from medtee.broker.store import policies
+
+    _no_store_note(Path(args.store))
+    for name, kind in policies(Path(args.store)):
         print(f"{name}\t{kind}")
+    return exits.OK
 
 
-def _policy_show(broker, args: argparse.Namespace) -> None:
-    print(broker.policy_file(args.name)[0].read_text(encoding="utf-8"), end="")
+def _policy_show(args: argparse.Namespace) -> int:
+    """`policy show NAME`: the store's file, else the shipped one; needs no store (a fresh host starts from one)."""
+    from medtee.broker.store import policy_file
+
+    _no_store_note(Path(args.store))
+    try:
+        text = policy_file(Path(args.store), args.name)[0].read_text(encoding="utf-8")
+    except (ValueError, OSError) as e:
+        return exits.fail(str(e).splitlines()[0])
+    print(text, end="")
+    return exits.OK
 
 
 def _policy_set(broker, args: argparse.Namespace) -> None:
@@ -266,13 +286,14 @@ def _add_serve(broker_sub) -> None:
     srv.set_defaults(handler=_serve)
 
 
-def _verb(verbs, name: str, act, text: str, *positionals: tuple[str, str]) -> None:
-    """Register `broker policy NAME POSITIONALS... [--broker-dir DIR]` running `act`."""
+def _verb(verbs, name: str, act, text: str, *positionals: tuple[str, str], reads: bool = False) -> None:
+    """Register `broker policy NAME POSITIONALS... [--broker-dir DIR]` running `act(broker, args)`, or, for a verb
+    that only `reads`, `act(args)` (no store needed)."""
     parser = verbs.add_parser(name, help=text)
     for arg, arg_help in positionals:
         parser.add_argument(arg, help=arg_help)
     _broker_dir_argument(parser)
-    parser.set_defaults(handler=_policy_verb(act))
+    parser.set_defaults(handler=act if reads else _policy_verb(act))
 
 
 def _add_policy(broker_sub) -> None:
@@ -284,8 +305,8 @@ def _add_policy(broker_sub) -> None:
     _verb(verbs, "add", _policy_add, "validate a policy file and store it as NAME (replacing a stored NAME)",
           ("name", "policy name: letters, digits, _ -; not a shipped policy's name"),
           ("file", "policy YAML, the schema of conf/attestation/*.yaml"))
-    _verb(verbs, "list", _policy_list, "the store's and the shipped policies, each marked store or shipped")
-    _verb(verbs, "show", _policy_show, "print policy NAME's file (the store's, else the shipped one)", name)
+    _verb(verbs, "list", _policy_list, "the store's and the shipped policies, each marked store or shipped", reads=True)
+    _verb(verbs, "show", _policy_show, "print policy NAME's file (the store's, else the shipped one)", name, reads=True)
     _verb(verbs, "set", _policy_set, "set a dataset's release policy (effective at the next release)",
           ("dataset_id", "a registered dataset"), ("name", "a store or shipped policy name"))
 

@@ -352,37 +352,14 @@ class EmbeddedBroker:
 
     def policies(self) -> list[tuple[str, str]]:
         """(name, "store" or "shipped") of every policy file a dataset can be set to, by name."""
-        store, shipped = self._policy_dirs()
-        return sorted([(p.stem, "store") for p in store.glob("*.yaml")] +
-                      [(p.stem, "shipped") for p in shipped.glob("*.yaml")])
+        return disk.policies(self.store_dir)
 
     def policy_file(self, name: str) -> tuple[Path, bool]:
-        """The file policy `name` is read from and whether it is the store's; ValueError naming the fix when there
-        is none, or when a store file shadows a shipped policy."""
-        store, shipped = self._policy_paths(name)
-        if store.is_file() and shipped.is_file():
-            raise ValueError(f"{store} shadows the shipped policy {shipped}, so the broker refuses it: rename it (e.g. "
-                             f"to {name}-site.yaml) and set the datasets that use '{name}' to the new name")
-        if store.is_file() or shipped.is_file():
-            return (store, True) if store.is_file() else (shipped, False)
-        known = ", ".join(n for n, _ in self.policies())
-        raise ValueError(f"no attestation policy '{name}' in the broker's store ({store.parent}) or shipped "
-                         f"({shipped.parent}); known: {known}; add one with `medtee broker policy add {name} FILE`")
-
-    def _policy_dirs(self) -> tuple[Path, Path]:
-        """The store's policy directory and the shipped one."""
-        from medtee.paths import conf_dir
-
-        return self.store_dir / "policies", conf_dir() / "attestation"
+        """The file policy `name` is read from and whether it is the store's (`store.policy_file`)."""
+        return disk.policy_file(self.store_dir, name)
 
     def _policy_paths(self, name: str) -> tuple[Path, Path]:
-        """Where policy `name` is in the store and where it is shipped (ValueError for a name that is no file stem)."""
-        import re
-
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
-            raise ValueError(f"policy name '{name}' must be 1-64 letters, digits, _ or - (the policy's file stem)")
-        store, shipped = self._policy_dirs()
-        return store / f"{name}.yaml", shipped / f"{name}.yaml"
+        return disk.policy_paths(self.store_dir, name)
 
     def _read_policy_file(self, path: Path) -> bytes:
         from medtee.files import read_regular

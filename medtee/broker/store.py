@@ -41,6 +41,11 @@ class StoreBusy(RuntimeError):
     """The store's lock is held by another process (a broker using it, or a rotation)."""
 
 
+class RotationInterrupted(OSError):
+    """A rotation failed at or after its commit point: the next broker to open the store finishes it if its
+    `rotate` entry is in the audit log, else removes it."""
+
+
 def _sync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -52,7 +57,7 @@ def _sync_dir(path: Path) -> None:
 def _lock(store_dir: Path, mode: int, wait_s: float, busy: str):
     """`store.lock` open and flock'ed with `mode` (LOCK_SH or LOCK_EX), polling for up to `wait_s` seconds; StoreBusy
     with `busy` after that."""
-    f = open(os.open(store_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), "rb")
+    f = open(os.open(store_dir / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "rb")
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -121,6 +126,40 @@ def datasets(store_dir: Path) -> list[str]:
     return sorted(p.stem for p in (store_dir / "datasets").glob("*.json"))
 
 
+# -- the owner's release policies: policies/NAME.yaml, read before the shipped conf/attestation/NAME.yaml -----------
+def policy_paths(store_dir: Path, name: str) -> tuple[Path, Path]:
+    """Where policy `name` is in the store and where it is shipped (ValueError for a name that is no file stem)."""
+    import re
+
+    from medtee.paths import conf_dir
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
+        raise ValueError(f"policy name '{name}' must be 1-64 letters, digits, _ or - (the policy's file stem)")
+    return store_dir / "policies" / f"{name}.yaml", conf_dir() / "attestation" / f"{name}.yaml"
+
+
+def policies(store_dir: Path) -> list[tuple[str, str]]:
+    """(name, "store" or "shipped") of every policy file a dataset can be set to, by name (reads, never creates,
+    the store)."""
+    stored, shipped = (p.parent for p in policy_paths(store_dir, "x"))
+    return sorted([(p.stem, "store") for p in stored.glob("*.yaml")] +
+                  [(p.stem, "shipped") for p in shipped.glob("*.yaml")])
+
+
+def policy_file(store_dir: Path, name: str) -> tuple[Path, bool]:
+    """The file policy `name` is read from and whether it is the store's; ValueError naming the fix when there is
+    none, or when a store file shadows a shipped policy."""
+    stored, shipped = policy_paths(store_dir, name)
+    if stored.is_file() and shipped.is_file():
+        raise ValueError(f"{stored} shadows the shipped policy {shipped}, so the broker refuses it: rename it (e.g. "
+                         f"to {name}-site.yaml) and set the datasets that use '{name}' to the new name")
+    if stored.is_file() or shipped.is_file():
+        return (stored, True) if stored.is_file() else (shipped, False)
+    known = ", ".join(n for n, _ in policies(store_dir))
+    raise ValueError(f"no attestation policy '{name}' in the broker's store ({stored.parent}) or shipped "
+                     f"({shipped.parent}); known: {known}; add one with `medtee broker policy add {name} FILE`")
+
+
 # -- rotation ----------------------------------------------------------------------------------------------------------
 def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Scheme | str | None = None) -> list[Manifest]:
     """Replace the broker key of `store_dir` and re-wrap every registered data key to the new one.
@@ -149,6 +188,7 @@ def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Sche
         unknown = sorted(set(by_id) - set(registered))
         if unknown:
             raise UnknownDatasetError(f"dataset(s) {', '.join(unknown)} are not registered with the broker at {store_dir}")
+        (store_dir / "retired").mkdir(mode=0o700, exist_ok=True)  # a file in its place fails here, not after the commit
         staging = store_dir / ROTATING
         staging.mkdir(mode=0o700)
         try:
@@ -171,16 +211,41 @@ def rotate(store_dir: Path | str, dataset_dirs: list[Path] = (), *, scheme: Sche
             write_atomic(staging / PLAN, json.dumps(plan, indent=1).encode() + b"\n", sync_dir=True)
             _sync_dir(store_dir)
         except BaseException:  # nothing was recorded or moved: the store is as it was
-            shutil.rmtree(staging)
+            _remove(staging)
             raise
-        audit.append("rotate", old_key=plan["old_key"], new_key=plan["new_key"], datasets=registered)  # the commit
-        _finish(store_dir, plan, recorded=True)
+        try:
+            audit.append("rotate", old_key=plan["old_key"], new_key=plan["new_key"], datasets=registered)  # the commit
+        except OSError as e:
+            raise RotationInterrupted(f"recording the rotation of the broker key in {store_dir} failed ({e}); the "
+                                      f"next command that opens the store finishes it if the audit log holds its "
+                                      f"entry, else removes it") from e
+        try:
+            _finish(store_dir, plan, recorded=True)
+        except OSError as e:
+            raise RotationInterrupted(f"the rotation of the broker key in {store_dir} to {plan['new_key']} is "
+                                      f"recorded, but moving its files failed ({e}); remove the cause, then any "
+                                      f"command that opens the store (e.g. `medtee broker audit budget`) finishes "
+                                      f"it") from e
     return rotated
+
+
+def _remove(staging: Path) -> None:
+    """Remove a rotation's staging, `plan.json` first: a crash part-way leaves a staging without a plan, which is
+    removed again, never finished."""
+    (staging / PLAN).unlink(missing_ok=True)
+    _sync_dir(staging)
+    shutil.rmtree(staging)
+    _sync_dir(staging.parent)
+
+
+def _key_id(path: Path) -> str | None:
+    return hpke.load_private_key(path)[1].key_id if path.exists() else None
 
 
 def recover(store_dir: Path) -> None:
     """Finish or remove the rotation `rotating/` holds (the caller holds the store's lock exclusively): removed when
-    its staging is incomplete, or when nothing was recorded or moved yet; otherwise finished."""
+    it has no `plan.json` (its staging was incomplete, or its removal was), or when its entry is not in the audit log
+    and the broker key was not moved yet; otherwise finished."""
     staging = store_dir / ROTATING
     if not staging.exists():
         return
@@ -190,18 +255,19 @@ def recover(store_dir: Path) -> None:
         plan = None
     if plan is not None:
         AuditLog(store_dir / "audit.log").check_mark()  # a log rolled back behind the commit decides nothing
-        staged = [staging / f"{BROKER_KEY_NAME}.{s}" for s in ("key", "pub")]
-        staged += [staging / "datasets" / f"{i}.json" for i in plan["datasets"]]
         recorded = _recorded(store_dir, plan)
-        if recorded or not all(p.exists() for p in staged):
+        live = _key_id(store_dir / f"{BROKER_KEY_NAME}.key")
+        if recorded or live in (None, plan["new_key"]):  # the old key is retired (or the new one in place)
             log.warning("finishing the rotation of the broker key of %s to %s that was interrupted", store_dir,
                         plan["new_key"])
             _finish(store_dir, plan, recorded=recorded)
             return
-    log.warning("removing the unrecorded rotation of the broker key of %s that was interrupted; the key is "
-                "unchanged", store_dir)
-    shutil.rmtree(staging)
-    _sync_dir(store_dir)
+        log.warning("removing the unrecorded rotation of the broker key of %s that was interrupted; the key is "
+                    "unchanged", store_dir)
+    else:
+        log.warning("removing what an interrupted rotation left in %s (no plan.json: its staging or its removal was "
+                    "interrupted); the broker key is %s", staging, _key_id(store_dir / f"{BROKER_KEY_NAME}.key"))
+    _remove(staging)
 
 
 def _recorded(store_dir: Path, plan: dict) -> bool:
@@ -222,6 +288,10 @@ def _finish(store_dir: Path, plan: dict, *, recorded: bool) -> None:
             os.replace(staged, live)
     _sync_dir(retired)
     _sync_dir(store_dir)
+    if _key_id(store_dir / f"{BROKER_KEY_NAME}.key") != plan["new_key"]:  # its staged key removed by hand
+        raise ValueError(f"{staging} holds a recorded rotation to broker key {plan['new_key']}, but neither it nor "
+                         f"the store holds that key, so its registrations would be wrapped to a lost key; nothing "
+                         f"more was moved: restore the store from its newest backup")
     for dataset_id in plan["datasets"]:
         staged = staging / "datasets" / f"{dataset_id}.json"
         if staged.exists():
@@ -237,5 +307,4 @@ def _finish(store_dir: Path, plan: dict, *, recorded: bool) -> None:
     if not recorded:  # the files had begun to move under a log that lost the entry
         AuditLog(store_dir / "audit.log").append("rotate", old_key=plan["old_key"], new_key=plan["new_key"],
                                                  datasets=plan["datasets"])
-    shutil.rmtree(staging)
-    _sync_dir(store_dir)
+    _remove(staging)

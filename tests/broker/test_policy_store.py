@@ -200,8 +200,17 @@ def test_cli_errors_are_one_line_exit_2(sealed, broker, tmp_path, capsys, monkey
 
 
 def test_cli_refuses_a_directory_that_is_no_broker_store(tmp_path, capsys):
-    code, _, err = cli(capsys, "broker", "policy", "list", "--broker-dir", str(tmp_path / "typo"))
-    assert code == 2 and "no broker store at" in err and not (tmp_path / "typo").exists()
+    """Verbs that change the store refuse a directory that is none; `list` and `show` read the shipped policies
+    (a fresh broker host starts from one), say so, and create nothing."""
+    code, _, err = cli(capsys, "broker", "policy", "set", "ds", "simulated", "--broker-dir", str(tmp_path / "typo"))
+    assert code == 2 and "no broker store at" in err
+    code, out, err = cli(capsys, "broker", "policy", "list", "--broker-dir", str(tmp_path / "typo"))
+    assert code == 0 and "snp_h200\tshipped" in out and "no broker store at" in err and "shipped policies only" in err
+    code, out, err = cli(capsys, "broker", "policy", "show", "snp_h200", "--broker-dir", str(tmp_path / "typo"))
+    assert code == 0 and "measurements" in out and "shipped policies only" in err
+    code, out, err = cli(capsys, "broker", "policy", "show", "site", "--broker-dir", str(tmp_path / "typo"))
+    assert code == 2 and out == "" and "no attestation policy 'site'" in err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_serve_defaults_come_from_the_modules(monkeypatch, capsys):

@@ -90,7 +90,18 @@ def test_a_broker_opened_during_a_rotation_waits_for_it(sealed, broker, monkeypa
     assert opened and opened[0].unwrap_data_key(manifest) == key
 
 
+def crash_cases(mode: str, *args: Path) -> int:
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("rotation_crash.py")), mode, *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
 def test_a_crash_at_any_step_leaves_the_store_rotated_or_as_it_was(tmp_path):
+    """Crashes before every file-system step of a rotation, then before every step of the next broker's opening of
+    each store a crash left mid-rotation (which finishes or removes it), then the cases where a restored log lost
+    the entry of a rotation whose files had begun to move: every store opens rotated or byte for byte as it was,
+    and releases every data key."""
     template = tmp_path / "template"
     keys = {}
     with EmbeddedBroker(template / "broker") as broker:
@@ -101,18 +112,18 @@ def test_a_crash_at_any_step_leaves_the_store_rotated_or_as_it_was(tmp_path):
         old_key = broker.public_key()
     before = tree(template / "broker")
     before_manifest = (template / "sealed" / "manifest.json").read_bytes()
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("rotation_crash.py")), str(template),
-                           str(tmp_path / "cases")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    points = int(done.stdout)
+    points = crash_cases("rotate", template, tmp_path / "rotate") - 1
     assert points >= 20  # key pair, registrations, plan, the audit entry, the moves, the clean-up
-    outcomes, cases = set(), []
-    for n in range(1, points + 2):  # every crash point, then the rotation that ran to its end
-        case = tmp_path / "cases" / str(n)
-        cases.append((n, case))
+    cases = [tmp_path / "rotate" / str(n) for n in range(1, points + 2)]  # every crash point, then a whole rotation
+    interrupted = [c for c in cases if (c / "broker" / store.ROTATING).exists()]
+    assert len(interrupted) >= points - 2
+    opened = crash_cases("open", tmp_path / "open", *interrupted)
+    assert opened > 2 * len(interrupted)  # the removal or the finishing had steps to crash before
+    reopened_cases = sorted((tmp_path / "open").iterdir())
+    for case in interrupted:
         staging = case / "broker" / store.ROTATING
         if (staging / store.PLAN).exists() and not (staging / "broker.key").exists():  # the files had begun to move
-            lost = tmp_path / "cases" / f"{n}-lost"  # ... and the owner restored a log without the rotate entry
+            lost = tmp_path / "lost" / case.name  # ... and the owner restored a log without the rotate entry
             shutil.copytree(case, lost)
             log = lost / "broker" / "audit.log"
             *kept, last = log.read_bytes().splitlines(keepends=True)
@@ -122,32 +133,38 @@ def test_a_crash_at_any_step_leaves_the_store_rotated_or_as_it_was(tmp_path):
             plan = json.loads((lost / "broker" / store.ROTATING / store.PLAN).read_text())
             plan["dataset_dirs"] = {"crash-a": str(lost / "sealed")}  # the copy's, not the case's
             (lost / "broker" / store.ROTATING / store.PLAN).write_text(json.dumps(plan))
-            cases.append((f"{n}-lost", lost))
-    assert len(cases) > points + 5
-    for n, case in cases:
-        store_dir, dataset = case / "broker", case / "sealed"
+    lost_cases = sorted((tmp_path / "lost").iterdir())
+    assert len(lost_cases) >= 3
+    outcomes = {}
+    for case in cases + reopened_cases + lost_cases:
+        store_dir, dataset, name = case / "broker", case / "sealed", str(case.relative_to(tmp_path))
         with EmbeddedBroker(store_dir) as reopened:  # finishes or undoes what the crash left
-            assert not (store_dir / store.ROTATING).exists(), n
-            assert audit.verify(store_dir / "audit.log").ok, n
+            assert not (store_dir / store.ROTATING).exists(), name
+            assert audit.verify(store_dir / "audit.log").ok, name
             recorded = rotations(store_dir)
             if reopened.public_key() == old_key:
-                outcomes.add("as it was")
-                assert recorded == [], n
-                assert tree(store_dir) == before, n
-                assert (dataset / "manifest.json").read_bytes() == before_manifest, n
+                outcomes[name] = "as it was"
+                assert recorded == [], name
+                assert tree(store_dir) == before, name
+                assert (dataset / "manifest.json").read_bytes() == before_manifest, name
             else:
-                outcomes.add("rotated")
-                assert reopened.public_key()[0] is Scheme.hpke_x25519, n
-                assert [e["new_key"] for e in recorded] == [reopened._key.key_id], n
-                assert (store_dir / "retired" / f"broker-{recorded[0]['old_key']}.key").is_file(), n
-                assert Manifest.load(dataset) == reopened._load_registration("crash-a")[0], n
+                outcomes[name] = "rotated"
+                assert reopened.public_key()[0] is Scheme.hpke_x25519, name
+                assert [e["new_key"] for e in recorded] == [reopened._key.key_id], name
+                assert (store_dir / "retired" / f"broker-{recorded[0]['old_key']}.key").is_file(), name
+                assert Manifest.load(dataset) == reopened._load_registration("crash-a")[0], name
             for dataset_id, key in keys.items():
-                registered = reopened._load_registration(dataset_id)[0]
-                assert reopened.unwrap_data_key(registered) == key, (n, dataset_id)
-                assert release_request(reopened, registered) == key, (n, dataset_id)
-        [again] = [m for m in rotate(store_dir, [dataset]) if m.dataset_id == "crash-a"]  # the store rotates again
-        assert Manifest.load(dataset) == again
-    assert outcomes == {"as it was", "rotated"}
+                assert reopened.unwrap_data_key(reopened._load_registration(dataset_id)[0]) == key, (name, dataset_id)
+            if case.parent.name != "open":  # (the release itself, once per first crash)
+                registered = reopened._load_registration("crash-a")[0]
+                assert release_request(reopened, registered) == keys["crash-a"], name
+        if case.parent.name == "rotate":
+            [again] = [m for m in rotate(store_dir, [dataset]) if m.dataset_id == "crash-a"]  # it rotates again
+            assert Manifest.load(dataset) == again
+    assert set(outcomes.values()) == {"as it was", "rotated"}
+    for reopened_case in reopened_cases:  # a crash while opening changes nothing the first crash decided
+        first = reopened_case.name.rsplit("-", 1)[0]
+        assert outcomes[str(reopened_case.relative_to(tmp_path))] == outcomes[f"rotate/{first}"], reopened_case.name
 
 
 def test_an_interrupted_rotation_is_finished_by_keys_rotate_too(sealed, broker, capsys):
@@ -192,3 +209,32 @@ def test_processes_opening_a_new_store_at_once_make_one_broker_key(tmp_path, mon
     assert not failed and len(opened) == 4
     assert len({b._key.key_id for b in opened}) == 1
     assert hpke.load_private_key(tmp_path / "new" / "broker.key")[1].key_id == opened[0]._key.key_id
+
+
+def test_keys_rotate_on_a_full_disk_is_one_line_saying_what_happened(sealed, broker, monkeypatch, capsys):
+    import errno
+
+    out, manifest, _, key = sealed
+    broker.close()
+    before, before_dataset = tree(broker.store_dir), tree(out)
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:  # while staging: nothing changes
+        m.setattr(store, "write_registration", full)
+        assert main(["keys", "rotate", str(out), "--broker-dir", str(broker.store_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "failed and changed nothing: [Errno 28] No space left on device" in err and "Traceback" not in err
+    assert tree(broker.store_dir) == before and tree(out) == before_dataset
+    real = store._finish
+    with monkeypatch.context() as m:  # after the commit: recorded, and finished by the next broker
+        m.setattr(store, "_finish", full)
+        assert main(["keys", "rotate", str(out), "--broker-dir", str(broker.store_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "is recorded, but moving its files failed ([Errno 28] No space left on device)" in err
+    assert (broker.store_dir / store.ROTATING).exists() and len(rotations(broker.store_dir)) == 1
+    assert store._finish is real
+    with EmbeddedBroker(broker.store_dir) as reopened:
+        assert reopened._key.key_id == rotations(broker.store_dir)[0]["new_key"]
+        assert reopened.unwrap_data_key(Manifest.load(out)) == key
