@@ -385,6 +385,13 @@ class Outcome:
     logger: object = None
     metrics: dict = field(default_factory=dict)
     finish: Callable[[dict | None], None] | None = None
+    checkpoints: object = None  # the run's EncryptedCheckpointIO: the newest checkpoint it wrote (`last_written`)
+    adapter_written: bool = False  # set before any adapter file is written
+
+    def outputs(self) -> dict:
+        """What the run's close tells the broker it left: whether it wrote an adapter, and the SHA-256 of the newest
+        checkpoint it wrote (None: none), which a DP run resuming it continues without a second charge."""
+        return {"adapter": self.adapter_written, "last_checkpoint": getattr(self.checkpoints, "last_written", None)}
 
 
 @dataclass
@@ -518,7 +525,7 @@ def _fit(cfg, session: Session) -> int:
                         sharded=t.strategy == "fsdp")
     module = CausalLMModule(model, t, dp=cfg.privacy.dp, dataset_size=stats["n_train"], batch_size=d.batch_size,
                             min_aggregate=cfg.tracking.min_aggregate)
-    checkpoint_io = EncryptedCheckpointIO(session.checkpoint_key)
+    checkpoint_io = session.outcome.checkpoints = EncryptedCheckpointIO(session.checkpoint_key)
     try:
         resumed = (resume_info(checkpoint_io, t.resume_from, module, datamodule, world_size=hw.devices * hw.num_nodes,
                                max_steps=None if t.validate_only else t.max_steps,
@@ -583,6 +590,7 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
         summary["privacy"] = {"dp": module.dp_summary()}
     if audit is not None:
         summary["audit"] = {**audit.to_json(), "required": cfg.release.require_audit, "adapter_released": released}
+    session.outcome.adapter_written = adapter is not None
     written = write_outputs(module.model, adapter=adapter, recipient=session.keys.adapter_recipient(cfg) if released else None,
                             base_model=weights_label(cfg.model),
                             release_key=session.adapter_key, summary=summary, recorded_recipe=session.recorded,
@@ -806,7 +814,7 @@ def _end(cfg, *, outcome: Outcome, error, teardown, broker, attested, signer, st
     from medtee.files import sha256_file
     from medtee.receipt.statement import build_statement
 
-    record = teardown.destroy()
+    record = {**teardown.destroy(), "outputs": outcome.outputs()}
     say(f"teardown: {teardown.summary()}")
     release = attested.release
     try:

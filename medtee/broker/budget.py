@@ -11,8 +11,13 @@ medtee recorded spends count as unbounded too.
 By basic composition the releases of a dataset together are (sum of epsilons, sum of deltas)-DP with respect to one
 dialogue record of its training split. A release policy's `recipe.dp_budget` bounds those sums: the broker refuses a
 release that would take them over it, or whose spend, or an earlier release's, is unbounded. The count is
-conservative: a run that fails before training, or a resumed run (whose accountant continues its checkpoint's), is
-charged its whole target again.
+conservative: a run that fails before training is charged its whole target. A DP run resuming a checkpoint is
+charged nothing only when it continues a run that ended without an adapter: the release's close reported (in its
+teardown record, signed by the attested receipt key) that checkpoint as the newest it wrote and no adapter, the
+resume asks for the same target, and no other release continued that one yet (`continuation`); its entry records
+`resumes` (the release it continues) and `dp_target`. The DP-SGD trajectory then goes on in one line, and only the
+last run of it writes an adapter, so its accountant's target covers the line. Any other resume is charged its
+whole target again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import math
 from collections.abc import Iterable
 
 UNBOUNDED = "unbounded"
+FREE = {"epsilon": 0.0, "delta": 0.0}
 _TOLERANCE = 1e-9  # relative: sums of decimal epsilons (0.1 + 0.2) are not exact in binary
 
 
@@ -113,6 +119,37 @@ def spent(entries: Iterable[dict], dataset_id: str) -> Tally:
     return tally
 
 
+def close_outputs(outputs: object) -> dict | None:
+    """A teardown record's `outputs` (`{"adapter": bool, "last_checkpoint": SHA-256 hex or None}`: what the run
+    says it left) if well-formed, else None."""
+    import re
+
+    if not isinstance(outputs, dict) or set(outputs) != {"adapter", "last_checkpoint"}:
+        return None
+    adapter, checkpoint = outputs["adapter"], outputs["last_checkpoint"]
+    if type(adapter) is not bool or not (checkpoint is None or (isinstance(checkpoint, str)
+                                                                and re.fullmatch(r"[0-9a-f]{64}", checkpoint))):
+        return None
+    return {"adapter": adapter, "last_checkpoint": checkpoint}
+
+
+def continuation(recipe: object, this: dict | str, dataset_id: str, *, releases: dict, newest: dict,
+                 continued: set) -> str | None:
+    """The release a release for `recipe` (verified; spending `this`) continues at no charge, or None: `recipe`
+    trains (not validate-only) resuming a checkpoint that `newest` (checkpoint SHA-256 -> release id whose close
+    reported it as its newest, and no adapter) names, a release of `dataset_id` at the target `this` (`releases`:
+    id -> {"dataset_id", "target"}), which no release in `continued` took on already."""
+    trainer = recipe.get("trainer") if isinstance(recipe, dict) else None
+    if not isinstance(this, dict) or not resumes(recipe) or trainer.get("validate_only") is True:
+        return None
+    resumed = trainer["resume_from"]
+    writer = newest.get(resumed[len("sha256:"):]) if resumed.startswith("sha256:") else None
+    known = releases.get(writer)
+    if known is None or writer in continued or known["dataset_id"] != dataset_id or known["target"] != this:
+        return None
+    return writer
+
+
 def resumes(recipe: object) -> bool:
     """Whether `recipe` (a release's, as sent) resumes a checkpoint: its `trainer.resume_from` is a digest."""
     trainer = recipe.get("trainer") if isinstance(recipe, dict) else None
@@ -148,6 +185,7 @@ def refusal(budget, so_far: Tally, this: dict | str, *, resuming: bool = False,
                                        ("delta", so_far.delta, budget.delta))
             if limit is not None and total + this[name] > limit * (1 + _TOLERANCE)]
     if over and resuming:
-        over.append("a resumed run is charged its whole target again (the broker cannot tell what its first run "
-                    "released); to admit it, the data owner raises recipe.dp_budget in the release policy")
+        over.append("a resumed run is charged its whole target again unless it continues the newest checkpoint of a "
+                    "run whose close the broker recorded without an adapter, at the same target, that no other run "
+                    "continued; to admit it, the data owner raises recipe.dp_budget in the release policy")
     return (expected, "; ".join(over)) if over else None

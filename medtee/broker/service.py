@@ -100,17 +100,25 @@ class _Decisions:
         self.reset()
 
     def reset(self) -> None:
-        self.releases: dict[object, dict] = {}  # release id (the entry's hash) -> dataset_id, receipt_key
+        self.releases: dict[object, dict] = {}  # release id (the entry's hash) -> dataset_id, receipt_key, target
         self.closes: dict[object, dict] = {}  # release id -> its close entry's event, hash, record_sha256
         self.spent: dict[object, budget.Tally] = {}  # dataset id -> what its releases spent
+        self.newest: dict[object, object] = {}  # checkpoint SHA-256 -> release whose close reported it, no adapter
+        self.continued: set = set()  # releases a free resume continues
 
     def add(self, entry: dict) -> None:
         event = entry.get("event")
         if event == "release":
-            self.releases[entry.get("hash")] = {k: entry.get(k) for k in ("dataset_id", "receipt_key")}
+            self.releases[entry.get("hash")] = {**{k: entry.get(k) for k in ("dataset_id", "receipt_key")},
+                                                "target": entry.get("dp_target", entry.get("dp_spend"))}
             self.spent.setdefault(entry.get("dataset_id"), budget.Tally()).add(entry)
+            if isinstance(entry.get("resumes"), str):
+                self.continued.add(entry["resumes"])
         elif event == "close":
             self.closes[entry.get("release_id")] = {k: entry.get(k) for k in ("event", "hash", "record_sha256")}
+            outputs = budget.close_outputs(entry.get("outputs"))
+            if outputs and not outputs["adapter"] and outputs["last_checkpoint"]:
+                self.newest[outputs["last_checkpoint"]] = entry.get("release_id")
 
     def tally(self, dataset_id: str) -> budget.Tally:
         return self.spent.get(dataset_id) or budget.Tally()
@@ -582,12 +590,17 @@ class EmbeddedBroker:
         limit, over = policy.recipe.dp_budget, []
 
         def decide() -> tuple[str, dict]:  # under the log's lock: two releases cannot both take the last of it
-            if limit.bounds() and (why := budget.refusal(limit, self._decisions.tally(dataset_id),
-                                                         released["dp_spend"], resuming=budget.resumes(recipe),
-                                                         this_split=released.get("split"))):
+            d = self._decisions
+            continues = budget.continuation(recipe, spend, dataset_id, releases=d.releases, newest=d.newest,
+                                            continued=d.continued)
+            entry = released if continues is None else {**released, "dp_spend": dict(budget.FREE), "dp_target": spend,
+                                                        "resumes": continues}
+            if limit.bounds() and (why := budget.refusal(limit, d.tally(dataset_id), entry["dp_spend"],
+                                                         resuming=budget.resumes(recipe) and continues is None,
+                                                         this_split=entry.get("split"))):
                 over.append(why)
                 return "deny", {**audit, "failed": ["broker.dp_budget"]}
-            return "release", released
+            return "release", entry
 
         entry = self.audit.append_decided(decide)
         if over:
@@ -626,8 +639,9 @@ class EmbeddedBroker:
             if reason == "unknown":
                 return {"event": "close_refused", "reason": reason}  # not appended: it concerns no release
             if reason is None and closed is None:
+                outputs = budget.close_outputs(record.get("outputs"))  # the run's own account, signed: what it left
                 return "close", {"release_id": release_id, "dataset_id": released["dataset_id"], "client": client,
-                                 "record_sha256": digest}
+                                 "record_sha256": digest, **({"outputs": outputs} if outputs else {})}
             if reason is None and closed.get("record_sha256") == digest:
                 return closed  # a retry after a lost answer
             return "close_refused", {"release_id": release_id, "client": client, "reason": reason or "closed"}

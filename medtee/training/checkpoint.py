@@ -9,6 +9,7 @@ MLflow run id (see `training.module.CausalLMModule`); never the frozen base weig
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class EncryptedCheckpointIO(CheckpointIO):
     def __init__(self, key: bytes):
         self._key = key
         self._held: tuple[Path, dict] | None = None  # a checkpoint `inspect` decrypted, for Lightning's load
+        self.last_written: str | None = None  # SHA-256 of the newest file written (what the run's close reports)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         import torch
@@ -40,7 +42,9 @@ class EncryptedCheckpointIO(CheckpointIO):
         torch.save(checkpoint, buffer)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, encrypt(buffer.getbuffer(), self._key))
+        blob = encrypt(buffer.getbuffer(), self._key)
+        write_atomic(path, blob)
+        self.last_written = hashlib.sha256(blob).hexdigest()  # of the bytes written, not read back from the disk
 
     def inspect(self, path, *, sha256: str | None = None) -> dict:
         """The checkpoint at `path`, decrypted once: Lightning's next load of the same path gets this dict. `sha256`:
@@ -51,8 +55,6 @@ class EncryptedCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None, *,
                         sha256: str | None = None) -> dict:
-        import hashlib
-
         import torch
 
         path = Path(path)

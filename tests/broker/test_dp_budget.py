@@ -258,3 +258,101 @@ def test_the_mark_survives_a_crash_before_it_was_moved_and_refuses_damage(broker
         capsys.readouterr()
         assert main(["broker", "audit", "verify", "--broker-dir", str(broker.store_dir)]) == 1
         assert "is not an audit high-water mark" in capsys.readouterr().err
+
+
+def released_with_receipt(broker, manifest, recipe, receipt=None):
+    """One release for `recipe` bound to a receipt key: (release id, the key), or KeyReleaseDenied."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from medtee.attestation import report_data
+    from medtee.attestation.simulated import SimulatedProvider
+
+    receipt = receipt or Ed25519PrivateKey.generate()
+    public = receipt.public_key().public_bytes_raw()
+    digest = budget_digest(recipe)
+    nonce, eph = broker.challenge("test-ds"), EphemeralKey.generate()
+    evidence = SimulatedProvider().collect(report_data(nonce=nonce, ephemeral_public_key=eph.public_bytes,
+                                                       recipe_digest=digest, receipt_public_key=public))
+    _, record = broker.release(dataset_id="test-ds", nonce=nonce, evidence=evidence,
+                               ephemeral_public_key=eph.public_bytes, recipe_digest=digest,
+                               manifest_digest=manifest.digest(), recipe=recipe, receipt_public_key=public)
+    return record.release_id, receipt
+
+
+def close(broker, release_id, receipt, *, adapter: bool, last_checkpoint: str | None):
+    from medtee.broker.protocol import close_message
+
+    record = {"keys_wiped": ["data key"], "outputs": {"adapter": adapter, "last_checkpoint": last_checkpoint}}
+    broker.close_release(release_id, record=record, receipt_public_key=receipt.public_key().public_bytes_raw(),
+                         signature=receipt.sign(close_message(release_id, record)))
+
+
+def resuming(checkpoint: str, epsilon: float = 8) -> dict:
+    return dp_recipe(epsilon, trainer={"resume_from": "sha256:" + checkpoint})
+
+
+def test_a_resume_continuing_an_interrupted_run_is_not_charged_again(sealed, broker, tmp_path):
+    """A DP run stopped (SIGTERM, Ctrl-C) before its adapter tells the broker, in its signed close, the newest
+    checkpoint it wrote: one resume of exactly that checkpoint, at the same target, goes on with the same line of
+    DP-SGD and is charged nothing; the line's last run writes the adapter. Every other resume pays its target."""
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 8})
+    c1, c2, c3 = "a1" * 32, "b2" * 32, "c3" * 32
+    first, key = released_with_receipt(broker, manifest, dp_recipe(8))
+    close(broker, first, key, adapter=False, last_checkpoint=c1)
+    second, key2 = released_with_receipt(broker, manifest, resuming(c1))  # within the budget of 8: free
+    [entry] = [e for e in entries(broker, "release") if e["hash"] == second]
+    assert entry["dp_spend"] == budget.FREE and entry["resumes"] == first and entry["dp_target"]["epsilon"] == 8
+    with pytest.raises(KeyReleaseDenied, match="broker.dp_budget"):  # a second line from the same checkpoint pays
+        released_with_receipt(broker, manifest, resuming(c1))
+    with pytest.raises(KeyReleaseDenied, match="broker.dp_budget"):  # the run still open reported nothing yet
+        released_with_receipt(broker, manifest, resuming(c2))
+    close(broker, second, key2, adapter=False, last_checkpoint=c2)
+    third, key3 = released_with_receipt(broker, manifest, resuming(c2))  # the line goes on: free again
+    close(broker, third, key3, adapter=True, last_checkpoint=c3)
+    with pytest.raises(KeyReleaseDenied, match="broker.dp_budget"):  # after an adapter, a resume is a new line
+        released_with_receipt(broker, manifest, resuming(c3))
+    assert budget.spent(broker.audit.entries(), "test-ds").epsilon == 8
+    reopened = EmbeddedBroker(broker.store_dir)  # the index is the log: a restarted broker decides alike
+    with pytest.raises(KeyReleaseDenied, match="broker.dp_budget"):
+        released_with_receipt(reopened, manifest, resuming(c1))
+
+
+@pytest.mark.parametrize("why", ["another target", "an older checkpoint", "validate only", "no close"])
+def test_what_a_resume_is_charged_for(sealed, broker, tmp_path, why):
+    _, manifest, _, _ = sealed
+    rules_policy(tmp_path, broker, "budgeted", require_dp=True, dp_budget={"epsilon": 10})
+    old, newest = "d4" * 32, "e5" * 32
+    first, key = released_with_receipt(broker, manifest, dp_recipe(8))
+    if why != "no close":
+        close(broker, first, key, adapter=False, last_checkpoint=newest)
+    recipe = {"another target": resuming(newest, epsilon=2), "an older checkpoint": resuming(old),
+              "validate only": dp_recipe(8, trainer={"resume_from": "sha256:" + newest, "validate_only": True}),
+              "no close": resuming(newest)}[why]
+    charged = {"another target": 2, "validate only": 0}.get(why, 8)
+    if charged + 8 > 10:
+        with pytest.raises(KeyReleaseDenied, match="broker.dp_budget"):
+            released_with_receipt(broker, manifest, recipe)
+    else:
+        released_with_receipt(broker, manifest, recipe)
+        assert budget.spent(broker.audit.entries(), "test-ds").epsilon == 8 + charged
+        assert "resumes" not in entries(broker, "release")[-1]
+
+
+@pytest.mark.parametrize("outputs", [None, {"adapter": "no", "last_checkpoint": None}, {"adapter": False},
+                                     {"adapter": False, "last_checkpoint": "A1" * 32},
+                                     {"adapter": False, "last_checkpoint": "sha256:" + "a1" * 32, "x": 1}])
+def test_a_close_records_only_well_formed_outputs(outputs):
+    assert budget.close_outputs(outputs) is None
+    assert budget.close_outputs({"adapter": False, "last_checkpoint": "a1" * 32}) == \
+        {"adapter": False, "last_checkpoint": "a1" * 32}
+
+
+def test_a_resume_continues_only_a_release_of_its_own_dataset():
+    recipe, target = resuming("f6" * 32), {"epsilon": 8.0, "delta": 1e-5}
+    known = {"r1": {"dataset_id": "ds", "target": target}}
+    kwargs = dict(releases=known, newest={"f6" * 32: "r1"}, continued=set())
+    assert budget.continuation(recipe, target, "ds", **kwargs) == "r1"
+    assert budget.continuation(recipe, target, "other-ds", **kwargs) is None
+    assert budget.continuation(recipe, target, "ds", **{**kwargs, "continued": {"r1"}}) is None
+    assert budget.continuation(recipe, budget.UNBOUNDED, "ds", **kwargs) is None

@@ -1,7 +1,8 @@
 """Run `medtee` as a user does, except that the process SIGKILLs itself right after its first encrypted checkpoint
-is on disk: a deterministic stand-in for a machine lost mid-run (nothing in medtee knows about this).
+is on disk: a deterministic stand-in for a machine lost mid-run (nothing in medtee knows about this). With
+KILL_SIGNAL=TERM it sends itself SIGTERM instead, as a scheduler preempting the job does.
 
-usage: python killed_after_first_checkpoint.py medtee-arguments...
+usage: [KILL_SIGNAL=TERM] python killed_after_first_checkpoint.py medtee-arguments...
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ _save = EncryptedCheckpointIO.save_checkpoint
 
 def _save_then_die(self, checkpoint, path, storage_options=None) -> None:
     _save(self, checkpoint, path, storage_options)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if not getattr(_save_then_die, "sent", False):
+        _save_then_die.sent = True
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
 
 
 EncryptedCheckpointIO.save_checkpoint = _save_then_die

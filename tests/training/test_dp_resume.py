@@ -1,0 +1,52 @@
+"""Through the CLI, in new processes: a DP run preempted (SIGTERM) after its first checkpoint tells the broker, in
+its signed close, that it wrote no adapter and which checkpoint is its newest; resuming exactly that checkpoint at
+the same target is charged nothing, and the dataset's privacy spent is one run's target."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_medtee
+from medtee.broker import budget
+from medtee.broker.audit import AuditLog
+from medtee.files import sha256_file
+
+pytestmark = pytest.mark.slow
+
+from .conftest import COMMON, data_args
+
+DP = ["privacy.dp.enabled=true", "data.packing=false", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2"]
+
+
+def test_a_preempted_dp_run_resumes_without_a_second_charge(owner, tmp_path):
+    run = [*COMMON, *data_args(owner), *DP]
+    stopped = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_after_first_checkpoint.py")),
+                              "train", *run], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "KILL_SIGNAL": "TERM"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    [checkpoint] = tmp_path.glob("outputs/*/*/checkpoints/*.ckpt.enc")
+    assert not list(tmp_path.glob("outputs/*/*/adapter*"))
+    log = AuditLog(owner / ".medtee" / "broker" / "audit.log")
+    [close] = [e for e in log.entries() if e["event"] == "close"]
+    assert close["outputs"] == {"adapter": False, "last_checkpoint": sha256_file(checkpoint)}
+    [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
+    statement = json.loads(base64.b64decode(json.loads(receipt.read_text())["payload"]))
+    assert statement["predicate"]["teardown"]["outputs"] == close["outputs"]  # the record the close was signed on
+
+    resumed = run_medtee("train", *run, f"trainer.resume_from={checkpoint}", cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first, second = [e for e in log.entries() if e["event"] == "release"]
+    assert second["resumes"] == first["hash"] and second["dp_spend"] == budget.FREE
+    assert second["dp_target"] == first["dp_spend"] and first["dp_spend"]["epsilon"] == 8
+    assert budget.spent(log.entries(), first["dataset_id"]).epsilon == 8
+    closes = [e for e in log.entries() if e["event"] == "close"]
+    assert closes[-1]["outputs"]["adapter"] is True
+    assert "epsilon 8, delta 1e-05 over 2 releases" in run_medtee("broker", "audit", "budget", cwd=owner).stdout
