@@ -783,7 +783,12 @@ def _sweep(cfg, session: Session) -> int:
                 say(f"refused: trial {trial_number} would change {', '.join(moved)}, which the sweep does not sweep, "
                     f"from the recipe the key was released for")  # (the study stores the exception's type only)
                 raise config.ConfigError(f"trial {trial_number} changes {', '.join(moved)}")
-            _fit(trial_cfg, trial)
+            try:
+                _fit(trial_cfg, trial)
+            finally:  # what the sweep's close reports it left: any trial's adapter, the newest checkpoint
+                session.outcome.adapter_written |= trial.outcome.adapter_written
+                if getattr(trial.outcome.checkpoints, "last_written", None):
+                    session.outcome.checkpoints = trial.outcome.checkpoints
             trial.outcome.finish(None)  # the trial's child run: its summary and recipe; the tracker records the state
             return trial.outcome.metrics
 

@@ -124,6 +124,10 @@ def test_a_finished_grid_sweep_exits_0(tmp_path):
     db = sqlite3.connect(tmp_path / "optuna.db")
     assert [s for (s,) in db.execute("select state from trials")] == ["COMPLETE", "COMPLETE"]
     db.close()
+    from medtee.broker.audit import AuditLog
+
+    [close] = [e for e in AuditLog(tmp_path / ".medtee/broker/audit.log").entries() if e["event"] == "close"]
+    assert close["outputs"]["adapter"] is True  # the sweep's close says its trials wrote adapters
 
 
 #: `medtee sweep` with the compose-time interpolation check switched off: the trial's own check must still refuse.
