@@ -386,12 +386,17 @@ class Outcome:
     metrics: dict = field(default_factory=dict)
     finish: Callable[[dict | None], None] | None = None
     checkpoints: object = None  # the run's EncryptedCheckpointIO: the newest checkpoint it wrote (`last_written`)
-    adapter_written: bool = False  # set before any adapter file is written
+    trainer: object = None  # the run's Lightning Trainer: the step training reached
+    adapter_written: bool = False  # set once the adapter exists, before anything is disclosed of it
 
     def outputs(self) -> dict:
-        """What the run's close tells the broker it left: whether it wrote an adapter, and the SHA-256 of the newest
-        checkpoint it wrote (None: none), which a DP run resuming it continues without a second charge."""
-        return {"adapter": self.adapter_written, "last_checkpoint": getattr(self.checkpoints, "last_written", None)}
+        """What the run's close tells the broker it left: whether it made an adapter, and the SHA-256 of its newest
+        checkpoint if training stopped at that checkpoint's step (else None: steps after it may have been disclosed,
+        e.g. in validation metrics), which a DP run resuming it continues without a second charge."""
+        io = self.checkpoints
+        at_it = io is not None and io.last_written_step is not None and \
+            io.last_written_step == getattr(self.trainer, "global_step", None)
+        return {"adapter": self.adapter_written, "last_checkpoint": io.last_written if at_it else None}
 
 
 @dataclass
@@ -564,8 +569,9 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
     from medtee.training.output import write_outputs
 
     t, out_dir = cfg.trainer, session.out_dir
-    trainer = build_trainer(t, cfg.hardware, metrics=TrackingConfig.allowed_metrics(cfg.tracking),
-                            model=module.model, logger=logger, out_dir=out_dir, checkpoint_io=checkpoint_io)
+    trainer = session.outcome.trainer = build_trainer(
+        t, cfg.hardware, metrics=TrackingConfig.allowed_metrics(cfg.tracking), model=module.model, logger=logger,
+        out_dir=out_dir, checkpoint_io=checkpoint_io)
     module.run_info = {"mlflow_run_id": logger.run_id} if logger else {}
     started = time.time()
     with containment.lightning_sigterm():
@@ -575,6 +581,7 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
             trainer.fit(module, datamodule=datamodule, ckpt_path=t.resume_from)
     # every process takes part: under FSDP this gathers the adapter's shards to rank 0 (the others get nothing)
     adapter = None if t.validate_only else module.adapter_state(trainer.strategy.lightning_module_state_dict())
+    session.outcome.adapter_written = not t.validate_only  # every rank: the run made one (rank 0 writes it)
     if not rank_zero:
         return exits.OK
     metrics = session.outcome.metrics = logger.guard.metrics(
@@ -590,7 +597,6 @@ def _run_trainer(cfg, session: Session, *, module, datamodule, logger, tokenizer
         summary["privacy"] = {"dp": module.dp_summary()}
     if audit is not None:
         summary["audit"] = {**audit.to_json(), "required": cfg.release.require_audit, "adapter_released": released}
-    session.outcome.adapter_written = adapter is not None
     written = write_outputs(module.model, adapter=adapter, recipient=session.keys.adapter_recipient(cfg) if released else None,
                             base_model=weights_label(cfg.model),
                             release_key=session.adapter_key, summary=summary, recorded_recipe=session.recorded,
@@ -788,7 +794,7 @@ def _sweep(cfg, session: Session) -> int:
             finally:  # what the sweep's close reports it left: any trial's adapter, the newest checkpoint
                 session.outcome.adapter_written |= trial.outcome.adapter_written
                 if getattr(trial.outcome.checkpoints, "last_written", None):
-                    session.outcome.checkpoints = trial.outcome.checkpoints
+                    session.outcome.checkpoints, session.outcome.trainer = trial.outcome.checkpoints, trial.outcome.trainer
             trial.outcome.finish(None)  # the trial's child run: its summary and recipe; the tracker records the state
             return trial.outcome.metrics
 

@@ -13,7 +13,8 @@ dialogue record of its training split. A release policy's `recipe.dp_budget` bou
 release that would take them over it, or whose spend, or an earlier release's, is unbounded. The count is
 conservative: a run that fails before training is charged its whole target. A DP run resuming a checkpoint is
 charged nothing only when it continues a run that ended without an adapter: the release's close reported (in its
-teardown record, signed by the attested receipt key) that checkpoint as the newest it wrote and no adapter, the
+teardown record, signed by the attested receipt key) that checkpoint as the newest it wrote and the step training
+stopped at (a run that trained past it reports none: its later iterates may be disclosed), and no adapter, the
 resume asks for the same target, and no other release continued that one yet (`continuation`); its entry records
 `resumes` (the release it continues) and `dp_target`. The DP-SGD trajectory then goes on in one line, and only the
 last run of it writes an adapter, so its accountant's target covers the line. Any other resume is charged its

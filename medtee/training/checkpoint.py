@@ -34,6 +34,7 @@ class EncryptedCheckpointIO(CheckpointIO):
         self._key = key
         self._held: tuple[Path, dict] | None = None  # a checkpoint `inspect` decrypted, for Lightning's load
         self.last_written: str | None = None  # SHA-256 of the newest file written (what the run's close reports)
+        self.last_written_step: int | None = None  # and the training step it holds
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         import torch
@@ -45,6 +46,7 @@ class EncryptedCheckpointIO(CheckpointIO):
         blob = encrypt(buffer.getbuffer(), self._key)
         write_atomic(path, blob)
         self.last_written = hashlib.sha256(blob).hexdigest()  # of the bytes written, not read back from the disk
+        self.last_written_step = checkpoint.get("global_step")
 
     def inspect(self, path, *, sha256: str | None = None) -> dict:
         """The checkpoint at `path`, decrypted once: Lightning's next load of the same path gets this dict. `sha256`:

@@ -26,12 +26,17 @@ from .conftest import COMMON, data_args
 DP = ["privacy.dp.enabled=true", "data.packing=false", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2"]
 
 
+def preempted(run: list[str], cwd: Path, **env: str) -> None:
+    """`medtee train *run` sent SIGTERM after its first checkpoint (or at the end of step KILL_AT_STEP)."""
+    stopped = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_after_first_checkpoint.py")),
+                              "train", *run], cwd=cwd, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "KILL_SIGNAL": "TERM", **env})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+
+
 def test_a_preempted_dp_run_resumes_without_a_second_charge(owner, tmp_path):
     run = [*COMMON, *data_args(owner), *DP]
-    stopped = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_after_first_checkpoint.py")),
-                              "train", *run], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "KILL_SIGNAL": "TERM"})
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    preempted(run, tmp_path)
     [checkpoint] = tmp_path.glob("outputs/*/*/checkpoints/*.ckpt.enc")
     assert not list(tmp_path.glob("outputs/*/*/adapter*"))
     log = AuditLog(owner / ".medtee" / "broker" / "audit.log")
@@ -50,3 +55,16 @@ def test_a_preempted_dp_run_resumes_without_a_second_charge(owner, tmp_path):
     closes = [e for e in log.entries() if e["event"] == "close"]
     assert closes[-1]["outputs"]["adapter"] is True
     assert "epsilon 8, delta 1e-05 over 2 releases" in run_medtee("broker", "audit", "budget", cwd=owner).stdout
+
+
+def test_a_run_that_trained_past_its_newest_checkpoint_reports_none(owner, tmp_path):
+    """Steps after the newest checkpoint may have been disclosed (validation metrics of their iterates): a resume
+    from that checkpoint would be a second branch of the line, so the close names no checkpoint and the resume pays."""
+    run = [*COMMON, *data_args(owner), *DP]
+    log = AuditLog(owner / ".medtee" / "broker" / "audit.log")
+    before = len(log.entries())
+    preempted(run, tmp_path, KILL_AT_STEP="3")  # its checkpoint is step 2's
+    [checkpoint] = tmp_path.glob("outputs/*/*/checkpoints/*.ckpt.enc")
+    assert checkpoint.name == "step-0000002.ckpt.enc"
+    [close] = [e for e in log.entries()[before:] if e["event"] == "close"]
+    assert close["outputs"] == {"adapter": False, "last_checkpoint": None}
