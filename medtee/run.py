@@ -392,10 +392,13 @@ class Outcome:
     def outputs(self) -> dict:
         """What the run's close tells the broker it left: whether it made an adapter, and the SHA-256 of its newest
         checkpoint if training stopped at that checkpoint's step (else None: steps after it may have been disclosed,
-        e.g. in validation metrics), which a DP run resuming it continues without a second charge."""
-        io = self.checkpoints
-        at_it = io is not None and io.last_written_step is not None and \
-            io.last_written_step == getattr(self.trainer, "global_step", None)
+        e.g. in validation metrics) with steps left to train (a resume of one at max_steps trains nothing and would
+        only use up the free continuation), which a DP run resuming it continues without a second charge. (After a
+        failed fit nothing of the model in memory is disclosed: the run only tears down, closes and signs.)"""
+        io, step = self.checkpoints, getattr(self.trainer, "global_step", None)
+        limit = getattr(self.trainer, "max_steps", -1)
+        at_it = io is not None and io.last_written_step is not None and io.last_written_step == step and (
+            limit in (None, -1) or step < limit)
         return {"adapter": self.adapter_written, "last_checkpoint": io.last_written if at_it else None}
 
 

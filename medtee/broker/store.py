@@ -5,8 +5,9 @@ takes it exclusively, so it refuses while any broker (`medtee broker serve`, a r
 policy command) uses the store, and nothing opens the store while it rotates.
 
 A rotation stages the new key, the re-wrapped registrations and then `plan.json` in `rotating/`; its `rotate`
-audit entry is the commit point; only then are the staged files moved into place. Whoever opens the store next
-after a crash finishes a rotation that was recorded (or had begun to move files) and removes one that was not.
+audit entry is the commit point; only then are the staged files moved into place, the broker key first. Whoever
+opens the store next after a crash finishes a rotation that was recorded (or whose old key was already moved out)
+and removes one that was neither, `plan.json` first.
 """
 
 from __future__ import annotations

@@ -68,3 +68,17 @@ def test_a_run_that_trained_past_its_newest_checkpoint_reports_none(owner, tmp_p
     assert checkpoint.name == "step-0000002.ckpt.enc"
     [close] = [e for e in log.entries()[before:] if e["event"] == "close"]
     assert close["outputs"] == {"adapter": False, "last_checkpoint": None}
+
+
+@pytest.mark.parametrize("written_step, global_step, max_steps, named", [
+    (2, 2, 4, True), (2, 3, 4, False), (4, 4, 4, False), (2, 2, -1, True), (None, 2, 4, False)])
+def test_the_close_names_a_checkpoint_only_where_training_stopped_with_steps_left(written_step, global_step,
+                                                                                  max_steps, named):
+    from types import SimpleNamespace
+
+    from medtee.run import Outcome
+
+    io = SimpleNamespace(last_written="ab" * 32, last_written_step=written_step)
+    outcome = Outcome(checkpoints=io, trainer=SimpleNamespace(global_step=global_step, max_steps=max_steps))
+    assert outcome.outputs() == {"adapter": False, "last_checkpoint": "ab" * 32 if named else None}
+    assert Outcome().outputs() == {"adapter": False, "last_checkpoint": None}
