@@ -40,7 +40,7 @@ def main(cfg, *, mode: str = "train") -> int:
 
     from medtee import containment
     from medtee.broker.audit import AuditLogDamaged
-    from medtee.broker.store import StoreBusy
+    from medtee.broker.store import StoreError
     from medtee.broker.client import BrokerError
     from medtee.broker.protocol import ChallengeRefused
     from medtee.data import DataError
@@ -62,7 +62,7 @@ def main(cfg, *, mode: str = "train") -> int:
     except DataError as exc:
         say(f"input rejected: {exc}")
         return exits.BAD_INPUT
-    except (Refused, BrokerError, ChallengeRefused, AuditLogDamaged, StoreBusy) as exc:  # the broker is down or refuses
+    except (Refused, BrokerError, ChallengeRefused, AuditLogDamaged, StoreError) as exc:  # the broker is down or refuses
         say(f"refused: {exc}")
         return exits.REFUSED
     except containment.SafeError as exc:

@@ -127,6 +127,21 @@ def test_commands_on_a_store_whose_log_was_rolled_back_refuse_before_any_work(tm
     assert tree(tmp_path) == before
 
 
+def test_commands_on_a_store_they_cannot_open_say_so_in_one_line(tmp_path, capsys, dialogues):
+    assert main(["seal", "d.jsonl", "--out", "s1", "--broker-dir", "b"]) == 0
+    capsys.readouterr()
+    lock = tmp_path / "b" / "store.lock"
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere")  # opened without following links: fails even as root
+    before = tree(tmp_path)
+    for argv in (["seal", "d.jsonl", "--out", "s2", "--broker-dir", "b", "--dataset-id", "other"],
+                 ["broker", "policy", "add", "x", "x.yaml", "--broker-dir", "b"],
+                 ["broker", "audit", "budget", "--broker-dir", "b"],
+                 ["keys", "rotate", "--broker-dir", "b", "s1"]):
+        refused(capsys, argv, "b", "store.lock", code=1)
+    assert tree(tmp_path) == before
+
+
 def test_audit_verify_names_an_unfinished_last_line(tmp_path, capsys, dialogues):
     assert main(["seal", "d.jsonl", "--out", "sealed", "--broker-dir", "b"]) == 0
     capsys.readouterr()

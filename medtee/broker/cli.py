@@ -103,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         return exits.fail(problem)
     from medtee.broker.audit import AuditLogDamaged, mark_path, verify
-    from medtee.broker.store import StoreBusy
+    from medtee.broker.store import StoreError
 
     log = Path(args.store) / "audit.log"
     report = verify(log) if log.exists() or os.path.lexists(mark_path(log)) else None
@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
               nonce_ttl_s=args.nonce_ttl, max_challenges_per_dataset=args.max_challenges_per_dataset,
               max_challenges_per_client=args.max_challenges_per_client,
               announce=lambda url: print(f"medtee key broker listening on {url}", flush=True))
-    except (AuditLogDamaged, StoreBusy) as e:  # changed between the check above and the broker's own; rotating
+    except (AuditLogDamaged, StoreError) as e:  # changed between the check above and the broker's own; rotating
         return exits.fail(str(e), exits.REFUSED)
     except (OSError, ValueError, OverflowError) as e:
         return exits.fail(f"cannot serve on {args.host}:{port}: {e}")
@@ -156,12 +156,12 @@ def _audit(args: argparse.Namespace) -> int:
 def _print_budgets(store: Path) -> int:
     from medtee.broker.audit import AuditLogDamaged
     from medtee.broker.service import EmbeddedBroker
-    from medtee.broker.store import StoreBusy
+    from medtee.broker.store import StoreError
     from medtee.sealing.manifest import SealedDataError
 
     try:
         broker = EmbeddedBroker(store)
-    except (AuditLogDamaged, StoreBusy) as e:
+    except (AuditLogDamaged, StoreError) as e:
         return exits.fail(str(e), exits.REFUSED)
     for dataset_id in broker.datasets():
         try:
@@ -186,7 +186,7 @@ def _policy_verb(act):
         from medtee.broker.audit import AuditLogDamaged
         from medtee.broker.protocol import UnknownDatasetError
         from medtee.broker.service import EmbeddedBroker
-        from medtee.broker.store import StoreBusy
+        from medtee.broker.store import StoreError
 
         if not (Path(args.store) / f"{BROKER_KEY_NAME}.key").is_file():
             return exits.fail(f"no broker store at {args.store} (no {BROKER_KEY_NAME}.key); pass the store's "
@@ -195,7 +195,7 @@ def _policy_verb(act):
             act(EmbeddedBroker(args.store), args)
         except (UnknownDatasetError, ValueError, OSError) as e:
             return exits.fail(str(e).splitlines()[0])
-        except (AuditLogDamaged, StoreBusy) as e:
+        except (AuditLogDamaged, StoreError) as e:
             return exits.fail(str(e), exits.REFUSED)
         return exits.OK
 

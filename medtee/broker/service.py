@@ -133,10 +133,16 @@ class EmbeddedBroker:
                  max_challenges_per_client: int = DEFAULT_MAX_CHALLENGES_PER_CLIENT,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store_dir = Path(store_dir)
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.store_dir, 0o700)
-        (self.store_dir / "datasets").mkdir(exist_ok=True)
-        self._hold = disk.hold(self.store_dir, Scheme.parse(scheme))  # shared for its life: no rotation under it
+        scheme = Scheme.parse(scheme)
+        try:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.store_dir, 0o700)
+            (self.store_dir / "datasets").mkdir(exist_ok=True)
+            self._hold = disk.hold(self.store_dir, scheme)  # shared for its life: no rotation under it
+        except disk.RotationInterrupted as e:
+            raise disk.StoreError(str(e)) from None
+        except OSError as e:
+            raise disk.unusable(self.store_dir, e) from None
         try:
             self._scheme, self._key = hpke.load_private_key(self.store_dir / f"{BROKER_KEY_NAME}.key")
             self._newest = Newest(self.store_dir / "revocation-seen.json")  # rollback of cached CRLs / OCSP answers

@@ -38,7 +38,12 @@ PLAN = "plan.json"  # written last into it: the staging is complete
 LOCK_WAIT_S = 30.0  # how long opening a store waits for a rotation to end
 
 
-class StoreBusy(RuntimeError):
+class StoreError(RuntimeError):
+    """The store cannot be used: its lock is held (StoreBusy), or opening it failed (not a directory this user can
+    write, its lock file replaced, a full disk)."""
+
+
+class StoreBusy(StoreError):
     """The store's lock is held by another process (a broker using it, or a rotation)."""
 
 
@@ -55,10 +60,22 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unusable(store_dir: Path, e: OSError) -> StoreError:
+    """The StoreError for `e`, raised while opening the store at `store_dir`."""
+    where = f" ({e.filename})" if e.filename else ""
+    return StoreError(f"cannot open the broker store {store_dir}: {e.strerror or e}{where}; it must be a directory "
+                      f"this user owns and can write (a broker takes its lock, {LOCK_NAME}, and may finish an "
+                      f"interrupted rotation), not a read-only copy")
+
+
 def _lock(store_dir: Path, mode: int, wait_s: float, busy: str):
     """`store.lock` open and flock'ed with `mode` (LOCK_SH or LOCK_EX), polling for up to `wait_s` seconds; StoreBusy
     with `busy` after that."""
-    f = open(os.open(store_dir / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "rb")
+    try:
+        fd = os.open(store_dir / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise unusable(store_dir, e) from None
+    f = open(fd, "rb")
     deadline = time.monotonic() + wait_s
     while True:
         try:

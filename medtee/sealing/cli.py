@@ -233,7 +233,7 @@ def _keys_new(args: argparse.Namespace) -> int:
 def _keys_rotate(args: argparse.Namespace) -> int:
     from medtee.broker.audit import AuditLogDamaged
     from medtee.broker.protocol import UnknownDatasetError
-    from medtee.broker.store import RotationInterrupted, StoreBusy, rotate
+    from medtee.broker.store import RotationInterrupted, StoreError, rotate
     from medtee.sealing.manifest import SealedDataError
 
     problem = dir_problem("--broker-dir", args.broker_dir, "name the broker store the datasets were sealed with")
@@ -245,7 +245,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
         manifests = rotate(args.broker_dir, [Path(d) for d in args.datasets], scheme=args.scheme)
     except (UnknownDatasetError, SealedDataError, FileExistsError, PermissionError, ValueError) as e:
         return exits.fail(str(e))
-    except (AuditLogDamaged, StoreBusy, RotationInterrupted) as e:
+    except (AuditLogDamaged, StoreError, RotationInterrupted) as e:
         return exits.fail(str(e), exits.REFUSED)
     except OSError as e:  # before the commit point (a full disk while staging): the staging was removed
         return exits.fail(f"rotating the broker key in {args.broker_dir} failed and changed nothing: {e}", exits.REFUSED)

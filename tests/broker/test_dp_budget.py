@@ -207,6 +207,18 @@ def test_audit_budget_prints_each_datasets_spend(sealed, broker, tmp_path, capsy
     json.loads(lines[-1])  # the log itself is left as it was
 
 
+def test_audit_budget_on_a_store_it_cannot_open_is_one_line(sealed, broker, capsys):
+    """(`seal`, `train` and the policy verbs report the same StoreError: tests/broker/test_rotation.py)"""
+    lock = broker.store_dir / "store.lock"
+    broker.close()
+    lock.unlink()
+    lock.symlink_to(broker.store_dir / "elsewhere")  # opened without following links: ELOOP, even as root
+    assert main(["broker", "audit", "budget", "--broker-dir", str(broker.store_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"medtee: cannot open the broker store {broker.store_dir}: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_log_rolled_back_refunds_no_budget(sealed, broker, tmp_path, capsys):
     """The sums come from the audit log, so a log restored from an older copy, cut short, emptied or removed would
     hand the spent budget back: its high-water mark refuses every decision (and `audit verify`) until the newest

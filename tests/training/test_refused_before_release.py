@@ -52,6 +52,15 @@ def test_settings_that_cannot_run_are_refused_before_the_key_is_released(tmp_pat
     assert RELEASED not in res.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_a_broker_store_that_cannot_be_opened_is_refused(tmp_path):
+    store = tmp_path / ".medtee" / "broker"
+    store.mkdir(parents=True)
+    (store / "store.lock").symlink_to(tmp_path / "elsewhere")
+    res = run_medtee("train", cwd=tmp_path)
+    assert res.returncode == 1 and "cannot open the broker store" in res.stderr, res.stderr[-2000:]
+    assert RELEASED not in res.stderr and "Traceback" not in res.stderr
+
+
 def test_a_broker_ca_that_is_not_a_regular_file_is_refused(tmp_path):
     """A FIFO as the CA bundle used to hang the TLS setup."""
     os.mkfifo(tmp_path / "ca.pem")
