@@ -801,7 +801,7 @@ def _sweep(cfg, session: Session) -> int:
             trial.outcome.finish(None)  # the trial's child run: its summary and recipe; the tracker records the state
             return trial.outcome.metrics
 
-    worker = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:64]
+    worker = space.worker or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:64]
     try:
         result = run_sweep(space, Trials(), storage_url=space.storage or default_storage(cfg.tracking.tracking_uri),
                            worker_id=worker, guard=guard, tracker=tracker)

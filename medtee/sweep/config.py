@@ -93,7 +93,11 @@ class SweepConfig:
     sampler: Sampler = Sampler.tpe  # tpe | gp | grid | random
     n_trials: int = 10  # COMPLETE trials wanted in total (a resumed sweep runs only the missing ones)
     max_attempts: Optional[int] = None  # cap on finished trials, failed ones included; None: 2 * n_trials + 5
-    seed: int = 0  # sampler seed (each worker derives its own from it and its worker id)
+    seed: int = 0  # sampler seed (each worker derives its own from it and its worker name)
+    # this worker's name (an identifier): its sampler is seeded from `seed` and it, so the same name and seed on a new
+    # study sample the same points; None: HOST-PID, so every invocation explores new ones. Concurrent workers need
+    # different names (with one name they would propose the same points)
+    worker: Optional[str] = None
     # Optuna storage: None keeps a sqlite file beside the MLflow store (sqlite:///optuna.db); or sqlite:///FILE, or
     # postgresql+psycopg://USER@HOST/DB (password in PGPASSWORD or ~/.pgpass, never in the URL)
     storage: Optional[str] = None
@@ -105,6 +109,9 @@ class SweepConfig:
         out = below_minimums(self, "sweep", {"n_trials": 1, "heartbeat_s": 1, "timeout_s": 1})
         if not IDENTIFIER.fullmatch(str(self.name)):
             out.append(f"sweep.name={self.name!r}: name the study with letters, digits, '_', '.', '/' or '-' "
+                       f"(at most 64 characters)")
+        if self.worker is not None and not IDENTIFIER.fullmatch(str(self.worker)):
+            out.append(f"sweep.worker={self.worker!r}: name the worker with letters, digits, '_', '.', '/' or '-' "
                        f"(at most 64 characters)")
         if self.objective not in METRIC_ALLOW_LIST:
             out.append(f"sweep.objective={self.objective!r} is not an allow-listed metric; use one of "

@@ -91,7 +91,7 @@ def open_storage(space: SweepConfig, url: str) -> optuna.storages.RDBStorage:
 
 
 def make_sampler(space: SweepConfig, worker_id: str) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded from `sweep.seed` and the worker id (workers explore different points)."""
+    """The configured sampler, seeded from `sweep.seed` and the worker's name (workers explore different points)."""
     seed = zlib.crc32(f"{space.seed}/{worker_id}".encode())
     if space.sampler == Sampler.grid:
         return optuna.samplers.GridSampler({k: grid_values(d) for k, d in space.parameters.items()}, seed=seed)

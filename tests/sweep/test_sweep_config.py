@@ -39,6 +39,7 @@ def test_the_grid_option_visits_every_point_once():
 @pytest.mark.parametrize("changes, problem", [
     ({"objective": "val/secret"}, "not an allow-listed metric"),
     ({"name": "two words"}, "sweep.name"),
+    ({"worker": "host 1"}, "sweep.worker='host 1': name the worker"),
     ({"n_trials": 0}, "sweep.n_trials=0 must be at least 1"),
     ({"max_attempts": 1, "n_trials": 3}, "max_attempts=1 must be at least"),
     ({"grace_s": 1, "heartbeat_s": 1}, "must exceed sweep.heartbeat_s"),

@@ -21,13 +21,24 @@ from medtee.sweep.tracking import SweepTracker
 WORKER = Path(sweep_worker.__file__)
 
 
-def _sweep(tmp_path, runner, **changes):
+def _sweep(tmp_path, runner, worker="w0", **changes):
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     guard = sweep_worker.guard()
     tracker = SweepTracker(tracking_uri=uri, experiment=sweep_checks.EXPERIMENT, guard=guard)
-    result = run_sweep(sweep_worker.space(**changes), runner, storage_url=storage, worker_id="w0", guard=guard,
+    result = run_sweep(sweep_worker.space(**changes), runner, storage_url=storage, worker_id=worker, guard=guard,
                        tracker=tracker)
     return result, sweep_checks.load(storage), uri
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_named_worker_samples_the_same_points_on_a_new_study_and_another_name_others(tmp_path, sampler):
+    def points(name, worker):
+        (tmp_path / name).mkdir()
+        _, study, _ = _sweep(tmp_path / name, sweep_worker.FakeRunner(), worker=worker, n_trials=3, sampler=sampler)
+        return [t.params for t in study.trials]
+
+    first = points("a", "w0")
+    assert points("b", "w0") == first and points("c", "w1") != first
 
 
 def test_a_failing_trial_is_recorded_by_type_only_and_the_sweep_still_completes(tmp_path):

@@ -119,10 +119,12 @@ def test_a_finished_grid_sweep_exits_0(tmp_path):
         "# @package _global_\ndefaults:\n  - override /sweep: grid_rank\nsweep:\n  n_trials: 2\n  parameters:\n"
         "    qlora.rank: {type: int, low: 8, high: 16, step: 8}\n    qlora.dropout: {type: categorical, choices: [0.0]}\n")
     fast = [o for o in FAST if not o.startswith(("trainer.max_steps=", "sweep="))]
-    res = run_medtee("sweep", "recipe=./grid.yaml", *fast, "trainer.max_steps=2", cwd=tmp_path)
+    res = run_medtee("sweep", "recipe=./grid.yaml", *fast, "trainer.max_steps=2", "sweep.worker=grid-w1", cwd=tmp_path)
     assert res.returncode == 0 and "run failed" not in res.stderr, res.stderr[-3000:]
     db = sqlite3.connect(tmp_path / "optuna.db")
     assert [s for (s,) in db.execute("select state from trials")] == ["COMPLETE", "COMPLETE"]
+    workers = db.execute("select value_json from trial_user_attributes where key = 'worker'").fetchall()
+    assert workers == [('"grid-w1"',)] * 2  # the named worker (its sampler's seed), not HOST-PID
     db.close()
     from medtee.broker.audit import AuditLog
 
