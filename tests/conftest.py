@@ -41,6 +41,38 @@ def run_medtee(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
     return forkserver.client().run(list(args), cwd=cwd, env=full_env, timeout=timeout)
 
 
+def run_python(program: str | Path, *args: str, cwd: Path | None = None, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -c PROGRAM ARGS` (a str) or `python PROGRAM ARGS` (a Path) in a process of its own, capturing stdout
+    and stderr: forked from the fork server as `run_medtee` is (or fresh with MEDTEE_TEST_FORKSERVER=0). For scripts
+    that patch medtee, then run its CLI."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cwd = Path.cwd() if cwd is None else cwd
+    if os.environ.get("MEDTEE_TEST_FORKSERVER") == "0":
+        head = ["-c", program] if isinstance(program, str) else [str(program)]
+        return subprocess.run([sys.executable, *head, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    import forkserver
+
+    which = {"code": program} if isinstance(program, str) else {"path": str(program)}
+    return forkserver.client().run(list(args), cwd=cwd, env=full_env, timeout=timeout, **which)
+
+
+def start_python(program: str | Path | None, *args: str, cwd: Path, env: dict | None = None):
+    """Start `python -c PROGRAM ARGS` (a str), `python PROGRAM ARGS` (a Path) or `python -m medtee ARGS` (None) in a
+    session of its own (so `os.killpg(p.pid, ...)` reaches it), forked as `run_python` is: a Popen-like object whose
+    `stderr` is read as it is written, with `poll`, `wait` and `communicate`."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if os.environ.get("MEDTEE_TEST_FORKSERVER") == "0":
+        head = ["-m", "medtee"] if program is None else ["-c", program] if isinstance(program, str) else [str(program)]
+        return subprocess.Popen([sys.executable, *head, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    import forkserver
+
+    which = {} if program is None else {"code": program} if isinstance(program, str) else {"path": str(program)}
+    return forkserver.client().start(list(args), cwd=cwd, env=full_env, new_session=True, **which)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_forkserver():
     yield

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from conftest import run_medtee, seal_and_train
+from conftest import run_medtee, run_python, seal_and_train
 
 pytestmark = pytest.mark.slow
 
@@ -179,18 +179,15 @@ sys.exit(cli.main(["generate", *sys.argv[1:]]))
 
 
 def test_the_packet_goes_to_the_study_key_the_digest_hashed_even_if_the_file_is_replaced(trained):
-    import subprocess
-    import sys
-
     cwd, adapter = trained
     for name in ("study-owner", "someone-else"):
         if not (cwd / f"keys/{name}.pub").exists():
             assert run_medtee("keys", "new", "--out", "keys", "--name", name, cwd=cwd).returncode == 0
     (cwd / "keys/named-study.pub").write_bytes((cwd / "keys/study-owner.pub").read_bytes())
     before = set(cwd.glob("outputs/*/*/rating_packet.sealed"))
-    res = subprocess.run([sys.executable, "-c", SWAPS_THE_STUDY_KEY, *DATA, f"evaluation.adapter={adapter}",
-                          "evaluation.study_recipient=keys/named-study.pub", "evaluation.max_items=4",
-                          "evaluation.max_new_tokens=4"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    res = run_python(SWAPS_THE_STUDY_KEY, *DATA, f"evaluation.adapter={adapter}",
+                     "evaluation.study_recipient=keys/named-study.pub", "evaluation.max_items=4",
+                     "evaluation.max_new_tokens=4", cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (cwd / "keys/named-study.pub").read_bytes() == (cwd / "keys/someone-else.pub").read_bytes()  # swapped
     [packet] = set(cwd.glob("outputs/*/*/rating_packet.sealed")) - before

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import run_medtee
+from conftest import run_medtee, run_python, start_python
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,7 @@ sys.exit(cli.main(["sweep", *sys.argv[1:]]))
 
 
 def _sweep(cwd, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FAILING_SECOND_TRIAL, *FAST, *extra], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return run_python(FAILING_SECOND_TRIAL, *FAST, *extra, cwd=cwd)
 
 
 def test_a_sweep_survives_a_failing_trial_and_resumes(tmp_path):
@@ -84,20 +83,19 @@ def test_a_sweep_killed_mid_trial_and_mid_checkpoint_resumes_to_exactly_n_trials
     import time
 
     fast = [o for o in FAST if not o.startswith("trainer.max_steps=")]
-    args = [sys.executable, "-m", "medtee", "sweep", *fast, "sweep.n_trials=3", "sweep.heartbeat_s=1",
-            "sweep.grace_s=2", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_keep=-1"]
+    args = ["sweep", *fast, "sweep.n_trials=3", "sweep.heartbeat_s=1", "sweep.grace_s=2", "trainer.max_steps=6",
+            "trainer.checkpoint_every_n_steps=1", "trainer.checkpoint_keep=-1"]
     rng = random.Random(7)
     for _ in range(2):
-        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = start_python(None, *args, cwd=tmp_path)
         for line in proc.stderr:  # a trial has started training
             if line.startswith("medtee: MLflow run ") and "(continued)" in line:
                 break
         assert proc.poll() is None, "the sweep must be running when it is killed"
         time.sleep(rng.uniform(0.2, 2.0))
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        proc.communicate(timeout=60)
+    done = run_medtee(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     db = sqlite3.connect(tmp_path / "optuna.db")
     states = [s for (s,) in db.execute("select state from trials")]
@@ -148,8 +146,7 @@ def test_a_trial_that_would_change_an_unswept_setting_fails_before_it_trains(tmp
         "# @package _global_\ndefaults:\n  - override /sweep: grid_rank\nqlora:\n  alpha: ${qlora.rank}\nsweep:\n"
         "  n_trials: 1\n  max_attempts: 1\n  parameters:\n    qlora.rank: {type: int, low: 4, high: 8, step: 4}\n")
     fast = [o for o in FAST if not o.startswith("sweep=")]
-    res = subprocess.run([sys.executable, "-c", UNCHECKED_INTERPOLATION, "recipe=./follow.yaml", *fast], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    res = run_python(UNCHECKED_INTERPOLATION, "recipe=./follow.yaml", *fast, cwd=tmp_path)
     assert "trial 0 would change qlora.alpha, which the sweep does not sweep" in res.stderr or \
         "0 complete, 1 failed" in res.stderr, res.stderr[-3000:]
     db = sqlite3.connect(tmp_path / "optuna.db")

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_medtee
+from conftest import run_medtee, run_python
 from medtee.broker import budget
 from medtee.broker.audit import AuditLog
 from medtee.files import sha256_file
@@ -28,9 +25,8 @@ DP = ["privacy.dp.enabled=true", "data.packing=false", "trainer.max_steps=4", "t
 
 def preempted(run: list[str], cwd: Path, **env: str) -> None:
     """`medtee train *run` sent SIGTERM after its first checkpoint (or at the end of step KILL_AT_STEP)."""
-    stopped = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_after_first_checkpoint.py")),
-                              "train", *run], cwd=cwd, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "KILL_SIGNAL": "TERM", **env})
+    stopped = run_python(Path(__file__).with_name("killed_after_first_checkpoint.py"), "train", *run, cwd=cwd,
+                         env={"KILL_SIGNAL": "TERM", **env})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
 
 

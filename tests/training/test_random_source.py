@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 
 import pytest
+
+from conftest import run_python
 
 from .conftest import adapter_weights, summaries
 
@@ -32,8 +32,7 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))
 def test_train_on_random_weights_of_an_architecture(tmp_path):
     args = ["model.source=random", "model.num_layers=2", "model.init_seed=3", "trainer.max_steps=4",
             "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "data.n_synthetic=60"]
-    res = subprocess.run([sys.executable, "-c", SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+    res = run_python(SCRIPT, *args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SIMULATED" in res.stderr
     [summary] = summaries(tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_medtee
+from conftest import run_medtee, run_python
 from medtee import config
 from medtee.training.module import lr_lambda
 
@@ -37,8 +37,8 @@ def test_a_killed_run_resumes_exactly_and_continues_its_mlflow_run(owner, tmp_pa
     checkpoints = sorted(Path(whole["dir"]).glob("checkpoints/*.ckpt.enc"))
     assert [p.name for p in checkpoints] == ["step-0000003.ckpt.enc", "step-0000006.ckpt.enc"]
 
-    killed = subprocess.run([sys.executable, str(Path(__file__).with_name("killed_after_first_checkpoint.py")),
-                             "train", *run], cwd=killed_dir, capture_output=True, text=True, timeout=300)
+    killed = run_python(Path(__file__).with_name("killed_after_first_checkpoint.py"), "train", *run, cwd=killed_dir,
+                        timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not summaries(killed_dir)  # it never finished
     [checkpoint] = killed_dir.glob("outputs/*/*/checkpoints/*.ckpt.enc")

@@ -4,13 +4,11 @@ to train, and Ctrl-C: exit 130 after the run's end, naming the checkpoint to res
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_medtee
+from conftest import run_medtee, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -78,9 +76,8 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))
 
 
 def test_ctrl_c_ends_the_run_and_names_the_checkpoint_which_cannot_resume_past_max_steps(sealed):
-    res = subprocess.run([sys.executable, "-c", INTERRUPTED, "data=sealed", "data.path=sealed", "trainer.max_steps=12",
-                          "trainer.checkpoint_every_n_steps=2", *FAST], cwd=sealed, capture_output=True, text=True,
-                         timeout=600)
+    res = run_python(INTERRUPTED, "data=sealed", "data.path=sealed", "trainer.max_steps=12",
+                     "trainer.checkpoint_every_n_steps=2", *FAST, cwd=sealed)
     assert res.returncode == 130, res.stderr[-3000:]
     assert "medtee: teardown: data key, checkpoint key, adapter key overwritten" in res.stderr
     [checkpoint] = sealed.glob("outputs/*/*/checkpoints/step-0000002.ckpt.enc")
@@ -124,9 +121,8 @@ def test_the_adapter_goes_to_the_key_the_digest_hashed_even_if_the_file_is_repla
     for name in ("owner", "attacker"):
         assert run_medtee("keys", "new", "--out", "keys", "--name", name, cwd=sealed).returncode == 0
     (sealed / "keys/approved.pub").write_bytes((sealed / "keys/owner.pub").read_bytes())
-    res = subprocess.run([sys.executable, "-c", SWAPS_THE_RECIPIENT, "data=sealed", "data.path=sealed",
-                          "output.recipient=keys/approved.pub", "trainer.max_steps=2", *FAST], cwd=sealed,
-                         capture_output=True, text=True, timeout=600)
+    res = run_python(SWAPS_THE_RECIPIENT, "data=sealed", "data.path=sealed", "output.recipient=keys/approved.pub",
+                     "trainer.max_steps=2", *FAST, cwd=sealed)
     assert res.returncode == 0, res.stderr[-3000:]
     [out] = [p.parent for p in sealed.glob("outputs/*/*/adapter.safetensors.enc")]
     assert (sealed / "keys/approved.pub").read_bytes() == (sealed / "keys/attacker.pub").read_bytes()

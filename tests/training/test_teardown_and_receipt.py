@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_medtee
+from conftest import run_medtee, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +56,7 @@ def _audit(broker_dir: Path) -> list[dict]:
 
 
 def test_after_teardown_no_key_or_record_is_left_reachable(tmp_path):
-    res = subprocess.run([sys.executable, "-c", IN_PROCESS, *FAST], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+    res = run_python(IN_PROCESS, *FAST, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     found = json.loads(res.stdout.strip().splitlines()[-1])
     assert found["code"] == 0 and found["keys"] == [32, 32, 32]  # the data, checkpoint and adapter keys
@@ -150,8 +147,7 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))
 
 
 def test_sigterm_ends_the_run_with_teardown_close_receipt_and_no_temporary_files(tmp_path):
-    res = subprocess.run([sys.executable, "-c", SIGTERMED, *FAST], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+    res = run_python(SIGTERMED, *FAST, cwd=tmp_path)
     assert res.returncode == 128 + 15, res.stderr[-3000:]
     assert "terminated (SIGTERM)" in res.stderr and "Traceback" not in res.stderr
     assert "medtee: teardown: data key, checkpoint key, adapter key overwritten" in res.stderr
@@ -184,8 +180,7 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))
 
 
 def test_sigterm_during_training_stops_at_the_step_and_ends_the_run_as_failed(tmp_path):
-    res = subprocess.run([sys.executable, "-c", SIGTERMED_IN_FIT, "trainer.max_steps=6", *FAST[1:]], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    res = run_python(SIGTERMED_IN_FIT, "trainer.max_steps=6", *FAST[1:], cwd=tmp_path)
     assert res.returncode == 128 + 15, res.stderr[-3000:]  # never 0: Lightning's own stop carries no status
     assert res.stderr.count("terminated (SIGTERM)") == 1 and "Traceback" not in res.stderr
     assert "medtee: teardown: data key, checkpoint key, adapter key overwritten" in res.stderr
@@ -215,8 +210,7 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))
 
 
 def test_sigterm_before_the_first_step_stops_at_once_and_one_in_the_close_does_not_skip_it(tmp_path):
-    res = subprocess.run([sys.executable, "-c", SIGTERMED_EARLY_AND_IN_CLOSE, "trainer.max_steps=50", *FAST[1:]],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = run_python(SIGTERMED_EARLY_AND_IN_CLOSE, "trainer.max_steps=50", *FAST[1:], cwd=tmp_path)
     assert res.returncode == 128 + 15, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "closed at the key broker" in res.stderr
     [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
@@ -229,8 +223,7 @@ def test_sigterm_before_the_first_step_stops_at_once_and_one_in_the_close_does_n
 def test_a_first_sigterm_during_the_close_lets_the_close_and_the_receipt_finish(tmp_path):
     script = SIGTERMED_EARLY_AND_IN_CLOSE.replace(
         "CausalLMModule.on_fit_start = lambda self: os.kill(os.getpid(), signal.SIGTERM)\n", "")
-    res = subprocess.run([sys.executable, "-c", script, *FAST], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+    res = run_python(script, *FAST, cwd=tmp_path)
     assert res.returncode == 128 + 15, res.stderr[-3000:]
     assert "closed at the key broker" in res.stderr and "Traceback" not in res.stderr
     [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")

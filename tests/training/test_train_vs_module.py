@@ -4,11 +4,11 @@ both on the same batches and compares the loss step by step (speed is the benchm
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_python
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_vs_module.p
 
 
 def test_train_and_the_module_path_give_the_same_losses(tmp_path):
-    res = subprocess.run([sys.executable, str(SCRIPT), "recipe=demo", "trainer.max_steps=5", "trainer.lr=2e-2"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = run_python(SCRIPT, "recipe=demo", "trainer.max_steps=5", "trainer.lr=2e-2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     steps, summary = lines[:-1], lines[-1]
@@ -27,6 +26,5 @@ def test_train_and_the_module_path_give_the_same_losses(tmp_path):
 
 
 def test_a_recipe_the_replay_cannot_follow_is_refused(tmp_path):
-    res = subprocess.run([sys.executable, str(SCRIPT), "recipe=demo", "trainer.accumulate_grad_batches=2"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = run_python(SCRIPT, "recipe=demo", "trainer.accumulate_grad_batches=2", cwd=tmp_path, timeout=120)
     assert res.returncode == 2 and "one micro-batch per step" in res.stderr and list(tmp_path.iterdir()) == []
