@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -139,17 +140,32 @@ def _audit(args: argparse.Namespace) -> int:
     if not (store / f"{BROKER_KEY_NAME}.key").is_file():
         return exits.fail(f"no broker store at {store} (no {BROKER_KEY_NAME}.key); pass the store's --broker-dir "
                           f"(default {DEFAULT_BROKER_DIR})")
-    report = verify(store / "audit.log")
+    if args.head is not None and not re.fullmatch(r"[0-9a-f]{64}", args.head):
+        return exits.fail(f"--head must be the 64 lowercase hex digits of an audit entry's hash (the head `medtee "
+                          f"broker audit verify` printed); got {args.head[:80]!r}")
+    anchored: list[int] = []  # the seq of the entry whose hash is --head
+    report = verify(store / "audit.log",
+                    visit=None if args.head is None else
+                    (lambda entry: anchored.append(entry["seq"]) if entry["hash"] == args.head else None))
     if not report.ok:
         return exits.fail(f"audit log FAILED verification after {report.entries} good entries: {report.problem}",
+                          exits.REFUSED)
+    if args.head is not None and not anchored:
+        return exits.fail(f"audit log FAILED the anchored head: none of its {report.entries} entries has hash "
+                          f"{args.head}, so the log is not the one anchored (the store was restored from an older "
+                          f"copy, or its log rewritten and re-chained); restore the newest copy of the store",
                           exits.REFUSED)
     if args.action == "budget":
         return _print_budgets(store)
     print(f"audit log OK: {report.entries} entries, head {report.head}")
+    if anchored:
+        print(f"it holds the anchored head {args.head} (entry {anchored[0]}), so entries 0-{anchored[0]} are the "
+              f"ones anchored; {report.entries - anchored[0] - 1} came after it")
     if report.unfinished:
         print(f"after them, an unfinished last line ({report.unfinished} bytes): an append that did not complete "
               f"(e.g. a full disk), so no decision was returned for it; the broker drops it at its next append")
-    print("anchor the head outside the store to detect the whole store (log and mark) restored from an old backup")
+    print("anchor the head outside the store (a ticket, a transparency log) and check against it later with "
+          "--head HEAD: that detects the whole store (log and mark) restored from an old backup")
     return exits.OK
 
 
@@ -321,5 +337,9 @@ def add_parser(subparsers) -> None:
                      help="verify: check the chain; budget: check it, then print the privacy each dataset's releases "
                           "have spent (basic composition) against its policy's recipe.dp_budget")
     _broker_dir_argument(aud)
+    aud.add_argument("--head", metavar="HASH",
+                     help="a head printed by an earlier `audit verify` and kept outside the store: the log must hold "
+                          "the entry with that hash (a store restored from an older copy, or a log rewritten and "
+                          "re-chained with its mark, does not)")
     aud.set_defaults(handler=_audit)
     _add_policy(broker_sub)

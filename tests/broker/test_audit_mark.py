@@ -241,3 +241,29 @@ def test_every_mark_removal_is_recorded(broker):
     audit.mark_path(broker.audit.path).unlink()
     broker.audit.append("c")
     assert [e["event"] for e in broker.audit.entries()] == ["a", "mark-start", "mark-start", "c"]
+
+
+def test_a_whole_store_restored_from_an_older_copy_fails_against_an_anchored_head(broker, capsys):
+    """Log and mark rolled back together pass `audit verify`; the head anchored outside the store does not."""
+    store, log, mark = str(broker.store_dir), broker.audit.path, audit.mark_path(broker.audit.path)
+    broker.audit.append("a")
+    older = log.read_bytes(), mark.read_bytes()
+    broker.audit.append("b")
+    assert main(["broker", "audit", "verify", "--broker-dir", store]) == 0
+    head = capsys.readouterr().out.split("head ")[1].split()[0]
+    assert main(["broker", "audit", "verify", "--broker-dir", store, "--head", head]) == 0
+    out = capsys.readouterr().out
+    assert f"it holds the anchored head {head} (entry 1), so entries 0-1 are the ones anchored; 0 came after it" in out
+    broker.audit.append("c")
+    assert main(["broker", "audit", "budget", "--broker-dir", store, "--head", head]) == 0
+    capsys.readouterr()
+    broker.close()
+    log.write_bytes(older[0]), mark.write_bytes(older[1])
+    assert main(["broker", "audit", "verify", "--broker-dir", store]) == 0  # the mark alone cannot see it
+    capsys.readouterr()
+    for action in ("verify", "budget"):
+        assert main(["broker", "audit", action, "--broker-dir", store, "--head", head]) == 1
+        err = capsys.readouterr().err
+        assert f"FAILED the anchored head: none of its 1 entries has hash {head}" in err and "restore" in err
+    assert main(["broker", "audit", "verify", "--broker-dir", store, "--head", "not-a-hash"]) == 2
+    assert "--head must be the 64 lowercase hex digits" in capsys.readouterr().err
