@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,75 @@ def test_the_adapter_header_is_the_sealed_blob_header():
     for scheme in hpke.Scheme:
         _, public = hpke.generate_keypair(scheme)
         assert seal_blob(b"w", public, scheme=scheme, info=ADAPTER_INFO).startswith(SEALED_BLOB_HEADER)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_evidence_and_owner_keys_that_are_no_regular_file_are_refused_without_reading(tmp_path, capsys, dialogues,
+                                                                                       special):
+    """A FIFO hung `attest verify` and `dataset inspect --owner-key`; /dev/zero was read until memory ran out."""
+    path = "/dev/zero"
+    if special == "fifo":
+        path = "ff"
+        os.mkfifo(path)
+    for flags in (["--snp-report", path], ["--snp-report", path, "--snp-cert", path],
+                  ["--gpu-report", path, "--gpu-certs", path]):
+        refused(capsys, ["attest", "verify", *flags, "--policy", "authenticity"],
+                f"attest verify: {path} is not a regular file")
+    assert main(["seal", "d.jsonl", "--out", "sealed"]) == 0
+    capsys.readouterr()
+    refused(capsys, ["dataset", "inspect", "--owner-key", path, "sealed"], f"owner public key {path} is not a regular "
+            "file", "pass the data owner's owner-signing.pub")
+
+
+def test_a_damaged_registration_is_one_line_in_every_command_that_reads_it(tmp_path, capsys, dialogues):
+    assert main(["seal", "d.jsonl", "--out", "sealed", "--dataset-id", "ds"]) == 0
+    capsys.readouterr()
+    registration = tmp_path / ".medtee/broker/datasets/ds.json"
+    for damage, says in (("[]", "is not a registration"), ("{", "is not valid JSON"), (b"\xff", "is not valid JSON"),
+                         ("directory", "is not a regular file")):
+        registration.unlink() if registration.is_file() else registration.rmdir()
+        if damage == "directory":
+            registration.mkdir()
+        else:
+            registration.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+        for argv in (["broker", "policy", "set", "ds", "simulated"], ["keys", "rotate", "sealed"]):
+            refused(capsys, argv, f"{registration.relative_to(tmp_path)} {says}", "re-register the dataset")
+        assert main(["broker", "audit", "budget"]) == 2  # each readable dataset is still printed
+        assert capsys.readouterr().err.startswith(f"medtee: ds: {registration.relative_to(tmp_path)} {says}")
+
+
+def test_a_missing_owner_key_is_not_replaced_by_a_new_identity(tmp_path, capsys, dialogues):
+    """The new key used to be written beside the old public key, and rotation re-signed datasets with it."""
+    assert main(["seal", "d.jsonl", "--out", "sealed"]) == 0
+    capsys.readouterr()
+    (tmp_path / ".medtee/broker/owner-signing.key").unlink()
+    before = tree(tmp_path)
+    for argv in (["seal", "d.jsonl", "--out", "s2", "--dataset-id", "other"], ["keys", "rotate", "sealed"]):
+        refused(capsys, argv, "owner-signing.key is missing but", "restore it from its backup")
+    assert tree(tmp_path) == before
+    (tmp_path / ".medtee/broker/owner-signing.key").write_text("")
+    (tmp_path / ".medtee/broker/owner-signing.key").chmod(0o600)
+    refused(capsys, ["keys", "rotate", "sealed"], "owner-signing.key is not an unencrypted PEM private key")
+
+
+@pytest.mark.parametrize("flag", ["--nonce-ttl", "--idle-timeout", "--body-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_broker_serve_refuses_a_time_that_is_not_a_positive_finite_number(tmp_path, capsys, flag, value):
+    """NaN passed the `<= 0` check: a broker with --nonce-ttl nan dropped every nonce at its next prune."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["broker", "serve", flag, value, "--broker-dir", "b"])
+    assert stopped.value.code == 2 and f"must be a positive finite number (got {value})" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# a comment only\n", "{}\n"])
+def test_an_empty_policy_file_is_refused(tmp_path, capsys, dialogues, text):
+    """It was stored, and `policy set` applied it: the schema's defaults, a policy nobody wrote."""
+    assert main(["seal", "d.jsonl", "--out", "sealed"]) == 0
+    capsys.readouterr()
+    (tmp_path / "e.yaml").write_text(text)
+    before = tree(tmp_path)
+    refused(capsys, ["broker", "policy", "add", "mine", "e.yaml"], "attestation policy e.yaml: is empty",
+            "medtee broker policy show snp_h200")
+    refused(capsys, ["seal", "d.jsonl", "--out", "s2", "--policy", "e.yaml"], "is empty")
+    assert tree(tmp_path) == before

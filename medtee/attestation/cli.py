@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+MAX_EVIDENCE_FILE_BYTES = 1 << 20  # a report is 1184 bytes, a certificate chain or a GPU report a few KiB
+
 
 def add_parser(subparsers) -> None:
     """Register `attest verify` on an argparse subparsers object."""
@@ -47,7 +49,6 @@ def _hex(value: str, what: str, size: int | None, pad: int | None = None) -> byt
 
 def _load(args: argparse.Namespace):
     from datetime import datetime, timezone
-    from pathlib import Path
 
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -56,6 +57,7 @@ def _load(args: argparse.Namespace):
     from medtee.attestation.nvidia import parse_hex_report, parse_spdm
     from medtee.attestation.policy import resolve_policy
     from medtee.attestation.snp import SnpReport
+    from medtee.files import NotRegularFile, read_regular
 
     policy = resolve_policy(args.policy)
     if not args.snp_report and not args.gpu_report:
@@ -68,7 +70,9 @@ def _load(args: argparse.Namespace):
     def parsed(path: str, parse):
         """parse(the file's bytes); unreadable or malformed input is a ValueError naming the file."""
         try:
-            return parse(Path(path).read_bytes())
+            return parse(read_regular(path, MAX_EVIDENCE_FILE_BYTES))
+        except NotRegularFile as exc:
+            raise ValueError(f"{path} {exc}") from None
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc.strerror}") from None
         except EvidenceFormatError as exc:

@@ -362,6 +362,9 @@ def policy_document(data: bytes, source: str):
                          f"fields") from None
     if not isinstance(doc, DictConfig):
         raise ValueError(f"attestation policy {source}: is a YAML list; write a mapping of policy fields")
+    if not doc:  # the schema's defaults are no policy anyone wrote
+        raise ValueError(f"attestation policy {source}: is empty; write a mapping of policy fields, e.g. start from a "
+                         f"shipped one: medtee broker policy show snp_h200")
     policy_from_mapping(doc, source)
     return doc
 

@@ -7,6 +7,7 @@ Nothing here prints record content.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -41,8 +42,8 @@ def _given(value):
 def _positive(kind: type):
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+        if not (math.isfinite(value) and value > 0):  # NaN passes every comparison; inf never expires
+            raise argparse.ArgumentTypeError(f"must be a positive finite number (got {text})")
         return value
 
     return parse
@@ -179,11 +180,13 @@ def _print_budgets(store: Path) -> int:
         broker = EmbeddedBroker(store)
     except (AuditLogDamaged, StoreError) as e:
         return exits.fail(str(e), exits.REFUSED)
+    unreadable = 0
     for dataset_id in broker.datasets():
         try:
             policy, limit, spent = broker.privacy_spent(dataset_id)
-        except SealedDataError as e:
-            print(f"{dataset_id}: {e}")
+        except SealedDataError as e:  # the others are still printed; the exit status says one is missing
+            exits.say(f"{dataset_id}: {e}")
+            unreadable += 1
             continue
         if limit is None:
             bound = f"policy '{policy}' unreadable"
@@ -193,7 +196,7 @@ def _print_budgets(store: Path) -> int:
         else:
             bound = "no budget"
         print(f"{dataset_id}: {spent.describe()}; {bound} (policy {policy})")
-    return exits.OK
+    return exits.BAD_INPUT if unreadable else exits.OK
 
 
 def _policy_verb(act):

@@ -26,8 +26,8 @@ from medtee.broker.protocol import UnknownDatasetError
 from medtee.crypto import hpke
 from medtee.crypto.hpke import Scheme
 from medtee.crypto.signing import load_or_create_signing_key
-from medtee.files import write_atomic
-from medtee.sealing.manifest import Manifest, SealedDataError, check_dataset_id, data_key_info
+from medtee.files import NotRegularFile, read_regular, write_atomic
+from medtee.sealing.manifest import MAX_MANIFEST_BYTES, Manifest, SealedDataError, check_dataset_id, data_key_info
 
 log = logging.getLogger("medtee.broker")
 
@@ -35,6 +35,7 @@ BROKER_KEY_NAME = "broker"
 LOCK_NAME = "store.lock"
 ROTATING = "rotating"  # the staging directory of a rotation
 PLAN = "plan.json"  # written last into it: the staging is complete
+MAX_REGISTRATION_BYTES = 2 * MAX_MANIFEST_BYTES  # datasets/<id>.json: a manifest (indented), a policy name
 LOCK_WAIT_S = 30.0  # how long opening a store waits for a rotation to end
 
 
@@ -128,14 +129,22 @@ def write_registration(path: Path, manifest: Manifest, policy: str) -> None:
 def read_registration(store_dir: Path, dataset_id: str) -> tuple[Manifest, str]:
     """(manifest, policy name) of a registered dataset; UnknownDatasetError when it is not registered."""
     path = registration_path(store_dir, dataset_id)
+    fix = "restore it or re-register the dataset (seal it again against this broker)"
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_regular(path, MAX_REGISTRATION_BYTES).decode("utf-8"))
     except FileNotFoundError:
         fix = "seal it against this broker"
         raise UnknownDatasetError(f"dataset {dataset_id} is not registered with the broker at {store_dir}; {fix}",
                                   public=f"dataset {dataset_id} is not registered with this broker; {fix}") from None
-    except ValueError:
-        raise SealedDataError(f"{path} is not valid JSON; restore it or re-register the dataset") from None
+    except NotRegularFile as e:
+        raise SealedDataError(f"{path} {e}; {fix}") from None
+    except OSError as e:
+        raise SealedDataError(f"cannot read {path} ({e.strerror or type(e).__name__}); {fix}") from None
+    except (ValueError, RecursionError):  # not UTF-8, not JSON
+        raise SealedDataError(f"{path} is not valid JSON; {fix}") from None
+    if not (isinstance(doc, dict) and isinstance(doc.get("manifest"), dict) and isinstance(doc.get("policy"), str)):
+        raise SealedDataError(f"{path} is not a registration (a JSON object with a manifest object and a policy "
+                              f"name); {fix}")
     return Manifest.from_json(json.dumps(doc["manifest"]), source=str(path)), doc["policy"]
 
 
