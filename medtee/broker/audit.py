@@ -274,8 +274,8 @@ class AuditLog:
                 mark = _read_mark(self.path)
                 if behind := _behind_mark(f, self.path, mark):  # before an unfinished line is cut: not the marked one
                     raise AuditLogDamaged(behind)
+                self._catch_up(f)  # the complete lines first: a log refused for them is left as it is
                 _drop_unfinished(f, self.path)
-                self._catch_up(f)
                 if mark is None:
                     self._start_mark(f)
                 checked = f.seek(0, os.SEEK_END)
@@ -328,7 +328,7 @@ class AuditLog:
         self._unmarked = None
 
     def _catch_up(self, f) -> None:
-        """Feed `index` the entries of `f` (every line complete) it has not seen, from the start if the log changed
+        """Feed `index` the entries of `f` (its complete lines) it has not seen, from the start if the log changed
         under what it holds. Each entry must follow the one before it (seq and prev) and hash to its own `hash`, or
         AuditLogDamaged."""
         if self.index is None:
@@ -341,6 +341,8 @@ class AuditLog:
             offset, last, seq = self._read = 0, None, -1
         f.seek(offset)
         for line in f:
+            if not line.endswith(b"\n"):  # an unfinished last line: not an entry (`_drop_unfinished` cuts it)
+                break
             if line.strip():
                 entry = _line_entry(line)
                 if entry is None:

@@ -166,6 +166,20 @@ def test_an_unfinished_last_entry_is_dropped_at_the_next_append(sealed, broker, 
     assert [json.loads(line)["event"] for line in log.read_text().splitlines()] == ["register", "release"]
 
 
+def test_a_log_refused_for_a_bad_line_keeps_its_unfinished_tail_too(sealed, broker):
+    """Garbage appended (lines, then a tail without newline): the tail used to be cut before the bad line refused
+    the append, so a refused command still rewrote the log it refused."""
+    from medtee.broker.audit import AuditLogDamaged
+
+    _, manifest, _, _ = sealed
+    log = broker.store_dir / "audit.log"
+    log.write_bytes(log.read_bytes() + b"not an entry\n" + b"unfinished tail")
+    before = log.read_bytes()
+    with pytest.raises(AuditLogDamaged, match="is not an audit entry"):
+        release_request(broker, manifest)
+    assert log.read_bytes() == before
+
+
 @pytest.mark.parametrize("damage", ["middle", "last"])
 @pytest.mark.parametrize("line", ["not json", "[" * 200_000 + "]" * 200_000])  # the second: past the parser's depth
 def test_a_damaged_complete_line_stops_appends_naming_the_fix(sealed, broker, damage, line):
