@@ -87,13 +87,31 @@ def _is_marked(entry: dict | None, mark: dict) -> bool:
 
 
 def _complete_end(f) -> int:
-    """The size of `f` without an unfinished last line."""
+    """The size of `f` without an unfinished last line (a whole entry that lost only its newline counts)."""
     f.seek(0, os.SEEK_END)
     size = f.tell()
     if size == 0:
         return 0
     f.seek(size - 1)
-    return size if f.read(1) == b"\n" else size - len(_tail(f, size))
+    if f.read(1) == b"\n":
+        return size
+    keep = size - len(_tail(f, size))
+    return size if _whole_tail(f, keep, size) else keep
+
+
+def _whole_tail(f, keep: int, end: int) -> bool:
+    """Whether the bytes of `f` from `keep` to `end` (after its last newline) are a whole entry that follows the line
+    before them: one that lost only its newline (an editor, a copy), not a torn append (a strict prefix of an
+    entry's JSON object is never a JSON object)."""
+    f.seek(keep)
+    entry = _line_entry(f.read(end - keep))
+    if entry is None or _entry_hash(entry) != entry.get("hash"):
+        return False
+    before = _line_entry(_tail(f, keep - 1)) if keep else None
+    if keep and before is None:
+        return False
+    return (entry.get("seq") == (before["seq"] + 1 if before else 0)
+            and entry.get("prev") == (before.get("hash") if before else GENESIS))
 
 
 def _holds(f, mark: dict, complete: int) -> bool:
@@ -162,20 +180,31 @@ def _entries(f, path: Path) -> Iterator[dict]:
                                       f"restore the log from a copy before the broker records more") from None
 
 
-def _drop_unfinished(f, path: Path) -> None:
-    """Cut a last line that lacks its newline (an append that did not finish) off the end of `f`."""
+def _drop_unfinished(f, path: Path) -> bool:
+    """Cut a last line that lacks its newline (an append that did not finish) off the end of `f`; a whole entry that
+    lost only its newline gets it back instead (True)."""
     f.seek(0, os.SEEK_END)
     end = f.tell()
     if end == 0:
-        return
+        return False
     f.seek(end - 1)
     if f.read(1) == b"\n":
-        return
+        return False
     keep = end - len(_tail(f, end))
-    f.truncate(keep)
+    restored = _whole_tail(f, keep, end)
+    if restored:
+        f.seek(0, os.SEEK_END)
+        f.write(b"\n")
+    else:
+        f.truncate(keep)
     f.flush()
     os.fsync(f.fileno())
-    _log.warning("%s: dropped an unfinished last entry (%d bytes, an append that did not complete)", path, end - keep)
+    if restored:
+        _log.warning("%s: the last entry had lost its newline; it was put back", path)
+    else:
+        _log.warning("%s: dropped an unfinished last entry (%d bytes, an append that did not complete)", path,
+                     end - keep)
+    return restored
 
 
 def _tail(f, end: int) -> bytes:
@@ -275,7 +304,8 @@ class AuditLog:
                 if behind := _behind_mark(f, self.path, mark):  # before an unfinished line is cut: not the marked one
                     raise AuditLogDamaged(behind)
                 self._catch_up(f)  # the complete lines first: a log refused for them is left as it is
-                _drop_unfinished(f, self.path)
+                if _drop_unfinished(f, self.path):
+                    self._catch_up(f)  # the entry whose newline was put back
                 if mark is None:
                     self._start_mark(f)
                 checked = f.seek(0, os.SEEK_END)
@@ -441,8 +471,12 @@ def _verify(path: Path, f, visit: Callable[[dict], None] | None) -> AuditReport:
     prev, n, unfinished = GENESIS, 0, 0
     for lineno, line in enumerate(f, 1):
         if not line.endswith(b"\n"):  # only the last line can lack it
-            unfinished = len(line)
-            break
+            end = f.seek(0, os.SEEK_END)
+            whole = _whole_tail(f, end - len(line), end)  # an entry that lost only its newline: counted
+            f.seek(end)  # where the iteration was
+            if not whole:
+                unfinished = len(line)
+                break
         try:
             entry = json.loads(line)
             ok_shape = isinstance(entry, dict) and {"seq", "prev", "hash"} <= entry.keys()

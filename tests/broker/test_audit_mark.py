@@ -82,17 +82,18 @@ def test_a_line_forged_at_the_marks_offset_is_refused(budgeted):
         EmbeddedBroker(broker.store_dir).audit.append("x")
 
 
-def test_a_lost_final_newline_is_refused_without_cutting_the_marked_entry(broker):
+def test_a_lost_final_newline_keeps_the_marked_entry_and_a_torn_one_is_refused(broker):
     broker.audit.append("a")
     broker.audit.append("b")
     log = broker.audit.path
-    log.write_bytes(log.read_bytes()[:-1])  # an editor that strips the final newline
-    cut = log.read_bytes()
-    with pytest.raises(AuditLogDamaged, match="does not hold entry 1"):
-        broker.audit.append("c")
-    assert log.read_bytes() == cut  # the broker removed nothing
-    log.write_bytes(cut + b"\n")
-    assert broker.audit.append("c")["seq"] == 2
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-1])  # an editor that strips the final newline: the entry is whole, and kept
+    assert broker.audit.append("c")["seq"] == 2 and log.read_bytes().startswith(whole)
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-2])  # the marked entry torn: not a whole entry, so not taken for one
+    with pytest.raises(AuditLogDamaged, match="does not hold entry 2"):
+        broker.audit.append("d")
+    assert log.read_bytes() == whole[:-2]  # the broker removed nothing
 
 
 def test_a_log_rewritten_with_other_spacing_still_holds_its_mark(broker, capsys):

@@ -236,3 +236,24 @@ def test_edited_policy_file_takes_effect_without_restart(sealed, broker, tmp_pat
     (conf / "attestation" / "simulated.yaml").write_text(original.replace("allow_simulated: true", "allow_simulated: false"))
     with pytest.raises(KeyReleaseDenied):
         release_request(broker, manifest)
+
+
+def test_a_last_entry_that_lost_only_its_newline_is_kept(sealed, broker, caplog, capsys):
+    """`truncate -s -1 audit.log` (an editor, a copy): the entry is whole, so it counts and gets its newline back;
+    it used to be taken for an unfinished append, refused by the mark, and dropped once the mark was removed."""
+    from medtee.cli import main
+
+    _, manifest, _, key = sealed
+    assert release_request(broker, manifest) == key
+    log = broker.store_dir / "audit.log"
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-1])
+    report = audit.verify(log)
+    assert report.ok and report.entries == 2 and not report.unfinished
+    assert main(["broker", "audit", "verify", "--broker-dir", str(broker.store_dir)]) == 0
+    assert "audit log OK: 2 entries" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="medtee.broker.audit"):
+        assert release_request(broker, manifest) == key
+    assert "the last entry had lost its newline; it was put back" in caplog.text
+    assert log.read_bytes().startswith(whole)
+    assert [e["event"] for e in map(json.loads, log.read_text().splitlines())] == ["register", "release", "release"]
