@@ -197,6 +197,11 @@ def _recipes(args: argparse.Namespace) -> int:
         except config.ConfigError as exc:
             return exits.fail(str(exc))
         return exits.OK
+    if args.name:
+        try:
+            config.recipe_file(args.name)
+        except config.ConfigError as exc:  # no such recipe: bad input, not a report line
+            return exits.fail(str(exc))
     names = [args.name] if args.name else config.recipe_names()
     failed = 0
     for name in names:
@@ -264,8 +269,11 @@ def _adapter_open(args: argparse.Namespace) -> int:
     if key.is_dir():
         return exits.fail(f"--key {key} is a directory; name the private key file in it (NAME.key from "
                           f"`medtee keys new`)")
-    if not key.is_file():
+    if not key.exists():
         return exits.fail(f"--key {key}: no such file")
+    if not key.is_file():
+        return exits.fail(f"--key {key} is not a regular file (a FIFO or device); name the private key file (NAME.key "
+                          f"from `medtee keys new`)")
     problem = adapter_file_problem(encrypted) or out_dir_problem(out)
     if problem:
         return exits.fail(problem)

@@ -93,6 +93,9 @@ def test_recipes_validate_names_a_digest_command_that_runs(capsys):
     assert main(["recipes", "validate", "medgemma27b_h200_sev_snp"]) == 0
     assert ("`medtee recipes digest recipe=medgemma27b_h200_sev_snp model.revision=COMMIT "
             "output.recipient=PATH/NAME.pub` (it hashes the weights)") in capsys.readouterr().out
+    assert main(["recipes", "validate", "nosuch"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("medtee: no recipe named 'nosuch'. Valid recipes: demo,")
 
 
 def test_a_weight_file_that_is_a_fifo_is_one_line_not_a_traceback(tmp_path, capsys):

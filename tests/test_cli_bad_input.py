@@ -375,7 +375,7 @@ def test_a_missing_owner_key_is_not_replaced_by_a_new_identity(tmp_path, capsys,
     for argv in (["seal", "d.jsonl", "--out", "s2", "--dataset-id", "other"], ["keys", "rotate", "sealed"]):
         refused(capsys, argv, "owner-signing.key is missing but", "restore it from its backup")
     assert tree(tmp_path) == before
-    (tmp_path / ".medtee/broker/owner-signing.key").write_text("")
+    (tmp_path / ".medtee/broker/owner-signing.key").write_text("")  # damaged
     (tmp_path / ".medtee/broker/owner-signing.key").chmod(0o600)
     refused(capsys, ["keys", "rotate", "sealed"], "owner-signing.key is not an unencrypted PEM private key")
 
@@ -401,3 +401,23 @@ def test_an_empty_policy_file_is_refused(tmp_path, capsys, dialogues, text):
             "medtee broker policy show snp_h200")
     refused(capsys, ["seal", "d.jsonl", "--out", "s2", "--policy", "e.yaml"], "is empty")
     assert tree(tmp_path) == before
+
+
+def test_a_missing_broker_key_beside_its_public_key_is_named(tmp_path, capsys, dialogues):
+    assert main(["seal", "d.jsonl", "--out", "sealed"]) == 0
+    capsys.readouterr()
+    (tmp_path / ".medtee/broker/broker.key").unlink()
+    before = tree(tmp_path)
+    refused(capsys, ["seal", "d.jsonl", "--out", "s2", "--dataset-id", "other"], "broker.key is missing but",
+            "restore it from its backup", code=1)
+    assert tree(tmp_path) == before
+
+
+def test_a_key_that_is_no_file_and_an_out_that_is_a_dangling_link_are_named(tmp_path, capsys):
+    os.mkfifo("ff")
+    (tmp_path / "x.enc").write_bytes(b"")
+    for key in ("ff", "/dev/zero"):
+        refused(capsys, ["adapter", "open", "x.enc", "--key", key, "--out", "o"], f"--key {key} is not a regular file")
+    (tmp_path / "dang").symlink_to(tmp_path / "nowhere" / "x")
+    refused(capsys, ["keys", "new", "--out", "dang", "--name", "k"], "--out dang is a link to nothing")
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "o").exists()

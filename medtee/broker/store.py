@@ -112,6 +112,11 @@ def hold(store_dir: Path, scheme: Scheme):
             continue
         with exclusive:
             recover(store_dir)
+            public = store_dir / f"{BROKER_KEY_NAME}.pub"
+            if not key.exists() and os.path.lexists(public):
+                raise StoreError(f"{key} is missing but {public} is there: the broker's private key was moved or "
+                                 f"deleted; restore it from its backup (without it no data key sealed to this store "
+                                 f"can be released, and a new key would not open them)")
             if not key.exists():
                 hpke.write_keypair(store_dir, BROKER_KEY_NAME, scheme)
 

@@ -44,6 +44,9 @@ def dir_problem(flag: str, path: Path | str, fix: str = "name a directory (it is
         if p.exists() and not p.is_dir():
             what = "is a file" if p == path else f"is inside {p}, which is a file"
             return f"{flag} {path} {what}; {fix}"
+        if p.is_symlink() and not p.exists():
+            what = "is a link to nothing" if p == path else f"is inside {p}, a link to nothing"
+            return f"{flag} {path} {what}; {fix}"
     return None
 
 
