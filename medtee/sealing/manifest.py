@@ -184,14 +184,20 @@ class Manifest:
         unknown = sorted(doc.keys() - names)
         if unknown:
             raise SealedDataError(f"{source}: unknown field(s) {', '.join(unknown)}; the manifest was altered or is from a newer medtee")
+        field = ""
         try:
-            for k in ("wrapped_data_key", "owner_public_key", "signature"):
-                doc[k] = base64.b64decode(doc[k], validate=True)
+            for field in ("wrapped_data_key", "owner_public_key", "signature"):
+                doc[field] = base64.b64decode(doc[field], validate=True)
+            field = "shards"  # a list of shard objects
+            if not isinstance(doc["shards"], list):
+                raise TypeError
             shards = tuple(ShardInfo(**s) for s in doc["shards"])
+            field = "canaries"
             if doc.get("canaries") is not None:
                 doc["canaries"] = CanaryInfo(**doc["canaries"])
         except (TypeError, ValueError) as e:
-            raise SealedDataError(f"{source}: malformed field ({type(e).__name__}); the manifest was altered") from None
+            raise SealedDataError(f"{source}: malformed field {field} ({type(e).__name__}); the manifest was "
+                                  f"altered") from None
         doc["shards"] = shards
         m = cls(**doc)
         _check_types(m, source)

@@ -131,3 +131,12 @@ def test_bad_tokenizer_and_control_tokens_are_refused(tmp_path, broker, monkeypa
         seal_records([forged], tmp_path / "ds", broker=broker, policy="simulated", tokenizer="demo")
     assert "PHI-marker" not in str(caught.value)
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.sealing-*"))
+
+
+@pytest.mark.parametrize("field, value", [("shards", "x"), ("shards", ["x"]), ("signature", 5),
+                                          ("canaries", [1])])
+def test_a_malformed_manifest_field_is_named(sealed, field, value):
+    _, manifest, *_ = sealed
+    doc = {**json.loads(manifest.to_json()), field: value}
+    with pytest.raises(SealedDataError, match=f"malformed field {field} "):
+        Manifest.from_json(json.dumps(doc))
