@@ -148,6 +148,20 @@ class _Lines:
         return raw.decode("utf-8", "surrogateescape")
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object with a key twice (json.loads would keep the last silently); args[0]: the key when it is a field
+    of the chat schema, else None (another key could be data)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key if key in ("id", "messages", "role", "content", "type", "text") else None)
+        obj[key] = value
+    return obj
+
+
 def read_jsonl(path: Path | str) -> Iterator[Located]:
     """Records of a chat JSONL file (blank lines skipped; extra fields dropped), each with its `file:line`."""
     path = Path(path)
@@ -158,7 +172,11 @@ def read_jsonl(path: Path | str) -> Iterator[Located]:
                 continue
             where = f"{path}:{lines.number}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as e:
+                field = f"field '{e.args[0]}'" if e.args[0] else "a key"
+                raise InputError(f"{where}: a JSON object holds {field} twice, so which value is meant is ambiguous; "
+                                 f"keep one") from None
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
             except RecursionError:

@@ -83,6 +83,19 @@ def test_json_too_deep_or_with_a_huge_number_names_file_and_line(tmp_path):
     assert _left(tmp_path, "deep.jsonl", "num.jsonl") == []
 
 
+@pytest.mark.parametrize("line, named", [
+    ('{"id": "a", "id": "b", "messages": []}', "field 'id'"),
+    ('{"id": "a", "messages": [{"role": "user", "content": "PHI-marker x", "content": "PHI-marker y"}]}',
+     "field 'content'"),
+    ('{"id": "a", "PHI-marker key": 1, "PHI-marker key": 2, "messages": []}', "a key"),  # never quoted: could be data
+])
+def test_a_key_given_twice_in_one_object_is_refused(tmp_path, line, named):
+    """json.loads keeps the last value silently: which turn text, or which id, was meant is ambiguous."""
+    _jsonl(tmp_path / "in.jsonl", _line(rec_id="ok"), line)
+    _refused(_cli(tmp_path, "seal", "in.jsonl", "--out", "ds"), f"in.jsonl:2: a JSON object holds {named} twice")
+    assert _left(tmp_path, "in.jsonl") == []
+
+
 def test_duplicate_ids_name_both_lines_not_the_id(tmp_path):
     _jsonl(tmp_path / "in.jsonl", _line(), "", _line(rec_id="other"), _line())
     _refused(_cli(tmp_path, "seal", "in.jsonl", "--out", "ds"),
