@@ -107,11 +107,11 @@ def _whole_tail(f, keep: int, end: int) -> bool:
     entry = _line_entry(f.read(end - keep))
     if entry is None or _entry_hash(entry) != entry.get("hash"):
         return False
-    before = _line_entry(_tail(f, keep - 1)) if keep else None
-    if keep and before is None:
-        return False
-    return (entry.get("seq") == (before["seq"] + 1 if before else 0)
-            and entry.get("prev") == (before.get("hash") if before else GENESIS))
+    if not keep:
+        return entry.get("seq") == 0 and entry.get("prev") == GENESIS
+    before = _line_entry(_tail(f, keep - 1))
+    return (before is not None and type(before.get("seq")) is int and entry.get("seq") == before["seq"] + 1
+            and entry.get("prev") == before.get("hash"))
 
 
 def _holds(f, mark: dict, complete: int) -> bool:

@@ -257,3 +257,16 @@ def test_a_last_entry_that_lost_only_its_newline_is_kept(sealed, broker, caplog,
     assert "the last entry had lost its newline; it was put back" in caplog.text
     assert log.read_bytes().startswith(whole)
     assert [e["event"] for e in map(json.loads, log.read_text().splitlines())] == ["register", "release", "release"]
+
+
+@pytest.mark.parametrize("before", [b'{"not": "an entry"}\n', b'{"seq": "1", "hash": "x"}\n', b"[]\n", b"\n"])
+def test_a_whole_looking_tail_after_a_line_that_is_no_entry_is_not_taken_for_one(broker, before):
+    from medtee.broker.audit import AuditLogDamaged
+
+    broker.audit.append("a")
+    log = broker.audit.path
+    tail = json.dumps(audit._new_entry(json.loads(log.read_bytes().splitlines()[-1]), "b", {}), sort_keys=True)
+    log.write_bytes(log.read_bytes() + before + tail.encode())
+    assert not audit.verify(log).ok
+    with pytest.raises(AuditLogDamaged):
+        broker.audit.append("c")
