@@ -301,8 +301,10 @@ def _files(statement: dict, files: Sequence[Path | str]) -> list[ReceiptCheck]:
 
 
 def _dataset(predicate: dict, directory: Path | str) -> ReceiptCheck:
-    """Whether the sealed dataset at `directory` has the manifest the key was released for."""
+    """Whether the sealed dataset at `directory` has the manifest the key was released for, and the shards (and
+    canary file) that manifest lists, each of its size and SHA-256, and no other file."""
     from medtee.sealing.manifest import Manifest
+    from medtee.sealing.reader import open_dataset
 
     try:
         manifest = Manifest.load(directory)
@@ -313,8 +315,12 @@ def _dataset(predicate: dict, directory: Path | str) -> ReceiptCheck:
     if actual != claimed:
         return ReceiptCheck("dataset", False, f"{directory} is dataset '{actual[0]}' (manifest {actual[1][:16]}...); "
                                               f"the key was released for '{claimed[0]}' (manifest {claimed[1][:16]}...)")
+    try:
+        open_dataset(directory)
+    except ValueError as exc:  # SealedDataError: the shard missing, extra, altered or swapped
+        return ReceiptCheck("dataset", False, f"{directory} has the manifest the key was released for, but {exc}")
     return ReceiptCheck("dataset", True, f"{directory} is dataset '{actual[0]}' with the manifest the key was released "
-                                         f"for ({actual[1][:16]}...)")
+                                         f"for ({actual[1][:16]}...) and every shard it lists")
 
 
 def _broker_log(predicate: dict, evidence: Evidence, receipt_key: bytes, path: Path | str,

@@ -130,6 +130,33 @@ def test_the_dataset_given_must_have_the_manifest_the_receipt_names(run, sealed,
     assert "--dataset" in err and "is not a sealed dataset" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("change", ["only the manifest", "a shard altered", "a file added"])
+def test_the_dataset_given_must_hold_the_shards_its_manifest_lists(run, sealed, capsys, tmp_path, change):
+    """The right manifest.json beside missing, altered or extra files is not the dataset the key was released for."""
+    import shutil
+
+    directory, manifest, _, _ = sealed
+    statement = copy.deepcopy(run.statement)
+    statement["predicate"]["dataset"]["manifest_digest"] = manifest.digest()
+    genuine = run.dir / "genuine.dsse.json"
+    genuine.write_text(json.dumps(run.signer.sign(statement)))
+    shard = directory / manifest.shards[0].name
+    if change == "only the manifest":
+        (directory := tmp_path / "copy").mkdir()
+        shutil.copy(sealed[0] / "manifest.json", directory)
+    elif change == "a shard altered":
+        data = bytearray(shard.read_bytes())
+        data[100] ^= 1
+        shard.write_bytes(bytes(data))
+    else:
+        (directory / "extra.parquet").write_bytes(shard.read_bytes())
+    assert main(["receipt", "verify", str(genuine), "--dataset", str(directory), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    failed = [c for c in doc["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["dataset"] and "has the manifest the key was released for, but" in \
+        failed[0]["reason"]
+
+
 def test_the_output_says_when_the_run_failed(run, capsys):
     """A failed run's receipt verifies (it is genuine), and its outputs with it: the output must say it failed."""
     from medtee.attestation import Evidence
