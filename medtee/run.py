@@ -674,7 +674,7 @@ def _generate(cfg, session: Session) -> int:
     import secrets
 
     from medtee.evaluation import compare, packet
-    from medtee.evaluation.ratings import make_blinding, seal_blinding
+    from medtee.evaluation.ratings import make_blinding, seal_blinding, study_item_ids
 
     e = cfg.evaluation
     tokenizer, held_out, model, device = _held_out_and_adapter(cfg, session)
@@ -683,7 +683,7 @@ def _generate(cfg, session: Session) -> int:
     answers = {side: compare.generate(model, replies, eos_id=tokenizer.convert_tokens_to_ids("<end_of_turn>"),
                                       pad_id=tokenizer.pad_token_id, device=device, base=side == "base", cfg=e)
                for side in ("base", "tuned")}
-    ids = [f"item-{i:04d}" for i in range(len(replies))]
+    ids = study_item_ids(len(replies))
     blinding = make_blinding(ids, secrets.randbits(128))
     items = [{"item_id": item, "context": compare.readable(tokenizer, reply.prompt),
               "answers": {label: tokenizer.decode(answers[blinding[item][label]][i], skip_special_tokens=True)

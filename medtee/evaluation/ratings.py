@@ -29,6 +29,7 @@ import io
 import json
 import random
 import re
+import secrets
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,13 @@ def _check_blinding(blinding: Blinding) -> None:
             raise ValueError(f"blinding entry {number}: its item_id must be {_ID_RULE}")
         if not (isinstance(labels, dict) and set(labels) == set(LABELS) and set(labels.values()) == set(MODELS)):
             raise ValueError(f"blinding entry {number}: must map A and B to 'base' and 'tuned', one each")
+
+
+def study_item_ids(count: int) -> list[str]:
+    """`count` item_ids for one study, `item-<8 random hex digits>-NNNN`: another study's ratings or blinding, even of
+    as many items, shares none, so a mix-up is refused instead of unblinding with the wrong assignment."""
+    study = secrets.token_hex(4)
+    return [f"item-{study}-{i:04d}" for i in range(count)]
 
 
 def make_blinding(item_ids: Iterable[str], seed: int) -> Blinding:

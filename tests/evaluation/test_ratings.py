@@ -12,7 +12,7 @@ from .conftest import CANARY, HEADER, study_rows, write_csv
 from medtee.crypto.blob import seal_blob
 from medtee.crypto.hpke import KeyWrapError, load_public_key
 from medtee.evaluation.ratings import (BLINDING_INFO, RatingsFile, make_blinding, open_blinding, read_ratings,
-                                       seal_blinding, summarize)
+                                       seal_blinding, study_item_ids, summarize)
 from medtee.evaluation.stats import krippendorff_alpha
 
 #: 2 raters x 3 items x 2 answers; the blinding below: i1 A=base, i2 A=tuned, i3 A=base.
@@ -155,6 +155,19 @@ def test_one_item_is_too_few_for_an_interval_whatever_the_minimum(tmp_path):
     ratings = RatingsFile.load(write_csv(tmp_path / "r.csv", [r for r in SMALL if ",i1," in r]))
     with pytest.raises(ValueError, match=r"1 item\(s\) rated; aggregates need at least 2 "):
         summarize(ratings, {"i1": SMALL_BLINDING["i1"]}, min_items=1)
+
+
+def test_the_ratings_of_one_study_do_not_unblind_with_another_studys_blinding(tmp_path):
+    """Two `medtee generate` runs of as many items: the second run's blinding must refuse the first study's ratings,
+    never summarise them under another assignment."""
+    first, second = study_item_ids(3), study_item_ids(3)
+    assert not set(first) & set(second) and all(len(i) <= 64 for i in first)
+    rows = [row.replace(f",{old},", f",{new},") for row in SMALL for old, new in zip(("i1", "i2", "i3"), first)
+            if f",{old}," in row]
+    ratings = RatingsFile.load(write_csv(tmp_path / "r.csv", rows))
+    assert summarize(ratings, make_blinding(first, seed=1), resamples=1000, min_items=3)["n_items"] == 3
+    with pytest.raises(ValueError, match="line 2: its item_id is not in the blinding"):
+        summarize(ratings, make_blinding(second, seed=1), resamples=1000, min_items=3)
 
 
 def test_blinding_is_seeded_and_balanced_per_item():
