@@ -56,8 +56,9 @@ def _check_items(items) -> None:
 
 
 def write_for_raters(items: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """On the study owner's machine: the items for the raters (items.json) and an empty ratings sheet
-    (ratings_template.csv, one row per item and label, in the format `medtee eval ratings` reads)."""
+    """On the study owner's machine: the items for the raters (items.json, patient text: readable by its owner only)
+    and an empty ratings sheet (ratings_template.csv, one row per item and label, in the format `medtee eval ratings`
+    reads)."""
     import csv
     import io
 
@@ -69,6 +70,6 @@ def write_for_raters(items: list[dict], out_dir: Path) -> tuple[Path, Path]:
         for label in ("A", "B"):
             writer.writerow(["", item["item_id"], label, "", "", "", "", ""])
     items_path, sheet_path = out_dir / "items.json", out_dir / "ratings_template.csv"
-    write_atomic(items_path, json.dumps(items, indent=2, ensure_ascii=False).encode())
+    write_atomic(items_path, json.dumps(items, indent=2, ensure_ascii=False).encode(), mode=0o600)  # patient text
     write_atomic(sheet_path, sheet.getvalue().encode())
     return items_path, sheet_path

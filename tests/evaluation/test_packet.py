@@ -24,6 +24,7 @@ def test_a_packet_opens_and_gives_the_raters_files(tmp_path, study_keys, capsys)
     code = main(["eval", "packet", str(tmp_path / "p.sealed"), "--key", str(study_keys["private"]),
                  "--out", str(tmp_path / "study")])
     assert code == exits.OK and CANARY not in capsys.readouterr().out
+    assert (tmp_path / "study" / "items.json").stat().st_mode & 0o777 == 0o600  # patient text: not for other users
     assert (tmp_path / "study" / "ratings_template.csv").read_text().splitlines()[1:] == [",item-0000,A,,,,,",
                                                                                           ",item-0000,B,,,,,"]
 
