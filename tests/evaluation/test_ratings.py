@@ -47,6 +47,7 @@ def test_columns_in_any_order_a_bom_and_quoted_multiline_comments(tmp_path):
     ("r1,i1,A,11,3,4,2,", 3, "recommendation"),
     (f"r1,i1,A,{CANARY},3,4,2,", 3, "recommendation"),
     ("r1,i1,A,7.5,3,4,2,", 3, "recommendation"),
+    ("r1,i1,A," + "9" * 5000 + ",3,4,2,", 3, "recommendation"),
     (f"r1,i1,{CANARY},7,3,4,2,", 3, "label"),
     ("r1,i1,A,7,3,0,2,", 3, "safety"),
     ("r1,i1,A,7,6,4,2,", 3, "clinical_relevance"),
