@@ -198,6 +198,8 @@ def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval",
 
 def _alpha_ci(values: np.ndarray, counts: np.ndarray, level: str, seed: int, resamples: int) -> dict:
     """Alpha of units x values `counts` and its percentile bootstrap interval over units (rows)."""
+    if len(counts) < 2:  # a single unit's alpha is 0 whatever its values, and resampling it varies nothing
+        raise ValueError("only one unit has values from two raters; alpha and its interval need at least two")
     point = _alpha_of_counts(values, counts, level)
 
     def statistic(units: np.ndarray) -> float:

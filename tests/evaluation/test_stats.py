@@ -104,6 +104,12 @@ def test_alpha_refuses_what_it_cannot_measure(data, level, words):
         krippendorff_alpha(data, level)
 
 
+def test_alpha_ci_of_a_single_pairable_unit_is_refused_by_name():
+    for call in (lambda: alpha_ci([[3, 5], [4, N]], resamples=100), lambda: alpha_ci_of_units([[3, 4], [5]])):
+        with pytest.raises(ValueError, match="only one unit has values from two raters"):
+            call()
+
+
 def test_alpha_ci_is_seeded_and_contains_alpha():
     a = alpha_ci(KRIPPENDORFF_2011_C, "interval", seed=3, resamples=2000)
     assert a == alpha_ci(KRIPPENDORFF_2011_C, "interval", seed=3, resamples=2000)
