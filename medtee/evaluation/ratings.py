@@ -252,15 +252,18 @@ def _preference(items: dict[str, dict[str, list[Rating]]]) -> dict:
 
 
 def _agreement(unblinded: list[tuple[str, Rating]], seed: int, resamples: int) -> dict:
-    """Krippendorff's alpha of the recommendation, units = answers (item, label), per level; None if undefined."""
+    """Krippendorff's alpha of the recommendation, units = answers (item, label), per level, its interval
+    resampling items (an item's two answers share a context and its raters, so they are drawn together); None if
+    undefined."""
     by_unit: dict[tuple[str, str], list[int]] = defaultdict(list)
     for _, r in unblinded:  # one value per rater: a repeated (rater, item, label) was refused on reading
         by_unit[(r.item_id, r.label)].append(r.recommendation)
-    units = [by_unit[u] for u in sorted(by_unit)]
+    keys = sorted(by_unit)
+    units, items = [by_unit[u] for u in keys], [item for item, _ in keys]
     out = {}
     for level in ("interval", "ordinal"):
         try:
-            out[level] = alpha_ci_of_units(units, level, seed=seed, resamples=resamples)
+            out[level] = alpha_ci_of_units(units, level, clusters=items, seed=seed, resamples=resamples)
         except ValueError:  # fewer than two raters on every answer, or no variation at all
             out[level] = None
     return out

@@ -178,12 +178,16 @@ def alpha_ci(reliability_data, level: str = "interval", *, seed: int = 0, resamp
     return _alpha_ci(*_value_counts(data), level, seed, resamples)
 
 
-def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval", *, seed: int = 0,
-                      resamples: int = 10_000) -> dict:
+def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval", *, clusters: Sequence | None = None,
+                      seed: int = 0, resamples: int = 10_000) -> dict:
     """`alpha_ci` from the values each unit received, one per rater (alpha does not depend on which rater gave
-    which): memory grows with units x distinct values, not with units x raters."""
+    which): memory grows with units x distinct values, not with units x raters. `clusters`, one label per unit,
+    makes the bootstrap draw whole clusters (units that are not independent, e.g. two answers to one question)."""
     _check_level(level)
     _check_resamples(resamples)
+    if clusters is not None and len(clusters) != len(units):
+        raise ValueError(f"clusters has {len(clusters)} labels for {len(units)} units; give one label per unit")
+    labels = [c for unit, c in zip(units, clusters or [None] * len(units)) if len(unit) >= 2]
     pairable = [np.asarray(unit, dtype=float) for unit in units if len(unit) >= 2]
     if not pairable:
         raise ValueError(_UNPAIRABLE)
@@ -193,22 +197,34 @@ def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval",
     values, column = np.unique(flat, return_inverse=True)
     counts = np.zeros((len(pairable), len(values)))
     np.add.at(counts, (np.repeat(np.arange(len(pairable)), [len(u) for u in pairable]), column), 1.0)
-    return _alpha_ci(values, counts, level, seed, resamples)
+    groups = None
+    if clusters is not None:
+        index: dict = {}
+        for row, label in enumerate(labels):
+            index.setdefault(label, []).append(row)
+        groups = [np.asarray(rows) for rows in index.values()]
+    return _alpha_ci(values, counts, level, seed, resamples, groups)
 
 
-def _alpha_ci(values: np.ndarray, counts: np.ndarray, level: str, seed: int, resamples: int) -> dict:
-    """Alpha of units x values `counts` and its percentile bootstrap interval over units (rows)."""
+def _alpha_ci(values: np.ndarray, counts: np.ndarray, level: str, seed: int, resamples: int,
+              groups: list[np.ndarray] | None = None) -> dict:
+    """Alpha of units x values `counts` and its percentile bootstrap interval over units (rows), or over `groups`
+    of rows drawn whole."""
     if len(counts) < 2:  # a single unit's alpha is 0 whatever its values, and resampling it varies nothing
         raise ValueError("only one unit has values from two raters; alpha and its interval need at least two")
+    if groups is not None and len(groups) < 2:  # resampling one cluster varies nothing
+        raise ValueError("all units with values from two raters are in one cluster; an interval needs at least two")
     point = _alpha_of_counts(values, counts, level)
 
-    def statistic(units: np.ndarray) -> float:
+    def statistic(drawn: np.ndarray) -> float:
+        rows = drawn.astype(int) if groups is None else np.concatenate([groups[i] for i in drawn.astype(int)])
         try:
-            return _alpha_of_counts(values, counts[units.astype(int)], level)
+            return _alpha_of_counts(values, counts[rows], level)
         except ValueError:
             return math.nan
 
-    result = _scipy_stats.bootstrap((np.arange(len(counts)),), statistic, n_resamples=resamples, vectorized=False,
+    draws = len(counts) if groups is None else len(groups)
+    result = _scipy_stats.bootstrap((np.arange(draws),), statistic, n_resamples=resamples, vectorized=False,
                                     method="percentile", confidence_level=CONFIDENCE,
                                     rng=np.random.default_rng(seed))
     low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)

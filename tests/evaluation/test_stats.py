@@ -86,6 +86,26 @@ def test_alpha_of_units_equals_alpha_of_the_matrix(level):
         alpha_ci_of_units([[1], [2], []], level)
 
 
+def test_alpha_interval_over_clusters_draws_whole_clusters():
+    """Singleton clusters resample exactly as units do; clusters of units that agree with each other (two answers
+    to one question) give a wider interval than treating those units as independent; bad clusters are named."""
+    units = [[v for v in column if v is not None] for column in zip(*KRIPPENDORFF_2011_C)]
+    alone = alpha_ci_of_units(units, seed=3, resamples=500)
+    assert alpha_ci_of_units(units, clusters=list(range(len(units))), seed=3, resamples=500) == alone
+    rng = np.random.default_rng(0)
+    pairs = [[float(v) for v in rng.integers(1, 11, 3)] for _ in range(30)]
+    twins = [unit for unit in pairs for _ in range(2)]  # each question's two answers rated alike
+    clustered = alpha_ci_of_units(twins, clusters=[i // 2 for i in range(60)], seed=1, resamples=2000)
+    independent = alpha_ci_of_units(twins, seed=1, resamples=2000)
+    assert clustered["alpha"] == independent["alpha"]
+    width = {name: r["ci_high"] - r["ci_low"] for name, r in (("clustered", clustered), ("independent", independent))}
+    assert width["clustered"] > 1.2 * width["independent"]
+    with pytest.raises(ValueError, match="clusters has 2 labels for 3 units"):
+        alpha_ci_of_units([[1, 2], [2, 3], [3, 4]], clusters=["a", "b"])
+    with pytest.raises(ValueError, match="in one cluster"):
+        alpha_ci_of_units([[1, 2], [2, 3], [3]], clusters=["a", "a", "b"])
+
+
 def test_nan_and_none_both_mean_missing():
     as_nan = [[math.nan if v is None else v for v in row] for row in KRIPPENDORFF_2011_C]
     assert krippendorff_alpha(as_nan, "ordinal") == krippendorff_alpha(KRIPPENDORFF_2011_C, "ordinal")
