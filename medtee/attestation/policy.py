@@ -365,8 +365,24 @@ def policy_document(data: bytes, source: str):
     if not doc:  # the schema's defaults are no policy anyone wrote
         raise ValueError(f"attestation policy {source}: is empty; write a mapping of policy fields, e.g. start from a "
                          f"shipped one: medtee broker policy show snp_h200")
+    key = _interpolation_key(OmegaConf.to_container(doc, resolve=False))
+    if key is not None:
+        raise ValueError(f"attestation policy {source}: key '{key}' is an interpolation (${{...}}), resolved when the "
+                         f"policy is read (${{oc.env:...}} reads the reader's environment), so the file's bytes and "
+                         f"digest would not fix what it requires; write the value out")
     policy_from_mapping(doc, source)
     return doc
+
+
+def _interpolation_key(node: object, where: str = "") -> str | None:
+    """The dotted key of the first value in a policy document (a plain container) that holds `${`, or None."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, value in items:
+        key = f"{where}[{k}]" if isinstance(node, list) else f"{where}.{k}" if where else str(k)
+        found = key if isinstance(value, str) and "${" in value else _interpolation_key(value, key)
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,23 @@ def test_a_policy_file_of_nested_aliases_is_refused_at_once(tmp_path):
         read_policy_file(path)
 
 
+@pytest.mark.parametrize("line, key", [
+    ("allow_debug: ${oc.env:MEDTEE_TEST_ALLOW_DEBUG,true}", "allow_debug"),
+    ("gpu: {boards: ['${oc.env:MEDTEE_TEST_BOARD,1010-0200-882}']}", r"gpu.boards\[0\]"),
+    ("allow_migrate_ma: ${gpu.require_cc_mode}", "allow_migrate_ma"),
+])
+def test_a_policy_file_with_an_interpolation_is_refused_naming_the_key(tmp_path, monkeypatch, line, key):
+    """`${oc.env:...}` was resolved from the reader's environment: one file (one policy_sha256) meant DEBUG allowed on
+    one broker and refused on another."""
+    from medtee.attestation.policy import read_policy_file
+
+    monkeypatch.setenv("MEDTEE_TEST_ALLOW_DEBUG", "true")
+    path = tmp_path / "site.yaml"
+    path.write_text(f"name: site\nprovider: sev_snp\n{line}\n")
+    with pytest.raises(ValueError, match=f"key '{key}' is an interpolation .*write the value out"):
+        read_policy_file(path)
+
+
 def test_a_policy_file_named_like_a_shipped_one_must_be_it(tmp_path):
     """A loosened copy named by its stem `snp_h200.yaml` used to verify receipts "under policy 'snp_h200'"."""
     from medtee.attestation.policy import resolve_policy
