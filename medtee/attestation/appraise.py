@@ -106,10 +106,12 @@ def snp_policy_checks(report: SnpReport, product: str | None, policy: Attestatio
         out.append(check("policy.min_tcb", False, "a known product to decode REPORTED_TCB", "unknown product"))
         return out
     launch = Tcb.decode(report.launch_tcb_raw, product)  # the TCB the guest was launched under: a later firmware
+    floor, source = policy.tcb_floor(product), ("min_tcb_by_product." + product
+                                                 if product in policy.min_tcb_by_product else "min_tcb")
     for name, value in report.reported_tcb(product).components().items():  # update does not undo its launch
-        minimum = getattr(policy.min_tcb, name)
-        out.append(check(f"policy.min_tcb.{name}", value >= minimum, f">= {minimum}", value))
-        out.append(check(f"policy.launch_tcb.{name}", getattr(launch, name) >= minimum, f">= {minimum} (min_tcb)",
+        minimum = getattr(floor, name)
+        out.append(check(f"policy.min_tcb.{name}", value >= minimum, f">= {minimum} ({source})", value))
+        out.append(check(f"policy.launch_tcb.{name}", getattr(launch, name) >= minimum, f">= {minimum} ({source})",
                          getattr(launch, name)))
     return out
 

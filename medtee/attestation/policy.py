@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from medtee.paths import conf_dir
 
@@ -236,6 +236,10 @@ class AttestationPolicy:
     host_data: Optional[str] = None  # required HOST_DATA (64 hex chars)
     vmpl: Optional[int] = None  # required VMPL (0 = most privileged); null = any
     min_tcb: MinimumTcb = field(default_factory=MinimumTcb)  # minimum REPORTED_TCB and LAUNCH_TCB per component
+    # the floor of the products named here instead of min_tcb (e.g. {Genoa: {bootloader: 10, snp: 23, microcode: 84}}):
+    # AMD numbers SVNs per product, so one floor held to Milan's values refuses every Genoa, and lowered for Genoa
+    # lets an out-of-date Milan through
+    min_tcb_by_product: Dict[str, MinimumTcb] = field(default_factory=dict)
     min_firmware: str = "0.0.0"  # minimum current SNP firmware major.minor.build
     min_guest_svn: int = 0  # minimum GUEST_SVN
     allow_debug: bool = False  # accept POLICY.DEBUG=1 (the hypervisor can read guest memory)
@@ -253,6 +257,10 @@ class AttestationPolicy:
     amd_revocation: Revocation = Revocation.off
     gpu: GpuPolicy = field(default_factory=GpuPolicy)  # GPU requirements
     recipe: RecipeRules = field(default_factory=RecipeRules)  # what the run's recipe must say (key release only)
+
+    def tcb_floor(self, product: str) -> MinimumTcb:
+        """The least REPORTED_TCB and LAUNCH_TCB `product` must have."""
+        return self.min_tcb_by_product.get(product, self.min_tcb)
 
     def problems(self) -> list[str]:
         """Inconsistencies, each naming the field and the fix (empty when the policy is usable)."""
@@ -286,6 +294,13 @@ class AttestationPolicy:
         bad_products = set(self.products) - {"Milan", "Genoa", "Turin"}
         if bad_products:
             out.append(f"products: unknown {sorted(bad_products)}; use Milan, Genoa, Turin")
+        bad_floors = sorted(set(self.min_tcb_by_product) - {"Milan", "Genoa", "Turin"})
+        if bad_floors:
+            out.append(f"min_tcb_by_product: unknown product {bad_floors}; use Milan, Genoa, Turin")
+        unused = sorted(set(self.min_tcb_by_product) - set(self.products)) if self.products else []
+        if unused:
+            out.append(f"min_tcb_by_product: {unused} not in products, which refuses them; add them to products or "
+                       f"remove their floor")
         if (self.gpu.require_rim_match or self.gpu.allowed_rim_ids) and not self.gpu.rim_store:
             out.append("gpu.require_rim_match / allowed_rim_ids need gpu.rim_store: the directory of signed RIMs")
         if (self.gpu.allowed_rim_ids or self.gpu.rim_store) and not self.gpu.require_rim_match:

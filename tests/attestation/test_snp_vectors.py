@@ -148,7 +148,8 @@ def test_any_flipped_byte_is_rejected(genuine, position, mask):
 def _lenient(**changes):
     """snp_h200 on the CPU alone, its measurement pin and TCB floors off: only the fields under test decide."""
     base = load_policy("snp_h200")
-    changes = {"min_tcb": dataclasses.replace(base.min_tcb, snp=0, microcode=0, bootloader=0), **changes}
+    changes = {"min_tcb": dataclasses.replace(base.min_tcb, snp=0, microcode=0, bootloader=0),
+               "min_tcb_by_product": {}, **changes}
     return dataclasses.replace(base, gpu_provider=None, gpu=dataclasses.replace(base.gpu, required=False),
                                min_firmware="0.0.0", vmpl=None, amd_revocation=Revocation.off, **changes)
 
@@ -181,6 +182,29 @@ def test_a_guest_launched_under_an_older_tcb_than_the_minimum_is_rejected(vector
     assert checks["policy.min_tcb.snp"].ok
     assert not checks["policy.launch_tcb.snp"].ok and checks["policy.launch_tcb.snp"].actual == str(reported.snp - 1)
     assert all(checks[f"policy.launch_tcb.{n}"].ok for n in ("bootloader", "tee", "microcode"))
+
+
+@pytest.mark.parametrize("name", ["snp_h100", "snp_h200"])
+def test_the_shipped_policies_hold_each_product_to_its_own_tcb_floor(vectors, name):
+    """AMD numbers SVNs per product: genuine Genoa evidence (microcode SPL 84) meets the shipped Genoa floor but not
+    Milan's (115), which still holds a Milan host; the failing check names the floor it used."""
+    shipped = load_policy(name)
+    genoa, milan = evidence(vectors, *README_ROWS[3]), evidence(vectors, *README_ROWS[0])
+
+    def tcb_checks(ev, policy):
+        report = SnpReport.parse(ev.snp_report)
+        verdict = appraise(ev, policy, expected_report_data=report.report_data)
+        return {c.name: c for c in verdict.checks if c.name.startswith(("policy.min_tcb", "policy.launch_tcb"))}
+
+    for ev in (genoa, milan):
+        checks = tcb_checks(ev, _lenient(min_tcb=shipped.min_tcb, min_tcb_by_product=shipped.min_tcb_by_product))
+        assert len(checks) == 8 and all(c.ok for c in checks.values()), [str(c) for c in checks.values()]
+    assert "min_tcb_by_product.Genoa" in tcb_checks(genoa, load_policy(name))["policy.min_tcb.microcode"].expected
+    one_floor = tcb_checks(genoa, _lenient(min_tcb=shipped.min_tcb))  # Milan's floor for Genoa too: refused
+    assert not one_floor["policy.min_tcb.microcode"].ok and one_floor["policy.min_tcb.microcode"].actual == "84"
+    raised = dataclasses.replace(shipped.min_tcb_by_product["Genoa"], microcode=85)
+    assert not tcb_checks(genoa, _lenient(min_tcb_by_product={"Genoa": raised}))["policy.min_tcb.microcode"].ok
+    assert all(c.ok for c in tcb_checks(milan, _lenient(min_tcb_by_product={"Genoa": raised})).values())
 
 
 def test_platform_flags_the_policy_requires_are_read_from_genuine_reports(vectors):
