@@ -305,7 +305,8 @@ def _changed_production_options(cfg, choices: dict) -> list[str]:
             free = set(LOCAL_ATTESTATION) | {k for k, neutral in TIGHTENINGS.items() if shipped.get(k) == neutral}
             note = (f"only the local paths {', '.join(f'attestation.{k}' for k in LOCAL_ATTESTATION)} and requirements "
                     f"it leaves open ({', '.join(f'attestation.{k}' for k in TIGHTENINGS)})")
-        keys = sorted(f"{group}.{k}" for k in shipped if k not in free and ours.get(k) != shipped[k])
+        keys = sorted(f"{group}.{k}" for k in shipped.keys() | ours.keys()  # ours: a recipe can add a map's keys
+                      if k not in free and ours.get(k) != shipped.get(k))  # (e.g. min_tcb_by_product.Milan)
         if keys:
             problems.append(f"{group}={option} is a production option and the run is labelled with its name: "
                             f"{', '.join(keys)} cannot be changed from it ({note} may be set); use it as shipped, or "

@@ -159,6 +159,16 @@ def test_a_recipe_cannot_supply_the_rim_trust_anchor_of_a_production_policy(over
     assert cfg.attestation.gpu.ocsp_cache == "/var/cache/ocsp"  # the shipped snp_h200 still takes its OCSP cache
 
 
+def test_a_recipe_cannot_add_a_tcb_floor_to_a_production_policy(tmp_path):
+    """A map field takes new keys from a recipe file: a Milan floor of 0 under snp_h200 was not compared to it."""
+    body = ("defaults:\n  - override /hardware: h200_sev_snp\n  - override /attestation: snp_h200\n  - _self_\n"
+            "attestation:\n  min_tcb_by_product:\n    Milan: {bootloader: 0, tee: 0, snp: 0, microcode: 0, fmc: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        config.compose(config.use_recipe_files([f"recipe={_recipe(tmp_path, body)}"]))
+    assert "attestation.min_tcb_by_product.Milan.bootloader" in str(err.value)
+    assert "attestation=snp_h200 is a production option" in str(err.value)
+
+
 # --------------------------------------------------------------------------------------------------- DP values
 
 
