@@ -187,7 +187,7 @@ def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval",
     _check_resamples(resamples)
     if clusters is not None and len(clusters) != len(units):
         raise ValueError(f"clusters has {len(clusters)} labels for {len(units)} units; give one label per unit")
-    labels = [c for unit, c in zip(units, clusters or [None] * len(units)) if len(unit) >= 2]
+    labels = [c for unit, c in zip(units, [None] * len(units) if clusters is None else clusters) if len(unit) >= 2]
     pairable = [np.asarray(unit, dtype=float) for unit in units if len(unit) >= 2]
     if not pairable:
         raise ValueError(_UNPAIRABLE)

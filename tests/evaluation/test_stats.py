@@ -104,6 +104,8 @@ def test_alpha_interval_over_clusters_draws_whole_clusters():
         alpha_ci_of_units([[1, 2], [2, 3], [3, 4]], clusters=["a", "b"])
     with pytest.raises(ValueError, match="in one cluster"):
         alpha_ci_of_units([[1, 2], [2, 3], [3]], clusters=["a", "a", "b"])
+    labels = [i // 2 for i in range(60)]  # an array of labels, as numpy gives them ("truth value ... ambiguous")
+    assert alpha_ci_of_units(twins, clusters=np.array(labels), seed=1, resamples=2000) == clustered
 
 
 def test_nan_and_none_both_mean_missing():
