@@ -90,10 +90,11 @@ def _cell(fields: list[str], index: dict[str, int], column: str, line: int) -> s
         raise ValueError(f"line {line}, column label: must be A or B ({_NOT_SHOWN})")
     if column in SCORES:
         low, high = SCORES[column]
-        if not (value.isascii() and value.isdigit() and len(value.lstrip("0")) <= len(str(high))
-                and low <= int(value) <= high):  # int() of thousands of digits raises its own error
+        digits = value.lstrip("0") or "0"  # int() of thousands of digits, leading zeros too, raises its own error
+        if not (value.isascii() and value.isdigit() and len(digits) <= len(str(high)) and low <= int(digits) <= high):
             raise ValueError(f"line {line}, column {column}: must be a whole number from {low} to {high} "
                              f"({_NOT_SHOWN})")
+        return digits
     return value
 
 

@@ -43,6 +43,12 @@ def test_columns_in_any_order_a_bom_and_quoted_multiline_comments(tmp_path):
         [(2, "A", 7, 5, 4, 3), (4, "B", 6, 4, 4, 2)]
 
 
+def test_a_score_with_leading_zeros_is_its_number(tmp_path):
+    """Thousands of leading zeros raised Python's int_max_str_digits error, naming neither line nor column."""
+    path = write_csv(tmp_path / "r.csv", ["r1,i1,A,07,3,4,2,", "r1,i1,B," + "0" * 5000 + "7,3,4,0002,"])
+    assert [(r.recommendation, r.conciseness) for r in read_ratings(path)] == [(7, 2), (7, 2)]
+
+
 @pytest.mark.parametrize("row, line, column", [
     ("r1,i1,A,11,3,4,2,", 3, "recommendation"),
     (f"r1,i1,A,{CANARY},3,4,2,", 3, "recommendation"),
