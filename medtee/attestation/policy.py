@@ -337,6 +337,13 @@ def policy_from_mapping(data: object, source: str) -> AttestationPolicy:
 
     if isinstance(data, Mapping) and data.get("provider") == Provider.sev_snp.value:
         data = {**data, "provider": Provider.sev_snp.name}  # policy files written before providers were an enum
+    floors = data.get("min_tcb_by_product") if isinstance(data, Mapping) else None
+    for product, floor in (floors.items() if isinstance(floors, Mapping) else ()):
+        missing = [c for c in ("bootloader", "tee", "snp", "microcode") + (("fmc",) if product == "Turin" else ())
+                   if not isinstance(floor, Mapping) or c not in floor]
+        if missing:
+            raise ValueError(f"attestation policy {source}: min_tcb_by_product.{product} leaves out "
+                             f"{', '.join(missing)}, which would be 0 (any); write every component of the floor")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(AttestationPolicy), data)
         policy = OmegaConf.to_object(merged)

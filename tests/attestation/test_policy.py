@@ -74,15 +74,22 @@ def test_inconsistent_gpu_fields_refused(gpu, problem):
         policy_from_mapping({"gpu": gpu}, "test")
 
 
+FLOOR = {"bootloader": 1, "tee": 0, "snp": 1, "microcode": 1}
+
+
 @pytest.mark.parametrize("data, problem", [
-    ({"min_tcb_by_product": {"Rome": {"snp": 1}}}, r"min_tcb_by_product: unknown product \['Rome'\]"),
-    ({"products": ["Milan"], "min_tcb_by_product": {"Genoa": {"snp": 1}}}, r"\['Genoa'\] not in products"),
-    ({"min_tcb_by_product": {"Genoa": {"microcod": 1}}}, "unknown key 'min_tcb_by_product.Genoa.microcod'"),
+    ({"min_tcb_by_product": {"Rome": FLOOR}}, r"min_tcb_by_product: unknown product \['Rome'\]"),
+    ({"products": ["Milan"], "min_tcb_by_product": {"Genoa": FLOOR}}, r"\['Genoa'\] not in products"),
+    ({"min_tcb_by_product": {"Genoa": {"microcod": 1, **FLOOR}}},
+     "unknown key 'min_tcb_by_product.Genoa.microcod'"),
+    ({"min_tcb_by_product": {"Genoa": {"microcode": 90}}}, "Genoa leaves out bootloader, tee, snp, which would be 0"),
+    ({"min_tcb_by_product": {"Turin": FLOOR}}, "Turin leaves out fmc"),
 ])
 def test_a_product_floor_names_its_problem(data, problem):
     with pytest.raises(ValueError, match=problem):
         policy_from_mapping(data, "test")
-    floors = policy_from_mapping({"min_tcb": {"snp": 8}, "min_tcb_by_product": {"Genoa": {"snp": 23}}}, "test")
+    floors = policy_from_mapping({"min_tcb": {"snp": 8}, "min_tcb_by_product": {"Genoa": {**FLOOR, "snp": 23}}},
+                                 "test")
     assert (floors.tcb_floor("Genoa").snp, floors.tcb_floor("Milan").snp, floors.tcb_floor("Turin").snp) == (23, 8, 8)
 
 
