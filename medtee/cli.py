@@ -142,7 +142,7 @@ def _digest(argv: list[str]) -> int:
 
     from medtee import config
     from medtee.attestation.policy import RUN_MODES
-    from medtee.files import NotRegularFile
+    from medtee.files import NotRegularFile, not_a_file
     from medtee.training.model import weight_digests
 
     as_json, mode, rest = False, "train", list(argv)
@@ -164,7 +164,7 @@ def _digest(argv: list[str]) -> int:
         config.check_runnable(cfg, mode=mode, digest=True)
         unhashable = config.unhashable_files(cfg)
         if unhashable:  # the run refuses these too: a digest of the path would approve nothing that can run
-            raise config.ConfigError("; ".join(f"{key}={value} is not a regular file: the digest covers that file's "
+            raise config.ConfigError("; ".join(f"{key}={value} {not_a_file(value)}: the digest covers that file's "
                                                f"content, so name an existing file" for key, value in unhashable))
         weights = weight_digests(cfg.model)
     except config.ConfigError as exc:

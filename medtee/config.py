@@ -24,7 +24,7 @@ from medtee.broker.config import BrokerConfig
 from medtee.crypto.config import EncryptionConfig
 from medtee.data.config import DataConfig, DataSource
 from medtee.evaluation.config import EvalConfig
-from medtee.files import sha256_file
+from medtee.files import not_a_file, sha256_file
 from medtee.hardware import Accelerator, HardwareConfig
 from medtee.paths import conf_dir, recipes_dir
 from medtee.schema import FILES_IN_DIGEST, NOT_IN_DIGEST, ConfigError
@@ -538,7 +538,7 @@ def check_runnable(cfg, *, mode: str = "train", digest: bool = False) -> None:
             problems.append("medtee eval run compares the base model with an adapter: pass "
                             "evaluation.adapter=outputs/<run>/adapter.sealed (from a training run on this dataset)")
         elif not Path(adapter).is_file():
-            problems.append(f"evaluation.adapter={adapter} is not a regular file: name the adapter.sealed a "
+            problems.append(f"evaluation.adapter={adapter} {not_a_file(adapter)}: name the adapter.sealed a "
                             f"training run on this dataset wrote")
     if cfg.data.source == DataSource.sealed and not cfg.data.path and not digest:
         problems.append("data=sealed needs the sealed dataset: pass data.path=DIR (a directory made by `medtee seal`)")
@@ -546,7 +546,7 @@ def check_runnable(cfg, *, mode: str = "train", digest: bool = False) -> None:
         problems.append("production profiles load pinned weights: pass model.revision=COMMIT")
     ca = cfg.broker.ca
     if ca and not Path(ca).is_file():  # is_file: a regular file (a FIFO would hang the TLS setup)
-        problems.append(f"broker.ca={ca} is not a regular file: name the PEM bundle that signed the "
+        problems.append(f"broker.ca={ca} {not_a_file(ca)}: name the PEM bundle that signed the "
                         f"broker's certificate, or leave it empty for the system trust store")
     if cfg.hardware.production and cfg.output.recipient == "dev":
         problems.append("production profiles encrypt the adapter to the model owner's key: pass "

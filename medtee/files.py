@@ -16,6 +16,14 @@ class NotRegularFile(ValueError):
     """A path names a directory, FIFO, device (or a link to one), or a file over the reader's size limit."""
 
 
+def not_a_file(path: Path | str) -> str:
+    """Why `path` is no regular file, for a message after "KEY=PATH ": it does not exist (a typo, another working
+    directory) or it is something else (a directory, FIFO, device, or a link to nothing)."""
+    if not os.path.lexists(path):
+        return "does not exist"
+    return "is not a regular file (a directory, FIFO, device or a broken link)"
+
+
 def open_regular(path: Path | str) -> tuple[BinaryIO, int]:
     """`path` open for reading, and its size, if it is a regular file (a link to one is followed); opening never
     blocks on a FIFO. FileNotFoundError if absent, NotRegularFile otherwise, OSError if it cannot be opened."""

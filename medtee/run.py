@@ -216,6 +216,7 @@ def input_problems(cfg, mode: str) -> list[str]:
     embedded broker's store a sealed dataset needs."""
     from medtee.broker.protocol import DEFAULT_BROKER_DIR
     from medtee.crypto.stream import header_problem
+    from medtee.files import not_a_file
 
     out = []
     files = {"train": [("trainer.resume_from", cfg.trainer.resume_from, "a step-NNNNNNN.ckpt.enc from a run's "
@@ -227,11 +228,11 @@ def input_problems(cfg, mode: str) -> list[str]:
         if not value:
             continue
         if not Path(value).is_file():
-            out.append(f"{key}={value} is not a regular file: name {fix}")
+            out.append(f"{key}={value} {not_a_file(value)}: name {fix}")
         elif problem := header_problem(value):
             out.append(f"{key}={value} {problem}: name {fix}")
     checked = {key for key, *_ in files[mode]}
-    out += [f"{key}={value} is not a regular file: the recipe digest covers that file's content, so name an existing "
+    out += [f"{key}={value} {not_a_file(value)}: the recipe digest covers that file's content, so name an existing "
             f"file (or leave it unset)" for key, value in config.unhashable_files(cfg) if key not in checked]
     if mode == "sweep":
         out += _sweep_problems(cfg)

@@ -79,7 +79,7 @@ def test_recipes_digest_prints_what_a_run_binds_per_mode(capsys):
     assert main(["recipes", "digest", "--mode", "eval"]) == 2  # what the run would refuse, before any hashing
     assert "evaluation.adapter" in capsys.readouterr().err
     assert main(["recipes", "digest", "output.recipient=/no/such/owner.pub"]) == 2  # it used to hash the path text
-    assert "output.recipient=/no/such/owner.pub is not a regular file: the digest covers that file's content" in \
+    assert "output.recipient=/no/such/owner.pub does not exist: the digest covers that file's content" in \
         capsys.readouterr().err
     # data.path is not in the digest: the owner computes it without the sealed directory at hand
     assert main(["recipes", "digest", "data=sealed"]) == 0

@@ -119,6 +119,18 @@ def test_sealed_data_needs_a_path_at_run_time():
     assert "data.path" in str(err.value)
 
 
+def test_a_missing_file_is_named_missing_and_a_directory_not_a_file(tmp_path):
+    """A typo in a path said "is not a regular file", as of a FIFO: the message says which it is."""
+    cfg = config.compose([f"broker.ca={tmp_path / 'typo.pem'}"])
+    with pytest.raises(ConfigError, match=r"typo\.pem does not exist: name the PEM bundle"):
+        config.check_runnable(cfg)
+    cfg = config.compose([f"broker.ca={tmp_path}", "evaluation.adapter=nowhere/adapter.sealed"])
+    with pytest.raises(ConfigError) as err:
+        config.check_runnable(cfg, mode="eval")
+    assert f"broker.ca={tmp_path} is not a regular file (a directory" in str(err.value)
+    assert "evaluation.adapter=nowhere/adapter.sealed does not exist: name the adapter.sealed" in str(err.value)
+
+
 def _leaves(node, prefix=""):
     from omegaconf import DictConfig
 

@@ -31,6 +31,10 @@ def releases(cwd: Path) -> int:
     ("trainer.resume_from=d.jsonl", "trainer.resume_from=d.jsonl is not a medtee encrypted file (no MEDTEE-CKPT/N header): "
                                     "name a step-NNNNNNN.ckpt.enc"),
     ("trainer.resume_from=sealed", "trainer.resume_from=sealed is not a regular file"),
+    # a typo names the problem: it said "is not a regular file" of a path that does not exist
+    ("trainer.resume_from=old/step-0000040.ckpt.enc", "trainer.resume_from=old/step-0000040.ckpt.enc does not exist: "
+                                                      "name a step-NNNNNNN.ckpt.enc"),
+    ("evaluation.adapter=old/adapter.sealed", "evaluation.adapter=old/adapter.sealed does not exist"),
     ("broker.dir=typo/broker", "broker.dir=typo/broker holds no key broker (no broker.key): name the store the dataset "
                                "was sealed against"),
 ])
@@ -144,5 +148,5 @@ def test_a_file_the_digest_names_must_exist_before_the_release(sealed):
     res = run_medtee("train", "data=sealed", "data.path=sealed", "evaluation.study_recipient=sha256:" + "ab" * 32,
                      cwd=sealed)
     assert res.returncode == 2 and "evaluation.study_recipient=sha256:abab" in res.stderr
-    assert "is not a regular file: the recipe digest covers that file's content" in res.stderr
+    assert "does not exist: the recipe digest covers that file's content" in res.stderr
     assert releases(sealed) == before
