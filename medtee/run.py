@@ -661,8 +661,9 @@ def _held_out_and_adapter(cfg, session: Session):
                                       sha256=_recorded_sha256(session, "evaluation", "adapter"))
     except StreamError:
         raise config.ConfigError(f"evaluation.adapter={e.adapter} does not open under this dataset's release: it "
-                                 f"was sealed by a training run on another dataset (or altered); evaluate it with "
-                                 f"the data.path it was trained on") from None
+                                 f"was sealed by a training run on another dataset, or before `medtee keys rotate` "
+                                 f"re-signed this dataset's manifest (the key derives from the manifest digest), or "
+                                 f"altered; evaluate it with the data.path it was trained on") from None
     compare.load_adapter(model, tensors)
     return tokenizer, held_out, model, device
 

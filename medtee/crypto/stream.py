@@ -88,8 +88,9 @@ def decrypt(blob: bytes, key: bytes, *, name: str) -> bytes:
         return opener(memoryview(blob), key)
     except (InvalidTag, struct.error):
         raise StreamError(f"{name} cannot be decrypted with this run's key: it was written by a run on another "
-                          "sealed dataset, or it is truncated or altered. Resume with the dataset (and "
-                          "attestation policy) of the run that wrote it") from None
+                          "sealed dataset, or before `medtee keys rotate` re-signed this dataset's manifest (the key "
+                          "derives from the manifest digest), or it is truncated or altered. Resume with the dataset "
+                          "(and attestation policy) of the run that wrote it") from None
 
 
 def _decrypt_v2(view: memoryview, key: bytes) -> bytes:
