@@ -556,7 +556,10 @@ def _fit(cfg, session: Session) -> int:
             cfg.tracking, run_name=session.recipe, tags=tags, params=session.recorded, run_id=run_id,
             eval_examples=min(stats.get("n_val", 0), t.limit_val_batches * d.batch_size),
             manifest=session.dataset.manifest, context="evaluation" if t.validate_only else "training")
-        say(f"MLflow run {logger.run_id} in {logger.where}{' (continued)' if run_id else ''}")
+        # "continued" only for a resumed run: a sweep trial trains into the child run its study created for it
+        note = (" (continued)" if run_id and run_id != session.mlflow_run_id
+                else " (the sweep trial's child run)" if run_id else "")
+        say(f"MLflow run {logger.run_id} in {logger.where}{note}")
     return _run_trainer(cfg, session, module=module, datamodule=datamodule, logger=logger, tokenizer=tokenizer,
                         checkpoint_io=checkpoint_io, rank_zero=rank_zero, mode=mode, stats=stats)
 
@@ -726,6 +729,7 @@ def _evaluate(cfg, session: Session) -> int:
     logger = session.outcome.logger = open_run(cfg.tracking, run_name=f"{session.recipe}-eval", tags=tags,
                                                params=session.recorded, eval_examples=len(held_out),
                                                manifest=session.dataset.manifest, context="evaluation")
+    say(f"MLflow run {logger.run_id} in {logger.where}")
     metrics = session.outcome.metrics = logger.guard.metrics(aggregates)
     logger.log_metrics(metrics, step=0)
     report = compare.report(session.recipe, metrics, n=len(held_out))

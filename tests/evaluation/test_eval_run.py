@@ -43,6 +43,11 @@ def test_eval_compares_base_and_adapter_with_intervals(trained):
     logged = {k for (k,) in con.execute("select key from metrics where key like 'eval/%'")}
     con.close()
     assert {"eval/loss_delta", "eval/chrf_ci_low", "eval/rouge_l_n"} <= logged
+    # the run names its MLflow run, as `medtee train` does (it named none: the dashboard reader had to search)
+    [named] = [line.split()[3] for line in res.stderr.splitlines() if line.startswith("medtee: MLflow run ")]
+    con = sqlite3.connect(cwd / "mlflow.db")
+    assert con.execute("select name from runs where run_uuid = ?", (named,)).fetchone() == ("demo-eval",)
+    con.close()
     verified = run_medtee("receipt", "verify", str(out / "receipt.dsse.json"), "--adapter",
                           str(out / "evaluation_report.html"), cwd=cwd)
     assert verified.returncode == 0, verified.stdout

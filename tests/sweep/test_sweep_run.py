@@ -89,7 +89,7 @@ def test_a_sweep_killed_mid_trial_and_mid_checkpoint_resumes_to_exactly_n_trials
     for _ in range(2):
         proc = start_python(None, *args, cwd=tmp_path)
         for line in proc.stderr:  # a trial has started training
-            if line.startswith("medtee: MLflow run ") and "(continued)" in line:
+            if line.startswith("medtee: MLflow run ") and "(the sweep trial's child run)" in line:
                 break
         assert proc.poll() is None, "the sweep must be running when it is killed"
         time.sleep(rng.uniform(0.2, 2.0))
@@ -119,6 +119,8 @@ def test_a_finished_grid_sweep_exits_0(tmp_path):
     fast = [o for o in FAST if not o.startswith(("trainer.max_steps=", "sweep="))]
     res = run_medtee("sweep", "recipe=./grid.yaml", *fast, "trainer.max_steps=2", "sweep.worker=grid-w1", cwd=tmp_path)
     assert res.returncode == 0 and "run failed" not in res.stderr, res.stderr[-3000:]
+    # each trial trains into the child run its study made for it: nothing was "continued" (it said so of each)
+    assert res.stderr.count("(the sweep trial's child run)") == 2 and "(continued)" not in res.stderr
     db = sqlite3.connect(tmp_path / "optuna.db")
     assert [s for (s,) in db.execute("select state from trials")] == ["COMPLETE", "COMPLETE"]
     workers = db.execute("select value_json from trial_user_attributes where key = 'worker'").fetchall()
