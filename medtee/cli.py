@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recipes", help="list, show or validate the shipped recipes; digest: a run's recipe digest "
                                          "(`medtee recipes digest --help`)")
     rec.add_argument("action", choices=["list", "show", "validate", "digest"])
-    rec.add_argument("name", nargs="?", help="recipe name (validate: all when omitted)")
+    rec.add_argument("name", nargs="?", help="recipe name (validate: all when omitted); digest takes recipe=NAME "
+                                             "and overrides instead: `medtee recipes digest --help`")
     rec.set_defaults(handler=_recipes)
 
     syn = sub.add_parser("synth", help="write deterministic synthetic doctor-patient dialogues (chat JSONL)")

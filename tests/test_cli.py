@@ -43,6 +43,12 @@ def test_help_lists_the_commands(tmp_path):
         assert command in res.stdout
 
 
+def test_recipes_help_points_digest_at_its_own_help(tmp_path):
+    """`medtee recipes --help` showed `digest [name]`; digest takes recipe=NAME and overrides, --mode, --json."""
+    res = run_medtee("recipes", "--help", cwd=tmp_path)
+    assert res.returncode == 0 and "medtee recipes digest --help" in " ".join(res.stdout.split())
+
+
 def test_recipes_list_show_validate(tmp_path):
     listed = run_medtee("recipes", "list", cwd=tmp_path)
     assert listed.returncode == 0 and "demo" in listed.stdout.split()
