@@ -420,6 +420,8 @@ class Session:
     teardown: object
     checkpoint_key: bytearray  # SecretBuffers
     adapter_key: bytearray
+    # purpose -> the same keys as runs before 2026-12 derived them (from the manifest digest), to read what those wrote
+    earlier_keys: dict = field(default_factory=dict)
     canaries: list = field(default_factory=list)  # the data owner's canaries (medtee.audit), decrypted in memory
     outcome: Outcome = field(default_factory=Outcome)
     mlflow_run_id: str | None = None  # an MLflow run to train into (a sweep trial's child run)
@@ -457,10 +459,14 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
     outcome, error = Outcome(), None
     try:
         dataset.check_key(data_key)
-        manifest_digest = dataset.manifest.digest()
         # checkpoints and the sealed adapter are encrypted under keys derived from this dataset's release: opening
-        # them needs the release again, i.e. attestation to pass again
-        derived = {purpose: teardown.key(f"{purpose} key", SecretBuffer(derive_key(data_key, manifest_digest, purpose)))
+        # them needs the release again, i.e. attestation to pass again; from its content digest, so that a key
+        # rotation (a new manifest digest) leaves them readable
+        content, manifest_digest = dataset.manifest.content_digest(), dataset.manifest.digest()
+        derived = {purpose: teardown.key(f"{purpose} key", SecretBuffer(derive_key(data_key, content, purpose)))
+                   for purpose in ("checkpoint", "adapter")}
+        earlier = {purpose: (teardown.key(f"earlier {purpose} key",
+                                          SecretBuffer(derive_key(data_key, manifest_digest, purpose))),)
                    for purpose in ("checkpoint", "adapter")}
         verdict = attested.verdict
         say(f"attestation {verdict.policy}: {'PASS' if verdict.ok else 'FAIL'}"
@@ -470,7 +476,7 @@ def attested_run(cfg, *, recipe: str, digest: str, out_dir: Path, weights: dict,
                           out_dir=out_dir, dataset=dataset, verdict=verdict, teardown=teardown, outcome=outcome,
                           # decrypted one record batch at a time, straight into the data module's token arrays
                           records=functools.partial(_decrypted_records, dataset, data_key),
-                          checkpoint_key=derived["checkpoint"], adapter_key=derived["adapter"],
+                          checkpoint_key=derived["checkpoint"], adapter_key=derived["adapter"], earlier_keys=earlier,
                           canaries=dataset.canaries(data_key))
         return work(cfg, session)
     except BaseException as exc:
@@ -534,7 +540,8 @@ def _fit(cfg, session: Session) -> int:
                         sharded=t.strategy == "fsdp")
     module = CausalLMModule(model, t, dp=cfg.privacy.dp, dataset_size=stats["n_train"], batch_size=d.batch_size,
                             min_aggregate=cfg.tracking.min_aggregate)
-    checkpoint_io = session.outcome.checkpoints = EncryptedCheckpointIO(session.checkpoint_key)
+    checkpoint_io = session.outcome.checkpoints = EncryptedCheckpointIO(
+        session.checkpoint_key, earlier=session.earlier_keys.get("checkpoint", ()))
     try:
         resumed = (resume_info(checkpoint_io, t.resume_from, module, datamodule, world_size=hw.devices * hw.num_nodes,
                                max_steps=None if t.validate_only else t.max_steps,
@@ -661,11 +668,13 @@ def _held_out_and_adapter(cfg, session: Session):
     model = build_model(cfg.model, cfg.qlora, vocab_size=len(tokenizer), device=device)
     try:
         tensors = open_sealed_adapter(Path(e.adapter), session.adapter_key,
-                                      sha256=_recorded_sha256(session, "evaluation", "adapter"))
+                                      sha256=_recorded_sha256(session, "evaluation", "adapter"),
+                                      earlier=session.earlier_keys.get("adapter", ()))
     except StreamError:
         raise config.ConfigError(f"evaluation.adapter={e.adapter} does not open under this dataset's release: it "
-                                 f"was sealed by a training run on another dataset, or before `medtee keys rotate` "
-                                 f"re-signed this dataset's manifest (the key derives from the manifest digest), or "
+                                 f"was sealed by a training run on another dataset, or by a medtee before 2026-12 "
+                                 f"before `medtee keys rotate` of this dataset (its key derived from the manifest "
+                                 f"digest, which the rotation changed), or "
                                  f"altered; evaluate it with the data.path it was trained on") from None
     compare.load_adapter(model, tensors)
     return tokenizer, held_out, model, device

@@ -16,6 +16,7 @@ A file whose header names another format version is refused by name (written by 
 from __future__ import annotations
 
 import struct
+from typing import Sequence
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
@@ -39,14 +40,15 @@ class StreamError(ValueError):
 PURPOSES = ("checkpoint", "adapter")
 
 
-def derive_key(data_key: bytes, manifest_digest: str, purpose: str = "checkpoint") -> bytes:
-    """A key of one sealed dataset for `purpose`: HKDF-SHA256(data key, info = medtee/PURPOSE/v1/ + manifest digest).
+def derive_key(data_key: bytes, dataset_digest: str, purpose: str = "checkpoint") -> bytes:
+    """A key of one sealed dataset for `purpose`: HKDF-SHA256(data key, info = medtee/PURPOSE/v1/ + `dataset_digest`),
+    the manifest's `content_digest()` (runs before 2026-12 took its `digest()`, which a key rotation changes).
 
     The checkpoint key opens both formats (the `v1` in the label names the derivation, not the file format)."""
     if purpose not in PURPOSES:
         raise ValueError(f"derive_key: purpose must be one of {', '.join(PURPOSES)}")
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=f"medtee/{purpose}/v1/".encode() + manifest_digest.encode()).derive(data_key)
+                info=f"medtee/{purpose}/v1/".encode() + dataset_digest.encode()).derive(data_key)
 
 
 def encrypt(plaintext: bytes | memoryview, key: bytes) -> bytes:
@@ -71,8 +73,9 @@ def header_problem(path) -> str | None:
     return f"is not a medtee encrypted file (no {_MAGIC_PREFIX.decode()}N header)"
 
 
-def decrypt(blob: bytes, key: bytes, *, name: str) -> bytes:
-    """The plaintext of a format-1 or format-2 `blob`, once all of it is authenticated; `name` (the file) is what
+def decrypt(blob: bytes, key: bytes, *, name: str, earlier: Sequence[bytes] = ()) -> bytes:
+    """The plaintext of a format-1 or format-2 `blob`, once all of it is authenticated, under `key` or one of the
+    `earlier` keys (those of an earlier derivation the file may have been written under); `name` (the file) is what
     errors mention."""
     if blob.startswith(MAGIC):
         opener = _decrypt_v2
@@ -84,13 +87,15 @@ def decrypt(blob: bytes, key: bytes, *, name: str) -> bytes:
                           "read (it reads formats 1 and 2); open it with the medtee version that wrote it")
     else:
         raise StreamError(f"{name} is not a medtee encrypted checkpoint (no {_MAGIC_PREFIX.decode()}N header)")
-    try:
-        return opener(memoryview(blob), key)
-    except (InvalidTag, struct.error):
-        raise StreamError(f"{name} cannot be decrypted with this run's key: it was written by a run on another "
-                          "sealed dataset, or before `medtee keys rotate` re-signed this dataset's manifest (the key "
-                          "derives from the manifest digest), or it is truncated or altered. Resume with the dataset "
-                          "(and attestation policy) of the run that wrote it") from None
+    for candidate in (key, *earlier):
+        try:
+            return opener(memoryview(blob), candidate)
+        except (InvalidTag, struct.error):
+            continue
+    raise StreamError(f"{name} cannot be decrypted with this run's key: it was written by a run on another sealed "
+                      "dataset, or by a medtee before 2026-12 before `medtee keys rotate` of this dataset (its key "
+                      "derived from the manifest digest, which the rotation changed), or it is truncated or altered. "
+                      "Resume with the dataset (and attestation policy) of the run that wrote it")
 
 
 def _decrypt_v2(view: memoryview, key: bytes) -> bytes:

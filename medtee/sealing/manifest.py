@@ -129,6 +129,13 @@ class Manifest:
         """SHA-256 hex of the canonical manifest (what the broker registers and the release request names)."""
         return hashlib.sha256(self.canonical_body()).hexdigest()
 
+    def content_digest(self) -> str:
+        """SHA-256 hex of the canonical manifest without the wrapping of its data key (key_id, scheme,
+        wrapped_data_key): the dataset as `medtee keys rotate`, which re-wraps the key and re-signs, leaves it."""
+        body = {k: v for k, v in self.body().items() if k not in ("key_id", "scheme", "wrapped_data_key")}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+                              .encode("ascii")).hexdigest()
+
     def owner_key_id(self) -> str:
         """Short fingerprint of the signing key (first 16 hex digits of its SHA-256)."""
         return hashlib.sha256(self.owner_public_key).hexdigest()[:16]

@@ -1,6 +1,6 @@
 """Encrypted training checkpoints: Lightning's checkpoint dict, serialized in memory, encrypted, written atomically.
 
-The key is derived from the released data key and the sealed dataset's manifest digest, so only a run whose
+The key is derived from the released data key and the sealed dataset's content digest, so only a run whose
 attestation released that dataset's key again can read a checkpoint back (resuming means attesting again). The
 cipher and the file format (versioned; every format written before still opens) are `medtee.crypto.stream`.
 A checkpoint holds the LoRA parameters, optimizer, scheduler, loop and data-loader positions, RNG states and the
@@ -30,8 +30,8 @@ class CheckpointError(ValueError):
 class EncryptedCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO: torch.save into memory, encrypt, write atomically; the reverse on load."""
 
-    def __init__(self, key: bytes):
-        self._key = key
+    def __init__(self, key: bytes, *, earlier: tuple[bytes, ...] = ()):
+        self._key, self._earlier = key, earlier  # earlier: keys of an earlier derivation a checkpoint may be under
         self._held: tuple[Path, dict] | None = None  # a checkpoint `inspect` decrypted, for Lightning's load
         self.last_written: str | None = None  # SHA-256 of the newest file written (what the run's close reports)
         self.last_written_step: int | None = None  # and the training step it holds
@@ -70,7 +70,7 @@ class EncryptedCheckpointIO(CheckpointIO):
             raise CheckpointError(f"trainer.resume_from={path} is not the file the recipe digest covers: it was replaced "
                                   f"after the run hashed it; resume again")
         try:
-            plaintext = decrypt(data, self._key, name=str(path))
+            plaintext = decrypt(data, self._key, name=str(path), earlier=self._earlier)
         except StreamError as exc:
             raise CheckpointError(str(exc)) from None
         # Authenticated above with a key only this attested run holds: the pickled RNG states are trusted.

@@ -89,10 +89,12 @@ def _write_adapter(peft_model, adapter: dict, *, recipient: Recipient | None, ba
     return {"adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_recipient": recipient.described}
 
 
-def open_sealed_adapter(path: Path, release_key: bytes, *, sha256: str | None = None) -> dict:
-    """The adapter tensors of `adapter.sealed`, inside an attested run of the dataset it was trained on; StreamError
-    when it was sealed to another dataset's release (or altered), or (`sha256`: the digest the recipe recorded of the
-    file) when the bytes read now are another file's."""
+def open_sealed_adapter(path: Path, release_key: bytes, *, sha256: str | None = None,
+                        earlier: tuple[bytes, ...] = ()) -> dict:
+    """The adapter tensors of `adapter.sealed`, inside an attested run of the dataset it was trained on (under
+    `release_key`, or one of the `earlier` keys of an earlier derivation); StreamError when it was sealed to another
+    dataset's release (or altered), or (`sha256`: the digest the recipe recorded of the file) when the bytes read now
+    are another file's."""
     from safetensors.torch import load
 
     from medtee.crypto.stream import StreamError, decrypt
@@ -101,7 +103,7 @@ def open_sealed_adapter(path: Path, release_key: bytes, *, sha256: str | None = 
     data = read_regular(path, MAX_SEALED_ADAPTER_BYTES)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise StreamError(f"{path} is not the file the recipe digest covers: it was replaced after the run hashed it")
-    return load(decrypt(data, release_key, name=str(path)))
+    return load(decrypt(data, release_key, name=str(path), earlier=earlier))
 
 
 def adapter_file_problem(path: Path) -> str | None:

@@ -3,6 +3,7 @@ any step leaves the store rotated or as it was, never between (the next broker t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -53,6 +54,31 @@ def test_rotation_rewraps_without_reencrypting(sealed, broker):
     assert [(e["old_key"], e["new_key"]) for e in rotations(broker.store_dir)] == [(old_key_id, new_manifest.key_id)]
     assert audit.verify(broker.store_dir / "audit.log").ok
     assert not (broker.store_dir / store.ROTATING).exists()
+
+
+def test_what_earlier_runs_sealed_under_the_dataset_still_opens_after_a_rotation(sealed, broker):
+    """Checkpoints and adapter.sealed are under keys derived from the manifest's content digest, which a rotation
+    (new wrapping, new signature, new digest) leaves as it was; a file of the earlier derivation (whole manifest
+    digest) opens while the dataset is not rotated, through the earlier keys."""
+    from medtee.crypto.stream import StreamError, decrypt, derive_key, encrypt
+
+    out, manifest, _, key = sealed
+    for purpose in ("checkpoint", "adapter"):
+        current = encrypt(b"state", derive_key(key, manifest.content_digest(), purpose))
+        earlier = encrypt(b"state", derive_key(key, manifest.digest(), purpose))
+        assert decrypt(earlier, derive_key(key, manifest.content_digest(), purpose), name="x",
+                       earlier=(derive_key(key, manifest.digest(), purpose),)) == b"state"
+    broker.close()
+    [rotated] = rotate(broker.store_dir, [out], scheme="hpke-x25519")
+    assert rotated.digest() != manifest.digest() and rotated.content_digest() == manifest.content_digest()
+    now = derive_key(key, rotated.content_digest(), "adapter")
+    assert decrypt(current, now, name="x", earlier=(derive_key(key, rotated.digest(), "adapter"),)) == b"state"
+    with pytest.raises(StreamError, match="by a medtee before 2026-12 before `medtee keys rotate`"):
+        decrypt(earlier, now, name="x", earlier=(derive_key(key, rotated.digest(), "adapter"),))
+    changes = {"dataset_id": "other", "record_count": manifest.record_count + 1, "shards": manifest.shards[:-1],
+               "release_policy": "x", "created": "2000-01-01T00:00:00Z", "owner_public_key": b"\0" * 32}
+    for name, changed in changes.items():  # every field but the key wrapping is the content
+        assert dataclasses.replace(manifest, **{name: changed}).content_digest() != manifest.content_digest(), name
 
 
 def test_rotation_is_refused_while_a_broker_uses_the_store(sealed, broker, serve, capsys):

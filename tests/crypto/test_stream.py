@@ -55,13 +55,15 @@ def test_another_dataset_key_cannot_open_either_format(golden):
             stream.decrypt(blob, other, name="y")
 
 
-def test_the_key_of_the_dataset_before_its_rotation_is_named_as_a_cause():
-    """`medtee keys rotate` re-signs the manifest, so its digest, and every key derived from it, changes: checkpoints
-    and adapter.sealed of earlier runs no longer open; the message said only "another sealed dataset"."""
+def test_an_earlier_key_opens_what_it_wrote_and_a_rotation_is_named_as_a_cause():
+    """A file under an earlier derivation's key opens through `earlier`; one no key opens names the old derivation
+    and `medtee keys rotate` among its causes (it said only "another sealed dataset")."""
     data_key = b"\x02" * 32
     blob = stream.encrypt(b"state", stream.derive_key(data_key, "a" * 64))
-    with pytest.raises(stream.StreamError, match=r"before `medtee keys rotate` re-signed this dataset's manifest"):
-        stream.decrypt(blob, stream.derive_key(data_key, "c" * 64), name="z")
+    now = stream.derive_key(data_key, "c" * 64)
+    assert stream.decrypt(blob, now, name="z", earlier=(stream.derive_key(data_key, "a" * 64),)) == b"state"
+    with pytest.raises(stream.StreamError, match=r"by a medtee before 2026-12 before `medtee keys rotate`"):
+        stream.decrypt(blob, now, name="z", earlier=(stream.derive_key(data_key, "b" * 64),))
 
 
 def test_format_1_written_before_still_opens(golden):

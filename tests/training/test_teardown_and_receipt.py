@@ -15,6 +15,9 @@ from conftest import run_medtee, run_python
 pytestmark = pytest.mark.slow
 
 FAST = ["trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "data.n_synthetic=24"]
+#: the line a run ends with: every key it held, overwritten (the earlier ones read files of a medtee before 2026-12)
+TEARDOWN = ("medtee: teardown: data key, checkpoint key, adapter key, earlier checkpoint key, earlier adapter key "
+            "overwritten")
 
 #: Runs `medtee train` in this process, then looks at what the heap still holds.
 IN_PROCESS = r"""
@@ -25,6 +28,7 @@ from medtee.crypto.secret import SecretBuffer
 
 registered = []
 original = teardown.Teardown.key
+
 def key(self, name, buffer):
     registered.append(buffer)  # the test keeps them alive to look at them afterwards
     return original(self, name, buffer)
@@ -59,11 +63,11 @@ def test_after_teardown_no_key_or_record_is_left_reachable(tmp_path):
     res = run_python(IN_PROCESS, *FAST, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     found = json.loads(res.stdout.strip().splitlines()[-1])
-    assert found["code"] == 0 and found["keys"] == [32, 32, 32]  # the data, checkpoint and adapter keys
+    assert found["code"] == 0 and found["keys"] == [32] * 5  # data key; checkpoint, adapter keys (and earlier)
     assert found["nonzero_keys"] == 0 and found["releases_with_a_key"] == 0
     assert found["checkpoint_ios_with_a_key"] == 0
     assert found["modules_holding_records"] == 0 and found["token_arrays_not_zero"] == 0
-    assert "medtee: teardown: data key, checkpoint key, adapter key overwritten; decrypted records overwritten" in res.stderr
+    assert TEARDOWN + "; decrypted records overwritten" in res.stderr
 
 
 def test_a_run_closes_its_release_and_leaves_a_receipt_that_verifies(tmp_path):
@@ -77,7 +81,8 @@ def test_a_run_closes_its_release_and_leaves_a_receipt_that_verifies(tmp_path):
     assert closed["release_id"] == release_id and predicate["release"]["close_audit_entry_sha256"] == closed["hash"]
     assert [e["hash"] for e in audit if e["event"] == "release"] == [release_id]
     assert predicate["run"]["outcome"] == "done" and predicate["simulated"] is True
-    assert set(predicate["teardown"]["keys"]) == {"data key", "checkpoint key", "adapter key"}
+    assert set(predicate["teardown"]["keys"]) == {"data key", "checkpoint key", "adapter key", "earlier checkpoint key",
+                                                  "earlier adapter key"}
     verified = run_medtee("receipt", "verify", str(out / "receipt.dsse.json"), "--adapter",
                           str(out / "adapter.safetensors.enc"), "--json", cwd=tmp_path)
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -150,7 +155,7 @@ def test_sigterm_ends_the_run_with_teardown_close_receipt_and_no_temporary_files
     res = run_python(SIGTERMED, *FAST, cwd=tmp_path)
     assert res.returncode == 128 + 15, res.stderr[-3000:]
     assert "terminated (SIGTERM)" in res.stderr and "Traceback" not in res.stderr
-    assert "medtee: teardown: data key, checkpoint key, adapter key overwritten" in res.stderr
+    assert TEARDOWN in res.stderr
     [private] = [line.split(" ", 1)[1] for line in res.stdout.splitlines() if line.startswith("PRIVATE_TMP ")]
     assert not Path(private).exists()
     [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
@@ -183,7 +188,7 @@ def test_sigterm_during_training_stops_at_the_step_and_ends_the_run_as_failed(tm
     res = run_python(SIGTERMED_IN_FIT, "trainer.max_steps=6", *FAST[1:], cwd=tmp_path)
     assert res.returncode == 128 + 15, res.stderr[-3000:]  # never 0: Lightning's own stop carries no status
     assert res.stderr.count("terminated (SIGTERM)") == 1 and "Traceback" not in res.stderr
-    assert "medtee: teardown: data key, checkpoint key, adapter key overwritten" in res.stderr
+    assert TEARDOWN in res.stderr
     [receipt] = tmp_path.glob("outputs/*/*/receipt.dsse.json")
     assert _payload(receipt)["predicate"]["run"]["error_type"] == "SystemExit"
     assert [e["event"] for e in _audit(tmp_path / ".medtee/broker")][-2:] == ["release", "close"]
