@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 MAX_RECEIPT_BYTES = 64 << 20
 
@@ -72,7 +73,9 @@ def run_verify(args: argparse.Namespace) -> int:
         result = verify_receipt(data, files=args.adapter, policy=policy, now=now, dataset=args.dataset,
                                 broker_log=args.broker_log, broker_head=args.broker_head)
     except (NotRegularFile, OSError) as exc:
-        return exits.fail(_shown(f"receipt verify: {args.receipt}: {getattr(exc, 'strerror', None) or exc}"))
+        inside = Path(args.receipt) / "receipt.dsse.json"
+        hint = f"; a run's receipt is its {inside}" if Path(args.receipt).is_dir() and inside.is_file() else ""
+        return exits.fail(_shown(f"receipt verify: {args.receipt}: {getattr(exc, 'strerror', None) or exc}{hint}"))
     except (UnusableInput, ValueError) as exc:
         return exits.fail(_shown(f"receipt verify: unusable input: {exc}"))
     if args.json:

@@ -92,6 +92,13 @@ def test_cli_exit_2_for_unusable_receipts(tmp_path, capsys, content, word):
     assert word in capsys.readouterr().err.lower()
 
 
+def test_cli_given_a_run_directory_names_its_receipt(run, capsys):
+    """The output directory a run printed, given instead of its receipt: exit 2 naming the file inside."""
+    assert main(["receipt", "verify", str(run.receipt.parent)]) == 2
+    err = capsys.readouterr().err
+    assert f"a run's receipt is its {run.receipt.parent / 'receipt.dsse.json'}" in err and err.count("\n") == 1
+
+
 def test_cli_exit_2_for_a_statement_missing_predicate_fields(run, capsys):
     doc = json.loads(run.receipt.read_bytes())
     statement = json.loads(base64.b64decode(doc["payload"]))
