@@ -27,6 +27,7 @@ from medtee import files
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 _V2_FIELDS = ("token_count", "tokenizer")  # absent from format-1 manifests
+_WRAPPING = ("key_id", "scheme", "wrapped_data_key", "owner_public_key")  # what a key rotation may change
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # ~100,000 shards; a larger "manifest" is refused before it is read whole
 CIPHER = "AES_GCM_V1"  # fixed: the only Parquet Modular Encryption algorithm that authenticates page data
@@ -131,8 +132,11 @@ class Manifest:
 
     def content_digest(self) -> str:
         """SHA-256 hex of the canonical manifest without the wrapping of its data key (key_id, scheme,
-        wrapped_data_key): the dataset as `medtee keys rotate`, which re-wraps the key and re-signs, leaves it."""
-        body = {k: v for k, v in self.body().items() if k not in ("key_id", "scheme", "wrapped_data_key")}
+        wrapped_data_key) and without its signer (owner_public_key): the dataset as `medtee keys rotate`, which
+        re-wraps the key and re-signs, leaves it; the rotation signs with the store's owner key, so a dataset a
+        trusted-owners/ key sealed comes out signed by another key. The data key (random per seal; `key_check` is in
+        the content) is what binds a derived key to one dataset."""
+        body = {k: v for k, v in self.body().items() if k not in _WRAPPING}
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
                               .encode("ascii")).hexdigest()
 

@@ -76,9 +76,32 @@ def test_what_earlier_runs_sealed_under_the_dataset_still_opens_after_a_rotation
     with pytest.raises(StreamError, match="by a medtee before 2026-12 before `medtee keys rotate`"):
         decrypt(earlier, now, name="x", earlier=(derive_key(key, rotated.digest(), "adapter"),))
     changes = {"dataset_id": "other", "record_count": manifest.record_count + 1, "shards": manifest.shards[:-1],
-               "release_policy": "x", "created": "2000-01-01T00:00:00Z", "owner_public_key": b"\0" * 32}
-    for name, changed in changes.items():  # every field but the key wrapping is the content
+               "release_policy": "x", "created": "2000-01-01T00:00:00Z", "key_check": "0" * 32}
+    for name, changed in changes.items():  # every field but the key wrapping and its signer is the content
         assert dataclasses.replace(manifest, **{name: changed}).content_digest() != manifest.content_digest(), name
+
+
+def test_a_dataset_another_trusted_owner_sealed_keeps_its_checkpoints_across_a_rotation(broker, tmp_path):
+    """A remote sealer signs with its own key (trusted-owners/); the rotation re-signs with the store's owner key, so
+    the signer changed too: with owner_public_key in the content digest, its checkpoints stopped opening."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from medtee.crypto.stream import decrypt, derive_key, encrypt
+
+    hospital = Ed25519PrivateKey.generate()
+    (broker.store_dir / "trusted-owners").mkdir()
+    (broker.store_dir / "trusted-owners" / "hospital.pub").write_bytes(hospital.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    manifest = seal_records(make_records(12), tmp_path / "remote", broker=broker, policy="simulated",
+                            dataset_id="remote-ds", signing_key=hospital)
+    key = broker.unwrap_data_key(manifest)
+    checkpoint = encrypt(b"state", derive_key(key, manifest.content_digest(), "checkpoint"))
+    broker.close()
+    [rotated] = rotate(broker.store_dir, [tmp_path / "remote"])
+    assert rotated.owner_public_key != manifest.owner_public_key  # signed by the store's owner key now
+    assert rotated.content_digest() == manifest.content_digest()
+    assert decrypt(checkpoint, derive_key(key, rotated.content_digest(), "checkpoint"), name="x") == b"state"
 
 
 def test_rotation_is_refused_while_a_broker_uses_the_store(sealed, broker, serve, capsys):
