@@ -313,8 +313,11 @@ def _dataset(predicate: dict, directory: Path | str) -> ReceiptCheck:
     claimed = (_field(predicate, "dataset.id", str), _field(predicate, "dataset.manifest_digest", str))
     actual = (manifest.dataset_id, manifest.digest())
     if actual != claimed:
+        rotated = ("; a `medtee keys rotate` since the run gives the manifest another digest: check against the "
+                   "manifest of the run's time") if actual[0] == claimed[0] else ""
         return ReceiptCheck("dataset", False, f"{directory} is dataset '{actual[0]}' (manifest {actual[1][:16]}...); "
-                                              f"the key was released for '{claimed[0]}' (manifest {claimed[1][:16]}...)")
+                                              f"the key was released for '{claimed[0]}' (manifest {claimed[1][:16]}...)"
+                                              f"{rotated}")
     try:
         open_dataset(directory)
     except ValueError as exc:  # SealedDataError: the shard missing, extra, altered or swapped

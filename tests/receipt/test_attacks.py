@@ -157,6 +157,25 @@ def test_the_dataset_given_must_hold_the_shards_its_manifest_lists(run, sealed, 
         failed[0]["reason"]
 
 
+
+def test_a_rotated_dataset_fails_the_dataset_check_naming_the_rotation(run, sealed, broker, capsys):
+    """`medtee keys rotate` re-wraps the data key and re-signs: the directory's manifest has another digest than the
+    one the key was released for, so the check fails (docs/broker.md said receipts were not affected) and says why."""
+    from medtee.broker.store import rotate
+
+    directory, manifest, _, _ = sealed
+    statement = copy.deepcopy(run.statement)
+    statement["predicate"]["dataset"]["manifest_digest"] = manifest.digest()
+    genuine = run.dir / "genuine.dsse.json"
+    genuine.write_text(json.dumps(run.signer.sign(statement)))
+    assert main(["receipt", "verify", str(genuine), "--dataset", str(directory), "--json"]) == 0
+    capsys.readouterr()
+    broker.close()
+    rotate(broker.store_dir, [directory])
+    assert main(["receipt", "verify", str(genuine), "--dataset", str(directory), "--json"]) == 1
+    failed = [c for c in json.loads(capsys.readouterr().out)["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["dataset"] and "`medtee keys rotate` since the run" in failed[0]["reason"]
+
 def test_the_output_says_when_the_run_failed(run, capsys):
     """A failed run's receipt verifies (it is genuine), and its outputs with it: the output must say it failed."""
     from medtee.attestation import Evidence
