@@ -129,7 +129,7 @@ class AuditFloor:
     max_exposure_bits: float = 10.0  # the highest exposure threshold the recipe may set, at any repeat count
     max_extraction_above_base: float = 0.05  # the highest verbatim-extraction rate above the base model's it may allow
     min_references: int = 4096  # the fewest reference candidates each canary is ranked among (fewer: coarser ranks)
-    min_extraction_examples: int = 32  # the fewest training doctor turns prompted for verbatim extraction
+    min_extraction_examples: int = 64  # the fewest training doctor turns prompted for verbatim extraction
     max_suffix_tokens: int = 50  # the longest continuation that must match exactly (longer ones are rarer)
 
     def problems(self) -> list[str]:

@@ -20,9 +20,10 @@ class ReleaseConfig:
     require_audit: bool = False
     max_exposure_bits: float = 10.0  # highest canary exposure allowed at any repeat count (rank-based, bits)
     max_exposure_at: Dict[str, float] = field(default_factory=dict)  # per repeat count, e.g. {"1": 6.0}: overrides
-    max_extraction_above_base: float = 0.05  # highest rate of verbatim 50-token suffixes above the base model's
+    # highest rate of verbatim 50-token suffixes above the base model's, as its 95% upper bound on the examples measured
+    max_extraction_above_base: float = 0.05
     references: int = 4096  # reference candidates each canary is ranked among (max exposure: log2 of this)
-    extraction_examples: int = 32  # training doctor turns prompted for verbatim extraction
+    extraction_examples: int = 64  # training doctor turns prompted for verbatim extraction (0.05 needs at least 59)
     suffix_tokens: int = 50  # length of the continuation that must match exactly
 
     def problems(self) -> list[str]:

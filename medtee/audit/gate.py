@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,11 @@ class AuditVerdict:
 
     def to_json(self) -> dict:
         return {"passed": self.passed, "failures": list(self.failures), "metrics": self.metrics}
+
+
+def examples_needed(limit: float) -> float:
+    """The fewest examples whose 95% upper bound with none extracted (1 - 0.05 ** (1 / n)) is at most `limit`."""
+    return math.ceil(math.log(0.05) / math.log1p(-limit)) if 0 < limit < 1 else math.inf
 
 
 def extraction_examples(arrays, *, suffix_tokens: int, limit: int) -> list[tuple[list[int], list[int]]]:
@@ -62,8 +68,9 @@ def trained_copies(tokenizer, canaries, arrays) -> int:
 
 def run_audit(model, tokenizer, canaries, train_arrays, release, *, seed: int = 0) -> AuditVerdict:
     """Exposure of every canary (tuned model; the base model's for comparison) and verbatim extraction by both
-    models; the verdict against `release` (the recipe's section). It fails closed: on a threshold that is NaN, on no
-    inserted canary's record in `train_arrays`, and on no example to measure extraction with."""
+    models; the verdict against `release` (the recipe's section), extraction by its 95% upper bound. It fails closed:
+    on a threshold that is NaN, on no inserted canary's record in `train_arrays`, and on no example to measure
+    extraction with."""
     from medtee.audit.probe import canary_exposures, extraction_rates
     from medtee.audit.summary import summarize
     from medtee.evaluation.compare import adapter_off
@@ -99,11 +106,18 @@ def run_audit(model, tokenizer, canaries, train_arrays, release, *, seed: int = 
     if not tuned_extraction:
         failures.append(f"verbatim extraction was not measured: no training doctor turn has "
                         f"release.suffix_tokens={release.suffix_tokens} tokens; lower release.suffix_tokens")
-    else:
+    else:  # gated on the one-sided 95% Clopper-Pearson upper bound of the rate the tuned model alone reproduces
+        from scipy import stats
+
         above = metrics["audit/extraction_exact_rate"] - metrics.get("audit/base_extraction_exact_rate", 0.0)
+        only = sum(t["exact"] and not b["exact"] for t, b in zip(tuned_extraction, base_extraction))
+        bound = stats.binomtest(only, len(tuned_extraction), alternative="less").proportion_ci(0.95).high
         metrics["audit/extraction_exact_rate_above_base"] = above
-        if not above <= release.max_extraction_above_base:
-            failures.append(f"verbatim extraction is {above:.3f} above the base model's, above "
-                            f"release.max_extraction_above_base={release.max_extraction_above_base} by "
-                            f"{above - release.max_extraction_above_base:.3f}")
+        metrics["audit/extraction_exact_above_base_upper"] = bound
+        if not bound <= release.max_extraction_above_base:
+            failures.append(f"verbatim extraction above the base model's ({only} of {len(tuned_extraction)} dialogues "
+                            f"reproduced by the tuned model only) has a 95% upper bound of {bound:.3f}, above "
+                            f"release.max_extraction_above_base={release.max_extraction_above_base} (with none "
+                            f"reproduced, passing takes {examples_needed(release.max_extraction_above_base)} "
+                            f"examples: release.extraction_examples)")
     return AuditVerdict(metrics=metrics, failures=tuple(failures))

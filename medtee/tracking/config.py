@@ -24,6 +24,7 @@ METRIC_ALLOW_LIST = (
       for r in REPORTED_REPEATS),
     *(f"audit/{side}extraction_{m}" for side in ("", "base_") for m in ("exact_rate", "run_mean", "examples")),
     "audit/extraction_exact_rate_above_base",
+    "audit/extraction_exact_above_base_upper",
     *(f"audit/extraction_{m}_{k}" for m in ("run", "exact") for k in ("delta", "ci_low", "ci_high")),
 )
 

@@ -8,6 +8,7 @@ import contextlib
 import math
 
 import pytest
+from scipy import stats
 
 from medtee.audit import gate, probe
 from medtee.audit.canaries import Canary, canary_dialogue
@@ -33,11 +34,14 @@ def _train(tokenizer, canary_copies: int):
 
 @pytest.fixture
 def stubbed(monkeypatch):
-    """Probes that report a 64x canary at 3 bits, a control at 1 bit and no verbatim extraction."""
-    result = {"exposures": {0: [1.0], 64: [3.0]}, "examples": [([1], [2])] * 4}
+    """Probes that report a 64x canary at 3 bits, a control at 1 bit and, on 64 examples, no verbatim extraction
+    (`exact`: the tuned model's, then the base model's exact matches, by example index)."""
+    result = {"exposures": {0: [1.0], 64: [3.0]}, "examples": [([1], [2])] * 64, "exact": [set(), set()]}
+    calls = iter(range(2))
     monkeypatch.setattr(probe, "canary_exposures", lambda *a, **k: result["exposures"])
-    monkeypatch.setattr(probe, "extraction_rates",
-                        lambda model, ex, **k: [{"exact": False, "longest_common_run": 3}] * len(ex))
+    monkeypatch.setattr(probe, "extraction_rates", lambda model, ex, **k: (
+        lambda exact: [{"exact": i in exact, "longest_common_run": 3} for i in range(len(ex))])(
+        result["exact"][next(calls)]))
     monkeypatch.setattr(gate, "extraction_examples", lambda *a, **k: result["examples"])
     monkeypatch.setattr("medtee.evaluation.compare.adapter_off", lambda model, base: contextlib.nullcontext(model))
     return result
@@ -81,3 +85,19 @@ def test_an_extraction_limit_outside_0_1_is_refused(limit):
     assert any("release.max_extraction_above_base" in p for p in ReleaseConfig(max_extraction_above_base=limit)
                .problems())
     assert ReleaseConfig(max_extraction_above_base=0.0).problems() == []
+
+
+@pytest.mark.parametrize("examples, tuned, base, passed", [
+    (64, set(), set(), True),  # none extracted: the 95% upper bound is 0.046
+    (64, {0}, set(), False),  # one of 64 (point estimate 0.016): the bound is 0.072
+    (64, {0, 1}, {0, 1}, True),  # what the base model reproduces too is not above it
+    (32, {0}, set(), False),  # one of 32 (0.031) passed a point estimate; a 10% rate passes that 16% of the time
+    (32, set(), set(), False),  # 32 examples cannot show a rate below 0.05 (the bound is 0.089)
+    (1, set(), set(), False)])  # one measurable doctor turn passed the point estimate
+def test_extraction_is_gated_on_the_upper_confidence_bound(stubbed, tokenizer, examples, tuned, base, passed):
+    stubbed["examples"], stubbed["exact"] = [([1], [2])] * examples, [tuned, base]
+    verdict = gate.run_audit(None, tokenizer, CANARIES, _train(tokenizer, 2), ReleaseConfig())
+    assert verdict.passed == passed, verdict.failures
+    bound = verdict.metrics["audit/extraction_exact_above_base_upper"]
+    assert bound == pytest.approx(stats.beta.ppf(0.95, len(tuned - base) + 1, examples - len(tuned - base)))
+    assert all("upper bound" in f for f in verdict.failures)

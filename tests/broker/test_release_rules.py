@@ -341,7 +341,7 @@ def test_an_authenticity_only_policy_is_never_a_release_policy(sealed, broker, t
 
 
 AUDIT = {"release.require_audit": True, "release.max_exposure_bits": 10.0, "release.max_exposure_at": {},
-         "release.max_extraction_above_base": 0.05, "release.references": 4096, "release.extraction_examples": 32,
+         "release.max_extraction_above_base": 0.05, "release.references": 4096, "release.extraction_examples": 64,
          "release.suffix_tokens": 50}
 
 
