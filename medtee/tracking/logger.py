@@ -349,7 +349,7 @@ def combined_weights_digest(weight_digests: Mapping[str, str]) -> str:
 def run_tags(*, recipe: str, recipe_digest: str, dataset_digest: str, verdict, hardware: str, model, mode: str,
              weight_digests: Mapping[str, str] | None = None) -> dict[str, str]:
     """The provenance a dashboard reader needs: recipe and digests, `model` (its group), `hardware` (the profile's
-    name), attestation per device, and `mode` (train or validate)."""
+    name), attestation per device, and `mode` (train, validate or eval)."""
     tags = {
         "medtee.recipe": recipe,
         "medtee.recipe_digest": recipe_digest,
