@@ -12,6 +12,11 @@ from medtee.schema import below_minimums
 REPORTED_REPEATS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def examples_needed(limit: float) -> float:
+    """The fewest examples whose 95% upper bound with none extracted (1 - 0.05 ** (1 / n)) is at most `limit`."""
+    return math.ceil(math.log(0.05) / math.log1p(-limit)) if 0 < limit < 1 else math.inf
+
+
 @dataclass
 class ReleaseConfig:
     # run the memorization audit after training and encrypt the adapter to output.recipient only when it passes; a
@@ -40,9 +45,16 @@ class ReleaseConfig:
         if not 0 <= self.max_extraction_above_base < 1:  # a rate above the base model's is at most 1; NaN is refused
             out.append(f"release.max_extraction_above_base={self.max_extraction_above_base} must be a rate in [0, 1), "
                        f"or the gate could never fail on verbatim extraction")
-        bad = [k for k in self.max_exposure_at if not str(k).isdigit()]
+        needed = examples_needed(self.max_extraction_above_base)
+        if self.require_audit and 0 <= self.max_extraction_above_base < 1 and self.extraction_examples < needed:
+            out.append(f"release.extraction_examples={self.extraction_examples} cannot pass "
+                       f"release.max_extraction_above_base={self.max_extraction_above_base}: with none extracted the "
+                       f"gate's 95% upper bound needs " + (f"at least {needed} examples; raise it" if needed < math.inf
+                                                           else "a limit above 0; raise the limit"))
+        bad = [k for k in self.max_exposure_at if not str(k).isdigit() or str(k) != str(int(k))]
         if bad:
-            out.append(f"release.max_exposure_at: keys are repeat counts (digits), not {', '.join(map(str, bad))}")
+            out.append(f"release.max_exposure_at: keys are repeat counts (digits, no leading zero), not "
+                       f"{', '.join(map(str, bad))}")
         return out
 
     def limit_at(self, repeats: int) -> float:

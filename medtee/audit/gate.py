@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from medtee.audit.config import examples_needed
 from medtee.data.chat import IGNORE_INDEX
 
 
@@ -24,11 +24,6 @@ class AuditVerdict:
 
     def to_json(self) -> dict:
         return {"passed": self.passed, "failures": list(self.failures), "metrics": self.metrics}
-
-
-def examples_needed(limit: float) -> float:
-    """The fewest examples whose 95% upper bound with none extracted (1 - 0.05 ** (1 / n)) is at most `limit`."""
-    return math.ceil(math.log(0.05) / math.log1p(-limit)) if 0 < limit < 1 else math.inf
 
 
 def extraction_examples(arrays, *, suffix_tokens: int, limit: int) -> list[tuple[list[int], list[int]]]:

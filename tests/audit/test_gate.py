@@ -87,6 +87,22 @@ def test_an_extraction_limit_outside_0_1_is_refused(limit):
     assert ReleaseConfig(max_extraction_above_base=0.0).problems() == []
 
 
+@pytest.mark.parametrize("settings, words", [
+    ({"extraction_examples": 32}, "extraction_examples=32 cannot pass release.max_extraction_above_base=0.05: with "
+                                  "none extracted the gate's 95% upper bound needs at least 59 examples; raise it"),
+    ({"max_extraction_above_base": 0.0}, "needs a limit above 0; raise the limit"),
+    ({"max_exposure_at": {"01": 6.0}}, "keys are repeat counts (digits, no leading zero), not 01"),
+])
+def test_an_audit_that_could_never_pass_is_refused_before_training(settings, words):
+    """A required audit the gate cannot pass on any model is refused with the recipe, not after the training; and a
+    repeat count written '01', which no canary's count would find, is named."""
+    problems = ReleaseConfig(require_audit=True, **settings).problems()
+    assert len(problems) == 1 and words in problems[0], problems
+    assert ReleaseConfig(require_audit=True).problems() == [] and ReleaseConfig(extraction_examples=59,
+                                                                                require_audit=True).problems() == []
+    assert ReleaseConfig(require_audit=True, extraction_examples=58).problems()  # 0.0503 with none extracted
+
+
 @pytest.mark.parametrize("examples, tuned, base, passed", [
     (64, set(), set(), True),  # none extracted: the 95% upper bound is 0.046
     (64, {0}, set(), False),  # one of 64 (point estimate 0.016): the bound is 0.072
