@@ -187,7 +187,6 @@ def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval",
     _check_resamples(resamples)
     if clusters is not None and len(clusters) != len(units):
         raise ValueError(f"clusters has {len(clusters)} labels for {len(units)} units; give one label per unit")
-    labels = [c for unit, c in zip(units, [None] * len(units) if clusters is None else clusters) if len(unit) >= 2]
     pairable = [np.asarray(unit, dtype=float) for unit in units if len(unit) >= 2]
     if not pairable:
         raise ValueError(_UNPAIRABLE)
@@ -198,9 +197,9 @@ def alpha_ci_of_units(units: Sequence[Sequence[float]], level: str = "interval",
     counts = np.zeros((len(pairable), len(values)))
     np.add.at(counts, (np.repeat(np.arange(len(pairable)), [len(u) for u in pairable]), column), 1.0)
     groups = None
-    if clusters is not None:
+    if clusters is not None:  # rows of the pairable units, by their unit's label
         index: dict = {}
-        for row, label in enumerate(labels):
+        for row, label in enumerate(c for unit, c in zip(units, clusters) if len(unit) >= 2):
             index.setdefault(label, []).append(row)
         groups = [np.asarray(rows) for rows in index.values()]
     return _alpha_ci(values, counts, level, seed, resamples, groups)

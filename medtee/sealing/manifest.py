@@ -59,6 +59,11 @@ def check_dataset_id(dataset_id: str) -> str:
     return dataset_id
 
 
+def _canonical(doc: dict) -> bytes:
+    """The bytes a manifest's digests and signature cover: sorted keys, no spaces, ASCII."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One encrypted Parquet shard."""
@@ -124,7 +129,7 @@ class Manifest:
 
     def canonical_body(self) -> bytes:
         """Canonical bytes covered by the digest and the signature."""
-        return json.dumps(self.body(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        return _canonical(self.body())
 
     def digest(self) -> str:
         """SHA-256 hex of the canonical manifest (what the broker registers and the release request names)."""
@@ -136,9 +141,7 @@ class Manifest:
         re-wraps the key and re-signs, leaves it; the rotation signs with the store's owner key, so a dataset a
         trusted-owners/ key sealed comes out signed by another key. The data key (random per seal; `key_check` is in
         the content) is what binds a derived key to one dataset."""
-        body = {k: v for k, v in self.body().items() if k not in _WRAPPING}
-        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-                              .encode("ascii")).hexdigest()
+        return hashlib.sha256(_canonical({k: v for k, v in self.body().items() if k not in _WRAPPING})).hexdigest()
 
     def owner_key_id(self) -> str:
         """Short fingerprint of the signing key (first 16 hex digits of its SHA-256)."""
